@@ -1,0 +1,44 @@
+# Weir: `make demo` runs the main job on the built-in lab, `make test` runs
+# every test. Both work on a fresh machine of this kind (root, Go installed).
+
+GO        ?= go
+BIN       := $(CURDIR)/bin
+PKGS      := ./...
+# Tests create network namespaces, links, pins and cgroups; they need root.
+TEST_FLAGS ?= -count=1 -timeout 30m
+
+.PHONY: all build generate check-generate deps-bpf vet fmt-check test demo clean
+
+all: build
+
+build:
+	@mkdir -p $(BIN)
+	$(GO) build -o $(BIN)/ ./cmd/...
+
+# Regenerate the BPF objects and their Go bindings from bpf/ (needs clang-16).
+generate: deps-bpf
+	$(GO) generate ./...
+
+# CI: the committed objects must be exactly what the sources produce.
+check-generate: generate
+	@git diff --exit-code --stat -- '*.go' '*.o' || { \
+	  echo "generated BPF files differ from bpf/ sources: run 'make generate' and commit"; exit 1; }
+	@test -z "$$(git status --porcelain -- '*_bpfel.go' '*_bpfel.o')" || { \
+	  echo "untracked generated BPF files: run 'make generate' and commit"; exit 1; }
+
+# clang-16 and friends from Debian, only for `make generate`.
+deps-bpf:
+	@command -v clang-16 >/dev/null && command -v llvm-strip-16 >/dev/null && test -f /usr/include/bpf/bpf_helpers.h || { \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq clang-16 llvm-16 libbpf-dev linux-libc-dev >/dev/null; }
+
+vet:
+	$(GO) vet $(PKGS)
+
+fmt-check:
+	@out=$$(gofmt -l $$(git ls-files '*.go')); test -z "$$out" || { echo "gofmt needed: $$out"; exit 1; }
+
+test: fmt-check vet
+	$(GO) test $(TEST_FLAGS) $(PKGS)
+
+clean:
+	rm -rf $(BIN)

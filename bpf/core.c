@@ -1,0 +1,70 @@
+// SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
+/*
+ * Core-owned hook entry programs. Each parses the packet once into the
+ * per-CPU context and runs the hook's stages by tail call; modules fill the
+ * stages. Attached by core/datapath.
+ */
+#include "weir/parse.h"
+#include "weir/stage.h"
+
+WEIR_INLINE int weir_entry(struct __sk_buff *skb, __u32 hook, int at_ingress)
+{
+	struct weir_ctx *ctx = weir_ctx_get();
+	__u32 reason;
+
+	if (!ctx)
+		return weir_drop(skb, NULL, hook, WEIR_DROP_SCRATCH);
+	__builtin_memset(ctx, 0, sizeof(*ctx));
+	ctx->hook = hook;
+	ctx->ifindex = skb->ifindex;
+	ctx->len = skb->len;
+	if (at_ingress)
+		ctx->flags |= WEIR_CTX_AT_INGRESS;
+
+	reason = weir_parse(skb, ctx);
+	if (reason != WEIR_REASON_PASS)
+		return weir_drop_ctx(skb, ctx, reason);
+
+	ctx->next = weir_hook_first[hook & (WEIR_HOOK_MAX - 1)];
+	ctx->last = weir_hook_last[hook & (WEIR_HOOK_MAX - 1)];
+	return weir_next(skb, ctx);
+}
+
+/* pod-egress: tc ingress on the host side of a pod's veth. */
+SEC("tc")
+int weir_pod_egress(struct __sk_buff *skb)
+{
+	return weir_entry(skb, WEIR_HOOK_POD_EGRESS, 1);
+}
+
+/* pod-ingress: tc egress on the host side of a pod's veth, for packets the
+ * node's stack sends to the pod. Packets Weir itself delivers enter the same
+ * stages from pod-egress without passing here. */
+SEC("tc")
+int weir_pod_ingress(struct __sk_buff *skb)
+{
+	return weir_entry(skb, WEIR_HOOK_POD_INGRESS, 0);
+}
+
+/* Types the programs never name still need BTF for their generated Go
+ * mirrors (core/datapath): these unused pointers emit it. */
+const struct weir_ctx *weir_btf_ctx __attribute__((unused));
+const struct weir_svc_key *weir_btf_svc_key __attribute__((unused));
+const struct weir_svc_val *weir_btf_svc_val __attribute__((unused));
+const struct weir_backend *weir_btf_backend __attribute__((unused));
+const struct weir_revnat_entry *weir_btf_revnat_entry __attribute__((unused));
+const struct weir_ct_key *weir_btf_ct_key __attribute__((unused));
+const struct weir_ct_entry *weir_btf_ct_entry __attribute__((unused));
+const struct weir_endpoint_key *weir_btf_endpoint_key __attribute__((unused));
+const struct weir_endpoint *weir_btf_endpoint __attribute__((unused));
+const struct weir_metric *weir_btf_metric __attribute__((unused));
+const struct weir_event *weir_btf_event __attribute__((unused));
+const enum weir_hook *weir_btf_hook __attribute__((unused));
+const enum weir_reason *weir_btf_reason __attribute__((unused));
+const enum weir_scope *weir_btf_scope __attribute__((unused));
+const enum weir_svc_type *weir_btf_svc_type __attribute__((unused));
+const enum weir_backend_state *weir_btf_backend_state __attribute__((unused));
+const enum weir_ct_kind *weir_btf_ct_kind __attribute__((unused));
+const enum weir_l3 *weir_btf_l3 __attribute__((unused));
+
+char __license[] SEC("license") = "Dual BSD/GPL";

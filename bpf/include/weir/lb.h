@@ -1,0 +1,45 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/* Service lookup and backend choice over weir_services / weir_backends. */
+#pragma once
+
+#include "maps.h"
+
+/* Looks up the master entry of a frontend. In-cluster traffic (internal)
+ * uses the internal-scope entry when the frontend has one, which is how an
+ * internal traffic policy differing from the external one is expressed. */
+WEIR_INLINE struct weir_svc_val *weir_lb_lookup(struct weir_svc_key *key, __be32 addr, __be16 port, __u8 proto,
+						int internal)
+{
+	struct weir_svc_val *svc;
+
+	__builtin_memset(key, 0, sizeof(*key));
+	key->addr = addr;
+	key->port = port;
+	key->proto = proto;
+	key->scope = WEIR_SCOPE_EXTERNAL;
+	svc = bpf_map_lookup_elem(&weir_services, key);
+	if (svc && internal && (svc->flags2 & WEIR_SVC_F2_TWO_SCOPES)) {
+		key->scope = WEIR_SCOPE_INTERNAL;
+		svc = bpf_map_lookup_elem(&weir_services, key);
+	}
+	return svc;
+}
+
+/* Picks a backend of the frontend in key (as left by weir_lb_lookup) with
+ * uniform random choice over its slots. Returns the backend or NULL when the
+ * frontend has none. */
+WEIR_INLINE struct weir_backend *weir_lb_pick(struct weir_svc_key *key, const struct weir_svc_val *svc,
+					      __u32 *backend_id)
+{
+	struct weir_svc_key slot_key = *key;
+	struct weir_svc_val *slot;
+
+	if (svc->count == 0)
+		return NULL;
+	slot_key.slot = (bpf_get_prandom_u32() % svc->count) + 1;
+	slot = bpf_map_lookup_elem(&weir_services, &slot_key);
+	if (!slot)
+		return NULL;
+	*backend_id = slot->backend_id;
+	return bpf_map_lookup_elem(&weir_backends, backend_id);
+}

@@ -1,0 +1,295 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/*
+ * Every shared map and every struct layout of the Weir datapath.
+ *
+ * This header is the single source of truth: the Go mirrors in
+ * core/datapath are generated from it by bpf2go (-type), and every object
+ * includes it, so all objects of a node share these maps through pinning by
+ * name in the node's bpffs directory. Change a layout here and nowhere else.
+ */
+#pragma once
+
+#include "common.h"
+
+/* Hooks: attach points owned by core. Each hook owns a contiguous range of
+ * slots in weir_calls; the ranges are chosen by core at load time and
+ * written into weir_hook_first/weir_hook_last of every object. */
+enum weir_hook {
+	WEIR_HOOK_POD_EGRESS = 0,  /* tc ingress on the host side of a pod veth */
+	WEIR_HOOK_POD_INGRESS = 1, /* delivery to a local pod */
+	WEIR_HOOK_NETDEV_INGRESS = 2,
+	WEIR_HOOK_NETDEV_EGRESS = 3,
+	WEIR_HOOK_MAX = 4,
+};
+
+/* Upper bound of slots a hook may own; also bounds the stage loop. */
+#define WEIR_SLOTS_PER_HOOK 16
+#define WEIR_MAX_SLOTS (WEIR_HOOK_MAX * WEIR_SLOTS_PER_HOOK)
+
+/* Why a packet was dropped (or 0: it went on). Counted per hook in
+ * weir_metrics and reported in weir_events. Names live in Go
+ * (core/datapath/reasons.go), keyed by these numbers. */
+enum weir_reason {
+	WEIR_REASON_PASS = 0,
+	WEIR_DROP_ETH_TRUNCATED = 1,
+	WEIR_DROP_IP_TRUNCATED = 2,
+	WEIR_DROP_IP_BAD_HEADER = 3,
+	WEIR_DROP_IP_BAD_LENGTH = 4,
+	WEIR_DROP_L4_TRUNCATED = 5,
+	WEIR_DROP_TCP_BAD_OFFSET = 6,
+	WEIR_DROP_ARP_MALFORMED = 7,
+	WEIR_DROP_UNSUPPORTED_L3 = 8,
+	WEIR_DROP_NO_BACKEND = 9,
+	WEIR_DROP_FRAGMENT_TO_SERVICE = 10,
+	WEIR_DROP_CSUM_REWRITE = 11,
+	WEIR_DROP_TTL_EXCEEDED = 12,
+	WEIR_DROP_SCRATCH = 13,
+	WEIR_DROP_REDIRECT = 14,
+	WEIR_REASON_MAX = 32,
+};
+
+/* Layer 3 seen by the entry parser. */
+enum weir_l3 {
+	WEIR_L3_NONE = 0,
+	WEIR_L3_IPV4 = 1,
+	WEIR_L3_ARP = 2,
+};
+
+/* weir_ctx.flags */
+#define WEIR_CTX_FRAGMENT 0x01     /* a fragment: first (has L4) or later */
+#define WEIR_CTX_LATER_FRAGMENT 0x02 /* no L4 header in this packet */
+#define WEIR_CTX_AT_INGRESS 0x04   /* the entry ran at tc ingress (redirect_peer allowed) */
+#define WEIR_CTX_DNAT 0x08         /* a stage translated the destination */
+#define WEIR_CTX_SNAT 0x10         /* a stage translated the source */
+
+/*
+ * Per-packet state, written by the hook's entry program after it parsed the
+ * packet once, read and updated by the stages it tail-calls. Lives in a
+ * per-CPU array: tail calls run to completion on one CPU.
+ */
+struct weir_ctx {
+	__u32 hook;        /* enum weir_hook the stages belong to */
+	__u32 next;        /* next slot to try in weir_calls */
+	__u32 last;        /* last slot of the hook */
+	__u32 ifindex;     /* device the entry program ran on */
+	__u32 dst_ifindex; /* local endpoint chosen for delivery, or 0 */
+	__u32 len;         /* skb->len at entry */
+	__be32 saddr;
+	__be32 daddr;
+	__be16 sport;
+	__be16 dport;
+	__u16 l4_off;      /* offset of the L4 header from the start of the frame */
+	__u8 l3;           /* enum weir_l3 */
+	__u8 proto;        /* IPPROTO_* */
+	__u8 tcp_flags;    /* the TCP flags byte, 0 for other protocols */
+	__u8 flags;        /* WEIR_CTX_* */
+	__u8 pad[2];
+};
+
+/* weir_services: frontend (+ slot) -> master entry or backend slot.
+ * Slot 0 is the master entry (count = backends); slots 1..count hold
+ * backend ids. Written by the agent in the order backends, slots, reverse
+ * NAT, master, leftover deletion, so a reader never sees a count larger
+ * than the filled slots. */
+struct weir_svc_key {
+	__be32 addr;
+	__be16 port;
+	__u16 slot;
+	__u8 proto;
+	__u8 scope; /* enum weir_scope */
+	__u8 pad[2];
+};
+
+enum weir_scope {
+	WEIR_SCOPE_EXTERNAL = 0,
+	WEIR_SCOPE_INTERNAL = 1,
+};
+
+/* weir_svc_val.flags: the frontend type, for tools; datapath ignores it. */
+enum weir_svc_type {
+	WEIR_SVC_CLUSTER_IP = 1,
+	WEIR_SVC_NODE_PORT = 2,
+	WEIR_SVC_LOAD_BALANCER = 3,
+	WEIR_SVC_EXTERNAL_IP = 4,
+};
+
+/* weir_svc_val.flags2 */
+#define WEIR_SVC_F2_AFFINITY 0x01
+#define WEIR_SVC_F2_TWO_SCOPES 0x02 /* an internal-scope entry exists */
+
+struct weir_svc_val {
+	__u32 backend_id;       /* slots 1..count */
+	__u16 count;            /* master entry: number of backend slots */
+	__u16 rev_nat;          /* reverse NAT id of this frontend */
+	__u8 type;              /* enum weir_svc_type */
+	__u8 flags2;            /* WEIR_SVC_F2_* */
+	__u16 pad;
+	__u32 affinity_timeout; /* seconds, with WEIR_SVC_F2_AFFINITY */
+};
+
+/* weir_backends: backend id -> address. */
+enum weir_backend_state {
+	WEIR_BACKEND_ACTIVE = 0,
+	WEIR_BACKEND_TERMINATING = 1, /* keeps its flows, gets no new ones */
+	WEIR_BACKEND_QUARANTINED = 2,
+};
+
+struct weir_backend {
+	__be32 addr;
+	__be16 port;
+	__u8 proto;
+	__u8 state; /* enum weir_backend_state */
+};
+
+/* weir_revnat: reverse NAT id -> the frontend replies appear to come from. */
+struct weir_revnat_entry {
+	__be32 addr;
+	__be16 port;
+	__u16 pad;
+};
+
+/* weir_ct: connection tracking. Two kinds of entry per translated flow:
+ * SERVICE keyed by the tuple the client sent (client -> frontend) holds the
+ * chosen backend; REPLY keyed by the tuple replies carry (backend ->
+ * client) holds the reverse NAT id. */
+enum weir_ct_kind {
+	WEIR_CT_SERVICE = 1,
+	WEIR_CT_REPLY = 2,
+};
+
+struct weir_ct_key {
+	__be32 saddr;
+	__be32 daddr;
+	__be16 sport;
+	__be16 dport;
+	__u8 proto;
+	__u8 kind; /* enum weir_ct_kind */
+	__u16 pad;
+};
+
+/* weir_ct_entry.flags */
+#define WEIR_CT_F_SYN 0x01
+#define WEIR_CT_F_FIN 0x02
+#define WEIR_CT_F_RST 0x04
+#define WEIR_CT_F_ESTABLISHED 0x08
+
+struct weir_ct_entry {
+	__u64 packets;
+	__u64 bytes;
+	__u32 created;   /* boot-clock seconds */
+	__u32 lifetime;  /* boot-clock seconds at which the entry expires */
+	__u32 backend_id;
+	__u16 rev_nat;
+	__u16 flags;     /* WEIR_CT_F_* */
+};
+
+/* weir_endpoints: local pod address -> where and how to deliver. */
+struct weir_endpoint_key {
+	__be32 addr;
+};
+
+struct weir_endpoint {
+	__u32 ifindex;     /* host side of the pod's veth */
+	__u32 flags;
+	__u8 mac[6];       /* the pod's interface */
+	__u8 node_mac[6];  /* the host side: the pod's gateway */
+};
+
+/* weir_metrics: per-CPU counters, index = hook * WEIR_REASON_MAX + reason. */
+struct weir_metric {
+	__u64 packets;
+	__u64 bytes;
+};
+
+/* weir_events: one record per drop. */
+struct weir_event {
+	__u64 ts_ns;
+	__u32 ifindex;
+	__u8 hook;
+	__u8 reason;
+	__u8 proto;
+	__u8 pad;
+	__be32 saddr;
+	__be32 daddr;
+	__be16 sport;
+	__be16 dport;
+};
+
+/* Load-time constants, set by core in every object (core/datapath). */
+volatile const __u32 weir_hook_first[WEIR_HOOK_MAX] = {};
+volatile const __u32 weir_hook_last[WEIR_HOOK_MAX] = {};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PROG_ARRAY);
+	__uint(max_entries, WEIR_MAX_SLOTS);
+	__type(key, __u32);
+	__type(value, __u32);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} weir_calls SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct weir_ctx);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} weir_scratch SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct weir_svc_key);
+	__type(value, struct weir_svc_val);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} weir_services SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, __u32);
+	__type(value, struct weir_backend);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} weir_backends SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, __u16);
+	__type(value, struct weir_revnat_entry);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} weir_revnat SEC(".maps");
+
+/* Sized by the agent at load time (datapath.ctMaxEntries). */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 262144);
+	__type(key, struct weir_ct_key);
+	__type(value, struct weir_ct_entry);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} weir_ct SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, struct weir_endpoint_key);
+	__type(value, struct weir_endpoint);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} weir_endpoints SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, WEIR_HOOK_MAX * WEIR_REASON_MAX);
+	__type(key, __u32);
+	__type(value, struct weir_metric);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} weir_metrics SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 256 * 1024);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} weir_events SEC(".maps");

@@ -1,0 +1,100 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/*
+ * Running stages: the per-packet context, moving to the next filled slot of
+ * a hook, entering another hook, and accounting for drops.
+ */
+#pragma once
+
+#include "maps.h"
+
+WEIR_INLINE struct weir_ctx *weir_ctx_get(void)
+{
+	__u32 zero = 0;
+
+	return bpf_map_lookup_elem(&weir_scratch, &zero);
+}
+
+WEIR_INLINE void weir_count(__u32 hook, __u32 reason, __u32 len)
+{
+	__u32 idx = hook * WEIR_REASON_MAX + reason;
+	struct weir_metric *m;
+
+	if (hook >= WEIR_HOOK_MAX || reason >= WEIR_REASON_MAX)
+		return;
+	m = bpf_map_lookup_elem(&weir_metrics, &idx);
+	if (m) {
+		/* Per-CPU value: no atomics needed. */
+		m->packets++;
+		m->bytes += len;
+	}
+}
+
+/* Drops the packet, counting the reason and reporting it as an event. The
+ * context may be NULL when the scratch map itself failed. */
+WEIR_INLINE int weir_drop(struct __sk_buff *skb, struct weir_ctx *ctx, __u32 hook, __u32 reason)
+{
+	struct weir_event *ev;
+
+	weir_count(hook, reason, skb->len);
+	ev = bpf_ringbuf_reserve(&weir_events, sizeof(*ev), 0);
+	if (ev) {
+		__builtin_memset(ev, 0, sizeof(*ev));
+		ev->ts_ns = bpf_ktime_get_boot_ns();
+		ev->ifindex = skb->ifindex;
+		ev->hook = hook;
+		ev->reason = reason;
+		if (ctx) {
+			ev->proto = ctx->proto;
+			ev->saddr = ctx->saddr;
+			ev->daddr = ctx->daddr;
+			ev->sport = ctx->sport;
+			ev->dport = ctx->dport;
+		}
+		bpf_ringbuf_submit(ev, 0);
+	}
+	return TC_ACT_SHOT;
+}
+
+WEIR_INLINE int weir_drop_ctx(struct __sk_buff *skb, struct weir_ctx *ctx, __u32 reason)
+{
+	return weir_drop(skb, ctx, ctx->hook, reason);
+}
+
+/*
+ * Runs the next filled slot of the current hook. A tail call only returns
+ * when its slot is empty, so an empty slot falls through to the following
+ * one; when the hook has no more slots the packet continues to the kernel
+ * (TC_ACT_OK), which is what an absent optional module must mean.
+ */
+WEIR_INLINE int weir_next(struct __sk_buff *skb, struct weir_ctx *ctx)
+{
+	for (int n = 0; n < WEIR_SLOTS_PER_HOOK; n++) {
+		__u32 slot = ctx->next;
+
+		if (slot > ctx->last || slot >= WEIR_MAX_SLOTS)
+			break;
+		ctx->next = slot + 1;
+		bpf_tail_call(skb, &weir_calls, slot);
+	}
+	weir_count(ctx->hook, WEIR_REASON_PASS, skb->len);
+	return TC_ACT_OK;
+}
+
+/* Continues the packet in the stages of another hook: the forwarding stage
+ * uses this to hand a packet for a local pod to the pod-ingress stages. */
+WEIR_INLINE int weir_enter_hook(struct __sk_buff *skb, struct weir_ctx *ctx, __u32 hook)
+{
+	if (hook >= WEIR_HOOK_MAX)
+		return weir_drop_ctx(skb, ctx, WEIR_DROP_SCRATCH);
+	ctx->hook = hook;
+	ctx->next = weir_hook_first[hook];
+	ctx->last = weir_hook_last[hook];
+	return weir_next(skb, ctx);
+}
+
+/* Stage prologue: fetch the context or drop (only if the kernel failed to
+ * give the per-CPU scratch, which would be a bug). */
+#define WEIR_STAGE_CTX(skb, ctx)                                                \
+	struct weir_ctx *ctx = weir_ctx_get();                                  \
+	if (!ctx)                                                               \
+		return weir_drop(skb, NULL, 0, WEIR_DROP_SCRATCH)

@@ -1,0 +1,343 @@
+// Package datapath loads and wires a node's BPF: the core-owned hook entry
+// programs and shared maps (generated from bpf/), the objects of modules,
+// the tail-call slots, and the hook attachments. Everything is pinned under
+// the node's bpffs directory, so the datapath keeps forwarding while the
+// agent is down and a restarted agent picks up the same maps.
+package datapath
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
+
+	"github.com/weirnet/weir/core/mounts"
+	"github.com/weirnet/weir/core/slots"
+)
+
+// Map names shared by every object (bpf/include/weir/maps.h).
+const (
+	MapCalls     = "weir_calls"
+	MapScratch   = "weir_scratch"
+	MapServices  = "weir_services"
+	MapBackends  = "weir_backends"
+	MapRevNAT    = "weir_revnat"
+	MapCT        = "weir_ct"
+	MapEndpoints = "weir_endpoints"
+	MapMetrics   = "weir_metrics"
+	MapEvents    = "weir_events"
+)
+
+// Options configure a node's datapath.
+type Options struct {
+	// PinDir is the node's directory on bpffs; maps and links are pinned
+	// there. Required.
+	PinDir string
+	// CTMaxEntries sizes the conntrack map; 0 keeps the object's default.
+	CTMaxEntries uint32
+	Logger       *slog.Logger
+}
+
+// Datapath is a node's loaded core datapath.
+type Datapath struct {
+	opts Options
+	log  *slog.Logger
+	core coreObjects
+
+	mu sync.Mutex
+}
+
+// Open loads the core object into the node's pin directory, reusing the
+// maps a previous agent pinned there (so conntrack and services survive
+// a restart), and mounting bpffs first when it is missing.
+func Open(opts Options) (*Datapath, error) {
+	if opts.PinDir == "" {
+		return nil, errors.New("datapath: a pin directory is required")
+	}
+	if opts.Logger == nil {
+		opts.Logger = slog.Default()
+	}
+	if err := mounts.EnsurePinDir(opts.PinDir); err != nil {
+		return nil, err
+	}
+	if err := os.MkdirAll(filepath.Join(opts.PinDir, "links"), 0o700); err != nil {
+		return nil, fmt.Errorf("creating link pin directory: %w", err)
+	}
+	d := &Datapath{opts: opts, log: opts.Logger}
+	spec, err := loadCore()
+	if err != nil {
+		return nil, fmt.Errorf("reading the core BPF object: %w", err)
+	}
+	if err := d.prepare(spec); err != nil {
+		return nil, err
+	}
+	if err := spec.LoadAndAssign(&d.core, d.collectionOptions()); err != nil {
+		return nil, fmt.Errorf("loading the core BPF object into %s: %w", opts.PinDir, verifierDetail(err))
+	}
+	return d, nil
+}
+
+// PinDir is where this datapath pins its objects.
+func (d *Datapath) PinDir() string { return d.opts.PinDir }
+
+func (d *Datapath) collectionOptions() *ebpf.CollectionOptions {
+	return &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: d.opts.PinDir}}
+}
+
+// prepare applies the node's load-time settings to a spec: the hook slot
+// ranges every object's stage loop needs, and the map sizes that must match
+// the pinned maps.
+func (d *Datapath) prepare(spec *ebpf.CollectionSpec) error {
+	first, last := slots.Ranges()
+	for name, val := range map[string]any{"weir_hook_first": first, "weir_hook_last": last} {
+		v, ok := spec.Variables[name]
+		if !ok {
+			continue
+		}
+		if err := v.Set(val); err != nil {
+			return fmt.Errorf("setting %s: %w", name, err)
+		}
+	}
+	if m, ok := spec.Maps[MapCT]; ok && d.opts.CTMaxEntries != 0 {
+		m.MaxEntries = d.opts.CTMaxEntries
+	}
+	return nil
+}
+
+// Load loads a module's object into the node: its shared maps resolve to
+// the node's pinned maps and its stage loops get the node's slot ranges.
+// The caller owns the returned collection.
+func (d *Datapath) Load(name string, spec *ebpf.CollectionSpec) (*ebpf.Collection, error) {
+	spec = spec.Copy()
+	if err := d.prepare(spec); err != nil {
+		return nil, fmt.Errorf("object %s: %w", name, err)
+	}
+	coll, err := ebpf.NewCollectionWithOptions(spec, *d.collectionOptions())
+	if err != nil {
+		return nil, fmt.Errorf("loading BPF object %s: %w", name, verifierDetail(err))
+	}
+	return coll, nil
+}
+
+// verifierDetail keeps the tail of a verifier log in the error, which is
+// where the reason for a rejection is.
+func verifierDetail(err error) error {
+	var ve *ebpf.VerifierError
+	if errors.As(err, &ve) {
+		return fmt.Errorf("%w\n%-30v", err, ve)
+	}
+	return err
+}
+
+// SetSlot puts prog into the named slot; packets use it from the next one on.
+func (d *Datapath) SetSlot(name string, prog *ebpf.Program) error {
+	s, ok := slots.Lookup(name)
+	if !ok {
+		return fmt.Errorf("unknown slot %q; slots: %s", name, strings.Join(slots.Names(), ", "))
+	}
+	if err := d.core.WeirCalls.Put(s.Index(), prog); err != nil {
+		return fmt.Errorf("filling slot %s (index %d): %w", name, s.Index(), err)
+	}
+	return nil
+}
+
+// ClearSlot empties the named slot, so packets fall through it.
+func (d *Datapath) ClearSlot(name string) error {
+	s, ok := slots.Lookup(name)
+	if !ok {
+		return fmt.Errorf("unknown slot %q", name)
+	}
+	err := d.core.WeirCalls.Delete(s.Index())
+	if err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+		return fmt.Errorf("clearing slot %s: %w", name, err)
+	}
+	return nil
+}
+
+// SlotFilled reports whether the named slot holds a program.
+func (d *Datapath) SlotFilled(name string) (bool, error) {
+	s, ok := slots.Lookup(name)
+	if !ok {
+		return false, fmt.Errorf("unknown slot %q", name)
+	}
+	var id uint32
+	err := d.core.WeirCalls.Lookup(s.Index(), &id)
+	if errors.Is(err, ebpf.ErrKeyNotExist) {
+		return false, nil
+	}
+	return err == nil, err
+}
+
+// Entry returns the entry program of a hook.
+func (d *Datapath) Entry(h slots.Hook) (*ebpf.Program, error) {
+	switch h {
+	case slots.PodEgress:
+		return d.core.WeirPodEgress, nil
+	case slots.PodIngress:
+		return d.core.WeirPodIngress, nil
+	}
+	return nil, fmt.Errorf("hook %s has no entry program yet", h)
+}
+
+// Map returns one of the node's shared maps by name (Map* constants).
+func (d *Datapath) Map(name string) (*ebpf.Map, error) {
+	m := map[string]*ebpf.Map{
+		MapCalls:     d.core.WeirCalls,
+		MapScratch:   d.core.WeirScratch,
+		MapServices:  d.core.WeirServices,
+		MapBackends:  d.core.WeirBackends,
+		MapRevNAT:    d.core.WeirRevnat,
+		MapCT:        d.core.WeirCt,
+		MapEndpoints: d.core.WeirEndpoints,
+		MapMetrics:   d.core.WeirMetrics,
+		MapEvents:    d.core.WeirEvents,
+	}[name]
+	if m == nil {
+		return nil, fmt.Errorf("no shared map %q", name)
+	}
+	return m, nil
+}
+
+// Services is the weir_services map.
+func (d *Datapath) Services() *ebpf.Map { return d.core.WeirServices }
+
+// Backends is the weir_backends map.
+func (d *Datapath) Backends() *ebpf.Map { return d.core.WeirBackends }
+
+// RevNAT is the weir_revnat map.
+func (d *Datapath) RevNAT() *ebpf.Map { return d.core.WeirRevnat }
+
+// CT is the weir_ct map.
+func (d *Datapath) CT() *ebpf.Map { return d.core.WeirCt }
+
+// Endpoints is the weir_endpoints map.
+func (d *Datapath) Endpoints() *ebpf.Map { return d.core.WeirEndpoints }
+
+// Metrics is the weir_metrics map.
+func (d *Datapath) Metrics() *ebpf.Map { return d.core.WeirMetrics }
+
+// Events is the weir_events ring buffer.
+func (d *Datapath) Events() *ebpf.Map { return d.core.WeirEvents }
+
+// hookAttach says where a hook's entry program attaches on a device.
+func hookAttach(h slots.Hook) (ebpf.AttachType, error) {
+	switch h {
+	case slots.PodEgress:
+		return ebpf.AttachTCXIngress, nil
+	case slots.PodIngress:
+		return ebpf.AttachTCXEgress, nil
+	}
+	return 0, fmt.Errorf("hook %s cannot be attached to a device yet", h)
+}
+
+func (d *Datapath) linkPin(ifname string, h slots.Hook) string {
+	return filepath.Join(d.opts.PinDir, "links", ifname+"."+h.String())
+}
+
+// Attach runs the hook's entry program on the device (by index and name, in
+// the caller's network namespace) through a TCX link pinned in the node's
+// directory. A live pinned link is moved to the current entry program, which
+// is how a restarted agent upgrades the datapath without a gap.
+func (d *Datapath) Attach(ifindex int, ifname string, h slots.Hook) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	at, err := hookAttach(h)
+	if err != nil {
+		return err
+	}
+	prog, err := d.Entry(h)
+	if err != nil {
+		return err
+	}
+	pin := d.linkPin(ifname, h)
+	if l, err := link.LoadPinnedLink(pin, nil); err == nil {
+		alive := false
+		if info, ierr := l.Info(); ierr == nil {
+			if tcx := info.TCX(); tcx != nil && int(tcx.Ifindex) == ifindex && ebpf.AttachType(tcx.AttachType) == at {
+				alive = true
+			}
+		}
+		if alive {
+			err := l.Update(prog)
+			l.Close()
+			if err != nil {
+				return fmt.Errorf("updating %s entry on %s: %w", h, ifname, err)
+			}
+			return nil
+		}
+		// A link to a device that is gone (or another device reusing
+		// the name): replace it.
+		_ = l.Unpin()
+		l.Close()
+	} else if !errors.Is(err, os.ErrNotExist) {
+		_ = os.Remove(pin)
+	}
+	l, err := link.AttachTCX(link.TCXOptions{Interface: ifindex, Program: prog, Attach: at})
+	if err != nil {
+		return fmt.Errorf("attaching %s entry to %s (ifindex %d): %w", h, ifname, ifindex, err)
+	}
+	defer l.Close()
+	if err := l.Pin(pin); err != nil {
+		return fmt.Errorf("pinning %s link of %s: %w", h, ifname, err)
+	}
+	return nil
+}
+
+// Detach removes the hook's entry program from the device.
+func (d *Datapath) Detach(ifname string, h slots.Hook) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	pin := d.linkPin(ifname, h)
+	l, err := link.LoadPinnedLink(pin, nil)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return os.Remove(pin)
+	}
+	defer l.Close()
+	if err := l.Unpin(); err != nil {
+		return fmt.Errorf("unpinning %s link of %s: %w", h, ifname, err)
+	}
+	// Detach now rather than when the last descriptor closes; a link whose
+	// device is already gone has nothing to detach.
+	_ = l.Detach()
+	return nil
+}
+
+// Close releases the agent's descriptors. Pinned objects stay: the datapath
+// keeps running.
+func (d *Datapath) Close() error {
+	return d.core.Close()
+}
+
+// Remove unpins every object of the node and closes the datapath: links are
+// detached, and maps disappear once no program uses them. For tearing a node
+// down, never for an agent restart.
+func (d *Datapath) Remove() error {
+	var errs []error
+	links, _ := filepath.Glob(filepath.Join(d.opts.PinDir, "links", "*"))
+	for _, p := range links {
+		if l, err := link.LoadPinnedLink(p, nil); err == nil {
+			_ = l.Unpin()
+			_ = l.Detach()
+			l.Close()
+		} else {
+			_ = os.Remove(p)
+		}
+	}
+	// Empty the prog array first: it holds the stage programs, which hold
+	// the maps.
+	for _, s := range slots.All() {
+		_ = d.core.WeirCalls.Delete(s.Index())
+	}
+	errs = append(errs, d.core.Close())
+	errs = append(errs, os.RemoveAll(d.opts.PinDir))
+	return errors.Join(errs...)
+}

@@ -1,0 +1,236 @@
+// Package dptest helps tests run the real datapath: a node datapath in a
+// pin directory unique to the test (removed when it ends), packets built
+// and checked with gopacket, and BPF_PROG_TEST_RUN.
+package dptest
+
+import (
+	"crypto/rand"
+	"encoding/hex"
+	"fmt"
+	"net"
+	"net/netip"
+	"path/filepath"
+	"regexp"
+	"testing"
+
+	"github.com/cilium/ebpf"
+	"github.com/gopacket/gopacket"
+	"github.com/gopacket/gopacket/layers"
+
+	"github.com/weirnet/weir/core/datapath"
+	"github.com/weirnet/weir/core/mounts"
+)
+
+// TestPinRoot holds the pin directories of tests.
+const TestPinRoot = mounts.DefaultBPFFS + "/weir-test"
+
+var unsafeChars = regexp.MustCompile(`[^A-Za-z0-9_-]+`)
+
+// UniqueName returns a name unique to this test run, safe for paths.
+func UniqueName(t testing.TB) string {
+	var b [4]byte
+	_, _ = rand.Read(b[:])
+	n := unsafeChars.ReplaceAllString(t.Name(), "_")
+	if len(n) > 40 {
+		n = n[:40]
+	}
+	return n + "-" + hex.EncodeToString(b[:])
+}
+
+// Open opens a datapath in a fresh pin directory and removes every pinned
+// object when the test ends, also when it fails.
+func Open(t testing.TB) *datapath.Datapath {
+	t.Helper()
+	dir := filepath.Join(TestPinRoot, UniqueName(t))
+	dp, err := datapath.Open(datapath.Options{PinDir: dir, CTMaxEntries: 4096})
+	if err != nil {
+		t.Fatalf("opening datapath: %v", err)
+	}
+	t.Cleanup(func() {
+		if err := dp.Remove(); err != nil {
+			t.Errorf("removing datapath pins: %v", err)
+		}
+	})
+	return dp
+}
+
+// Install installs objects and closes them when the test ends.
+func Install(t testing.TB, dp *datapath.Datapath, objs ...datapath.Object) *datapath.Installation {
+	t.Helper()
+	in, err := dp.Install(objs)
+	if err != nil {
+		t.Fatalf("install: %v", err)
+	}
+	t.Cleanup(in.Close)
+	return in
+}
+
+// Result is the outcome of one program run.
+type Result struct {
+	Verdict uint32
+	Packet  []byte
+}
+
+// TC verdicts.
+const (
+	ActOK       = 0
+	ActShot     = 2
+	ActRedirect = 7
+)
+
+// Run runs prog once on pkt (with ifindex 1, loopback, as the device).
+func Run(t testing.TB, prog *ebpf.Program, pkt []byte) Result {
+	t.Helper()
+	opts := &ebpf.RunOptions{Data: pkt, DataOut: make([]byte, len(pkt)+512)}
+	ret, err := prog.Run(opts)
+	if err != nil {
+		t.Fatalf("BPF_PROG_TEST_RUN: %v", err)
+	}
+	return Result{Verdict: ret, Packet: opts.DataOut}
+}
+
+// MACs used in crafted frames.
+var (
+	PodMAC  = net.HardwareAddr{0x02, 0, 0, 0, 0, 0x01}
+	HostMAC = net.HardwareAddr{0x02, 0, 0, 0, 0, 0xfe}
+)
+
+// Flow describes one crafted IPv4 packet.
+type Flow struct {
+	Src, Dst netip.AddrPort
+	Proto    layers.IPProtocol
+	// SYN, ACK, FIN, RST for TCP.
+	SYN, ACK, FIN, RST bool
+	Payload            []byte
+	TTL                uint8
+}
+
+// Build serializes the flow as an Ethernet frame with correct checksums.
+func Build(t testing.TB, f Flow) []byte {
+	t.Helper()
+	b, err := BuildErr(f)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+// BuildErr is Build returning the error.
+func BuildErr(f Flow) ([]byte, error) {
+	ttl := f.TTL
+	if ttl == 0 {
+		ttl = 64
+	}
+	eth := &layers.Ethernet{SrcMAC: PodMAC, DstMAC: HostMAC, EthernetType: layers.EthernetTypeIPv4}
+	ip := &layers.IPv4{Version: 4, IHL: 5, TTL: ttl, Protocol: f.Proto, Id: 0x1234,
+		SrcIP: f.Src.Addr().AsSlice(), DstIP: f.Dst.Addr().AsSlice(), Flags: layers.IPv4DontFragment}
+	ls := []gopacket.SerializableLayer{eth, ip}
+	switch f.Proto {
+	case layers.IPProtocolTCP:
+		tcp := &layers.TCP{SrcPort: layers.TCPPort(f.Src.Port()), DstPort: layers.TCPPort(f.Dst.Port()),
+			SYN: f.SYN, ACK: f.ACK, FIN: f.FIN, RST: f.RST, Seq: 1000, Window: 65535}
+		if f.ACK {
+			tcp.Ack = 1
+		}
+		if err := tcp.SetNetworkLayerForChecksum(ip); err != nil {
+			return nil, err
+		}
+		ls = append(ls, tcp)
+	case layers.IPProtocolUDP:
+		udp := &layers.UDP{SrcPort: layers.UDPPort(f.Src.Port()), DstPort: layers.UDPPort(f.Dst.Port())}
+		if err := udp.SetNetworkLayerForChecksum(ip); err != nil {
+			return nil, err
+		}
+		ls = append(ls, udp)
+	default:
+		return nil, fmt.Errorf("dptest: protocol %v not supported", f.Proto)
+	}
+	ls = append(ls, gopacket.Payload(f.Payload))
+	buf := gopacket.NewSerializeBuffer()
+	if err := gopacket.SerializeLayers(buf, gopacket.SerializeOptions{FixLengths: true, ComputeChecksums: true}, ls...); err != nil {
+		return nil, err
+	}
+	return buf.Bytes(), nil
+}
+
+// Decoded is a frame taken apart by gopacket.
+type Decoded struct {
+	Eth     *layers.Ethernet
+	IP      *layers.IPv4
+	TCP     *layers.TCP
+	UDP     *layers.UDP
+	Src     netip.AddrPort
+	Dst     netip.AddrPort
+	Payload []byte
+}
+
+// Decode takes a frame apart and verifies its IPv4 and TCP/UDP checksums by
+// recomputing them with gopacket, independently of the kernel's incremental
+// updates. Any mismatch fails the test.
+func Decode(t testing.TB, frame []byte) Decoded {
+	t.Helper()
+	pkt := gopacket.NewPacket(frame, layers.LayerTypeEthernet, gopacket.Default)
+	if el := pkt.ErrorLayer(); el != nil {
+		t.Fatalf("decoding frame: %v", el.Error())
+	}
+	var d Decoded
+	d.Eth, _ = pkt.Layer(layers.LayerTypeEthernet).(*layers.Ethernet)
+	d.IP, _ = pkt.Layer(layers.LayerTypeIPv4).(*layers.IPv4)
+	if d.Eth == nil || d.IP == nil {
+		t.Fatalf("frame is not Ethernet/IPv4: %v", pkt)
+	}
+	src, _ := netip.AddrFromSlice(d.IP.SrcIP)
+	dst, _ := netip.AddrFromSlice(d.IP.DstIP)
+	if err := verifyChecksums(pkt, d.IP); err != nil {
+		t.Fatalf("checksum: %v\n%v", err, pkt)
+	}
+	if l, ok := pkt.Layer(layers.LayerTypeTCP).(*layers.TCP); ok {
+		d.TCP = l
+		d.Src = netip.AddrPortFrom(src, uint16(l.SrcPort))
+		d.Dst = netip.AddrPortFrom(dst, uint16(l.DstPort))
+		d.Payload = l.Payload
+	}
+	if l, ok := pkt.Layer(layers.LayerTypeUDP).(*layers.UDP); ok {
+		d.UDP = l
+		d.Src = netip.AddrPortFrom(src, uint16(l.SrcPort))
+		d.Dst = netip.AddrPortFrom(dst, uint16(l.DstPort))
+		d.Payload = l.Payload
+	}
+	return d
+}
+
+func verifyChecksums(pkt gopacket.Packet, ip *layers.IPv4) error {
+	want := ip.Checksum
+	ipCopy := *ip
+	buf := gopacket.NewSerializeBuffer()
+	if err := ipCopy.SerializeTo(buf, gopacket.SerializeOptions{ComputeChecksums: true}); err != nil {
+		return err
+	}
+	if got := ipCopy.Checksum; got != want {
+		return fmt.Errorf("IPv4 header checksum is %#04x, correct is %#04x", want, got)
+	}
+	opts := gopacket.SerializeOptions{ComputeChecksums: true}
+	if tcp, ok := pkt.Layer(layers.LayerTypeTCP).(*layers.TCP); ok {
+		c := *tcp
+		_ = c.SetNetworkLayerForChecksum(ip)
+		b := gopacket.NewSerializeBuffer()
+		if err := gopacket.SerializeLayers(b, opts, &c, gopacket.Payload(tcp.Payload)); err != nil {
+			return err
+		}
+		if c.Checksum != tcp.Checksum {
+			return fmt.Errorf("TCP checksum is %#04x, correct is %#04x", tcp.Checksum, c.Checksum)
+		}
+	}
+	if udp, ok := pkt.Layer(layers.LayerTypeUDP).(*layers.UDP); ok && udp.Checksum != 0 {
+		c := *udp
+		_ = c.SetNetworkLayerForChecksum(ip)
+		b := gopacket.NewSerializeBuffer()
+		if err := gopacket.SerializeLayers(b, opts, &c, gopacket.Payload(udp.Payload)); err != nil {
+			return err
+		}
+		if c.Checksum != udp.Checksum {
+			return fmt.Errorf("UDP checksum is %#04x, correct is %#04x", udp.Checksum, c.Checksum)
+		}
+	}
+	return nil
+}

@@ -1,0 +1,96 @@
+package datapath
+
+import (
+	"errors"
+	"fmt"
+	"slices"
+
+	"github.com/cilium/ebpf"
+
+	"github.com/weirnet/weir/core/slots"
+)
+
+// Object is a module's BPF object and the slots its programs fill.
+type Object struct {
+	// Module names the owner, for errors.
+	Module string
+	Spec   *ebpf.CollectionSpec
+	// Slots maps slot name to program name in Spec.
+	Slots map[string]string
+}
+
+// Installation holds the loaded objects of one install; closing it releases
+// the agent's descriptors while the slots keep the programs alive.
+type Installation struct {
+	Collections map[string]*ebpf.Collection
+}
+
+// Close releases the descriptors.
+func (in *Installation) Close() {
+	for _, c := range in.Collections {
+		c.Close()
+	}
+}
+
+// Install loads every object, and only when all of them passed the verifier
+// fills their slots and then empties every slot nobody claims. A failure
+// while loading leaves the running datapath exactly as it was; slots are
+// replaced one by one, each atomically, so packets always see either the
+// old or the new stage.
+func (d *Datapath) Install(objs []Object) (*Installation, error) {
+	in := &Installation{Collections: map[string]*ebpf.Collection{}}
+	type fill struct {
+		slot string
+		prog *ebpf.Program
+	}
+	var fills []fill
+	claimed := map[string]string{}
+	for _, o := range objs {
+		coll, err := d.Load(o.Module, o.Spec)
+		if err != nil {
+			in.Close()
+			return nil, fmt.Errorf("module %s: %w", o.Module, err)
+		}
+		in.Collections[o.Module] = coll
+		for slot, progName := range o.Slots {
+			if owner, dup := claimed[slot]; dup {
+				in.Close()
+				return nil, fmt.Errorf("modules %s and %s both claim slot %s", owner, o.Module, slot)
+			}
+			claimed[slot] = o.Module
+			prog := coll.Programs[progName]
+			if prog == nil {
+				in.Close()
+				return nil, fmt.Errorf("module %s: slot %s names program %q, which its object does not have", o.Module, slot, progName)
+			}
+			if prog.Type() != ebpf.SchedCLS {
+				in.Close()
+				return nil, fmt.Errorf("module %s: program %s is %s; tc slots take %s programs", o.Module, progName, prog.Type(), ebpf.SchedCLS)
+			}
+			fills = append(fills, fill{slot, prog})
+		}
+	}
+	slices.SortFunc(fills, func(a, b fill) int {
+		sa, _ := slots.Lookup(a.slot)
+		sb, _ := slots.Lookup(b.slot)
+		return int(sa.Index()) - int(sb.Index())
+	})
+	var errs []error
+	for _, f := range fills {
+		if err := d.SetSlot(f.slot, f.prog); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	for _, s := range slots.All() {
+		if _, ok := claimed[s.Name]; !ok {
+			if err := d.ClearSlot(s.Name); err != nil {
+				errs = append(errs, err)
+			}
+		}
+	}
+	if err := errors.Join(errs...); err != nil {
+		in.Close()
+		return nil, err
+	}
+	return in, nil
+}

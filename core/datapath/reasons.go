@@ -1,0 +1,50 @@
+package datapath
+
+import "fmt"
+
+// Reason is why the datapath dropped a packet (0: it passed).
+type Reason uint8
+
+// Reasons, numbered as enum weir_reason in bpf/include/weir/maps.h.
+const (
+	ReasonPass               = Reason(coreWeirReasonWEIR_REASON_PASS)
+	DropEthTruncated         = Reason(coreWeirReasonWEIR_DROP_ETH_TRUNCATED)
+	DropIPTruncated          = Reason(coreWeirReasonWEIR_DROP_IP_TRUNCATED)
+	DropIPBadHeader          = Reason(coreWeirReasonWEIR_DROP_IP_BAD_HEADER)
+	DropIPBadLength          = Reason(coreWeirReasonWEIR_DROP_IP_BAD_LENGTH)
+	DropL4Truncated          = Reason(coreWeirReasonWEIR_DROP_L4TRUNCATED)
+	DropTCPBadOffset         = Reason(coreWeirReasonWEIR_DROP_TCP_BAD_OFFSET)
+	DropARPMalformed         = Reason(coreWeirReasonWEIR_DROP_ARP_MALFORMED)
+	DropUnsupportedL3        = Reason(coreWeirReasonWEIR_DROP_UNSUPPORTED_L3)
+	DropNoBackend            = Reason(coreWeirReasonWEIR_DROP_NO_BACKEND)
+	DropFragmentToService    = Reason(coreWeirReasonWEIR_DROP_FRAGMENT_TO_SERVICE)
+	DropChecksumRewrite      = Reason(coreWeirReasonWEIR_DROP_CSUM_REWRITE)
+	DropTTLExceeded          = Reason(coreWeirReasonWEIR_DROP_TTL_EXCEEDED)
+	DropScratch              = Reason(coreWeirReasonWEIR_DROP_SCRATCH)
+	DropRedirect             = Reason(coreWeirReasonWEIR_DROP_REDIRECT)
+)
+
+var reasonNames = map[Reason]string{
+	ReasonPass:            "passed",
+	DropEthTruncated:      "truncated Ethernet header",
+	DropIPTruncated:       "truncated IPv4 header",
+	DropIPBadHeader:       "invalid IPv4 header (version or IHL)",
+	DropIPBadLength:       "IPv4 total length disagrees with the frame",
+	DropL4Truncated:       "truncated L4 header",
+	DropTCPBadOffset:      "invalid TCP data offset",
+	DropARPMalformed:      "malformed ARP",
+	DropUnsupportedL3:     "unsupported L3 protocol",
+	DropNoBackend:         "service has no backend",
+	DropFragmentToService: "IP fragment to a service (not supported)",
+	DropChecksumRewrite:   "header rewrite failed",
+	DropTTLExceeded:       "TTL exceeded",
+	DropScratch:           "per-CPU scratch unavailable",
+	DropRedirect:          "redirect to endpoint failed",
+}
+
+func (r Reason) String() string {
+	if n, ok := reasonNames[r]; ok {
+		return n
+	}
+	return fmt.Sprintf("reason %d", uint8(r))
+}

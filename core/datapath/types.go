@@ -1,0 +1,116 @@
+package datapath
+
+import (
+	"encoding/binary"
+	"fmt"
+	"net/netip"
+)
+
+// Go mirrors of the shared BPF structs, generated from
+// bpf/include/weir/maps.h; these names are the package's public face.
+type (
+	// Ctx is the per-packet context stages share.
+	Ctx = coreWeirCtx
+	// ServiceKey keys weir_services: a frontend and a backend slot.
+	ServiceKey = coreWeirSvcKey
+	// ServiceValue is a master entry (slot 0) or a backend slot.
+	ServiceValue = coreWeirSvcVal
+	// Backend is a weir_backends value.
+	Backend = coreWeirBackend
+	// RevNAT is a weir_revnat value.
+	RevNAT = coreWeirRevnatEntry
+	// CTKey keys weir_ct.
+	CTKey = coreWeirCtKey
+	// CTEntry is a weir_ct value.
+	CTEntry = coreWeirCtEntry
+	// EndpointKey keys weir_endpoints.
+	EndpointKey = coreWeirEndpointKey
+	// Endpoint is a weir_endpoints value.
+	Endpoint = coreWeirEndpoint
+	// Metric is one per-CPU counter of weir_metrics.
+	Metric = coreWeirMetric
+	// Event is one weir_events record.
+	Event = coreWeirEvent
+)
+
+// Frontend types stored in ServiceValue.Type.
+const (
+	SvcClusterIP    = uint8(coreWeirSvcTypeWEIR_SVC_CLUSTER_IP)
+	SvcNodePort     = uint8(coreWeirSvcTypeWEIR_SVC_NODE_PORT)
+	SvcLoadBalancer = uint8(coreWeirSvcTypeWEIR_SVC_LOAD_BALANCER)
+	SvcExternalIP   = uint8(coreWeirSvcTypeWEIR_SVC_EXTERNAL_IP)
+)
+
+// Frontend scopes stored in ServiceKey.Scope.
+const (
+	ScopeExternal = uint8(coreWeirScopeWEIR_SCOPE_EXTERNAL)
+	ScopeInternal = uint8(coreWeirScopeWEIR_SCOPE_INTERNAL)
+)
+
+// ServiceValue.Flags2 bits (WEIR_SVC_F2_* in maps.h).
+const (
+	SvcFlagAffinity  = 0x01
+	SvcFlagTwoScopes = 0x02
+)
+
+// Backend states stored in Backend.State.
+const (
+	BackendActive      = uint8(coreWeirBackendStateWEIR_BACKEND_ACTIVE)
+	BackendTerminating = uint8(coreWeirBackendStateWEIR_BACKEND_TERMINATING)
+	BackendQuarantined = uint8(coreWeirBackendStateWEIR_BACKEND_QUARANTINED)
+)
+
+// Conntrack entry kinds stored in CTKey.Kind.
+const (
+	CTService = uint8(coreWeirCtKindWEIR_CT_SERVICE)
+	CTReply   = uint8(coreWeirCtKindWEIR_CT_REPLY)
+)
+
+// CTEntry.Flags bits (WEIR_CT_F_* in ct.h).
+const (
+	CTFlagSYN         = 0x01
+	CTFlagFIN         = 0x02
+	CTFlagRST         = 0x04
+	CTFlagEstablished = 0x08
+)
+
+// NumReasons is the stride of weir_metrics per hook (WEIR_REASON_MAX).
+const NumReasons = uint32(coreWeirReasonWEIR_REASON_MAX)
+
+// Addresses and ports are stored in network byte order; on the
+// little-endian hosts this build supports, a map field holding a be32 reads
+// as the byte-swapped host integer. These helpers convert at the edge.
+
+// AddrToBE returns the map representation of an IPv4 address.
+func AddrToBE(a netip.Addr) uint32 {
+	b := a.As4()
+	return binary.LittleEndian.Uint32(b[:])
+}
+
+// AddrFromBE is the inverse of AddrToBE.
+func AddrFromBE(v uint32) netip.Addr {
+	var b [4]byte
+	binary.LittleEndian.PutUint32(b[:], v)
+	return netip.AddrFrom4(b)
+}
+
+// PortToBE returns the map representation of a port.
+func PortToBE(p uint16) uint16 { return p<<8 | p>>8 }
+
+// PortFromBE is the inverse of PortToBE.
+func PortFromBE(v uint16) uint16 { return v<<8 | v>>8 }
+
+// ProtoName names an IP protocol number for tables.
+func ProtoName(p uint8) string {
+	switch p {
+	case 6:
+		return "TCP"
+	case 17:
+		return "UDP"
+	case 1:
+		return "ICMP"
+	case 132:
+		return "SCTP"
+	}
+	return fmt.Sprintf("proto-%d", p)
+}

@@ -1,0 +1,159 @@
+// Package module is the contract every Weir module satisfies, whether it is
+// compiled in (modules/) or runs out of tree as a go-plugin binary: a name,
+// the BPF object it owns, the tail-call slots it claims, the modules it
+// requires or excludes, its settings section, and a lifecycle.
+package module
+
+import (
+	"context"
+	"fmt"
+	"slices"
+	"strings"
+
+	"github.com/cilium/ebpf"
+	"go.uber.org/fx"
+
+	"github.com/weirnet/weir/core/slots"
+)
+
+// SlotClaim says that the module's program Program runs in slot Slot.
+type SlotClaim struct {
+	Slot    string
+	Program string
+}
+
+// Settings is a module's typed configuration section. Implementations are
+// pointers to structs with yaml tags; Validate reports the first invalid
+// field by its yaml name (the caller prefixes the section path).
+type Settings interface {
+	Validate() error
+}
+
+// FieldError is a validation error about one field; config prefixes Path
+// with the section's own path ("settings.lb.").
+type FieldError struct {
+	Path string
+	Msg  string
+}
+
+func (e *FieldError) Error() string { return e.Path + ": " + e.Msg }
+
+// Descriptor is what is known about a module before anything runs: enough
+// to validate a configuration and to assign slots.
+type Descriptor struct {
+	Name string
+	// Summary is one line for listings and errors.
+	Summary  string
+	Requires []string
+	Excludes []string
+	Slots    []SlotClaim
+	// NewSettings returns the module's settings with defaults filled in,
+	// or is nil when the module has no settings section.
+	NewSettings func() Settings
+}
+
+// Validate checks a descriptor's own consistency (slots exist, no
+// self-reference). Registries run it for every module they list.
+func (d Descriptor) Validate() error {
+	if d.Name == "" || strings.ContainsAny(d.Name, " \t/") {
+		return fmt.Errorf("module name %q is not a plain word", d.Name)
+	}
+	seen := map[string]bool{}
+	for _, c := range d.Slots {
+		if _, ok := slots.Lookup(c.Slot); !ok {
+			return fmt.Errorf("module %s claims unknown slot %q; slots: %s", d.Name, c.Slot, strings.Join(slots.Names(), ", "))
+		}
+		if seen[c.Slot] {
+			return fmt.Errorf("module %s claims slot %s twice", d.Name, c.Slot)
+		}
+		seen[c.Slot] = true
+		if c.Program == "" {
+			return fmt.Errorf("module %s claims slot %s without naming a program", d.Name, c.Slot)
+		}
+	}
+	if slices.Contains(d.Requires, d.Name) || slices.Contains(d.Excludes, d.Name) {
+		return fmt.Errorf("module %s requires or excludes itself", d.Name)
+	}
+	for _, r := range d.Requires {
+		if slices.Contains(d.Excludes, r) {
+			return fmt.Errorf("module %s both requires and excludes %s", d.Name, r)
+		}
+	}
+	return nil
+}
+
+// Module is a composed, running module.
+type Module interface {
+	// Name is the Descriptor's name.
+	Name() string
+	// Object returns the module's BPF object with its load-time constants
+	// set, or nil when the module owns no BPF. Programs named by the
+	// descriptor's slot claims must be in it.
+	Object() (*ebpf.CollectionSpec, error)
+	// Start runs after the module's programs fill their slots; Stop runs in
+	// reverse order on shutdown. Neither may remove pinned state: the
+	// datapath keeps forwarding while the agent is down.
+	Start(ctx context.Context) error
+	Stop(ctx context.Context) error
+}
+
+// Factory is a registry entry: the descriptor and how to build the module.
+type Factory struct {
+	Descriptor
+	// Provide returns fx options that provide the Module into the
+	// "modules" value group, given the module's validated settings (nil
+	// when the module has none).
+	Provide func(settings Settings) fx.Option
+}
+
+// GroupTag is the fx value-group tag modules are provided under. The group
+// only collects them: slot numbers and start order never depend on its
+// (random) order.
+const GroupTag = `group:"modules"`
+
+// Provide is the usual Factory.Provide body: the constructor's Module result
+// joins the modules group.
+func Provide(constructor any) fx.Option {
+	return fx.Provide(fx.Annotate(constructor, fx.As(new(Module)), fx.ResultTags(GroupTag)))
+}
+
+// Catalog looks modules up by name.
+type Catalog interface {
+	Lookup(name string) (Factory, bool)
+	Names() []string
+}
+
+// Registry is a Catalog over a fixed list of factories.
+type Registry struct {
+	byName map[string]Factory
+	names  []string
+}
+
+// NewRegistry checks every descriptor and indexes the factories.
+func NewRegistry(factories ...Factory) (*Registry, error) {
+	r := &Registry{byName: map[string]Factory{}}
+	for _, f := range factories {
+		if err := f.Validate(); err != nil {
+			return nil, err
+		}
+		if _, dup := r.byName[f.Name]; dup {
+			return nil, fmt.Errorf("module %s is registered twice", f.Name)
+		}
+		if f.Provide == nil {
+			return nil, fmt.Errorf("module %s has no Provide", f.Name)
+		}
+		r.byName[f.Name] = f
+		r.names = append(r.names, f.Name)
+	}
+	slices.Sort(r.names)
+	return r, nil
+}
+
+// Lookup implements Catalog.
+func (r *Registry) Lookup(name string) (Factory, bool) {
+	f, ok := r.byName[name]
+	return f, ok
+}
+
+// Names implements Catalog: every module name, sorted.
+func (r *Registry) Names() []string { return slices.Clone(r.names) }
