@@ -13,7 +13,8 @@ all: build
 
 build:
 	@mkdir -p $(BIN)
-	$(GO) build -o $(BIN)/ ./cmd/...
+	$(GO) build -o $(BIN)/weir-agent ./cmd/agent
+	$(GO) build -o $(BIN)/weir ./cmd/weir
 
 # Regenerate the BPF objects and their Go bindings from bpf/ (needs clang-16).
 generate: deps-bpf

@@ -237,7 +237,8 @@ func hookAttach(h slots.Hook) (ebpf.AttachType, error) {
 }
 
 func (d *Datapath) linkPin(ifname string, h slots.Hook) string {
-	return filepath.Join(d.opts.PinDir, "links", ifname+"."+h.String())
+	// bpffs refuses dots in names: they are reserved for the kernel.
+	return filepath.Join(d.opts.PinDir, "links", ifname+"_"+h.String())
 }
 
 // Attach runs the hook's entry program on the device (by index and name, in

@@ -1,0 +1,105 @@
+// Command weir-agent is Weir's per-node daemon: it composes the modules its
+// configuration selects for this node, loads their BPF into the kernel, and
+// keeps the datapath in step with the services its sources describe.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"log/slog"
+	"os"
+	"strings"
+	"time"
+
+	"github.com/weirnet/weir/core/agent"
+	"github.com/weirnet/weir/modules"
+)
+
+func main() {
+	if err := run(os.Args[1:]); err != nil {
+		fmt.Fprintln(os.Stderr, "weir-agent:", err)
+		os.Exit(1)
+	}
+}
+
+func run(args []string) error {
+	fs := flag.NewFlagSet("weir-agent", flag.ContinueOnError)
+	var (
+		opts     agent.Options
+		labels   string
+		logLevel string
+		logJSON  bool
+	)
+	host, _ := os.Hostname()
+	fs.StringVar(&opts.ConfigPath, "config", "/etc/weir/config.yaml", "configuration file")
+	fs.StringVar(&opts.NodeName, "node-name", host, "name of this node")
+	fs.StringVar(&labels, "node-labels", "", "labels of this node, k=v,k2=v2 (select its node pool)")
+	fs.StringVar(&opts.PinDir, "pin-dir", "/sys/fs/bpf/weir", "bpffs directory for this node's pinned maps and links")
+	fs.StringVar(&opts.StateDir, "state-dir", "/var/lib/weir", "directory for state that survives restarts")
+	fs.StringVar(&opts.ServicesFile, "services-file", "", "YAML file of services to serve (standalone mode), watched for changes")
+	fs.StringVar(&opts.APISocket, "api-socket", "/run/weir/agent.sock", "unix socket of the local API")
+	fs.StringVar(&opts.Cgroup, "cgroup", "", "cgroup v2 directory whose sockets this node's socket hooks see")
+	fs.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
+	fs.BoolVar(&logJSON, "log-json", false, "log JSON lines instead of text")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	var lvl slog.Level
+	if err := lvl.UnmarshalText([]byte(logLevel)); err != nil {
+		return fmt.Errorf("--log-level %q: use debug, info, warn or error", logLevel)
+	}
+	hopts := &slog.HandlerOptions{Level: lvl}
+	var h slog.Handler = slog.NewTextHandler(os.Stderr, hopts)
+	if logJSON {
+		h = slog.NewJSONHandler(os.Stderr, hopts)
+	}
+	opts.Logger = slog.New(h).With("node", opts.NodeName)
+	var err error
+	if opts.NodeLabels, err = parseLabels(labels); err != nil {
+		return err
+	}
+
+	reg, err := modules.Registry()
+	if err != nil {
+		return err
+	}
+	app, eff, err := agent.New(opts, reg)
+	if err != nil {
+		return err
+	}
+	names := make([]string, len(eff.Modules))
+	for i, f := range eff.Modules {
+		names[i] = f.Name
+	}
+	opts.Logger.Info("starting", "pool", eff.Pool, "modules", names)
+
+	startCtx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	if err := app.Start(startCtx); err != nil {
+		return fmt.Errorf("starting: %w", err)
+	}
+	// fx delivers SIGINT and SIGTERM here.
+	sig := <-app.Done()
+	opts.Logger.Info("stopping; the datapath keeps forwarding", "signal", sig.String())
+	stopCtx, cancel2 := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel2()
+	return app.Stop(stopCtx)
+}
+
+// parseLabels reads "k=v,k2=v2".
+func parseLabels(s string) (map[string]string, error) {
+	out := map[string]string{}
+	if strings.TrimSpace(s) == "" {
+		return out, nil
+	}
+	for _, kv := range strings.Split(s, ",") {
+		k, v, ok := strings.Cut(strings.TrimSpace(kv), "=")
+		if !ok || k == "" {
+			return nil, errors.New("--node-labels: " + kv + " is not key=value")
+		}
+		out[k] = v
+	}
+	return out, nil
+}

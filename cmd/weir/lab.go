@@ -1,0 +1,263 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/weirnet/weir/core/lab"
+)
+
+func runLab(args []string, out io.Writer) error {
+	if len(args) == 0 {
+		return fmt.Errorf("lab needs a subcommand; %w", errUsage)
+	}
+	sub, args := args[0], args[1:]
+	switch sub {
+	case "up":
+		return labUp(args, out)
+	case "serve":
+		return labServe(args)
+	}
+	fs := flag.NewFlagSet("lab "+sub, flag.ContinueOnError)
+	var (
+		o     = outputFlag(fs)
+		file  = fs.String("f", "", "file")
+		node  = fs.String("node", "", "node")
+		pod   = fs.String("pod", "", "pod to send from")
+		count = fs.Int("n", 10, "number of requests")
+		msg   = fs.String("msg", "ping", "UDP payload")
+	)
+	pos, err := parseInterleaved(fs, args)
+	if err != nil {
+		return err
+	}
+	if len(pos) == 0 {
+		return fmt.Errorf("lab %s needs the lab's name", sub)
+	}
+	l, err := lab.Load(pos[0], lab.Options{})
+	if err != nil {
+		return err
+	}
+	ctx := context.Background()
+	switch sub {
+	case "down":
+		if err := l.Down(); err != nil {
+			return err
+		}
+		fmt.Fprintf(out, "lab %s is down\n", l.Spec.Name)
+		return nil
+	case "status":
+		return labStatus(ctx, l, *o, out)
+	case "apply":
+		if *file == "" {
+			return errors.New("lab apply needs -f FILE")
+		}
+		data, err := os.ReadFile(*file)
+		if err != nil {
+			return err
+		}
+		for _, n := range l.Nodes {
+			if *node != "" && n.Name != *node {
+				continue
+			}
+			if err := l.Apply(n.Name, data); err != nil {
+				return err
+			}
+			fmt.Fprintf(out, "node %s: services file replaced by %s\n", n.Name, *file)
+		}
+		return nil
+	case "curl", "udp":
+		p := l.Pod(*pod)
+		if p == nil {
+			return fmt.Errorf("lab %s has no pod %q (--pod)", l.Spec.Name, *pod)
+		}
+		if len(pos) < 2 {
+			return fmt.Errorf("lab %s needs a target", sub)
+		}
+		return labRequests(ctx, sub, p, pos[1], *count, *msg, out)
+	case "restart-agent":
+		if *node == "" {
+			return errors.New("lab restart-agent needs --node")
+		}
+		if err := l.StopAgent(*node); err != nil {
+			return err
+		}
+		bin, err := siblingBinary("weir-agent")
+		if err != nil {
+			return err
+		}
+		l.Options.AgentBinary = bin
+		if err := l.StartAgent(ctx, *node); err != nil {
+			return err
+		}
+		fmt.Fprintf(out, "agent of node %s restarted\n", *node)
+		return nil
+	}
+	return fmt.Errorf("unknown lab command %q; %w", sub, errUsage)
+}
+
+// siblingBinary finds a program installed next to this one (bin/).
+func siblingBinary(name string) (string, error) {
+	self, err := os.Executable()
+	if err != nil {
+		return "", err
+	}
+	p := filepath.Join(filepath.Dir(self), name)
+	if _, err := os.Stat(p); err != nil {
+		return "", fmt.Errorf("%s not found next to %s (run make build)", name, self)
+	}
+	return p, nil
+}
+
+func labUp(args []string, out io.Writer) error {
+	fs := flag.NewFlagSet("lab up", flag.ContinueOnError)
+	file := fs.String("f", "examples/lab/demo.yaml", "lab spec")
+	agentBin := fs.String("agent-bin", "", "weir-agent binary (default: next to weir)")
+	logLevel := fs.String("agent-log-level", "info", "agents' log level")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	spec, err := lab.LoadSpec(*file)
+	if err != nil {
+		return err
+	}
+	if *agentBin == "" {
+		if *agentBin, err = siblingBinary("weir-agent"); err != nil {
+			return err
+		}
+	}
+	self, err := os.Executable()
+	if err != nil {
+		return err
+	}
+	ctx, cancel := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer cancel()
+	l, err := lab.Up(ctx, spec, lab.Options{AgentBinary: *agentBin, ServeBinary: self, AgentArgs: []string{"--log-level", *logLevel}})
+	if err != nil {
+		return err
+	}
+	fmt.Fprintf(out, "lab %s is up\n", l.Spec.Name)
+	return labStatus(ctx, l, "table", out)
+}
+
+func labStatus(ctx context.Context, l *lab.Lab, o output, out io.Writer) error {
+	type podRow struct {
+		Name string `json:"name"`
+		IP   string `json:"ip"`
+	}
+	type nodeRow struct {
+		Name    string   `json:"name"`
+		IP      string   `json:"ip"`
+		Agent   string   `json:"agent"`
+		Pool    string   `json:"pool"`
+		Modules []string `json:"modules"`
+		PinDir  string   `json:"pinDir"`
+		Pods    []podRow `json:"pods"`
+	}
+	var rows []nodeRow
+	for _, n := range l.Nodes {
+		r := nodeRow{Name: n.Name, IP: n.IP, PinDir: n.PinDir, Agent: "down"}
+		cctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+		if st, err := n.Client().Status(cctx); err == nil {
+			r.Agent, r.Pool, r.Modules = "not ready", st.Pool, st.Modules
+			if st.Ready {
+				r.Agent = "ready"
+			}
+			r.Agent += " (pid " + strconv.Itoa(n.AgentPID) + ")"
+		}
+		cancel()
+		for _, p := range n.Pods {
+			r.Pods = append(r.Pods, podRow{p.Name, p.IP})
+		}
+		rows = append(rows, r)
+	}
+	if o == "json" {
+		return writeJSON(out, rows)
+	}
+	var t [][]string
+	for _, r := range rows {
+		var pods []string
+		for _, p := range r.Pods {
+			pods = append(pods, p.Name+"="+p.IP)
+		}
+		pool := r.Pool
+		if pool == "" {
+			pool = "-"
+		}
+		t = append(t, []string{r.Name, r.IP, r.Agent, pool, strings.Join(r.Modules, ","), strings.Join(pods, " ")})
+	}
+	return table(out, "NODE\tUNDERLAY IP\tAGENT\tPOOL\tMODULES\tPODS", t)
+}
+
+func labRequests(ctx context.Context, kind string, p *lab.Pod, target string, n int, msg string, out io.Writer) error {
+	counts := map[string]int{}
+	failed := 0
+	client := lab.HTTPClient(p.NetnsPath(), 3*time.Second)
+	for i := 1; i <= n; i++ {
+		var answer string
+		var err error
+		if kind == "curl" {
+			answer, err = lab.Get(ctx, client, target)
+		} else {
+			answer, err = lab.UDPAsk(ctx, p.NetnsPath(), target, msg, 2*time.Second)
+		}
+		if err != nil {
+			failed++
+			fmt.Fprintf(out, "%3d  %s -> error: %v\n", i, target, err)
+			continue
+		}
+		who, _, _ := strings.Cut(answer, ":")
+		counts[who]++
+		fmt.Fprintf(out, "%3d  %s -> answered by %s\n", i, target, answer)
+	}
+	var names []string
+	for k := range counts {
+		names = append(names, k)
+	}
+	slices.Sort(names)
+	var parts []string
+	for _, k := range names {
+		parts = append(parts, fmt.Sprintf("%s=%d", k, counts[k]))
+	}
+	fmt.Fprintf(out, "%d requests from %s: %d answered (%s), %d failed\n", n, p.Name, n-failed, strings.Join(parts, " "), failed)
+	if failed > 0 {
+		return fmt.Errorf("%d of %d requests failed", failed, n)
+	}
+	return nil
+}
+
+// labServe runs a pod's workload in the current namespace until stopped.
+func labServe(args []string) error {
+	fs := flag.NewFlagSet("lab serve", flag.ContinueOnError)
+	name := fs.String("name", "", "pod name to answer with")
+	var w lab.Workload
+	fs.IntVar(&w.HTTP, "http", 0, "HTTP port")
+	fs.IntVar(&w.UDP, "udp", 0, "UDP echo port")
+	fs.IntVar(&w.Echo, "echo", 0, "TCP line echo port")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if *name == "" || w.Empty() {
+		return errors.New("lab serve needs --name and at least one port")
+	}
+	s, err := lab.Serve(*name, "", w)
+	if err != nil {
+		return err
+	}
+	ctx, cancel := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer cancel()
+	<-ctx.Done()
+	s.Close()
+	return nil
+}

@@ -1,0 +1,154 @@
+package main
+
+import (
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"strconv"
+	"strings"
+
+	"github.com/weirnet/weir/core/datapath"
+	"github.com/weirnet/weir/core/lab"
+)
+
+// runMaps prints one view of a node's pinned maps.
+func runMaps(what string, args []string, out io.Writer) error {
+	fs := flag.NewFlagSet(what, flag.ContinueOnError)
+	pinDir := fs.String("pin-dir", "", "the node's bpffs directory")
+	labName := fs.String("lab", "", "read a lab node's maps: the lab's name")
+	nodeName := fs.String("node", "", "with --lab: the node")
+	o := outputFlag(fs)
+	if _, err := parseInterleaved(fs, args); err != nil {
+		return err
+	}
+	dir, err := resolvePinDir(*pinDir, *labName, *nodeName)
+	if err != nil {
+		return err
+	}
+	p, err := datapath.OpenPinned(dir)
+	if err != nil {
+		return err
+	}
+	defer p.Close()
+	switch what {
+	case "service":
+		rows, err := p.Services()
+		if err != nil {
+			return err
+		}
+		if *o == "json" {
+			return writeJSON(out, rows)
+		}
+		var t [][]string
+		for _, r := range rows {
+			var bes []string
+			for _, b := range r.Backends {
+				s := b.Addr.String()
+				if b.State != "active" {
+					s += " (" + b.State + ")"
+				}
+				bes = append(bes, s)
+			}
+			if len(bes) == 0 {
+				bes = []string{"(none)"}
+			}
+			t = append(t, []string{strconv.Itoa(int(r.ID)), r.Frontend.String() + "/" + r.Proto, r.Type, strings.Join(bes, ", ")})
+		}
+		return table(out, "ID\tFRONTEND\tTYPE\tBACKENDS", t)
+	case "lb":
+		rows, err := p.LB()
+		if err != nil {
+			return err
+		}
+		if *o == "json" {
+			return writeJSON(out, rows)
+		}
+		var t [][]string
+		for _, r := range rows {
+			front := r.Frontend.String() + "/" + r.Proto
+			if r.Slot == 0 {
+				t = append(t, []string{front, "0", fmt.Sprintf("master: %d backends, %s, %s scope", r.Count, r.Type, r.Scope), strconv.Itoa(int(r.RevNAT))})
+				continue
+			}
+			be := fmt.Sprintf("backend %d (missing)", r.BackendID)
+			if r.Backend != nil {
+				be = fmt.Sprintf("%s (id %d, %s)", r.Backend, r.BackendID, r.State)
+			}
+			t = append(t, []string{front, strconv.Itoa(int(r.Slot)), be, strconv.Itoa(int(r.RevNAT))})
+		}
+		return table(out, "FRONTEND\tSLOT\tENTRY\tREVNAT", t)
+	case "ct":
+		rows, err := p.CT()
+		if err != nil {
+			return err
+		}
+		if *o == "json" {
+			return writeJSON(out, rows)
+		}
+		var t [][]string
+		for _, r := range rows {
+			t = append(t, []string{r.Kind, r.Proto, r.Src.String(), r.Dst.String(), strconv.Itoa(int(r.BackendID)), strconv.Itoa(int(r.RevNAT)),
+				r.Flags, strconv.FormatInt(r.ExpiresIn, 10) + "s", strconv.FormatUint(r.Packets, 10), strconv.FormatUint(r.Bytes, 10)})
+		}
+		return table(out, "KIND\tPROTO\tSOURCE\tDESTINATION\tBACKEND\tREVNAT\tFLAGS\tEXPIRES\tPACKETS\tBYTES", t)
+	case "endpoint":
+		rows, err := p.Endpoints()
+		if err != nil {
+			return err
+		}
+		if *o == "json" {
+			return writeJSON(out, rows)
+		}
+		var t [][]string
+		for _, r := range rows {
+			t = append(t, []string{r.Addr.String(), strconv.Itoa(int(r.Ifindex)), r.MAC, r.NodeMAC})
+		}
+		return table(out, "ADDRESS\tIFINDEX\tMAC\tGATEWAY MAC", t)
+	case "metrics":
+		rows, err := p.Metrics()
+		if err != nil {
+			return err
+		}
+		if *o == "json" {
+			return writeJSON(out, rows)
+		}
+		var t [][]string
+		for _, r := range rows {
+			verdict := "dropped"
+			if r.Code == 0 {
+				verdict = "passed"
+			}
+			t = append(t, []string{r.Hook, verdict, r.Reason, strconv.FormatUint(r.Packets, 10), strconv.FormatUint(r.Bytes, 10)})
+		}
+		return table(out, "HOOK\tVERDICT\tREASON\tPACKETS\tBYTES", t)
+	}
+	return fmt.Errorf("unknown view %q", what)
+}
+
+func resolvePinDir(pinDir, labName, nodeName string) (string, error) {
+	if pinDir != "" {
+		if labName != "" {
+			return "", errors.New("use either --pin-dir or --lab/--node")
+		}
+		return pinDir, nil
+	}
+	if labName == "" {
+		return "", errors.New("say which node: --lab NAME --node NODE, or --pin-dir DIR")
+	}
+	l, err := lab.Load(labName, lab.Options{})
+	if err != nil {
+		return "", err
+	}
+	if nodeName == "" {
+		if len(l.Nodes) != 1 {
+			return "", fmt.Errorf("lab %s has %d nodes: pick one with --node", labName, len(l.Nodes))
+		}
+		return l.Nodes[0].PinDir, nil
+	}
+	n := l.Node(nodeName)
+	if n == nil {
+		return "", fmt.Errorf("lab %s has no node %q", labName, nodeName)
+	}
+	return n.PinDir, nil
+}

@@ -1,0 +1,295 @@
+// Package agent composes a node's agent with go.uber.org/fx: core services
+// (datapath, desired-state store, API, reconciler, sources) plus the modules
+// the node's configuration and pool select. Slots are numbered by core's
+// table and modules start in requirement order; nothing depends on the order
+// in which fx hands over its value groups.
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/http"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"go.uber.org/fx"
+	"go.uber.org/fx/fxevent"
+
+	"github.com/weirnet/weir/core/api"
+	"github.com/weirnet/weir/core/config"
+	"github.com/weirnet/weir/core/datapath"
+	"github.com/weirnet/weir/core/filesource"
+	"github.com/weirnet/weir/core/lbmap"
+	"github.com/weirnet/weir/core/model"
+	"github.com/weirnet/weir/core/module"
+	"github.com/weirnet/weir/core/node"
+)
+
+// Options are the agent's command-line settings.
+type Options struct {
+	ConfigPath   string
+	NodeName     string
+	NodeLabels   map[string]string
+	PinDir       string
+	StateDir     string
+	ServicesFile string
+	APISocket    string
+	Cgroup       string
+	Logger       *slog.Logger
+}
+
+// Validate checks the options that have no sensible default.
+func (o *Options) Validate() error {
+	var errs []error
+	if o.ConfigPath == "" {
+		errs = append(errs, errors.New("--config is required"))
+	}
+	if o.NodeName == "" {
+		errs = append(errs, errors.New("--node-name is required"))
+	}
+	if o.PinDir == "" {
+		errs = append(errs, errors.New("--pin-dir is required"))
+	}
+	if o.StateDir == "" {
+		errs = append(errs, errors.New("--state-dir is required"))
+	}
+	if o.APISocket == "" {
+		errs = append(errs, errors.New("--api-socket is required"))
+	}
+	return errors.Join(errs...)
+}
+
+// New loads the configuration, resolves the node's pool and builds the
+// agent. Configuration errors come back before anything is touched.
+func New(opts Options, cat module.Catalog) (*fx.App, *config.Effective, error) {
+	if err := opts.Validate(); err != nil {
+		return nil, nil, err
+	}
+	if opts.Logger == nil {
+		opts.Logger = slog.Default()
+	}
+	cfg, err := config.Load(opts.ConfigPath, cat)
+	if err != nil {
+		return nil, nil, err
+	}
+	eff, err := cfg.Resolve(opts.NodeLabels)
+	if err != nil {
+		return nil, nil, err
+	}
+	info := &node.Info{
+		Name: opts.NodeName, Labels: opts.NodeLabels, Pool: eff.Pool,
+		PinDir: opts.PinDir, StateDir: opts.StateDir, Cgroup: opts.Cgroup,
+	}
+	var mods []fx.Option
+	for _, f := range eff.Modules {
+		mods = append(mods, f.Provide(eff.Settings[f.Name]))
+	}
+	log := opts.Logger
+	app := fx.New(
+		fx.WithLogger(func() fxevent.Logger {
+			l := &fxevent.SlogLogger{Logger: log.With("component", "fx")}
+			l.UseLogLevel(slog.LevelDebug)
+			return l
+		}),
+		// Loading BPF objects runs the verifier inside OnStart.
+		fx.StartTimeout(2*time.Minute),
+		fx.StopTimeout(30*time.Second),
+		fx.Supply(info, log, eff, &opts, &installed{}),
+		fx.Provide(newDatapath, model.NewStore, newAPI, newReconciler),
+		fx.Options(mods...),
+		// Invoke order is start order: datapath and modules, then the
+		// API (so no request reaches a module before it started), then
+		// the sources of services.
+		fx.Invoke(compose),
+		fx.Invoke(serveAPI),
+		fx.Invoke(startSources),
+	)
+	if err := app.Err(); err != nil {
+		return nil, nil, fmt.Errorf("composing the agent: %w", err)
+	}
+	return app, eff, nil
+}
+
+func newDatapath(lc fx.Lifecycle, info *node.Info, eff *config.Effective, log *slog.Logger) (*datapath.Datapath, error) {
+	dp, err := datapath.Open(datapath.Options{PinDir: info.PinDir, CTMaxEntries: eff.Datapath.CTMaxEntries, Logger: log})
+	if err != nil {
+		return nil, err
+	}
+	lc.Append(fx.StopHook(dp.Close))
+	return dp, nil
+}
+
+func newAPI(opts *Options, log *slog.Logger) *api.Server {
+	return api.NewServer(opts.APISocket, log.With("component", "api"))
+}
+
+// newReconciler is constructed only when a module asks for it (lb today):
+// nodes that translate no services leave the service maps alone.
+func newReconciler(lc fx.Lifecycle, dp *datapath.Datapath, store *model.Store, log *slog.Logger) (*lbmap.Reconciler, error) {
+	r, err := lbmap.NewFromDatapath(dp, log.With("component", "lbmap"))
+	if err != nil {
+		return nil, err
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	var wg sync.WaitGroup
+	lc.Append(fx.Hook{
+		OnStart: func(context.Context) error {
+			wg.Go(func() { r.Run(ctx, store) })
+			return nil
+		},
+		OnStop: func(context.Context) error {
+			cancel()
+			wg.Wait()
+			return nil
+		},
+	})
+	return r, nil
+}
+
+// installed is set once the datapath and modules run.
+type installed struct{ ok atomic.Bool }
+
+type composeParams struct {
+	fx.In
+	LC      fx.Lifecycle
+	Done    *installed
+	DP      *datapath.Datapath
+	Eff     *config.Effective
+	Log     *slog.Logger
+	Modules []module.Module `group:"modules"`
+}
+
+func compose(p composeParams) error {
+	byName := map[string]module.Module{}
+	for _, m := range p.Modules {
+		byName[m.Name()] = m
+	}
+	// Start order comes from the configuration (requirements first).
+	var ordered []module.Module
+	for _, f := range p.Eff.Modules {
+		m, ok := byName[f.Name]
+		if !ok {
+			return fmt.Errorf("module %s was enabled but provided no instance", f.Name)
+		}
+		ordered = append(ordered, m)
+	}
+	done := p.Done
+	var inst *datapath.Installation
+	var started []module.Module
+	p.LC.Append(fx.Hook{
+		OnStart: func(ctx context.Context) error {
+			var objs []datapath.Object
+			for i, m := range ordered {
+				spec, err := m.Object()
+				if err != nil {
+					return fmt.Errorf("module %s: reading its BPF object: %w", m.Name(), err)
+				}
+				if spec == nil {
+					continue
+				}
+				claims := map[string]string{}
+				for _, c := range p.Eff.Modules[i].Slots {
+					claims[c.Slot] = c.Program
+				}
+				objs = append(objs, datapath.Object{Module: m.Name(), Spec: spec, Slots: claims})
+			}
+			var err error
+			if inst, err = p.DP.Install(objs); err != nil {
+				return err
+			}
+			for _, m := range ordered {
+				if err := m.Start(ctx); err != nil {
+					for _, s := range slices.Backward(started) {
+						_ = s.Stop(ctx)
+					}
+					return fmt.Errorf("starting module %s: %w", m.Name(), err)
+				}
+				started = append(started, m)
+			}
+			done.ok.Store(true)
+			names := make([]string, len(ordered))
+			for i, m := range ordered {
+				names[i] = m.Name()
+			}
+			p.Log.Info("datapath installed", "modules", names, "pool", p.Eff.Pool, "pin_dir", p.DP.PinDir())
+			return nil
+		},
+		OnStop: func(ctx context.Context) error {
+			var errs []error
+			for _, m := range slices.Backward(started) {
+				if err := m.Stop(ctx); err != nil {
+					errs = append(errs, fmt.Errorf("stopping module %s: %w", m.Name(), err))
+				}
+			}
+			if inst != nil {
+				inst.Close()
+			}
+			return errors.Join(errs...)
+		},
+	})
+	return nil
+}
+
+type serveParams struct {
+	fx.In
+	LC        fx.Lifecycle
+	API       *api.Server
+	Info      *node.Info
+	Eff       *config.Effective
+	Store     *model.Store
+	Installed *installed
+}
+
+func serveAPI(p serveParams) {
+	names := make([]string, len(p.Eff.Modules))
+	for i, f := range p.Eff.Modules {
+		names[i] = f.Name
+	}
+	p.API.Handle("GET /v1/status", func(w http.ResponseWriter, _ *http.Request) {
+		api.WriteJSON(w, http.StatusOK, api.Status{
+			Node: p.Info.Name, Pool: p.Eff.Pool, Modules: names, PinDir: p.Info.PinDir,
+			Ready: p.Installed.ok.Load() && p.Store.Ready(),
+		})
+	})
+	p.LC.Append(fx.Hook{OnStart: func(context.Context) error { return p.API.Start() }, OnStop: p.API.Stop})
+}
+
+type sourceParams struct {
+	fx.In
+	LC    fx.Lifecycle
+	Opts  *Options
+	Store *model.Store
+	Log   *slog.Logger
+}
+
+func startSources(p sourceParams) error {
+	if p.Opts.ServicesFile == "" {
+		return nil
+	}
+	src := filesource.New(p.Opts.ServicesFile, p.Store, p.Log.With("source", "file"))
+	p.Store.Expect(filesource.Name)
+	ctx, cancel := context.WithCancel(context.Background())
+	var wg sync.WaitGroup
+	p.LC.Append(fx.Hook{
+		OnStart: func(context.Context) error {
+			if err := src.Load(); err != nil {
+				// A bad file at start leaves the maps as the previous
+				// agent left them; the watcher applies the file once
+				// it is fixed.
+				p.Log.Error("services file rejected; keeping the services already in the datapath", "file", p.Opts.ServicesFile, "err", err)
+			}
+			wg.Go(func() { src.Watch(ctx) })
+			return nil
+		},
+		OnStop: func(context.Context) error {
+			cancel()
+			wg.Wait()
+			return nil
+		},
+	})
+	return nil
+}

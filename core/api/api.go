@@ -1,0 +1,141 @@
+// Package api is the agent's local control API: JSON over HTTP on a unix
+// socket. The CNI plugin and the lab use it to create and delete pod
+// endpoints; the CLI reads status from it. Modules register their handlers
+// on the Server.
+package api
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"time"
+)
+
+// EndpointRequest asks the agent to wire a pod into the node.
+type EndpointRequest struct {
+	// ID identifies the pod sandbox (the CNI container ID); requests with
+	// the same ID are idempotent.
+	ID string `json:"id"`
+	// Netns is the path of the pod's network namespace.
+	Netns string `json:"netns"`
+	// IfName is the interface to create inside the pod (default eth0).
+	IfName string `json:"ifName,omitempty"`
+	// Address is the pod's IPv4 address.
+	Address      string `json:"address"`
+	PodNamespace string `json:"podNamespace,omitempty"`
+	PodName      string `json:"podName,omitempty"`
+}
+
+// Endpoint is a wired pod.
+type Endpoint struct {
+	ID           string `json:"id"`
+	Netns        string `json:"netns"`
+	IfName       string `json:"ifName"`
+	Address      string `json:"address"`
+	Gateway      string `json:"gateway"`
+	MAC          string `json:"mac"`
+	HostIfName   string `json:"hostIfName"`
+	HostIfindex  int    `json:"hostIfindex"`
+	HostMAC      string `json:"hostMAC"`
+	MTU          int    `json:"mtu"`
+	PodNamespace string `json:"podNamespace,omitempty"`
+	PodName      string `json:"podName,omitempty"`
+}
+
+// Status describes the running agent.
+type Status struct {
+	Node    string   `json:"node"`
+	Pool    string   `json:"pool"`
+	Modules []string `json:"modules"`
+	PinDir  string   `json:"pinDir"`
+	// Ready is true once the datapath is installed and every source of
+	// services has synced.
+	Ready bool `json:"ready"`
+}
+
+// Error is the body of every non-2xx response.
+type Error struct {
+	Error string `json:"error"`
+}
+
+// Server serves the API on a unix socket.
+type Server struct {
+	socket string
+	mux    *http.ServeMux
+	srv    *http.Server
+	log    *slog.Logger
+}
+
+// NewServer returns a server for socket; handlers are added with Handle
+// before Start.
+func NewServer(socket string, log *slog.Logger) *Server {
+	if log == nil {
+		log = slog.Default()
+	}
+	mux := http.NewServeMux()
+	return &Server{socket: socket, mux: mux, log: log,
+		srv: &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}}
+}
+
+// Handle registers a handler (Go ServeMux pattern, e.g. "POST /v1/endpoints").
+func (s *Server) Handle(pattern string, h http.HandlerFunc) { s.mux.HandleFunc(pattern, h) }
+
+// Start listens on the socket, replacing a stale socket file.
+func (s *Server) Start() error {
+	if err := os.MkdirAll(filepath.Dir(s.socket), 0o755); err != nil {
+		return fmt.Errorf("creating API socket directory: %w", err)
+	}
+	if err := os.Remove(s.socket); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("removing stale API socket: %w", err)
+	}
+	ln, err := net.Listen("unix", s.socket)
+	if err != nil {
+		return fmt.Errorf("listening on %s: %w", s.socket, err)
+	}
+	if err := os.Chmod(s.socket, 0o600); err != nil {
+		ln.Close()
+		return fmt.Errorf("restricting API socket: %w", err)
+	}
+	go func() {
+		if err := s.srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			s.log.Error("API server stopped", "err", err)
+		}
+	}()
+	return nil
+}
+
+// Stop shuts the server down and removes the socket.
+func (s *Server) Stop(ctx context.Context) error {
+	err := s.srv.Shutdown(ctx)
+	_ = os.Remove(s.socket)
+	return err
+}
+
+// WriteJSON writes v with the status code.
+func WriteJSON(w http.ResponseWriter, code int, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(code)
+	_ = json.NewEncoder(w).Encode(v)
+}
+
+// WriteError writes an Error body.
+func WriteError(w http.ResponseWriter, code int, err error) {
+	WriteJSON(w, code, Error{Error: err.Error()})
+}
+
+// DecodeJSON decodes a request body strictly: unknown fields are errors.
+func DecodeJSON(r *http.Request, v any) error {
+	dec := json.NewDecoder(io.LimitReader(r.Body, 1<<20))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(v); err != nil {
+		return fmt.Errorf("invalid request body: %w", err)
+	}
+	return nil
+}

@@ -1,0 +1,145 @@
+// Package config loads the agent's configuration file: the modules to run,
+// their settings, datapath sizing, and node pools that change the module set
+// and settings for the nodes their label selector matches.
+//
+// Everything is validated when the file is loaded, for the top-level module
+// set and for every pool alike, so a mistake in one pool fails on every node
+// instead of only on the nodes that happen to be in that pool. Resolve then
+// only picks one of the precomputed results.
+package config
+
+import (
+	"fmt"
+	"maps"
+	"os"
+	"slices"
+
+	"gopkg.in/yaml.v3"
+
+	"github.com/weirnet/weir/core/module"
+	"github.com/weirnet/weir/core/strictyaml"
+)
+
+// Bounds of datapath.ctMaxEntries.
+const (
+	DefaultCTMaxEntries = 262144
+	MinCTMaxEntries     = 1024
+	MaxCTMaxEntries     = 16777216
+)
+
+// File is the configuration file as written.
+type File struct {
+	// Modules names the modules every node runs unless its pool says
+	// otherwise.
+	Modules []string `yaml:"modules"`
+	// Settings holds one section per module, keyed by module name. The
+	// sections stay raw until the module's settings type decodes them.
+	Settings  map[string]yaml.Node `yaml:"settings"`
+	Datapath  Datapath             `yaml:"datapath"`
+	NodePools []NodePool           `yaml:"nodePools"`
+}
+
+// Datapath sizes the shared BPF maps.
+type Datapath struct {
+	// CTMaxEntries is the conntrack map size, DefaultCTMaxEntries when
+	// not set.
+	CTMaxEntries uint32 `yaml:"ctMaxEntries"`
+}
+
+// NodePool changes the module set and settings for the nodes its selector
+// matches. The first matching pool in file order applies.
+type NodePool struct {
+	Name         string      `yaml:"name"`
+	NodeSelector Selector    `yaml:"nodeSelector"`
+	Modules      PoolModules `yaml:"modules"`
+	// Settings sections are deep-merged over the top-level section of the
+	// same module.
+	Settings map[string]yaml.Node `yaml:"settings"`
+}
+
+// PoolModules adds modules to, or removes them from, the top-level set.
+type PoolModules struct {
+	Enable  []string `yaml:"enable"`
+	Disable []string `yaml:"disable"`
+}
+
+// Config is a loaded, fully validated configuration.
+type Config struct {
+	// Path is the file the configuration came from, as given to Load or
+	// Parse.
+	Path string
+	File File
+
+	top   *Effective
+	pools []*Effective // parallel to File.NodePools
+}
+
+// Effective is what one node runs: the module set and settings after its
+// pool, if any, has been applied.
+type Effective struct {
+	// Pool is the name of the pool that applied, "" when none matched and
+	// the top-level set applies.
+	Pool string
+	// Modules are in start order, as module.Check returns them.
+	Modules []module.Factory
+	// Settings holds decoded, validated settings for every module in
+	// Modules that has a settings type; modules without a section get
+	// their defaults.
+	Settings map[string]module.Settings
+	Datapath Datapath
+}
+
+// Load reads and validates the configuration file at path.
+func Load(path string, cat module.Catalog) (*Config, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("reading config: %w", err)
+	}
+	return Parse(path, data, cat)
+}
+
+// Parse validates the configuration in data, which came from path. Every
+// error it returns is a *strictyaml.Error naming the file, the field path
+// and, when known, the line.
+func Parse(path string, data []byte, cat module.Catalog) (*Config, error) {
+	if cat == nil {
+		return nil, &strictyaml.Error{File: path, Msg: "no module catalog to check the configuration against"}
+	}
+	root, err := strictyaml.Parse(path, data)
+	if err != nil {
+		return nil, err
+	}
+	f := File{Datapath: Datapath{CTMaxEntries: DefaultCTMaxEntries}}
+	if err := strictyaml.DecodeNode(path, root, "", &f); err != nil {
+		return nil, err
+	}
+	b := &builder{file: path, cat: cat, root: root, f: &f}
+	top, pools, err := b.build()
+	if err != nil {
+		return nil, err
+	}
+	return &Config{Path: path, File: f, top: top, pools: pools}, nil
+}
+
+// Resolve picks the pool for a node with the given labels (the first pool
+// whose selector matches, or none) and returns what that node runs. The
+// result is the node's own copy of the lists; the Settings values are
+// shared.
+func (c *Config) Resolve(labels map[string]string) (*Effective, error) {
+	if c == nil || c.top == nil || len(c.pools) != len(c.File.NodePools) {
+		return nil, fmt.Errorf("config: Resolve on a configuration that did not come from Load or Parse")
+	}
+	for i, p := range c.File.NodePools {
+		if p.NodeSelector.Matches(labels) {
+			return c.pools[i].clone(), nil
+		}
+	}
+	return c.top.clone(), nil
+}
+
+func (e *Effective) clone() *Effective {
+	c := *e
+	c.Modules = slices.Clone(e.Modules)
+	c.Settings = maps.Clone(e.Settings)
+	return &c
+}

@@ -1,0 +1,361 @@
+package datapath
+
+import (
+	"cmp"
+	"errors"
+	"fmt"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+
+	"github.com/cilium/ebpf"
+	"golang.org/x/sys/unix"
+
+	"github.com/weirnet/weir/core/slots"
+)
+
+// Pinned reads a node's pinned maps without loading anything: what the CLI
+// uses, agent running or not.
+type Pinned struct {
+	dir  string
+	maps map[string]*ebpf.Map
+}
+
+// OpenPinned opens the maps pinned in a node's directory read-only.
+func OpenPinned(dir string) (*Pinned, error) {
+	if _, err := os.Stat(filepath.Join(dir, MapServices)); err != nil {
+		return nil, fmt.Errorf("%s holds no Weir datapath: %w", dir, err)
+	}
+	return &Pinned{dir: dir, maps: map[string]*ebpf.Map{}}, nil
+}
+
+// Close releases the opened maps.
+func (p *Pinned) Close() {
+	for _, m := range p.maps {
+		m.Close()
+	}
+}
+
+func (p *Pinned) m(name string) (*ebpf.Map, error) {
+	if m, ok := p.maps[name]; ok {
+		return m, nil
+	}
+	m, err := ebpf.LoadPinnedMap(filepath.Join(p.dir, name), &ebpf.LoadPinOptions{ReadOnly: true})
+	if err != nil {
+		return nil, fmt.Errorf("opening pinned map %s: %w", name, err)
+	}
+	p.maps[name] = m
+	return m, nil
+}
+
+// LBEntry is one entry of the services map.
+type LBEntry struct {
+	Frontend netip.AddrPort `json:"frontend"`
+	Proto    string         `json:"proto"`
+	Scope    string         `json:"scope"`
+	Slot     uint16         `json:"slot"`
+	// Master entries (slot 0).
+	Count  uint16 `json:"count,omitempty"`
+	RevNAT uint16 `json:"revNAT"`
+	Type   string `json:"type,omitempty"`
+	// Backend slots.
+	BackendID uint32          `json:"backendID,omitempty"`
+	Backend   *netip.AddrPort `json:"backend,omitempty"`
+	State     string          `json:"state,omitempty"`
+}
+
+// BackendRow is a backend of a service.
+type BackendRow struct {
+	ID    uint32         `json:"id"`
+	Addr  netip.AddrPort `json:"address"`
+	State string         `json:"state"`
+}
+
+// ServiceRow is a frontend with its backends.
+type ServiceRow struct {
+	ID       uint16         `json:"id"`
+	Frontend netip.AddrPort `json:"frontend"`
+	Proto    string         `json:"proto"`
+	Type     string         `json:"type"`
+	Scope    string         `json:"scope"`
+	Backends []BackendRow   `json:"backends"`
+}
+
+func typeName(t uint8) string {
+	switch t {
+	case SvcClusterIP:
+		return "ClusterIP"
+	case SvcNodePort:
+		return "NodePort"
+	case SvcLoadBalancer:
+		return "LoadBalancer"
+	case SvcExternalIP:
+		return "ExternalIP"
+	}
+	return fmt.Sprintf("type-%d", t)
+}
+
+func scopeName(s uint8) string {
+	if s == ScopeInternal {
+		return "internal"
+	}
+	return "external"
+}
+
+func stateName(s uint8) string {
+	switch s {
+	case BackendActive:
+		return "active"
+	case BackendTerminating:
+		return "terminating"
+	case BackendQuarantined:
+		return "quarantined"
+	}
+	return fmt.Sprintf("state-%d", s)
+}
+
+func (p *Pinned) backends() (map[uint32]Backend, error) {
+	m, err := p.m(MapBackends)
+	if err != nil {
+		return nil, err
+	}
+	out := map[uint32]Backend{}
+	var (
+		id uint32
+		be Backend
+	)
+	it := m.Iterate()
+	for it.Next(&id, &be) {
+		out[id] = be
+	}
+	return out, it.Err()
+}
+
+func backendAddr(be Backend) netip.AddrPort {
+	return netip.AddrPortFrom(AddrFromBE(be.Addr), PortFromBE(be.Port))
+}
+
+// LB lists every entry of the services map, masters first within a
+// frontend.
+func (p *Pinned) LB() ([]LBEntry, error) {
+	m, err := p.m(MapServices)
+	if err != nil {
+		return nil, err
+	}
+	bes, err := p.backends()
+	if err != nil {
+		return nil, err
+	}
+	var out []LBEntry
+	var (
+		k ServiceKey
+		v ServiceValue
+	)
+	it := m.Iterate()
+	for it.Next(&k, &v) {
+		e := LBEntry{
+			Frontend: netip.AddrPortFrom(AddrFromBE(k.Addr), PortFromBE(k.Port)),
+			Proto:    ProtoName(k.Proto), Scope: scopeName(k.Scope), Slot: k.Slot, RevNAT: v.RevNat,
+		}
+		if k.Slot == 0 {
+			e.Count, e.Type = v.Count, typeName(v.Type)
+		} else {
+			e.BackendID = v.BackendId
+			if be, ok := bes[v.BackendId]; ok {
+				a := backendAddr(be)
+				e.Backend, e.State = &a, stateName(be.State)
+			}
+		}
+		out = append(out, e)
+	}
+	if err := it.Err(); err != nil {
+		return nil, err
+	}
+	slices.SortFunc(out, func(a, b LBEntry) int {
+		return cmp.Or(a.Frontend.Addr().Compare(b.Frontend.Addr()), cmp.Compare(a.Frontend.Port(), b.Frontend.Port()),
+			strings.Compare(a.Proto, b.Proto), strings.Compare(a.Scope, b.Scope), cmp.Compare(a.Slot, b.Slot))
+	})
+	return out, nil
+}
+
+// Services groups the services map into frontends with their backends.
+// Entries come sorted with each master before its slots; slots beyond the
+// master's count are leftovers of an interrupted write, not backends.
+func (p *Pinned) Services() ([]ServiceRow, error) {
+	entries, err := p.LB()
+	if err != nil {
+		return nil, err
+	}
+	var out []ServiceRow
+	count := 0
+	for _, e := range entries {
+		if e.Slot == 0 {
+			out = append(out, ServiceRow{ID: e.RevNAT, Frontend: e.Frontend, Proto: e.Proto, Type: e.Type, Scope: e.Scope, Backends: []BackendRow{}})
+			count = int(e.Count)
+			continue
+		}
+		n := len(out)
+		if n == 0 || out[n-1].Frontend != e.Frontend || out[n-1].Proto != e.Proto || out[n-1].Scope != e.Scope {
+			continue // slots without a master: never visible to packets
+		}
+		if int(e.Slot) <= count && e.Backend != nil {
+			out[n-1].Backends = append(out[n-1].Backends, BackendRow{ID: e.BackendID, Addr: *e.Backend, State: e.State})
+		}
+	}
+	return out, nil
+}
+
+// CTRow is one conntrack entry.
+type CTRow struct {
+	Kind      string         `json:"kind"`
+	Src       netip.AddrPort `json:"src"`
+	Dst       netip.AddrPort `json:"dst"`
+	Proto     string         `json:"proto"`
+	BackendID uint32         `json:"backendID"`
+	RevNAT    uint16         `json:"revNAT"`
+	Flags     string         `json:"flags"`
+	ExpiresIn int64          `json:"expiresInSeconds"`
+	Packets   uint64         `json:"packets"`
+	Bytes     uint64         `json:"bytes"`
+}
+
+// BootSeconds is the boot clock in seconds, the clock of CT lifetimes.
+func BootSeconds() (int64, error) {
+	var ts unix.Timespec
+	if err := unix.ClockGettime(unix.CLOCK_BOOTTIME, &ts); err != nil {
+		return 0, err
+	}
+	return ts.Sec, nil
+}
+
+func ctFlags(f uint16) string {
+	var s []string
+	for _, b := range []struct {
+		bit  uint16
+		name string
+	}{{CTFlagSYN, "SYN"}, {CTFlagEstablished, "ESTABLISHED"}, {CTFlagFIN, "FIN"}, {CTFlagRST, "RST"}} {
+		if f&b.bit != 0 {
+			s = append(s, b.name)
+		}
+	}
+	return strings.Join(s, ",")
+}
+
+// CT lists the conntrack entries that have not expired.
+func (p *Pinned) CT() ([]CTRow, error) {
+	m, err := p.m(MapCT)
+	if err != nil {
+		return nil, err
+	}
+	now, err := BootSeconds()
+	if err != nil {
+		return nil, err
+	}
+	var out []CTRow
+	var (
+		k CTKey
+		v CTEntry
+	)
+	it := m.Iterate()
+	for it.Next(&k, &v) {
+		left := int64(v.Lifetime) - now
+		if left <= 0 {
+			continue
+		}
+		kind := "service"
+		if k.Kind == CTReply {
+			kind = "reply"
+		}
+		out = append(out, CTRow{
+			Kind: kind, Proto: ProtoName(k.Proto),
+			Src:       netip.AddrPortFrom(AddrFromBE(k.Saddr), PortFromBE(k.Sport)),
+			Dst:       netip.AddrPortFrom(AddrFromBE(k.Daddr), PortFromBE(k.Dport)),
+			BackendID: v.BackendId, RevNAT: v.RevNat, Flags: ctFlags(v.Flags), ExpiresIn: left,
+			Packets: v.Packets, Bytes: v.Bytes,
+		})
+	}
+	if err := it.Err(); err != nil {
+		return nil, err
+	}
+	slices.SortFunc(out, func(a, b CTRow) int {
+		return cmp.Or(strings.Compare(a.Kind, b.Kind), a.Src.Addr().Compare(b.Src.Addr()), cmp.Compare(a.Src.Port(), b.Src.Port()),
+			a.Dst.Addr().Compare(b.Dst.Addr()), cmp.Compare(a.Dst.Port(), b.Dst.Port()))
+	})
+	return out, nil
+}
+
+// MetricRow is a counter of packets by hook and reason.
+type MetricRow struct {
+	Hook    string `json:"hook"`
+	Reason  string `json:"reason"`
+	Code    uint8  `json:"code"`
+	Packets uint64 `json:"packets"`
+	Bytes   uint64 `json:"bytes"`
+}
+
+// Metrics sums the per-CPU counters; zero rows are left out.
+func (p *Pinned) Metrics() ([]MetricRow, error) {
+	m, err := p.m(MapMetrics)
+	if err != nil {
+		return nil, err
+	}
+	return readMetrics(m)
+}
+
+func readMetrics(m *ebpf.Map) ([]MetricRow, error) {
+	var out []MetricRow
+	for _, h := range slots.Hooks {
+		for r := range NumReasons {
+			var per []Metric
+			if err := m.Lookup(uint32(h)*NumReasons+r, &per); err != nil {
+				if errors.Is(err, ebpf.ErrKeyNotExist) {
+					continue
+				}
+				return nil, err
+			}
+			row := MetricRow{Hook: h.String(), Reason: Reason(r).String(), Code: uint8(r)}
+			for _, c := range per {
+				row.Packets += c.Packets
+				row.Bytes += c.Bytes
+			}
+			if row.Packets > 0 {
+				out = append(out, row)
+			}
+		}
+	}
+	return out, nil
+}
+
+// EndpointRow is one local endpoint.
+type EndpointRow struct {
+	Addr    netip.Addr `json:"address"`
+	Ifindex uint32     `json:"ifindex"`
+	MAC     string     `json:"mac"`
+	NodeMAC string     `json:"nodeMAC"`
+}
+
+// Endpoints lists the endpoints map.
+func (p *Pinned) Endpoints() ([]EndpointRow, error) {
+	m, err := p.m(MapEndpoints)
+	if err != nil {
+		return nil, err
+	}
+	var out []EndpointRow
+	var (
+		k EndpointKey
+		v Endpoint
+	)
+	it := m.Iterate()
+	for it.Next(&k, &v) {
+		out = append(out, EndpointRow{Addr: AddrFromBE(k.Addr), Ifindex: v.Ifindex,
+			MAC: macString(v.Mac), NodeMAC: macString(v.NodeMac)})
+	}
+	slices.SortFunc(out, func(a, b EndpointRow) int { return a.Addr.Compare(b.Addr) })
+	return out, it.Err()
+}
+
+func macString(m [6]uint8) string {
+	return fmt.Sprintf("%02x:%02x:%02x:%02x:%02x:%02x", m[0], m[1], m[2], m[3], m[4], m[5])
+}

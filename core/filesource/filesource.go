@@ -1,0 +1,258 @@
+// Package filesource reads services and their backends from a YAML file
+// (the lab's and standalone mode's source) and follows its changes. A file
+// with any error is rejected as a whole: the services it would replace keep
+// serving, and the error names the file, line and field.
+package filesource
+
+import (
+	"context"
+	"crypto/sha256"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"regexp"
+	"time"
+
+	"github.com/fsnotify/fsnotify"
+	"github.com/weirnet/weir/core/model"
+	"github.com/weirnet/weir/core/strictyaml"
+)
+
+// Name is the source's name in the model store.
+const Name = "file"
+
+// File is the document format.
+type File struct {
+	Services []Service `yaml:"services"`
+}
+
+// Service is one service as a user writes it, close to a Kubernetes
+// Service with its endpoints inline.
+type Service struct {
+	Name      string        `yaml:"name"`
+	Namespace string        `yaml:"namespace"`
+	ClusterIP string        `yaml:"clusterIP"`
+	Ports     []ServicePort `yaml:"ports"`
+	Backends  []Backend     `yaml:"backends"`
+}
+
+// ServicePort is one port of a service; each becomes a frontend.
+type ServicePort struct {
+	Name       string `yaml:"name"`
+	Port       int    `yaml:"port"`
+	TargetPort int    `yaml:"targetPort"`
+	Protocol   string `yaml:"protocol"`
+}
+
+// Backend is one endpoint of a service.
+type Backend struct {
+	IP string `yaml:"ip"`
+	// Terminating backends keep their flows and get new ones only when
+	// no other backend can take them.
+	Terminating bool   `yaml:"terminating"`
+	NodeName    string `yaml:"nodeName"`
+}
+
+var dnsLabel = regexp.MustCompile(`^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$`)
+
+// Parse decodes and validates a services file into model services.
+func Parse(file string, data []byte) ([]*model.Service, error) {
+	root, err := strictyaml.Parse(file, data)
+	if err != nil {
+		return nil, err
+	}
+	var f File
+	if err := strictyaml.DecodeNode(file, root, "", &f); err != nil {
+		return nil, err
+	}
+	fail := func(path, format string, a ...any) error {
+		return strictyaml.At(file, strictyaml.Locate(root, path), path, fmt.Sprintf(format, a...))
+	}
+	var out []*model.Service
+	names := map[model.ServiceName]int{}
+	frontends := map[model.FrontendKey]string{}
+	for i, s := range f.Services {
+		sp := strictyaml.Index("services", i)
+		if s.Namespace == "" {
+			s.Namespace = "default"
+		}
+		if !dnsLabel.MatchString(s.Name) {
+			return nil, fail(strictyaml.Key(sp, "name"), "%q is not a valid service name (a DNS label: lower-case letters, digits and '-', at most 63)", s.Name)
+		}
+		if !dnsLabel.MatchString(s.Namespace) {
+			return nil, fail(strictyaml.Key(sp, "namespace"), "%q is not a valid namespace (a DNS label)", s.Namespace)
+		}
+		name := model.ServiceName{Namespace: s.Namespace, Name: s.Name}
+		if j, dup := names[name]; dup {
+			return nil, fail(strictyaml.Key(sp, "name"), "service %s is already defined by services[%d]", name, j)
+		}
+		names[name] = i
+		vip, err := netip.ParseAddr(s.ClusterIP)
+		if err != nil || !vip.Is4() {
+			return nil, fail(strictyaml.Key(sp, "clusterIP"), "%q is not an IPv4 address", s.ClusterIP)
+		}
+		if vip.IsUnspecified() || vip.IsLoopback() || vip.IsMulticast() {
+			return nil, fail(strictyaml.Key(sp, "clusterIP"), "%s cannot be a service address", vip)
+		}
+		if len(s.Ports) == 0 {
+			return nil, fail(strictyaml.Key(sp, "ports"), "a service needs at least one port")
+		}
+		var backends []netip.Addr
+		var states []model.BackendState
+		seenBE := map[netip.Addr]int{}
+		for j, b := range s.Backends {
+			bp := strictyaml.Index(strictyaml.Key(sp, "backends"), j)
+			a, err := netip.ParseAddr(b.IP)
+			if err != nil || !a.Is4() {
+				return nil, fail(strictyaml.Key(bp, "ip"), "%q is not an IPv4 address", b.IP)
+			}
+			if a.IsUnspecified() || a.IsLoopback() || a.IsMulticast() {
+				return nil, fail(strictyaml.Key(bp, "ip"), "%s cannot be a backend address", a)
+			}
+			if k, dup := seenBE[a]; dup {
+				return nil, fail(strictyaml.Key(bp, "ip"), "backend %s is already listed as backends[%d]", a, k)
+			}
+			seenBE[a] = j
+			backends = append(backends, a)
+			st := model.Active
+			if b.Terminating {
+				st = model.Terminating
+			}
+			states = append(states, st)
+		}
+		svc := &model.Service{Name: name}
+		portNames := map[string]int{}
+		for j, p := range s.Ports {
+			pp := strictyaml.Index(strictyaml.Key(sp, "ports"), j)
+			if p.Port < 1 || p.Port > 65535 {
+				return nil, fail(strictyaml.Key(pp, "port"), "%d is not a valid port (1 to 65535)", p.Port)
+			}
+			if p.TargetPort == 0 {
+				p.TargetPort = p.Port
+			}
+			if p.TargetPort < 1 || p.TargetPort > 65535 {
+				return nil, fail(strictyaml.Key(pp, "targetPort"), "%d is not a valid port (1 to 65535)", p.TargetPort)
+			}
+			proto, err := model.ParseProto(p.Protocol)
+			if err != nil {
+				return nil, fail(strictyaml.Key(pp, "protocol"), "%v", err)
+			}
+			if len(s.Ports) > 1 && p.Name == "" {
+				return nil, fail(strictyaml.Key(pp, "name"), "ports of a service with several ports need names")
+			}
+			if k, dup := portNames[p.Name]; dup && p.Name != "" {
+				return nil, fail(strictyaml.Key(pp, "name"), "port name %q is already used by ports[%d]", p.Name, k)
+			}
+			portNames[p.Name] = j
+			fe := model.Frontend{Addr: netip.AddrPortFrom(vip, uint16(p.Port)), Proto: proto, Type: model.ClusterIP, PortName: p.Name}
+			if owner, dup := frontends[fe.Key()]; dup {
+				return nil, fail(pp, "frontend %s is already used by %s", fe.Key(), owner)
+			}
+			frontends[fe.Key()] = fmt.Sprintf("%s (%s)", pp, name)
+			for k, a := range backends {
+				fe.Backends = append(fe.Backends, model.Backend{Addr: netip.AddrPortFrom(a, uint16(p.TargetPort)), State: states[k], NodeName: s.Backends[k].NodeName})
+			}
+			svc.Frontends = append(svc.Frontends, fe)
+		}
+		out = append(out, svc)
+	}
+	return out, nil
+}
+
+// Source feeds one file into a model store.
+type Source struct {
+	path  string
+	store *model.Store
+	log   *slog.Logger
+	last  [32]byte
+	have  bool
+}
+
+// New returns a source for the file at path.
+func New(path string, store *model.Store, log *slog.Logger) *Source {
+	if log == nil {
+		log = slog.Default()
+	}
+	return &Source{path: path, store: store, log: log}
+}
+
+// Load reads the file and replaces the source's services. An invalid file
+// changes nothing and returns the error.
+func (s *Source) Load() error {
+	data, err := os.ReadFile(s.path)
+	if err != nil {
+		return fmt.Errorf("reading services file: %w", err)
+	}
+	sum := sha256.Sum256(data)
+	if s.have && sum == s.last {
+		return nil
+	}
+	svcs, err := Parse(s.path, data)
+	if err != nil {
+		return err
+	}
+	if err := s.store.Replace(Name, svcs); err != nil {
+		return fmt.Errorf("%s: %w", s.path, err)
+	}
+	s.last, s.have = sum, true
+	s.log.Info("services file applied", "file", s.path, "services", len(svcs))
+	return nil
+}
+
+// Watch reloads the file whenever it changes until ctx ends. It watches the
+// directory, so editors that replace the file by renaming, and Kubernetes
+// ConfigMap symlink swaps, are seen too; a slow periodic check covers
+// anything the notifications miss.
+func (s *Source) Watch(ctx context.Context) {
+	w, err := fsnotify.NewWatcher()
+	if err != nil {
+		s.log.Error("cannot watch services file; checking periodically", "err", err)
+	} else {
+		defer w.Close()
+		if err := w.Add(filepath.Dir(s.path)); err != nil {
+			s.log.Error("cannot watch services file directory; checking periodically", "err", err)
+		}
+	}
+	var events <-chan fsnotify.Event
+	var errs <-chan error
+	if w != nil {
+		events, errs = w.Events, w.Errors
+	}
+	tick := time.NewTicker(10 * time.Second)
+	defer tick.Stop()
+	var debounce <-chan time.Time
+	base := filepath.Base(s.path)
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case ev := <-events:
+			if filepath.Base(ev.Name) == base || filepath.Base(ev.Name) == "..data" {
+				// Let a burst of writes settle before reading.
+				debounce = time.After(100 * time.Millisecond)
+			}
+		case err := <-errs:
+			s.log.Warn("watching services file", "err", err)
+		case <-debounce:
+			debounce = nil
+			s.reload()
+		case <-tick.C:
+			s.reload()
+		}
+	}
+}
+
+func (s *Source) reload() {
+	err := s.Load()
+	if err == nil {
+		return
+	}
+	if errors.Is(err, os.ErrNotExist) {
+		s.log.Warn("services file is missing; keeping the current services", "file", s.path)
+		return
+	}
+	s.log.Error("services file rejected; keeping the current services", "err", err)
+}

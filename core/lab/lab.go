@@ -1,0 +1,640 @@
+// Package lab builds a cluster out of network namespaces on this machine: a
+// shared underlay bridge, nodes attached to it each running its own
+// weir-agent with its own bpffs pin directory and cgroup, and pods wired by
+// those agents. Its state is kept on disk so that one process can bring a
+// lab up and another can inspect it or tear it down.
+package lab
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/vishvananda/netlink"
+
+	"github.com/weirnet/weir/core/api"
+	"github.com/weirnet/weir/core/mounts"
+	"github.com/weirnet/weir/core/netns"
+)
+
+// Default locations of lab state.
+const (
+	DefaultStateRoot = "/run/weir/lab"
+	DefaultPinRoot   = mounts.DefaultBPFFS + "/weir-lab"
+)
+
+// Options say where the lab's programs are and where its state goes.
+type Options struct {
+	// AgentBinary is the weir-agent executable. Required.
+	AgentBinary string
+	// ServeBinary is the weir executable, used to run pod workloads as
+	// processes ("weir lab serve"). Empty: workloads are not started, the
+	// caller serves them itself (tests do, in-process).
+	ServeBinary string
+	StateRoot   string
+	PinRoot     string
+	// AgentArgs are extra weir-agent flags (e.g. --log-level=debug).
+	AgentArgs []string
+	Logger    *slog.Logger
+}
+
+func (o *Options) defaults() {
+	if o.StateRoot == "" {
+		o.StateRoot = DefaultStateRoot
+	}
+	if o.PinRoot == "" {
+		o.PinRoot = DefaultPinRoot
+	}
+	if o.Logger == nil {
+		o.Logger = slog.Default()
+	}
+}
+
+// Lab is a running lab.
+type Lab struct {
+	Spec     Spec    `json:"spec"`
+	Dir      string  `json:"dir"`
+	Underlay string  `json:"underlay"` // namespace name
+	Nodes    []*Node `json:"nodes"`
+	Options  Options `json:"-"`
+	// Cgroup is the lab's cgroup v2 directory.
+	Cgroup string `json:"cgroup"`
+
+	children map[int]*exec.Cmd
+}
+
+// Node is a lab node.
+type Node struct {
+	Name         string            `json:"name"`
+	Labels       map[string]string `json:"labels,omitempty"`
+	Netns        string            `json:"netns"`
+	IP           string            `json:"ip"`
+	PinDir       string            `json:"pinDir"`
+	StateDir     string            `json:"stateDir"`
+	APISocket    string            `json:"apiSocket"`
+	Cgroup       string            `json:"cgroup"`
+	Config       string            `json:"config"`
+	ServicesFile string            `json:"servicesFile"`
+	Log          string            `json:"log"`
+	AgentPID     int               `json:"agentPID"`
+	Pods         []*Pod            `json:"pods"`
+}
+
+// Pod is a lab pod.
+type Pod struct {
+	Name      string   `json:"name"`
+	Node      string   `json:"node"`
+	Netns     string   `json:"netns"`
+	IP        string   `json:"ip"`
+	ID        string   `json:"id"`
+	Serve     Workload `json:"serve"`
+	ServerPID int      `json:"serverPID,omitempty"`
+}
+
+// NetnsPath is the pod's namespace path.
+func (p *Pod) NetnsPath() string { return netns.Path(p.Netns) }
+
+// NetnsPath is the node's namespace path.
+func (n *Node) NetnsPath() string { return netns.Path(n.Netns) }
+
+// Client returns an API client for the node's agent.
+func (n *Node) Client() *api.Client { return api.NewClient(n.APISocket) }
+
+func stateFile(dir string) string { return filepath.Join(dir, "lab.json") }
+
+// Load reads the state of a lab that is up.
+func Load(name string, opts Options) (*Lab, error) {
+	opts.defaults()
+	dir := filepath.Join(opts.StateRoot, name)
+	data, err := os.ReadFile(stateFile(dir))
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, fmt.Errorf("lab %q is not up (no %s)", name, stateFile(dir))
+	}
+	if err != nil {
+		return nil, err
+	}
+	var l Lab
+	if err := json.Unmarshal(data, &l); err != nil {
+		return nil, fmt.Errorf("reading lab state %s: %w", stateFile(dir), err)
+	}
+	l.Options = opts
+	return &l, nil
+}
+
+func (l *Lab) save() error {
+	data, err := json.MarshalIndent(l, "", "  ")
+	if err != nil {
+		return err
+	}
+	tmp := stateFile(l.Dir) + ".tmp"
+	if err := os.WriteFile(tmp, data, 0o600); err != nil {
+		return err
+	}
+	return os.Rename(tmp, stateFile(l.Dir))
+}
+
+// Node returns the named node.
+func (l *Lab) Node(name string) *Node {
+	for _, n := range l.Nodes {
+		if n.Name == name {
+			return n
+		}
+	}
+	return nil
+}
+
+// Pod returns the named pod.
+func (l *Lab) Pod(name string) *Pod {
+	for _, n := range l.Nodes {
+		for _, p := range n.Pods {
+			if p.Name == name {
+				return p
+			}
+		}
+	}
+	return nil
+}
+
+// Up builds the lab. On failure everything it made so far is removed.
+func Up(ctx context.Context, spec *Spec, opts Options) (l *Lab, err error) {
+	opts.defaults()
+	if err := spec.Validate(); err != nil {
+		return nil, err
+	}
+	if opts.AgentBinary == "" {
+		return nil, errors.New("lab: the weir-agent binary is required")
+	}
+	dir := filepath.Join(opts.StateRoot, spec.Name)
+	if _, err := os.Stat(stateFile(dir)); err == nil {
+		return nil, fmt.Errorf("lab %q is already up; bring it down first (weir lab down %s)", spec.Name, spec.Name)
+	}
+	cgRoot, err := mounts.Cgroup2Root()
+	if err != nil {
+		return nil, err
+	}
+	l = &Lab{Spec: *spec, Dir: dir, Underlay: spec.Name + "-ul", Options: opts,
+		Cgroup: filepath.Join(cgRoot, "weir-lab", spec.Name), children: map[int]*exec.Cmd{}}
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, fmt.Errorf("creating lab state directory: %w", err)
+	}
+	defer func() {
+		if err != nil {
+			if derr := l.Down(); derr != nil {
+				err = errors.Join(err, fmt.Errorf("cleaning up: %w", derr))
+			}
+			l = nil
+		}
+	}()
+	if err := l.save(); err != nil {
+		return l, err
+	}
+	if err := l.buildUnderlay(); err != nil {
+		return l, err
+	}
+	for i := range spec.Nodes {
+		if err := l.addNode(ctx, i); err != nil {
+			return l, err
+		}
+	}
+	return l, nil
+}
+
+func (l *Lab) buildUnderlay() error {
+	path, err := netns.Create(l.Underlay)
+	if err != nil {
+		return err
+	}
+	h, err := netns.Handle(path)
+	if err != nil {
+		return err
+	}
+	defer h.Close()
+	br := &netlink.Bridge{LinkAttrs: netlink.LinkAttrs{Name: "br0"}}
+	if err := h.LinkAdd(br); err != nil {
+		return fmt.Errorf("creating the underlay bridge: %w", err)
+	}
+	if err := h.LinkSetUp(br); err != nil {
+		return err
+	}
+	return l.save()
+}
+
+func (l *Lab) addNode(ctx context.Context, i int) error {
+	ns := l.Spec.Nodes[i]
+	ul := netip.MustParsePrefix(l.Spec.Underlay)
+	ip := ul.Masked().Addr()
+	for range 11 + i {
+		ip = ip.Next()
+	}
+	n := &Node{
+		Name:      ns.Name,
+		Labels:    ns.Labels,
+		Netns:     l.Spec.Name + "-" + ns.Name,
+		IP:        ip.String(),
+		PinDir:    filepath.Join(l.Options.PinRoot, l.Spec.Name, ns.Name),
+		StateDir:  filepath.Join(l.Dir, ns.Name, "state"),
+		APISocket: filepath.Join(l.Dir, ns.Name, "agent.sock"),
+		Cgroup:    filepath.Join(l.Cgroup, ns.Name),
+		Config:    filepath.Join(l.Dir, ns.Name, "config.yaml"),
+		Log:       filepath.Join(l.Dir, ns.Name, "agent.log"),
+	}
+	n.ServicesFile = filepath.Join(l.Dir, ns.Name, "services.yaml")
+	l.Nodes = append(l.Nodes, n)
+	if err := l.save(); err != nil {
+		return err
+	}
+	if err := os.MkdirAll(n.StateDir, 0o700); err != nil {
+		return err
+	}
+	if err := l.writeNodeFiles(n); err != nil {
+		return err
+	}
+	if err := l.plumbNode(n, ul.Bits()); err != nil {
+		return fmt.Errorf("node %s: %w", n.Name, err)
+	}
+	for _, d := range []string{"agent", "pods"} {
+		if err := os.MkdirAll(filepath.Join(n.Cgroup, d), 0o755); err != nil {
+			return fmt.Errorf("creating cgroup of node %s: %w", n.Name, err)
+		}
+	}
+	if err := l.StartAgent(ctx, n.Name); err != nil {
+		return err
+	}
+	for j := range ns.Pods {
+		if err := l.addPod(ctx, n, ns.Pods[j]); err != nil {
+			return fmt.Errorf("pod %s: %w", ns.Pods[j].Name, err)
+		}
+	}
+	return nil
+}
+
+func (l *Lab) writeNodeFiles(n *Node) error {
+	cfg := []byte(DefaultAgentConfig)
+	if l.Spec.AgentConfig != "" {
+		var err error
+		if cfg, err = os.ReadFile(l.Spec.AgentConfig); err != nil {
+			return fmt.Errorf("reading agent config: %w", err)
+		}
+	}
+	if err := os.WriteFile(n.Config, cfg, 0o600); err != nil {
+		return err
+	}
+	svcs := []byte("services: []\n")
+	if l.Spec.Services != "" {
+		var err error
+		if svcs, err = os.ReadFile(l.Spec.Services); err != nil {
+			return fmt.Errorf("reading services file: %w", err)
+		}
+	}
+	return os.WriteFile(n.ServicesFile, svcs, 0o600)
+}
+
+// plumbNode makes the node's namespace with its uplink on the underlay.
+func (l *Lab) plumbNode(n *Node, bits int) error {
+	path, err := netns.Create(n.Netns)
+	if err != nil {
+		return err
+	}
+	ulNS, err := netns.Open(netns.Path(l.Underlay))
+	if err != nil {
+		return err
+	}
+	defer ulNS.Close()
+	nodeNS, err := netns.Open(path)
+	if err != nil {
+		return err
+	}
+	defer nodeNS.Close()
+	// Create the pair in the node, then move the underlay end.
+	h, err := netns.Handle(path)
+	if err != nil {
+		return err
+	}
+	defer h.Close()
+	peer := "u-" + n.Name
+	veth := &netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: "eth0"}, PeerName: peer, PeerNamespace: netlink.NsFd(int(ulNS))}
+	if err := h.LinkAdd(veth); err != nil {
+		return fmt.Errorf("creating uplink: %w", err)
+	}
+	uh, err := netns.Handle(netns.Path(l.Underlay))
+	if err != nil {
+		return err
+	}
+	defer uh.Close()
+	ulink, err := uh.LinkByName(peer)
+	if err != nil {
+		return err
+	}
+	br, err := uh.LinkByName("br0")
+	if err != nil {
+		return err
+	}
+	if err := uh.LinkSetMaster(ulink, br); err != nil {
+		return err
+	}
+	if err := uh.LinkSetUp(ulink); err != nil {
+		return err
+	}
+	eth0, err := h.LinkByName("eth0")
+	if err != nil {
+		return err
+	}
+	addr := netip.PrefixFrom(netip.MustParseAddr(n.IP), bits)
+	if err := h.AddrAdd(eth0, &netlink.Addr{IPNet: prefixNet(addr)}); err != nil {
+		return fmt.Errorf("addressing uplink: %w", err)
+	}
+	for _, name := range []string{"lo", "eth0"} {
+		link, err := h.LinkByName(name)
+		if err != nil {
+			return err
+		}
+		if err := h.LinkSetUp(link); err != nil {
+			return err
+		}
+	}
+	// A node routes for its pods: forwarding on, strict reverse-path
+	// filtering off (pod traffic enters on interfaces without addresses).
+	return netns.Do(path, func() error {
+		for f, v := range map[string]string{
+			"/proc/sys/net/ipv4/ip_forward":                "1",
+			"/proc/sys/net/ipv4/conf/all/rp_filter":        "0",
+			"/proc/sys/net/ipv4/conf/default/rp_filter":    "0",
+			"/proc/sys/net/ipv6/conf/all/disable_ipv6":     "1",
+			"/proc/sys/net/ipv6/conf/default/disable_ipv6": "1",
+		} {
+			if err := os.WriteFile(f, []byte(v), 0o644); err != nil {
+				return fmt.Errorf("setting %s: %w", f, err)
+			}
+		}
+		return nil
+	})
+}
+
+func prefixNet(p netip.Prefix) *net.IPNet {
+	return &net.IPNet{IP: p.Addr().AsSlice(), Mask: net.CIDRMask(p.Bits(), p.Addr().BitLen())}
+}
+
+// StartAgent starts the node's agent and waits until it is ready.
+func (l *Lab) StartAgent(ctx context.Context, node string) error {
+	n := l.Node(node)
+	if n == nil {
+		return fmt.Errorf("no node %q", node)
+	}
+	if n.AgentPID != 0 && alive(n.AgentPID) {
+		return fmt.Errorf("the agent of node %s is already running (pid %d)", node, n.AgentPID)
+	}
+	args := []string{"--net=" + n.NetnsPath(), "--", l.Options.AgentBinary,
+		"--config", n.Config,
+		"--node-name", n.Name,
+		"--node-labels", joinLabels(n.Labels),
+		"--pin-dir", n.PinDir,
+		"--state-dir", n.StateDir,
+		"--services-file", n.ServicesFile,
+		"--api-socket", n.APISocket,
+		"--cgroup", n.Cgroup,
+	}
+	args = append(args, l.Options.AgentArgs...)
+	pid, err := l.spawn(n.Log, filepath.Join(n.Cgroup, "agent"), "nsenter", args...)
+	if err != nil {
+		return fmt.Errorf("starting the agent of node %s: %w", node, err)
+	}
+	n.AgentPID = pid
+	if err := l.save(); err != nil {
+		return err
+	}
+	return l.waitReady(ctx, n)
+}
+
+func (l *Lab) waitReady(ctx context.Context, n *Node) error {
+	ctx, cancel := context.WithTimeout(ctx, 60*time.Second)
+	defer cancel()
+	c := n.Client()
+	for {
+		st, err := c.Status(ctx)
+		if err == nil && st.Ready {
+			return nil
+		}
+		if !alive(n.AgentPID) {
+			return fmt.Errorf("the agent of node %s exited:\n%s", n.Name, tail(n.Log, 25))
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("the agent of node %s did not become ready (last error: %v):\n%s", n.Name, err, tail(n.Log, 25))
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+}
+
+// StopAgent stops the node's agent the way an operator or a DaemonSet
+// rollout would (SIGTERM); its datapath stays.
+func (l *Lab) StopAgent(node string) error {
+	n := l.Node(node)
+	if n == nil {
+		return fmt.Errorf("no node %q", node)
+	}
+	if err := l.stop(n.AgentPID, "weir-agent"); err != nil {
+		return fmt.Errorf("stopping the agent of node %s: %w", node, err)
+	}
+	n.AgentPID = 0
+	return l.save()
+}
+
+func (l *Lab) addPod(ctx context.Context, n *Node, ps PodSpec) error {
+	p := &Pod{Name: ps.Name, Node: n.Name, Netns: l.Spec.Name + "-" + n.Name + "-" + ps.Name, IP: ps.IP, Serve: ps.Serve,
+		ID: "lab-" + l.Spec.Name + "-" + ps.Name}
+	n.Pods = append(n.Pods, p)
+	if err := l.save(); err != nil {
+		return err
+	}
+	path, err := netns.Create(p.Netns)
+	if err != nil {
+		return err
+	}
+	if _, err := n.Client().CreateEndpoint(ctx, api.EndpointRequest{
+		ID: p.ID, Netns: path, Address: p.IP, PodNamespace: "lab", PodName: p.Name,
+	}); err != nil {
+		return err
+	}
+	if l.Options.ServeBinary != "" && !p.Serve.Empty() {
+		args := []string{"--net=" + path, "--", l.Options.ServeBinary, "lab", "serve", "--name", p.Name,
+			"--http", strconv.Itoa(p.Serve.HTTP), "--udp", strconv.Itoa(p.Serve.UDP), "--echo", strconv.Itoa(p.Serve.Echo)}
+		logf := filepath.Join(l.Dir, n.Name, "pod-"+p.Name+".log")
+		pid, err := l.spawn(logf, filepath.Join(n.Cgroup, "pods"), "nsenter", args...)
+		if err != nil {
+			return err
+		}
+		p.ServerPID = pid
+	}
+	return l.save()
+}
+
+// spawn starts a detached process logging to logFile and moves it into the
+// cgroup directory.
+func (l *Lab) spawn(logFile, cgroup, name string, args ...string) (int, error) {
+	f, err := os.OpenFile(logFile, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
+	if err != nil {
+		return 0, err
+	}
+	defer f.Close()
+	cmd := exec.Command(name, args...)
+	cmd.Stdout, cmd.Stderr = f, f
+	// Its own session: the lab outlives the command that built it.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	if err := cmd.Start(); err != nil {
+		return 0, err
+	}
+	pid := cmd.Process.Pid
+	if l.children == nil {
+		l.children = map[int]*exec.Cmd{}
+	}
+	l.children[pid] = cmd
+	// Reap it when it exits, so a stopped child never lingers as a zombie.
+	go func() { _ = cmd.Wait() }()
+	if err := os.WriteFile(filepath.Join(cgroup, "cgroup.procs"), []byte(strconv.Itoa(pid)), 0o644); err != nil {
+		l.Options.Logger.Warn("placing process in cgroup", "pid", pid, "cgroup", cgroup, "err", err)
+	}
+	return pid, nil
+}
+
+// stop sends SIGTERM to a process of ours and waits for it, then SIGKILL.
+// A pid whose command line does not mention want is not ours any more.
+func (l *Lab) stop(pid int, want string) error {
+	if pid == 0 || !alive(pid) {
+		return nil
+	}
+	if cmdline, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid)); !strings.Contains(string(cmdline), want) {
+		return nil
+	}
+	_ = syscall.Kill(pid, syscall.SIGTERM)
+	deadline := time.Now().Add(15 * time.Second)
+	for alive(pid) {
+		if time.Now().After(deadline) {
+			_ = syscall.Kill(pid, syscall.SIGKILL)
+			deadline = time.Now().Add(5 * time.Second)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	return nil
+}
+
+// alive reports whether pid runs (a zombie does not count).
+func alive(pid int) bool {
+	if pid <= 0 {
+		return false
+	}
+	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return false
+	}
+	// The state follows the parenthesised command name.
+	s := string(data)
+	if i := strings.LastIndexByte(s, ')'); i >= 0 && i+2 < len(s) {
+		return s[i+2] != 'Z' && s[i+2] != 'X'
+	}
+	return true
+}
+
+// Down removes everything the lab made; it carries on past errors and
+// reports them together.
+func (l *Lab) Down() error {
+	var errs []error
+	for _, n := range l.Nodes {
+		for _, p := range n.Pods {
+			errs = append(errs, l.stop(p.ServerPID, "lab"))
+		}
+		errs = append(errs, l.stop(n.AgentPID, "weir-agent"))
+	}
+	for _, n := range l.Nodes {
+		for _, p := range n.Pods {
+			errs = append(errs, netns.Delete(p.Netns))
+		}
+		errs = append(errs, netns.Delete(n.Netns))
+		// Unpinning drops the maps and the links (their devices went with
+		// the namespace).
+		if err := os.RemoveAll(n.PinDir); err != nil && !errors.Is(err, os.ErrNotExist) {
+			errs = append(errs, err)
+		}
+		errs = append(errs, removeCgroup(n.Cgroup))
+	}
+	errs = append(errs, netns.Delete(l.Underlay))
+	errs = append(errs, removeCgroup(l.Cgroup))
+	_ = os.Remove(filepath.Dir(l.Cgroup))
+	if l.Options.PinRoot != "" {
+		_ = os.Remove(filepath.Join(l.Options.PinRoot, l.Spec.Name))
+	}
+	errs = append(errs, os.RemoveAll(l.Dir))
+	return errors.Join(errs...)
+}
+
+// removeCgroup removes a cgroup directory tree bottom-up (cgroupfs only
+// removes empty directories, one by one).
+func removeCgroup(dir string) error {
+	entries, err := os.ReadDir(dir)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	for _, e := range entries {
+		if e.IsDir() {
+			if err := removeCgroup(filepath.Join(dir, e.Name())); err != nil {
+				return err
+			}
+		}
+	}
+	var lastErr error
+	// A killed process leaves its cgroup a moment later.
+	for range 50 {
+		if lastErr = os.Remove(dir); lastErr == nil || errors.Is(lastErr, os.ErrNotExist) {
+			return nil
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	return fmt.Errorf("removing cgroup %s: %w", dir, lastErr)
+}
+
+// Apply replaces a node's services file; the agent picks it up.
+func (l *Lab) Apply(node string, services []byte) error {
+	n := l.Node(node)
+	if n == nil {
+		return fmt.Errorf("no node %q", node)
+	}
+	tmp := n.ServicesFile + ".tmp"
+	if err := os.WriteFile(tmp, services, 0o600); err != nil {
+		return err
+	}
+	return os.Rename(tmp, n.ServicesFile)
+}
+
+func joinLabels(m map[string]string) string {
+	var parts []string
+	for k, v := range m {
+		parts = append(parts, k+"="+v)
+	}
+	return strings.Join(parts, ",")
+}
+
+// tail returns the last n lines of a file, for error messages.
+func tail(path string, n int) string {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return ""
+	}
+	lines := strings.Split(strings.TrimRight(string(data), "\n"), "\n")
+	if len(lines) > n {
+		lines = lines[len(lines)-n:]
+	}
+	return strings.Join(lines, "\n")
+}

@@ -1,0 +1,193 @@
+package lab
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/weirnet/weir/core/netns"
+)
+
+// Workload is what a lab pod serves: every server answers with the pod's
+// name, so a client sees which backend it reached.
+type Workload struct {
+	// HTTP port: GET / answers "<name>\n".
+	HTTP int `yaml:"http" json:"http,omitempty"`
+	// UDP port: each datagram is answered with "<name>: <datagram>".
+	UDP int `yaml:"udp" json:"udp,omitempty"`
+	// Echo port (TCP): each line is answered with "<name>: <line>", for
+	// long-lived connections.
+	Echo int `yaml:"echo" json:"echo,omitempty"`
+}
+
+// Empty reports whether the workload serves nothing.
+func (w Workload) Empty() bool { return w.HTTP == 0 && w.UDP == 0 && w.Echo == 0 }
+
+// Servers are a running workload.
+type Servers struct {
+	closers []io.Closer
+	wg      sync.WaitGroup
+}
+
+// Close stops every server.
+func (s *Servers) Close() {
+	for _, c := range s.closers {
+		c.Close()
+	}
+	s.wg.Wait()
+}
+
+// Serve starts the workload's servers with sockets in the namespace at
+// nsPath ("" for the caller's own namespace).
+func Serve(name, nsPath string, w Workload) (*Servers, error) {
+	s := &Servers{}
+	listen := func() error {
+		if w.HTTP != 0 {
+			ln, err := net.Listen("tcp4", fmt.Sprintf(":%d", w.HTTP))
+			if err != nil {
+				return err
+			}
+			srv := &http.Server{ReadHeaderTimeout: 5 * time.Second, Handler: http.HandlerFunc(func(rw http.ResponseWriter, _ *http.Request) {
+				fmt.Fprintln(rw, name)
+			})}
+			s.closers = append(s.closers, srv)
+			s.wg.Go(func() { _ = srv.Serve(ln) })
+		}
+		if w.UDP != 0 {
+			pc, err := net.ListenPacket("udp4", fmt.Sprintf(":%d", w.UDP))
+			if err != nil {
+				return err
+			}
+			s.closers = append(s.closers, pc)
+			s.wg.Go(func() { udpEcho(name, pc) })
+		}
+		if w.Echo != 0 {
+			ln, err := net.Listen("tcp4", fmt.Sprintf(":%d", w.Echo))
+			if err != nil {
+				return err
+			}
+			s.closers = append(s.closers, ln)
+			s.wg.Go(func() { lineEcho(name, ln) })
+		}
+		return nil
+	}
+	var err error
+	if nsPath == "" {
+		err = listen()
+	} else {
+		err = netns.Do(nsPath, listen)
+	}
+	if err != nil {
+		s.Close()
+		return nil, fmt.Errorf("starting servers of %s: %w", name, err)
+	}
+	return s, nil
+}
+
+func udpEcho(name string, pc net.PacketConn) {
+	buf := make([]byte, 65535)
+	for {
+		n, addr, err := pc.ReadFrom(buf)
+		if err != nil {
+			return
+		}
+		_, _ = pc.WriteTo([]byte(name+": "+string(buf[:n])), addr)
+	}
+}
+
+func lineEcho(name string, ln net.Listener) {
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		wg.Go(func() {
+			defer c.Close()
+			sc := bufio.NewScanner(c)
+			for sc.Scan() {
+				if _, err := fmt.Fprintf(c, "%s: %s\n", name, sc.Text()); err != nil {
+					return
+				}
+			}
+		})
+	}
+}
+
+// Dial opens a connection from inside the namespace at nsPath.
+func Dial(ctx context.Context, nsPath, network, addr string) (net.Conn, error) {
+	var c net.Conn
+	err := netns.Do(nsPath, func() error {
+		var d net.Dialer
+		var err error
+		c, err = d.DialContext(ctx, network, addr)
+		return err
+	})
+	return c, err
+}
+
+// HTTPClient returns a client whose connections start inside the namespace
+// at nsPath; every request uses a new connection, so a service picks a
+// backend for each.
+func HTTPClient(nsPath string, timeout time.Duration) *http.Client {
+	tr := &http.Transport{
+		DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
+			return Dial(ctx, nsPath, network, addr)
+		},
+		DisableKeepAlives: true,
+	}
+	return &http.Client{Transport: tr, Timeout: timeout}
+}
+
+// Get fetches url from inside the namespace and returns the trimmed body.
+func Get(ctx context.Context, c *http.Client, url string) (string, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+	if err != nil {
+		return "", err
+	}
+	resp, err := c.Do(req)
+	if err != nil {
+		return "", err
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(io.LimitReader(resp.Body, 1<<16))
+	if err != nil {
+		return "", err
+	}
+	if resp.StatusCode != http.StatusOK {
+		return "", fmt.Errorf("HTTP %d", resp.StatusCode)
+	}
+	return strings.TrimSpace(string(b)), nil
+}
+
+// UDPAsk sends one datagram from inside the namespace and returns the
+// answer.
+func UDPAsk(ctx context.Context, nsPath, addr, msg string, timeout time.Duration) (string, error) {
+	c, err := Dial(ctx, nsPath, "udp4", addr)
+	if err != nil {
+		return "", err
+	}
+	defer c.Close()
+	_ = c.SetDeadline(time.Now().Add(timeout))
+	if _, err := c.Write([]byte(msg)); err != nil {
+		return "", err
+	}
+	buf := make([]byte, 65535)
+	n, err := c.Read(buf)
+	if err != nil {
+		var ne net.Error
+		if errors.As(err, &ne) && ne.Timeout() {
+			return "", fmt.Errorf("no answer from %s within %s", addr, timeout)
+		}
+		return "", err
+	}
+	return string(buf[:n]), nil
+}

@@ -1,0 +1,480 @@
+// Package lbmap writes the desired services into the node's service,
+// backend and reverse-NAT maps. Writes are make-before-break: backends,
+// then backend slots, then reverse NAT, then the master entry, and leftovers
+// last, so a packet never finds a slot count larger than the filled slots
+// or a slot pointing at a missing backend. IDs are restored from the pinned
+// maps at start, so a restarted agent keeps the IDs live connections use.
+package lbmap
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"slices"
+	"time"
+
+	"github.com/cilium/ebpf"
+
+	"github.com/weirnet/weir/core/datapath"
+	"github.com/weirnet/weir/core/model"
+)
+
+type frontendKey struct {
+	addr  netip.AddrPort
+	proto model.Proto
+	scope uint8
+}
+
+func (k frontendKey) svcKey(slot uint16) datapath.ServiceKey {
+	return datapath.ServiceKey{
+		Addr:  datapath.AddrToBE(k.addr.Addr()),
+		Port:  datapath.PortToBE(k.addr.Port()),
+		Slot:  slot,
+		Proto: uint8(k.proto),
+		Scope: k.scope,
+	}
+}
+
+type backendKey struct {
+	addr  netip.AddrPort
+	proto model.Proto
+}
+
+// frontendState is what the maps hold for one frontend.
+type frontendState struct {
+	master datapath.ServiceValue
+	// slots[i] is the backend id in slot i+1; it may be longer than
+	// master.Count when leftovers of an interrupted write remain.
+	slots []uint32
+}
+
+// Map is the part of *ebpf.Map the reconciler uses.
+type Map interface {
+	Put(key, value any) error
+	Delete(key any) error
+	Iterate() *ebpf.MapIterator
+}
+
+// Reconciler owns the content of the service, backend and reverse-NAT maps.
+type Reconciler struct {
+	services, backends, revnat Map
+	log                        *slog.Logger
+
+	frontends  map[frontendKey]*frontendState
+	backendIDs map[backendKey]uint32
+	backendsBy map[uint32]datapath.Backend
+	revnatUsed map[uint16]netip.AddrPort
+	nextBE     uint32
+	nextRevNAT uint16
+	// dirty forces a re-read of the maps before the next apply, after a
+	// write failed part-way.
+	dirty bool
+}
+
+// New restores the reconciler's view from the maps.
+func New(services, backends, revnat Map, log *slog.Logger) (*Reconciler, error) {
+	if log == nil {
+		log = slog.Default()
+	}
+	r := &Reconciler{services: services, backends: backends, revnat: revnat, log: log}
+	if err := r.restore(); err != nil {
+		return nil, err
+	}
+	return r, nil
+}
+
+// NewFromDatapath is New over a datapath's shared maps.
+func NewFromDatapath(dp *datapath.Datapath, log *slog.Logger) (*Reconciler, error) {
+	return New(dp.Services(), dp.Backends(), dp.RevNAT(), log)
+}
+
+func (r *Reconciler) restore() error {
+	r.frontends = map[frontendKey]*frontendState{}
+	r.backendIDs = map[backendKey]uint32{}
+	r.backendsBy = map[uint32]datapath.Backend{}
+	r.revnatUsed = map[uint16]netip.AddrPort{}
+	r.nextBE, r.nextRevNAT = 1, 1
+
+	var (
+		k datapath.ServiceKey
+		v datapath.ServiceValue
+	)
+	it := r.services.Iterate()
+	for it.Next(&k, &v) {
+		fk := frontendKey{
+			addr:  netip.AddrPortFrom(datapath.AddrFromBE(k.Addr), datapath.PortFromBE(k.Port)),
+			proto: model.Proto(k.Proto),
+			scope: k.Scope,
+		}
+		st := r.frontends[fk]
+		if st == nil {
+			st = &frontendState{}
+			r.frontends[fk] = st
+		}
+		if k.Slot == 0 {
+			st.master = v
+			continue
+		}
+		for len(st.slots) < int(k.Slot) {
+			st.slots = append(st.slots, 0)
+		}
+		st.slots[k.Slot-1] = v.BackendId
+	}
+	if err := it.Err(); err != nil {
+		return fmt.Errorf("reading services map: %w", err)
+	}
+
+	var (
+		id uint32
+		be datapath.Backend
+	)
+	bit := r.backends.Iterate()
+	for bit.Next(&id, &be) {
+		r.backendsBy[id] = be
+		bk := backendKey{
+			addr:  netip.AddrPortFrom(datapath.AddrFromBE(be.Addr), datapath.PortFromBE(be.Port)),
+			proto: model.Proto(be.Proto),
+		}
+		if prev, ok := r.backendIDs[bk]; !ok || id < prev {
+			r.backendIDs[bk] = id
+		}
+		if id >= r.nextBE {
+			r.nextBE = id + 1
+		}
+	}
+	if err := bit.Err(); err != nil {
+		return fmt.Errorf("reading backends map: %w", err)
+	}
+
+	var (
+		rid uint16
+		rn  datapath.RevNAT
+	)
+	rit := r.revnat.Iterate()
+	for rit.Next(&rid, &rn) {
+		r.revnatUsed[rid] = netip.AddrPortFrom(datapath.AddrFromBE(rn.Addr), datapath.PortFromBE(rn.Port))
+		if rid >= r.nextRevNAT {
+			r.nextRevNAT = rid + 1
+		}
+	}
+	if err := rit.Err(); err != nil {
+		return fmt.Errorf("reading reverse NAT map: %w", err)
+	}
+	if r.nextRevNAT == 0 {
+		r.nextRevNAT = 1
+	}
+	r.dirty = false
+	return nil
+}
+
+// allocBackend returns a fresh backend id. IDs increase monotonically and
+// wrap, so an id is not reused while conntrack may still remember it.
+func (r *Reconciler) allocBackend() (uint32, error) {
+	for range 1 << 20 {
+		id := r.nextBE
+		r.nextBE++
+		if r.nextBE == 0 {
+			r.nextBE = 1
+		}
+		if _, used := r.backendsBy[id]; !used && id != 0 {
+			return id, nil
+		}
+	}
+	return 0, errors.New("no free backend id")
+}
+
+func (r *Reconciler) allocRevNAT() (uint16, error) {
+	for range 1 << 16 {
+		id := r.nextRevNAT
+		r.nextRevNAT++
+		if r.nextRevNAT == 0 {
+			r.nextRevNAT = 1
+		}
+		if _, used := r.revnatUsed[id]; !used && id != 0 {
+			return id, nil
+		}
+	}
+	return 0, errors.New("no free reverse NAT id: more than 65535 frontends")
+}
+
+type desiredFrontend struct {
+	typ      model.FrontendType
+	affinity uint32
+	slots    []backendKey
+}
+
+// Apply makes the maps hold exactly the frontends of snap. On error the
+// maps are still consistent for packets (within a frontend every step is
+// make-before-break);
+// the next Apply re-reads them and finishes the job.
+func (r *Reconciler) Apply(snap *model.Snapshot) error {
+	if r.dirty {
+		if err := r.restore(); err != nil {
+			return err
+		}
+	}
+	err := r.apply(snap)
+	if err != nil {
+		r.dirty = true
+	}
+	return err
+}
+
+func (r *Reconciler) apply(snap *model.Snapshot) error {
+	desired := map[frontendKey]*desiredFrontend{}
+	// A backend address used by several frontends is one backend; it takes
+	// new flows when any frontend lists it as active.
+	wantBE := map[backendKey]model.BackendState{}
+	var order []frontendKey
+	for _, fo := range snap.Frontends() {
+		f := fo.Frontend
+		fk := frontendKey{addr: f.Addr, proto: f.Proto, scope: datapath.ScopeExternal}
+		df := &desiredFrontend{typ: f.Type, affinity: fo.Service.AffinityTimeout}
+		var active, terminating []backendKey
+		seen := map[backendKey]bool{}
+		for _, b := range f.Backends {
+			bk := backendKey{addr: b.Addr, proto: f.Proto}
+			if seen[bk] {
+				continue
+			}
+			seen[bk] = true
+			if st, ok := wantBE[bk]; !ok || st == model.Terminating {
+				wantBE[bk] = b.State
+			}
+			if b.State == model.Active {
+				active = append(active, bk)
+			} else {
+				terminating = append(terminating, bk)
+			}
+		}
+		// Serving-but-terminating backends take new flows only when
+		// nothing else can.
+		df.slots = active
+		if len(active) == 0 {
+			df.slots = terminating
+		}
+		slices.SortFunc(df.slots, compareBackendKeys)
+		desired[fk] = df
+		order = append(order, fk)
+	}
+
+	// 1. Frontends nobody wants any more go first: they share nothing with
+	// the others, and their room may be needed. Master first, so no new
+	// flow picks a slot that is about to go.
+	var stale []frontendKey
+	for fk := range r.frontends {
+		if _, ok := desired[fk]; !ok {
+			stale = append(stale, fk)
+		}
+	}
+	slices.SortFunc(stale, compareFrontendKeys)
+	for _, fk := range stale {
+		if err := r.deleteFrontend(fk); err != nil {
+			return err
+		}
+	}
+
+	// 2. Backends before the slots that point at them.
+	beKeys := make([]backendKey, 0, len(wantBE))
+	for bk := range wantBE {
+		beKeys = append(beKeys, bk)
+	}
+	slices.SortFunc(beKeys, compareBackendKeys)
+	for _, bk := range beKeys {
+		val := datapath.Backend{
+			Addr:  datapath.AddrToBE(bk.addr.Addr()),
+			Port:  datapath.PortToBE(bk.addr.Port()),
+			Proto: uint8(bk.proto),
+			State: datapath.BackendActive,
+		}
+		if wantBE[bk] == model.Terminating {
+			val.State = datapath.BackendTerminating
+		}
+		id, ok := r.backendIDs[bk]
+		if ok && r.backendsBy[id] == val {
+			continue
+		}
+		if !ok {
+			var err error
+			if id, err = r.allocBackend(); err != nil {
+				return err
+			}
+		}
+		if err := r.backends.Put(id, val); err != nil {
+			return fmt.Errorf("writing backend %d (%s): %w", id, bk.addr, err)
+		}
+		r.backendIDs[bk] = id
+		r.backendsBy[id] = val
+	}
+
+	// 3. Frontends: reverse NAT, slots, master, then leftover slots.
+	for _, fk := range order {
+		if err := r.writeFrontend(fk, desired[fk]); err != nil {
+			return err
+		}
+	}
+
+	// 4. Backends nobody references.
+	var unused []uint32
+	for id, be := range r.backendsBy {
+		bk := backendKey{addr: netip.AddrPortFrom(datapath.AddrFromBE(be.Addr), datapath.PortFromBE(be.Port)), proto: model.Proto(be.Proto)}
+		if _, ok := wantBE[bk]; ok && r.backendIDs[bk] == id {
+			continue
+		}
+		unused = append(unused, id)
+	}
+	slices.Sort(unused)
+	for _, id := range unused {
+		if err := r.backends.Delete(id); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			return fmt.Errorf("deleting backend %d: %w", id, err)
+		}
+		be := r.backendsBy[id]
+		bk := backendKey{addr: netip.AddrPortFrom(datapath.AddrFromBE(be.Addr), datapath.PortFromBE(be.Port)), proto: model.Proto(be.Proto)}
+		if r.backendIDs[bk] == id {
+			delete(r.backendIDs, bk)
+		}
+		delete(r.backendsBy, id)
+	}
+	return nil
+}
+
+func (r *Reconciler) writeFrontend(fk frontendKey, df *desiredFrontend) error {
+	st := r.frontends[fk]
+	if st == nil {
+		id, err := r.allocRevNAT()
+		if err != nil {
+			return err
+		}
+		st = &frontendState{master: datapath.ServiceValue{RevNat: id}}
+	}
+	if st.master.RevNat == 0 {
+		id, err := r.allocRevNAT()
+		if err != nil {
+			return err
+		}
+		st.master.RevNat = id
+	}
+	r.frontends[fk] = st
+	rid := st.master.RevNat
+	if r.revnatUsed[rid] != fk.addr {
+		val := datapath.RevNAT{Addr: datapath.AddrToBE(fk.addr.Addr()), Port: datapath.PortToBE(fk.addr.Port())}
+		if err := r.revnat.Put(rid, val); err != nil {
+			return fmt.Errorf("writing reverse NAT %d for %s: %w", rid, fk.addr, err)
+		}
+		r.revnatUsed[rid] = fk.addr
+	}
+
+	ids := make([]uint32, len(df.slots))
+	for i, bk := range df.slots {
+		ids[i] = r.backendIDs[bk]
+	}
+	for i, id := range ids {
+		if i < len(st.slots) && st.slots[i] == id {
+			continue
+		}
+		if err := r.services.Put(fk.svcKey(uint16(i+1)), datapath.ServiceValue{BackendId: id, RevNat: rid}); err != nil {
+			return fmt.Errorf("writing slot %d of %s: %w", i+1, fk.addr, err)
+		}
+		if i < len(st.slots) {
+			st.slots[i] = id
+		} else {
+			st.slots = append(st.slots, id)
+		}
+	}
+
+	master := datapath.ServiceValue{Count: uint16(len(ids)), RevNat: rid, Type: uint8(df.typ)}
+	if df.affinity > 0 {
+		master.Flags2 |= datapath.SvcFlagAffinity
+		master.AffinityTimeout = df.affinity
+	}
+	if st.master != master {
+		if err := r.services.Put(fk.svcKey(0), master); err != nil {
+			return fmt.Errorf("writing service %s: %w", fk.addr, err)
+		}
+		st.master = master
+	}
+
+	for i := len(st.slots) - 1; i >= len(ids); i-- {
+		if err := r.services.Delete(fk.svcKey(uint16(i + 1))); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			return fmt.Errorf("deleting slot %d of %s: %w", i+1, fk.addr, err)
+		}
+		st.slots = st.slots[:i]
+	}
+	return nil
+}
+
+func (r *Reconciler) deleteFrontend(fk frontendKey) error {
+	st := r.frontends[fk]
+	if err := r.services.Delete(fk.svcKey(0)); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+		return fmt.Errorf("deleting service %s: %w", fk.addr, err)
+	}
+	for i := len(st.slots); i >= 1; i-- {
+		if err := r.services.Delete(fk.svcKey(uint16(i))); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			return fmt.Errorf("deleting slot %d of %s: %w", i, fk.addr, err)
+		}
+	}
+	if rid := st.master.RevNat; rid != 0 {
+		if err := r.revnat.Delete(rid); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			return fmt.Errorf("deleting reverse NAT %d: %w", rid, err)
+		}
+		delete(r.revnatUsed, rid)
+	}
+	delete(r.frontends, fk)
+	return nil
+}
+
+func compareBackendKeys(a, b backendKey) int {
+	if c := a.addr.Addr().Compare(b.addr.Addr()); c != 0 {
+		return c
+	}
+	if a.addr.Port() != b.addr.Port() {
+		return int(a.addr.Port()) - int(b.addr.Port())
+	}
+	return int(a.proto) - int(b.proto)
+}
+
+func compareFrontendKeys(a, b frontendKey) int {
+	if c := compareBackendKeys(backendKey{a.addr, a.proto}, backendKey{b.addr, b.proto}); c != 0 {
+		return c
+	}
+	return int(a.scope) - int(b.scope)
+}
+
+// Run applies the store's snapshot whenever it changes, once every
+// expected source has synced, retrying failures with backoff until ctx
+// ends.
+func (r *Reconciler) Run(ctx context.Context, store *model.Store) {
+	changed := store.Subscribe()
+	backoff := time.Duration(0)
+	var retry <-chan time.Time
+	var applied uint64
+	var haveApplied bool
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-changed:
+		case <-retry:
+		}
+		retry = nil
+		snap, version, ready := store.Snapshot()
+		if !ready {
+			continue
+		}
+		if haveApplied && version == applied && backoff == 0 {
+			continue
+		}
+		start := time.Now()
+		if err := r.Apply(snap); err != nil {
+			backoff = min(max(2*backoff, 100*time.Millisecond), 30*time.Second)
+			r.log.Error("writing services to the datapath failed; retrying", "err", err, "retry_in", backoff)
+			retry = time.After(backoff)
+			continue
+		}
+		backoff = 0
+		applied, haveApplied = version, true
+		r.log.Info("services written to the datapath", "version", version, "services", len(snap.Services), "took", time.Since(start).Round(time.Microsecond))
+	}
+}

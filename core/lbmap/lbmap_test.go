@@ -1,0 +1,390 @@
+package lbmap
+
+import (
+	"errors"
+	"fmt"
+	"net/netip"
+	"testing"
+
+	"github.com/cilium/ebpf"
+
+	"github.com/weirnet/weir/core/datapath"
+	"github.com/weirnet/weir/core/datapath/dptest"
+	"github.com/weirnet/weir/core/model"
+)
+
+// maps bundles a datapath's three LB maps, each wrapped so that after every
+// single write the test checks what a packet could observe at that moment.
+type maps struct {
+	t                          *testing.T
+	services, backends, revnat *ebpf.Map
+	writes                     int
+}
+
+type checked struct {
+	*ebpf.Map
+	m *maps
+}
+
+func (c checked) Put(k, v any) error {
+	err := c.Map.Put(k, v)
+	c.m.writes++
+	c.m.checkReaderView()
+	return err
+}
+
+func (c checked) Delete(k any) error {
+	err := c.Map.Delete(k)
+	c.m.writes++
+	c.m.checkReaderView()
+	return err
+}
+
+// checkReaderView asserts the invariant the datapath relies on: every
+// master entry's slots 1..count exist and point at existing backends, and
+// its reverse NAT entry exists.
+func (m *maps) checkReaderView() {
+	m.t.Helper()
+	var k datapath.ServiceKey
+	var v datapath.ServiceValue
+	it := m.services.Iterate()
+	for it.Next(&k, &v) {
+		if k.Slot != 0 {
+			continue
+		}
+		for s := uint16(1); s <= v.Count; s++ {
+			sk := k
+			sk.Slot = s
+			var sv datapath.ServiceValue
+			if err := m.services.Lookup(sk, &sv); err != nil {
+				m.t.Fatalf("after write %d: master %v has count %d but slot %d is missing", m.writes, k, v.Count, s)
+			}
+			var be datapath.Backend
+			if err := m.backends.Lookup(sv.BackendId, &be); err != nil {
+				m.t.Fatalf("after write %d: slot %d of %v points at missing backend %d", m.writes, s, k, sv.BackendId)
+			}
+		}
+		var rn datapath.RevNAT
+		if err := m.revnat.Lookup(v.RevNat, &rn); err != nil {
+			m.t.Fatalf("after write %d: master %v has reverse NAT %d, which is missing", m.writes, k, v.RevNat)
+		}
+	}
+	if err := it.Err(); err != nil {
+		m.t.Fatal(err)
+	}
+}
+
+func newMaps(t *testing.T) *maps {
+	dp := dptest.Open(t)
+	return &maps{t: t, services: dp.Services(), backends: dp.Backends(), revnat: dp.RevNAT()}
+}
+
+func (m *maps) reconciler() *Reconciler {
+	m.t.Helper()
+	r, err := New(checked{m.services, m}, checked{m.backends, m}, checked{m.revnat, m}, nil)
+	if err != nil {
+		m.t.Fatal(err)
+	}
+	return r
+}
+
+func ap(s string) netip.AddrPort { return netip.MustParseAddrPort(s) }
+
+func svc(name, front string, proto model.Proto, backends ...string) *model.Service {
+	f := model.Frontend{Addr: ap(front), Proto: proto, Type: model.ClusterIP}
+	for _, b := range backends {
+		st := model.Active
+		if b[0] == '~' {
+			st, b = model.Terminating, b[1:]
+		}
+		f.Backends = append(f.Backends, model.Backend{Addr: ap(b), State: st})
+	}
+	return &model.Service{Name: model.ServiceName{Namespace: "default", Name: name}, Frontends: []model.Frontend{f}}
+}
+
+func snap(svcs ...*model.Service) *model.Snapshot { return &model.Snapshot{Services: svcs} }
+
+// view is what the maps say about one frontend.
+type view struct {
+	count    int
+	revnat   uint16
+	typ      uint8
+	backends map[string]uint32 // "addr:port" -> id
+	states   map[string]uint8
+}
+
+func (m *maps) frontend(front string, proto model.Proto) (view, bool) {
+	m.t.Helper()
+	a := ap(front)
+	k := datapath.ServiceKey{Addr: datapath.AddrToBE(a.Addr()), Port: datapath.PortToBE(a.Port()), Proto: uint8(proto)}
+	var v datapath.ServiceValue
+	if err := m.services.Lookup(k, &v); errors.Is(err, ebpf.ErrKeyNotExist) {
+		return view{}, false
+	} else if err != nil {
+		m.t.Fatal(err)
+	}
+	out := view{count: int(v.Count), revnat: v.RevNat, typ: v.Type, backends: map[string]uint32{}, states: map[string]uint8{}}
+	for s := uint16(1); s <= v.Count; s++ {
+		k.Slot = s
+		var sv datapath.ServiceValue
+		if err := m.services.Lookup(k, &sv); err != nil {
+			m.t.Fatal(err)
+		}
+		var be datapath.Backend
+		if err := m.backends.Lookup(sv.BackendId, &be); err != nil {
+			m.t.Fatal(err)
+		}
+		key := netip.AddrPortFrom(datapath.AddrFromBE(be.Addr), datapath.PortFromBE(be.Port)).String()
+		out.backends[key] = sv.BackendId
+		out.states[key] = be.State
+	}
+	var rn datapath.RevNAT
+	if err := m.revnat.Lookup(v.RevNat, &rn); err != nil {
+		m.t.Fatalf("reverse NAT %d: %v", v.RevNat, err)
+	}
+	if got := netip.AddrPortFrom(datapath.AddrFromBE(rn.Addr), datapath.PortFromBE(rn.Port)); got != a {
+		m.t.Fatalf("reverse NAT %d says %v, want %v", v.RevNat, got, a)
+	}
+	return out, true
+}
+
+func (m *maps) count(mp *ebpf.Map) int {
+	m.t.Helper()
+	n := 0
+	it := mp.Iterate()
+	var k, v []byte
+	for it.Next(&k, &v) {
+		n++
+	}
+	if err := it.Err(); err != nil {
+		m.t.Fatal(err)
+	}
+	return n
+}
+
+func apply(t *testing.T, r *Reconciler, s *model.Snapshot) {
+	t.Helper()
+	if err := r.Apply(s); err != nil {
+		t.Fatalf("apply: %v", err)
+	}
+}
+
+func TestApplyWritesFrontendsBackendsAndRevNAT(t *testing.T) {
+	m := newMaps(t)
+	r := m.reconciler()
+	apply(t, r, snap(
+		svc("web", "10.96.0.10:80", model.TCP, "10.244.1.11:8080", "10.244.1.12:8080", "10.244.1.13:8080"),
+		svc("dns", "10.96.0.53:53", model.UDP, "10.244.1.11:5353"),
+	))
+	web, ok := m.frontend("10.96.0.10:80", model.TCP)
+	if !ok || web.count != 3 || len(web.backends) != 3 || web.typ != datapath.SvcClusterIP {
+		t.Fatalf("web = %+v", web)
+	}
+	dns, ok := m.frontend("10.96.0.53:53", model.UDP)
+	if !ok || dns.count != 1 || dns.backends["10.244.1.11:5353"] == 0 {
+		t.Fatalf("dns = %+v", dns)
+	}
+	if web.revnat == dns.revnat {
+		t.Fatalf("two frontends share reverse NAT id %d", web.revnat)
+	}
+	// Same address, other port: a distinct backend.
+	if web.backends["10.244.1.11:8080"] == dns.backends["10.244.1.11:5353"] {
+		t.Fatal("backends with different ports share an id")
+	}
+	if _, ok := m.frontend("10.96.0.10:80", model.UDP); ok {
+		t.Fatal("UDP frontend exists for a TCP service")
+	}
+}
+
+func TestScaleDownKeepsIDsAndRemovesSlot(t *testing.T) {
+	m := newMaps(t)
+	r := m.reconciler()
+	apply(t, r, snap(svc("web", "10.96.0.10:80", model.TCP, "10.244.1.11:8080", "10.244.1.12:8080", "10.244.1.13:8080")))
+	before, _ := m.frontend("10.96.0.10:80", model.TCP)
+	apply(t, r, snap(svc("web", "10.96.0.10:80", model.TCP, "10.244.1.11:8080", "10.244.1.13:8080")))
+	after, _ := m.frontend("10.96.0.10:80", model.TCP)
+	if after.count != 2 || after.revnat != before.revnat {
+		t.Fatalf("after scale-down: %+v (before %+v)", after, before)
+	}
+	for _, b := range []string{"10.244.1.11:8080", "10.244.1.13:8080"} {
+		if after.backends[b] != before.backends[b] {
+			t.Errorf("backend %s changed id %d -> %d", b, before.backends[b], after.backends[b])
+		}
+	}
+	if _, ok := after.backends["10.244.1.12:8080"]; ok {
+		t.Fatal("removed backend still in a slot")
+	}
+	// 1 master + 2 slots; the removed backend is gone from the backend map.
+	if n := m.count(m.services); n != 3 {
+		t.Fatalf("services map has %d entries, want 3", n)
+	}
+	if n := m.count(m.backends); n != 2 {
+		t.Fatalf("backends map has %d entries, want 2", n)
+	}
+}
+
+func TestRestartRestoresIDsWithoutRewriting(t *testing.T) {
+	m := newMaps(t)
+	s := snap(
+		svc("web", "10.96.0.10:80", model.TCP, "10.244.1.11:8080", "10.244.1.12:8080"),
+		svc("dns", "10.96.0.53:53", model.UDP, "10.244.1.11:5353"),
+	)
+	apply(t, m.reconciler(), s)
+	web, _ := m.frontend("10.96.0.10:80", model.TCP)
+
+	// A new agent: a fresh reconciler over the same pinned maps.
+	r2 := m.reconciler()
+	writes := m.writes
+	apply(t, r2, s)
+	if m.writes != writes {
+		t.Fatalf("restored reconciler rewrote %d entries for an unchanged state", m.writes-writes)
+	}
+	// New objects get ids that do not collide with restored ones.
+	s2 := snap(
+		svc("web", "10.96.0.10:80", model.TCP, "10.244.1.11:8080", "10.244.1.12:8080", "10.244.1.14:8080"),
+		svc("dns", "10.96.0.53:53", model.UDP, "10.244.1.11:5353"),
+		svc("api", "10.96.0.20:443", model.TCP, "10.244.1.15:6443"),
+	)
+	apply(t, r2, s2)
+	web2, _ := m.frontend("10.96.0.10:80", model.TCP)
+	api, _ := m.frontend("10.96.0.20:443", model.TCP)
+	if web2.revnat != web.revnat {
+		t.Fatalf("web reverse NAT changed across restart: %d -> %d", web.revnat, web2.revnat)
+	}
+	for b, id := range web.backends {
+		if web2.backends[b] != id {
+			t.Errorf("backend %s id changed across restart: %d -> %d", b, id, web2.backends[b])
+		}
+	}
+	if api.revnat == web.revnat {
+		t.Fatal("new frontend reused a live reverse NAT id")
+	}
+	seen := map[uint32]string{}
+	for _, v := range []view{web2, api} {
+		for b, id := range v.backends {
+			if other, ok := seen[id]; ok && other != b {
+				t.Fatalf("backend id %d used by %s and %s", id, other, b)
+			}
+			seen[id] = b
+		}
+	}
+}
+
+func TestTerminatingBackends(t *testing.T) {
+	m := newMaps(t)
+	r := m.reconciler()
+	// One active, one terminating: only the active one takes new flows,
+	// but the terminating one stays in the backend map for its flows.
+	apply(t, r, snap(svc("web", "10.96.0.10:80", model.TCP, "10.244.1.11:8080", "~10.244.1.12:8080")))
+	v, _ := m.frontend("10.96.0.10:80", model.TCP)
+	if v.count != 1 || v.backends["10.244.1.11:8080"] == 0 {
+		t.Fatalf("with one active backend: %+v", v)
+	}
+	if n := m.count(m.backends); n != 2 {
+		t.Fatalf("terminating backend left the backend map (%d entries)", n)
+	}
+	// Only terminating ones: they serve rather than nothing.
+	apply(t, r, snap(svc("web", "10.96.0.10:80", model.TCP, "~10.244.1.12:8080")))
+	v, _ = m.frontend("10.96.0.10:80", model.TCP)
+	if v.count != 1 || v.states["10.244.1.12:8080"] != datapath.BackendTerminating {
+		t.Fatalf("with only a terminating backend: %+v", v)
+	}
+}
+
+func TestDeleteServiceRemovesEverything(t *testing.T) {
+	m := newMaps(t)
+	r := m.reconciler()
+	apply(t, r, snap(
+		svc("web", "10.96.0.10:80", model.TCP, "10.244.1.11:8080", "10.244.1.12:8080"),
+		svc("dns", "10.96.0.53:53", model.UDP, "10.244.1.11:5353"),
+	))
+	apply(t, r, snap(svc("dns", "10.96.0.53:53", model.UDP, "10.244.1.11:5353")))
+	if _, ok := m.frontend("10.96.0.10:80", model.TCP); ok {
+		t.Fatal("deleted service still has a master entry")
+	}
+	if n := m.count(m.services); n != 2 {
+		t.Fatalf("services map has %d entries, want 2 (dns master + slot)", n)
+	}
+	if n := m.count(m.backends); n != 1 {
+		t.Fatalf("backends map has %d entries, want 1", n)
+	}
+	if n := m.count(m.revnat); n != 1 {
+		t.Fatalf("reverse NAT map has %d entries, want 1", n)
+	}
+	apply(t, r, snap())
+	for name, mp := range map[string]*ebpf.Map{"services": m.services, "backends": m.backends, "revnat": m.revnat} {
+		if n := m.count(mp); n != 0 {
+			t.Errorf("%s map has %d entries after deleting everything", name, n)
+		}
+	}
+}
+
+func TestServiceWithoutBackendsHasEmptyMaster(t *testing.T) {
+	m := newMaps(t)
+	r := m.reconciler()
+	apply(t, r, snap(svc("empty", "10.96.0.30:80", model.TCP)))
+	v, ok := m.frontend("10.96.0.30:80", model.TCP)
+	if !ok || v.count != 0 {
+		t.Fatalf("service without backends: %+v, present=%v", v, ok)
+	}
+}
+
+// A write that fails part-way (a full map) must leave a state packets can
+// use, and the next apply must converge once the request fits.
+func TestFailedApplyRecovers(t *testing.T) {
+	newMap := func(spec ebpf.MapSpec, max uint32) *ebpf.Map {
+		spec.MaxEntries = max
+		spec.Pinning = ebpf.PinNone
+		mp, err := ebpf.NewMap(&spec)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { mp.Close() })
+		return mp
+	}
+	dp := dptest.Open(t)
+	info := func(mp *ebpf.Map) ebpf.MapSpec {
+		i, err := mp.Info()
+		if err != nil {
+			t.Fatal(err)
+		}
+		return ebpf.MapSpec{Type: i.Type, KeySize: i.KeySize, ValueSize: i.ValueSize, Flags: i.Flags}
+	}
+	m := &maps{t: t,
+		services: newMap(info(dp.Services()), 6),
+		backends: newMap(info(dp.Backends()), 64),
+		revnat:   newMap(info(dp.RevNAT()), 64),
+	}
+	r := m.reconciler()
+	apply(t, r, snap(svc("web", "10.96.0.10:80", model.TCP, "10.244.1.11:8080", "10.244.1.12:8080")))
+
+	var big []string
+	for i := range 8 {
+		big = append(big, fmt.Sprintf("10.244.2.%d:8080", i+1))
+	}
+	err := r.Apply(snap(svc("web", "10.96.0.10:80", model.TCP, "10.244.1.11:8080", "10.244.1.12:8080"),
+		svc("big", "10.96.0.40:80", model.TCP, big...)))
+	if err == nil {
+		t.Fatal("apply into a full services map succeeded")
+	}
+	// web still serves as before.
+	if v, ok := m.frontend("10.96.0.10:80", model.TCP); !ok || v.count != 2 {
+		t.Fatalf("web after failed apply: %+v", v)
+	}
+	// A request that fits converges, including cleaning up what the failed
+	// attempt left behind.
+	apply(t, r, snap(svc("web", "10.96.0.10:80", model.TCP, "10.244.1.11:8080"),
+		svc("small", "10.96.0.41:80", model.TCP, "10.244.2.1:8080")))
+	if v, ok := m.frontend("10.96.0.41:80", model.TCP); !ok || v.count != 1 {
+		t.Fatalf("small after recovery: %+v", v)
+	}
+	if _, ok := m.frontend("10.96.0.40:80", model.TCP); ok {
+		t.Fatal("frontend of the failed apply survived")
+	}
+	if n := m.count(m.services); n != 4 {
+		t.Fatalf("services map has %d entries, want 4", n)
+	}
+	if n := m.count(m.backends); n != 2 {
+		t.Fatalf("backends map has %d entries, want 2", n)
+	}
+}

@@ -1,0 +1,213 @@
+// Package model is the desired state every source feeds and the reconcilers
+// read: services as frontends with their backends, already resolved from
+// whatever the source speaks (Kubernetes objects, a YAML file).
+package model
+
+import (
+	"cmp"
+	"fmt"
+	"net/netip"
+	"slices"
+	"strings"
+)
+
+// Proto is an IP protocol number.
+type Proto uint8
+
+// Protocols a frontend can carry.
+const (
+	TCP  Proto = 6
+	UDP  Proto = 17
+	SCTP Proto = 132
+)
+
+func (p Proto) String() string {
+	switch p {
+	case TCP:
+		return "TCP"
+	case UDP:
+		return "UDP"
+	case SCTP:
+		return "SCTP"
+	}
+	return fmt.Sprintf("proto-%d", uint8(p))
+}
+
+// ParseProto accepts a Kubernetes protocol name; empty means TCP.
+func ParseProto(s string) (Proto, error) {
+	switch strings.ToUpper(s) {
+	case "", "TCP":
+		return TCP, nil
+	case "UDP":
+		return UDP, nil
+	case "SCTP":
+		return SCTP, nil
+	}
+	return 0, fmt.Errorf("%q is not a protocol; allowed: TCP, UDP, SCTP", s)
+}
+
+// FrontendType is how a frontend is reached.
+type FrontendType uint8
+
+// Frontend types (the same numbers as enum weir_svc_type).
+const (
+	ClusterIP    FrontendType = 1
+	NodePort     FrontendType = 2
+	LoadBalancer FrontendType = 3
+	ExternalIP   FrontendType = 4
+)
+
+func (t FrontendType) String() string {
+	switch t {
+	case ClusterIP:
+		return "ClusterIP"
+	case NodePort:
+		return "NodePort"
+	case LoadBalancer:
+		return "LoadBalancer"
+	case ExternalIP:
+		return "ExternalIP"
+	}
+	return fmt.Sprintf("type-%d", uint8(t))
+}
+
+// BackendState says whether a backend takes new flows.
+type BackendState uint8
+
+// Backend states.
+const (
+	// Active backends get new flows.
+	Active BackendState = 0
+	// Terminating backends keep their flows and get new ones only when no
+	// backend of the frontend is active (Kubernetes serving-terminating).
+	Terminating BackendState = 1
+)
+
+func (s BackendState) String() string {
+	if s == Terminating {
+		return "terminating"
+	}
+	return "active"
+}
+
+// ServiceName identifies a service.
+type ServiceName struct {
+	Namespace, Name string
+}
+
+func (n ServiceName) String() string { return n.Namespace + "/" + n.Name }
+
+// Backend is one endpoint of a frontend.
+type Backend struct {
+	Addr     netip.AddrPort
+	State    BackendState
+	NodeName string
+}
+
+// Frontend is an address clients use, with the backends behind it.
+type Frontend struct {
+	Addr     netip.AddrPort
+	Proto    Proto
+	Type     FrontendType
+	PortName string
+	Backends []Backend
+}
+
+// Key identifies the frontend in the datapath.
+func (f Frontend) Key() FrontendKey { return FrontendKey{Addr: f.Addr, Proto: f.Proto} }
+
+// FrontendKey is what two frontends may not share.
+type FrontendKey struct {
+	Addr  netip.AddrPort
+	Proto Proto
+}
+
+func (k FrontendKey) String() string { return k.Addr.String() + "/" + k.Proto.String() }
+
+// Service is a named set of frontends.
+type Service struct {
+	Name      ServiceName
+	Frontends []Frontend
+	// AffinityTimeout, when non-zero, keeps a client on one backend for
+	// that many seconds (sessionAffinity: ClientIP).
+	AffinityTimeout uint32
+}
+
+// Validate checks one service on its own.
+func (s *Service) Validate() error {
+	if s.Name.Name == "" {
+		return fmt.Errorf("service has no name")
+	}
+	seen := map[FrontendKey]bool{}
+	for i, f := range s.Frontends {
+		if err := f.validate(); err != nil {
+			return fmt.Errorf("service %s: frontend %d: %w", s.Name, i, err)
+		}
+		if seen[f.Key()] {
+			return fmt.Errorf("service %s: frontend %s is listed twice", s.Name, f.Key())
+		}
+		seen[f.Key()] = true
+	}
+	return nil
+}
+
+func (f *Frontend) validate() error {
+	if !f.Addr.Addr().Is4() {
+		return fmt.Errorf("address %s is not IPv4 (only IPv4 is supported)", f.Addr.Addr())
+	}
+	if f.Addr.Port() == 0 {
+		return fmt.Errorf("%s: port 0 is not allowed (1-65535)", f.Addr)
+	}
+	switch f.Proto {
+	case TCP, UDP, SCTP:
+	default:
+		return fmt.Errorf("%s: protocol %s is not one of TCP, UDP, SCTP", f.Addr, f.Proto)
+	}
+	switch f.Type {
+	case ClusterIP, NodePort, LoadBalancer, ExternalIP:
+	default:
+		return fmt.Errorf("%s: unknown frontend type %d", f.Addr, f.Type)
+	}
+	for _, b := range f.Backends {
+		if !b.Addr.Addr().Is4() {
+			return fmt.Errorf("%s: backend address %s is not IPv4", f.Addr, b.Addr.Addr())
+		}
+		if b.Addr.Port() == 0 {
+			return fmt.Errorf("%s: backend %s: port 0 is not allowed (1-65535)", f.Addr, b.Addr.Addr())
+		}
+	}
+	return nil
+}
+
+// Snapshot is an immutable desired state: every service of every source.
+type Snapshot struct {
+	Services []*Service // sorted by name
+}
+
+// Frontends returns every frontend with its service, sorted by key.
+func (s *Snapshot) Frontends() []FrontendOf {
+	var out []FrontendOf
+	for _, svc := range s.Services {
+		for i := range svc.Frontends {
+			out = append(out, FrontendOf{Service: svc, Frontend: &svc.Frontends[i]})
+		}
+	}
+	slices.SortFunc(out, func(a, b FrontendOf) int { return compareKeys(a.Frontend.Key(), b.Frontend.Key()) })
+	return out
+}
+
+// FrontendOf is a frontend and the service it belongs to.
+type FrontendOf struct {
+	Service  *Service
+	Frontend *Frontend
+}
+
+func compareKeys(a, b FrontendKey) int {
+	if c := a.Addr.Addr().Compare(b.Addr.Addr()); c != 0 {
+		return c
+	}
+	if c := cmp.Compare(a.Addr.Port(), b.Addr.Port()); c != 0 {
+		return c
+	}
+	return cmp.Compare(a.Proto, b.Proto)
+}

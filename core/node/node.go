@@ -1,0 +1,18 @@
+// Package node holds what the agent knows about the node it runs on; modules
+// receive it through fx.
+package node
+
+// Info describes the node.
+type Info struct {
+	Name   string
+	Labels map[string]string
+	// Pool is the node pool whose settings apply ("" for none).
+	Pool string
+	// PinDir is the node's bpffs directory.
+	PinDir string
+	// StateDir holds the agent's files that must survive restarts.
+	StateDir string
+	// Cgroup is the cgroup v2 directory whose sockets the node's socket
+	// hooks see.
+	Cgroup string
+}

@@ -1,0 +1,26 @@
+// Package modules lists every in-tree module. Adding a module is one folder
+// under modules/ and one line here.
+package modules
+
+import (
+	"github.com/weirnet/weir/core/module"
+	"github.com/weirnet/weir/modules/endpoints"
+	"github.com/weirnet/weir/modules/lb"
+)
+
+// Factories are the in-tree modules.
+var Factories = []module.Factory{
+	endpoints.Factory,
+	lb.Factory,
+}
+
+// Compile-time guards: each in-tree module satisfies the contract.
+var (
+	_ module.Module = (*endpoints.Module)(nil)
+	_ module.Module = (*lb.Module)(nil)
+)
+
+// Registry returns the catalog of in-tree modules.
+func Registry() (*module.Registry, error) {
+	return module.NewRegistry(Factories...)
+}
