@@ -51,13 +51,12 @@ func (b *builder) build() (*Effective, []*Effective, error) {
 	names := map[string]int{}
 	catchAll := -1 // first pool with an empty selector
 	for i, p := range b.f.NodePools {
-		at := fieldPath{"nodePools", i}
-		if catchAll >= 0 {
-			return nil, nil, b.fail(at, "pool %q can never apply: nodePools[%d] (%q) has an empty nodeSelector, which matches every node first; move this pool before it",
-				p.Name, catchAll, b.f.NodePools[catchAll].Name)
-		}
 		if pools[i], err = b.pool(i, names); err != nil {
 			return nil, nil, err
+		}
+		if catchAll >= 0 {
+			return nil, nil, b.fail(fieldPath{"nodePools", i}, "pool %q can never apply: nodePools[%d] (%q) has an empty nodeSelector, which matches every node first; move this pool before it",
+				p.Name, catchAll, b.f.NodePools[catchAll].Name)
 		}
 		if p.NodeSelector.Empty() {
 			catchAll = i

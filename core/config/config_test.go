@@ -135,8 +135,6 @@ func TestParseErrors(t *testing.T) {
 				"  - name: core",
 				"    nodeSelector: {matchLabels: {pool: core}}",
 				"    modules: {enable: [tunnel]}",
-				"    settings:",
-				"      tunnel: {protocol: gre}",
 			),
 			want: `weir.yaml:5:5: nodePools[1]: pool "core" can never apply: nodePools[0] ("edge") has an empty nodeSelector, which matches every node first; move this pool before it`,
 		},

@@ -572,6 +572,7 @@ func (l *Lab) Down() error {
 	_ = os.Remove(filepath.Dir(l.Cgroup))
 	if l.Options.PinRoot != "" {
 		_ = os.Remove(filepath.Join(l.Options.PinRoot, l.Spec.Name))
+		_ = os.Remove(l.Options.PinRoot) // only once no other lab uses it
 	}
 	errs = append(errs, os.RemoveAll(l.Dir))
 	return errors.Join(errs...)

@@ -124,12 +124,15 @@ func New(p Params) (*Module, error) {
 func (m *Module) Name() string { return Name }
 
 // Object implements module.Module.
-func (m *Module) Object() (*ebpf.CollectionSpec, error) {
+func (m *Module) Object() (*ebpf.CollectionSpec, error) { return ObjectSpec(m.s) }
+
+// ObjectSpec returns the module's BPF object configured with s.
+func ObjectSpec(s *Settings) (*ebpf.CollectionSpec, error) {
 	spec, err := loadEndpoints()
 	if err != nil {
 		return nil, err
 	}
-	if err := spec.Variables["endpoints_gateway_ip"].Set(datapath.AddrToBE(m.s.gateway())); err != nil {
+	if err := spec.Variables["endpoints_gateway_ip"].Set(datapath.AddrToBE(s.gateway())); err != nil {
 		return nil, fmt.Errorf("setting the gateway address: %w", err)
 	}
 	return spec, nil
