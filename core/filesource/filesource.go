@@ -169,6 +169,9 @@ type Source struct {
 	log   *slog.Logger
 	last  [32]byte
 	have  bool
+	// rejected is the content last refused, so a periodic check does not
+	// report the same mistake again.
+	rejected [32]byte
 }
 
 // New returns a source for the file at path.
@@ -180,7 +183,8 @@ func New(path string, store *model.Store, log *slog.Logger) *Source {
 }
 
 // Load reads the file and replaces the source's services. An invalid file
-// changes nothing and returns the error.
+// changes nothing and returns the error; reading the same invalid content
+// again returns errUnchanged instead of repeating it.
 func (s *Source) Load() error {
 	data, err := os.ReadFile(s.path)
 	if err != nil {
@@ -190,12 +194,18 @@ func (s *Source) Load() error {
 	if s.have && sum == s.last {
 		return nil
 	}
-	svcs, err := Parse(s.path, data)
-	if err != nil {
-		return err
+	if sum == s.rejected {
+		return errUnchanged
 	}
-	if err := s.store.Replace(Name, svcs); err != nil {
-		return fmt.Errorf("%s: %w", s.path, err)
+	svcs, err := Parse(s.path, data)
+	if err == nil {
+		if err = s.store.Replace(Name, svcs); err != nil {
+			err = fmt.Errorf("%s: %w", s.path, err)
+		}
+	}
+	if err != nil {
+		s.rejected = sum
+		return err
 	}
 	s.last, s.have = sum, true
 	s.log.Info("services file applied", "file", s.path, "services", len(svcs))
@@ -245,9 +255,12 @@ func (s *Source) Watch(ctx context.Context) {
 	}
 }
 
+// errUnchanged: the file still holds content already rejected and reported.
+var errUnchanged = errors.New("services file unchanged since it was rejected")
+
 func (s *Source) reload() {
 	err := s.Load()
-	if err == nil {
+	if err == nil || errors.Is(err, errUnchanged) {
 		return
 	}
 	if errors.Is(err, os.ErrNotExist) {
