@@ -41,5 +41,10 @@ fmt-check:
 test: fmt-check vet
 	$(GO) test $(TEST_FLAGS) $(PKGS)
 
+# The main job on the built-in lab: a node, a client and three backends,
+# requests to a ClusterIP, and which backend answered each.
+demo: build
+	./examples/lab/demo.sh
+
 clean:
 	rm -rf $(BIN)

@@ -6,6 +6,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"maps"
 	"os"
 	"os/signal"
 	"path/filepath"
@@ -15,7 +16,10 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/weirnet/weir/core/datapath"
+	"github.com/weirnet/weir/core/filesource"
 	"github.com/weirnet/weir/core/lab"
+	"github.com/weirnet/weir/core/model"
 )
 
 func runLab(args []string, out io.Writer) error {
@@ -67,6 +71,12 @@ func runLab(args []string, out io.Writer) error {
 		if err != nil {
 			return err
 		}
+		// Check the file here first: a mistake is reported to the user
+		// directly rather than only in the agents' logs.
+		svcs, err := filesource.Parse(*file, data)
+		if err != nil {
+			return err
+		}
 		for _, n := range l.Nodes {
 			if *node != "" && n.Name != *node {
 				continue
@@ -74,7 +84,10 @@ func runLab(args []string, out io.Writer) error {
 			if err := l.Apply(n.Name, data); err != nil {
 				return err
 			}
-			fmt.Fprintf(out, "node %s: services file replaced by %s\n", n.Name, *file)
+			if err := waitApplied(n, svcs, 15*time.Second); err != nil {
+				return err
+			}
+			fmt.Fprintf(out, "node %s: services of %s applied (%d services)\n", n.Name, *file, len(svcs))
 		}
 		return nil
 	case "curl", "udp":
@@ -105,6 +118,39 @@ func runLab(args []string, out io.Writer) error {
 		return nil
 	}
 	return fmt.Errorf("unknown lab command %q; %w", sub, errUsage)
+}
+
+// waitApplied waits until the node's maps hold exactly the frontends of svcs.
+func waitApplied(n *lab.Node, svcs []*model.Service, timeout time.Duration) error {
+	want := map[string]bool{}
+	for _, svc := range svcs {
+		for _, f := range svc.Frontends {
+			want[f.Addr.String()+"/"+f.Proto.String()] = true
+		}
+	}
+	deadline := time.Now().Add(timeout)
+	for {
+		p, err := datapath.OpenPinned(n.PinDir)
+		if err != nil {
+			return err
+		}
+		rows, err := p.Services()
+		p.Close()
+		if err != nil {
+			return err
+		}
+		got := map[string]bool{}
+		for _, r := range rows {
+			got[r.Frontend.String()+"/"+r.Proto] = true
+		}
+		if maps.Equal(got, want) {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("node %s did not apply the services within %s; see its log %s", n.Name, timeout, n.Log)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
 }
 
 // siblingBinary finds a program installed next to this one (bin/).

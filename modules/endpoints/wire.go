@@ -85,6 +85,13 @@ func configure(hostName, podNetns, ifName string, addr, gateway netip.Addr) (*wi
 	if err := h.AddrAdd(pod, &netlink.Addr{IPNet: ipnet}); err != nil && !errors.Is(err, unix.EEXIST) {
 		return nil, fmt.Errorf("adding %s to %s in the pod: %w", addr, ifName, err)
 	}
+	// The datapath is IPv4-only for now: without this the pod's IPv6
+	// neighbour discovery would only show up as drops.
+	if err := netns.Do(podNetns, func() error {
+		return os.WriteFile(filepath.Join("/proc/sys/net/ipv6/conf", ifName, "disable_ipv6"), []byte("1"), 0o644)
+	}); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return nil, fmt.Errorf("disabling IPv6 on %s in the pod: %w", ifName, err)
+	}
 	if err := h.LinkSetUp(pod); err != nil {
 		return nil, fmt.Errorf("setting %s up in the pod: %w", ifName, err)
 	}
