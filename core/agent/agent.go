@@ -114,12 +114,14 @@ func New(opts Options, cat module.Catalog) (*fx.App, *config.Effective, error) {
 	return app, eff, nil
 }
 
+// newDatapath loads nothing until the agent starts: composing an agent
+// (fx.New) never touches the node.
 func newDatapath(lc fx.Lifecycle, info *node.Info, eff *config.Effective, log *slog.Logger) (*datapath.Datapath, error) {
-	dp, err := datapath.Open(datapath.Options{PinDir: info.PinDir, CTMaxEntries: eff.Datapath.CTMaxEntries, Logger: log})
+	dp, err := datapath.New(datapath.Options{PinDir: info.PinDir, CTMaxEntries: eff.Datapath.CTMaxEntries, Logger: log})
 	if err != nil {
 		return nil, err
 	}
-	lc.Append(fx.StopHook(dp.Close))
+	lc.Append(fx.Hook{OnStart: func(context.Context) error { return dp.Load() }, OnStop: func(context.Context) error { return dp.Close() }})
 	return dp, nil
 }
 
@@ -129,11 +131,8 @@ func newAPI(opts *Options, log *slog.Logger) *api.Server {
 
 // newReconciler is constructed only when a module asks for it (lb today):
 // nodes that translate no services leave the service maps alone.
-func newReconciler(lc fx.Lifecycle, dp *datapath.Datapath, store *model.Store, log *slog.Logger) (*lbmap.Reconciler, error) {
-	r, err := lbmap.NewFromDatapath(dp, log.With("component", "lbmap"))
-	if err != nil {
-		return nil, err
-	}
+func newReconciler(lc fx.Lifecycle, dp *datapath.Datapath, store *model.Store, log *slog.Logger) *lbmap.Reconciler {
+	r := lbmap.NewFromDatapath(dp, log.With("component", "lbmap"))
 	ctx, cancel := context.WithCancel(context.Background())
 	var wg sync.WaitGroup
 	lc.Append(fx.Hook{
@@ -147,7 +146,7 @@ func newReconciler(lc fx.Lifecycle, dp *datapath.Datapath, store *model.Store, l
 			return nil
 		},
 	})
-	return r, nil
+	return r
 }
 
 // installed is set once the datapath and modules run.

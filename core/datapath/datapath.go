@@ -53,34 +53,51 @@ type Datapath struct {
 	mu sync.Mutex
 }
 
-// Open loads the core object into the node's pin directory, reusing the
-// maps a previous agent pinned there (so conntrack and services survive
-// a restart), and mounting bpffs first when it is missing.
-func Open(opts Options) (*Datapath, error) {
+// New checks the options and returns a datapath that is not loaded yet:
+// nothing on the node changes until Load.
+func New(opts Options) (*Datapath, error) {
 	if opts.PinDir == "" {
 		return nil, errors.New("datapath: a pin directory is required")
 	}
 	if opts.Logger == nil {
 		opts.Logger = slog.Default()
 	}
-	if err := mounts.EnsurePinDir(opts.PinDir); err != nil {
-		return nil, err
-	}
-	if err := os.MkdirAll(filepath.Join(opts.PinDir, "links"), 0o700); err != nil {
-		return nil, fmt.Errorf("creating link pin directory: %w", err)
-	}
-	d := &Datapath{opts: opts, log: opts.Logger}
-	spec, err := loadCore()
+	return &Datapath{opts: opts, log: opts.Logger}, nil
+}
+
+// Open is New followed by Load.
+func Open(opts Options) (*Datapath, error) {
+	d, err := New(opts)
 	if err != nil {
-		return nil, fmt.Errorf("reading the core BPF object: %w", err)
-	}
-	if err := d.prepare(spec); err != nil {
 		return nil, err
 	}
-	if err := spec.LoadAndAssign(&d.core, d.collectionOptions()); err != nil {
-		return nil, fmt.Errorf("loading the core BPF object into %s: %w", opts.PinDir, verifierDetail(err))
+	if err := d.Load(); err != nil {
+		return nil, err
 	}
 	return d, nil
+}
+
+// Load loads the core object into the node's pin directory, reusing the
+// maps a previous agent pinned there (so conntrack and services survive a
+// restart), and mounting bpffs first when it is missing.
+func (d *Datapath) Load() error {
+	if err := mounts.EnsurePinDir(d.opts.PinDir); err != nil {
+		return err
+	}
+	if err := os.MkdirAll(filepath.Join(d.opts.PinDir, "links"), 0o700); err != nil {
+		return fmt.Errorf("creating link pin directory: %w", err)
+	}
+	spec, err := loadCore()
+	if err != nil {
+		return fmt.Errorf("reading the core BPF object: %w", err)
+	}
+	if err := d.prepare(spec); err != nil {
+		return err
+	}
+	if err := spec.LoadAndAssign(&d.core, d.collectionOptions()); err != nil {
+		return fmt.Errorf("loading the core BPF object into %s: %w", d.opts.PinDir, verifierDetail(err))
+	}
+	return nil
 }
 
 // PinDir is where this datapath pins its objects.
@@ -110,10 +127,10 @@ func (d *Datapath) prepare(spec *ebpf.CollectionSpec) error {
 	return nil
 }
 
-// Load loads a module's object into the node: its shared maps resolve to
-// the node's pinned maps and its stage loops get the node's slot ranges.
-// The caller owns the returned collection.
-func (d *Datapath) Load(name string, spec *ebpf.CollectionSpec) (*ebpf.Collection, error) {
+// LoadObject loads a module's object into the node: its shared maps
+// resolve to the node's pinned maps and its stage loops get the node's slot
+// ranges. The caller owns the returned collection.
+func (d *Datapath) LoadObject(name string, spec *ebpf.CollectionSpec) (*ebpf.Collection, error) {
 	spec = spec.Copy()
 	if err := d.prepare(spec); err != nil {
 		return nil, fmt.Errorf("object %s: %w", name, err)

@@ -46,7 +46,7 @@ func (d *Datapath) Install(objs []Object) (*Installation, error) {
 	var fills []fill
 	claimed := map[string]string{}
 	for _, o := range objs {
-		coll, err := d.Load(o.Module, o.Spec)
+		coll, err := d.LoadObject(o.Module, o.Spec)
 		if err != nil {
 			in.Close()
 			return nil, fmt.Errorf("module %s: %w", o.Module, err)

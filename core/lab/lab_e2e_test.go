@@ -7,6 +7,7 @@ import (
 	"encoding/binary"
 	"encoding/hex"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"net"
 	"os"
@@ -18,6 +19,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/weirnet/weir/core/api"
 	"github.com/weirnet/weir/core/datapath"
 	"github.com/weirnet/weir/core/mounts"
 	"github.com/weirnet/weir/core/netns"
@@ -476,5 +478,97 @@ func TestCLIReadsPinnedMaps(t *testing.T) {
 	}
 	if out, err := exec.Command(bin.weir, "service", "list", "--pin-dir", "/nonexistent").CombinedOutput(); err == nil || !strings.Contains(string(out), "holds no Weir datapath") {
 		t.Fatalf("reading a missing pin dir: %v %s", err, out)
+	}
+}
+
+// The endpoint API the CNI plugin uses: bad requests get a clear 400,
+// conflicts a 409, repeats are idempotent, and a pod wired through it is
+// served and then cleanly unwired.
+func TestEndpointAPI(t *testing.T) {
+	l := up(t, oneNode())
+	apply(t, l, webServices, 3)
+	n := l.Nodes[0]
+	c := n.Client()
+	ctx := context.Background()
+	nsName := l.Spec.Name + "-extra"
+	path, err := netns.Create(nsName)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = netns.Delete(nsName) })
+
+	bad := []struct {
+		req  api.EndpointRequest
+		code int
+		msg  string
+	}{
+		{api.EndpointRequest{ID: "bad id!", Netns: path, Address: "10.244.1.50"}, 400, `id "bad id!" is invalid`},
+		{api.EndpointRequest{ID: "x1", Netns: "/nonexistent/ns", Address: "10.244.1.50"}, 400, `netns "/nonexistent/ns"`},
+		{api.EndpointRequest{ID: "x1", Netns: "/tmp", Address: "10.244.1.50"}, 400, `netns "/tmp" is not a network namespace`},
+		{api.EndpointRequest{ID: "x1", Netns: path, Address: "fd00::1"}, 400, `address "fd00::1" is not an IPv4 address`},
+		{api.EndpointRequest{ID: "x1", Netns: path, Address: "169.254.1.1"}, 400, "cannot be a pod address"},
+		{api.EndpointRequest{ID: "x1", Netns: path, Address: "10.244.1.50", IfName: "a/b"}, 400, `ifName "a/b" is not a valid interface name`},
+		{api.EndpointRequest{ID: "x1", Netns: path, Address: "10.244.1.10"}, 409, "address 10.244.1.10 is already used by endpoint " + l.Pod("client").ID},
+	}
+	for _, b := range bad {
+		_, err := c.CreateEndpoint(ctx, b.req)
+		var se *api.StatusError
+		if !errors.As(err, &se) || se.Code != b.code || !strings.Contains(se.Msg, b.msg) {
+			t.Errorf("request %+v: got %v, want HTTP %d with %q", b.req, err, b.code, b.msg)
+		}
+	}
+
+	req := api.EndpointRequest{ID: "extra-pod", Netns: path, Address: "10.244.1.50", PodNamespace: "default", PodName: "extra"}
+	ep, err := c.CreateEndpoint(ctx, req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	again, err := c.CreateEndpoint(ctx, req)
+	if err != nil || *again != *ep {
+		t.Fatalf("repeated request: %v %+v, want %+v", err, again, ep)
+	}
+	other := req
+	other.Address = "10.244.1.51"
+	if _, err := c.CreateEndpoint(ctx, other); err == nil || !strings.Contains(err.Error(), "exists with address 10.244.1.50") {
+		t.Fatalf("same ID, other address: %v", err)
+	}
+	extra := &Pod{Name: "extra", Netns: nsName}
+	if got := get(t, extra, "http://10.96.0.10/", 20); len(got) < 2 {
+		t.Fatalf("pod wired through the API reached %v", got)
+	}
+
+	h, err := netns.Handle(n.NetnsPath())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer h.Close()
+	if _, err := h.LinkByName(ep.HostIfName); err != nil {
+		t.Fatalf("host interface %s of the new endpoint: %v", ep.HostIfName, err)
+	}
+	if err := c.DeleteEndpoint(ctx, "extra-pod"); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.DeleteEndpoint(ctx, "extra-pod"); err != nil {
+		t.Fatalf("second delete: %v", err)
+	}
+	if _, err := h.LinkByName(ep.HostIfName); err == nil {
+		t.Fatalf("host interface %s survived the delete", ep.HostIfName)
+	}
+	p, err := datapath.OpenPinned(n.PinDir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	eps, err := p.Endpoints()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range eps {
+		if e.Addr.String() == "10.244.1.50" {
+			t.Fatal("endpoint map entry survived the delete")
+		}
+	}
+	if len(eps) != 4 {
+		t.Fatalf("endpoint map has %d entries, want the lab's 4", len(eps))
 	}
 }

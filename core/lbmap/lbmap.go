@@ -59,6 +59,7 @@ type Map interface {
 
 // Reconciler owns the content of the service, backend and reverse-NAT maps.
 type Reconciler struct {
+	maps                       func() (services, backends, revnat Map)
 	services, backends, revnat Map
 	log                        *slog.Logger
 
@@ -68,29 +69,33 @@ type Reconciler struct {
 	revnatUsed map[uint16]netip.AddrPort
 	nextBE     uint32
 	nextRevNAT uint16
-	// dirty forces a re-read of the maps before the next apply, after a
-	// write failed part-way.
+	// dirty forces a read of the maps before the next apply: at first, to
+	// restore what a previous agent wrote, and after a write failed
+	// part-way.
 	dirty bool
 }
 
-// New restores the reconciler's view from the maps.
-func New(services, backends, revnat Map, log *slog.Logger) (*Reconciler, error) {
+// New returns a reconciler over the three maps. It reads them (restoring
+// the IDs in use) on its first Apply.
+func New(services, backends, revnat Map, log *slog.Logger) *Reconciler {
+	return newReconciler(func() (Map, Map, Map) { return services, backends, revnat }, log)
+}
+
+// NewFromDatapath is New over a datapath's shared maps, which need not be
+// loaded yet.
+func NewFromDatapath(dp *datapath.Datapath, log *slog.Logger) *Reconciler {
+	return newReconciler(func() (Map, Map, Map) { return dp.Services(), dp.Backends(), dp.RevNAT() }, log)
+}
+
+func newReconciler(maps func() (Map, Map, Map), log *slog.Logger) *Reconciler {
 	if log == nil {
 		log = slog.Default()
 	}
-	r := &Reconciler{services: services, backends: backends, revnat: revnat, log: log}
-	if err := r.restore(); err != nil {
-		return nil, err
-	}
-	return r, nil
-}
-
-// NewFromDatapath is New over a datapath's shared maps.
-func NewFromDatapath(dp *datapath.Datapath, log *slog.Logger) (*Reconciler, error) {
-	return New(dp.Services(), dp.Backends(), dp.RevNAT(), log)
+	return &Reconciler{maps: maps, log: log, dirty: true}
 }
 
 func (r *Reconciler) restore() error {
+	r.services, r.backends, r.revnat = r.maps()
 	r.frontends = map[frontendKey]*frontendState{}
 	r.backendIDs = map[backendKey]uint32{}
 	r.backendsBy = map[uint32]datapath.Backend{}

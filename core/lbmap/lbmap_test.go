@@ -81,11 +81,7 @@ func newMaps(t *testing.T) *maps {
 
 func (m *maps) reconciler() *Reconciler {
 	m.t.Helper()
-	r, err := New(checked{m.services, m}, checked{m.backends, m}, checked{m.revnat, m}, nil)
-	if err != nil {
-		m.t.Fatal(err)
-	}
-	return r
+	return New(checked{m.services, m}, checked{m.backends, m}, checked{m.revnat, m}, nil)
 }
 
 func ap(s string) netip.AddrPort { return netip.MustParseAddrPort(s) }

@@ -77,11 +77,7 @@ func newFixture(t testing.TB, withEndpoints bool) *fixture {
 	dptest.Install(t, dp, objs...)
 	eg, _ := dp.Entry(slots.PodEgress)
 	in, _ := dp.Entry(slots.PodIngress)
-	rec, err := lbmap.NewFromDatapath(dp, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return &fixture{t: t, dp: dp, egress: eg, ingress: in, rec: rec}
+	return &fixture{t: t, dp: dp, egress: eg, ingress: in, rec: lbmap.NewFromDatapath(dp, nil)}
 }
 
 func (f *fixture) services(svcs ...*model.Service) {
