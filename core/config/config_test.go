@@ -43,7 +43,7 @@ func TestParseErrors(t *testing.T) {
 		{
 			name: "missing requirement",
 			doc:  lines("modules: [lb]"),
-			want: `weir.yaml:1:10: modules: module "lb" (modules[0]) requires module "endpoints", which modules does not enable`,
+			want: `weir.yaml:1:10: modules: module "lb" (modules[0]) requires module "endpoints", which is not enabled`,
 		},
 		{
 			name: "excluded pair",
@@ -53,7 +53,7 @@ func TestParseErrors(t *testing.T) {
 		{
 			name: "two modules claim one slot",
 			doc:  lines("modules: [tunnel, bridge]"),
-			want: `weir.yaml:1:10: modules: modules "bridge" (modules[1]) and "tunnel" (modules[0]) both claim slot pod-egress/forward; enable only one`,
+			want: `weir.yaml:1:10: modules: modules "bridge" (modules[1]) and "tunnel" (modules[0]) both claim slot pod-egress/forward (forwarding mode); enable only one`,
 		},
 		{
 			name: "unknown settings key",
@@ -309,7 +309,7 @@ func TestParseErrors(t *testing.T) {
 				"  - name: edge",
 				"    modules: {disable: [endpoints]}",
 			),
-			want: `weir.yaml:4:14: nodePools[0] ("edge"): module "lb" (modules[1]) requires module "endpoints", which nodePools[0] ("edge") does not enable`,
+			want: `weir.yaml:4:14: nodePools[0] ("edge"): module "lb" (modules[1]) requires module "endpoints", which is not enabled`,
 		},
 		{
 			name: "pool enables a conflicting slot claimant",
@@ -320,7 +320,7 @@ func TestParseErrors(t *testing.T) {
 				"    modules:",
 				"      enable: [bridge]",
 			),
-			want: `weir.yaml:5:7: nodePools[0] ("edge"): modules "bridge" (nodePools[0].modules.enable[0]) and "tunnel" (modules[1]) both claim slot pod-egress/forward; enable only one`,
+			want: `weir.yaml:5:7: nodePools[0] ("edge"): modules "bridge" (nodePools[0].modules.enable[0]) and "tunnel" (modules[1]) both claim slot pod-egress/forward (forwarding mode); enable only one`,
 		},
 		{
 			name: "ctMaxEntries out of range",

@@ -64,6 +64,11 @@ func Parse(file string, data []byte) ([]*model.Service, error) {
 	if err != nil {
 		return nil, err
 	}
+	// An empty file is more likely a write caught half-way than a wish to
+	// delete every service; that wish is written "services: []".
+	if root == nil {
+		return nil, &strictyaml.Error{File: file, Msg: "the file is empty; to remove every service write \"services: []\""}
+	}
 	var f File
 	if err := strictyaml.DecodeNode(file, root, "", &f); err != nil {
 		return nil, err
@@ -71,6 +76,7 @@ func Parse(file string, data []byte) ([]*model.Service, error) {
 	fail := func(path, format string, a ...any) error {
 		return strictyaml.At(file, strictyaml.Locate(root, path), path, fmt.Sprintf(format, a...))
 	}
+	missing := func(path string) bool { return !strictyaml.Present(root, path) }
 	var out []*model.Service
 	names := map[model.ServiceName]int{}
 	frontends := map[model.FrontendKey]string{}
@@ -78,6 +84,9 @@ func Parse(file string, data []byte) ([]*model.Service, error) {
 		sp := strictyaml.Index("services", i)
 		if s.Namespace == "" {
 			s.Namespace = "default"
+		}
+		if s.Name == "" && missing(strictyaml.Key(sp, "name")) {
+			return nil, fail(strictyaml.Key(sp, "name"), "missing: every service needs a name")
 		}
 		if !dnsLabel.MatchString(s.Name) {
 			return nil, fail(strictyaml.Key(sp, "name"), "%q is not a valid service name (a DNS label: lower-case letters, digits and '-', at most 63)", s.Name)
@@ -90,6 +99,9 @@ func Parse(file string, data []byte) ([]*model.Service, error) {
 			return nil, fail(strictyaml.Key(sp, "name"), "service %s is already defined by services[%d]", name, j)
 		}
 		names[name] = i
+		if s.ClusterIP == "" && missing(strictyaml.Key(sp, "clusterIP")) {
+			return nil, fail(strictyaml.Key(sp, "clusterIP"), "missing: every service needs an IPv4 clusterIP")
+		}
 		vip, err := netip.ParseAddr(s.ClusterIP)
 		if err != nil || !vip.Is4() {
 			return nil, fail(strictyaml.Key(sp, "clusterIP"), "%q is not an IPv4 address", s.ClusterIP)
@@ -127,6 +139,9 @@ func Parse(file string, data []byte) ([]*model.Service, error) {
 		portNames := map[string]int{}
 		for j, p := range s.Ports {
 			pp := strictyaml.Index(strictyaml.Key(sp, "ports"), j)
+			if p.Port == 0 && missing(strictyaml.Key(pp, "port")) {
+				return nil, fail(strictyaml.Key(pp, "port"), "missing: every port needs a port number (1 to 65535)")
+			}
 			if p.Port < 1 || p.Port > 65535 {
 				return nil, fail(strictyaml.Key(pp, "port"), "%d is not a valid port (1 to 65535)", p.Port)
 			}
@@ -184,7 +199,8 @@ func New(path string, store *model.Store, log *slog.Logger) *Source {
 
 // Load reads the file and replaces the source's services. An invalid file
 // changes nothing and returns the error; reading the same invalid content
-// again returns errUnchanged instead of repeating it.
+// again returns errUnchanged instead of repeating it. A file the store
+// refuses (a frontend another source holds) is tried again each time.
 func (s *Source) Load() error {
 	data, err := os.ReadFile(s.path)
 	if err != nil {
@@ -198,15 +214,17 @@ func (s *Source) Load() error {
 		return errUnchanged
 	}
 	svcs, err := Parse(s.path, data)
-	if err == nil {
-		if err = s.store.Replace(Name, svcs); err != nil {
-			err = fmt.Errorf("%s: %w", s.path, err)
-		}
-	}
 	if err != nil {
+		// The content itself is wrong: only an edit can fix it.
 		s.rejected = sum
 		return err
 	}
+	// A refusal by the store (a frontend another source holds) may go away
+	// when the other source changes, so it is retried on the next check.
+	if err := s.store.Replace(Name, svcs); err != nil {
+		return fmt.Errorf("%s: %w", s.path, err)
+	}
+	s.rejected = [32]byte{}
 	s.last, s.have = sum, true
 	s.log.Info("services file applied", "file", s.path, "services", len(svcs))
 	return nil

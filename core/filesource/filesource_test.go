@@ -182,10 +182,19 @@ func TestParseDefaultsAndTerminating(t *testing.T) {
 }
 
 func TestParseEmpty(t *testing.T) {
-	for _, doc := range []string{"", "# nothing yet\n", "services:\n", "services: []\n"} {
+	for _, doc := range []string{"services:\n", "services: []\n"} {
 		got, err := filesource.Parse("svc.yaml", []byte(doc))
 		if err != nil || len(got) != 0 {
 			t.Errorf("Parse(%q) = %s, %v; want no services and no error", doc, describe(got), err)
+		}
+	}
+	// An empty document is more likely a write caught half-way than a
+	// wish to delete everything.
+	for _, doc := range []string{"", "# nothing yet\n"} {
+		_, err := filesource.Parse("svc.yaml", []byte(doc))
+		want := `svc.yaml: the file is empty; to remove every service write "services: []"`
+		if err == nil || err.Error() != want {
+			t.Errorf("Parse(%q) error = %v; want %s", doc, err, want)
 		}
 	}
 }
@@ -298,7 +307,7 @@ func TestParseErrors(t *testing.T) {
 			// the position is that of the port's entry.
 			name: "port missing",
 			doc:  with(map[int]string{7: "        # no port"}),
-			want: "svc.yaml:6:9: services[0].ports[0].port: 0 is not a valid port (1 to 65535)",
+			want: "svc.yaml:6:9: services[0].ports[0].port: missing: every port needs a port number (1 to 65535)",
 		},
 		{
 			name: "targetPort 70000",
@@ -350,7 +359,7 @@ func TestParseErrors(t *testing.T) {
 			// service's first key (see the report).
 			name: "service name missing",
 			doc:  with(map[int]string{2: "  - # no name"}),
-			want: `svc.yaml:3:5: services[0].name: "" is not a valid service name (a DNS label: lower-case letters, digits and '-', at most 63)`,
+			want: `svc.yaml:3:5: services[0].name: missing: every service needs a name`,
 		},
 		{
 			name: "bad namespace",
@@ -653,12 +662,11 @@ func TestLoad(t *testing.T) {
 		t.Errorf("after rewrite: version %d, services:\n%s\nwant version 2, services:\n%s", ver, got, sumBoth)
 	}
 
-	// The earlier mistake made again after the fix is refused with the
-	// same terse error, without the position (see the report: Watch logs
-	// nothing for it).
+	// The earlier mistake made again after the fix is reported again, with
+	// its position.
 	write(t, path, webInvalid)
 	err = src.Load()
-	if want := "services file unchanged since it was rejected"; err == nil || err.Error() != want {
+	if want := path + ":5:15: services[0].ports[0].port: 0 is not a valid port (1 to 65535)"; err == nil || err.Error() != want {
 		t.Errorf("Load of the earlier invalid content:\n got %v\nwant %s", err, want)
 	}
 	if s, v, _ := store.Snapshot(); s != snap || v != 2 {
@@ -713,7 +721,7 @@ func TestLoadConflictWithAnotherSource(t *testing.T) {
 	src := filesource.New(path, store, slog.New(slog.DiscardHandler))
 
 	err := src.Load()
-	want := path + ": frontend 10.96.0.10:80/TCP of service default/web is already used by service default/api"
+	want := path + ": frontend 10.96.0.10:80/TCP of service default/web (source file) is already used by service default/api (source k8s)"
 	if err == nil || err.Error() != want {
 		t.Fatalf("Load:\n got %v\nwant %s", err, want)
 	}
@@ -724,34 +732,18 @@ func TestLoadConflictWithAnotherSource(t *testing.T) {
 
 	// The other source gives the frontend up.
 	store.Delete("k8s", api.Name)
-	// BUG (reported): the file is valid and nothing conflicts with it any
-	// more, yet Load refuses it without trying, because its content was
-	// "rejected" once, even though the store, not the file, refused it.
-	// Watch swallows this error, so neither the 10s periodic check nor
-	// anything but an edit of the file ever applies it. When fixed, this
-	// Load must return nil and the snapshot must be sumWebV1 at version 3,
-	// authoritative.
-	err = src.Load()
-	if want := "services file unchanged since it was rejected"; err == nil || err.Error() != want {
-		t.Errorf("Load after the conflict went away:\n got %v\nwant %s", err, want)
-	}
-	if s, v, a := store.Snapshot(); len(s.Services) != 0 || v != 2 || a {
-		t.Errorf("after Load: version %d, authoritative %v, services:\n%s\nwant version 2, not authoritative, no services", v, a, summary(s))
-	}
-
-	// Any edit of the file gets it applied.
-	write(t, path, webV1+"# touched\n")
+	// The store, not the file, refused it: the next check applies it.
 	if err := src.Load(); err != nil {
-		t.Fatalf("Load of the edited file: %v", err)
+		t.Fatalf("Load after the conflict went away: %v", err)
 	}
 	if s, v, a := store.Snapshot(); summary(s) != sumWebV1 || v != 3 || !a {
 		t.Errorf("after Load: version %d, authoritative %v, services:\n%s\nwant version 3, authoritative, services:\n%s", v, a, summary(s), sumWebV1)
 	}
 }
 
-// An empty file is a valid file without services: loading it removes
-// every service of the source (see the report about truncated files).
-func TestLoadEmptyFileRemovesServices(t *testing.T) {
+// An empty file (a write caught half-way, most likely) is refused; the
+// services stay.
+func TestLoadEmptyFileIsRefused(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "services.yaml")
 	write(t, path, webV1)
 	store := model.NewStore()
@@ -760,11 +752,11 @@ func TestLoadEmptyFileRemovesServices(t *testing.T) {
 		t.Fatal(err)
 	}
 	write(t, path, "")
-	if err := src.Load(); err != nil {
+	if err := src.Load(); err == nil || !strings.Contains(err.Error(), "the file is empty") {
 		t.Fatalf("Load of empty file: %v", err)
 	}
-	if s, v, _ := store.Snapshot(); len(s.Services) != 0 || v != 2 {
-		t.Errorf("after empty file: version %d (want 2), services:\n%s", v, summary(s))
+	if s, v, _ := store.Snapshot(); summary(s) != sumWebV1 || v != 1 {
+		t.Errorf("after empty file: version %d (want 1), services:\n%s", v, summary(s))
 	}
 }
 
@@ -911,7 +903,10 @@ func TestWatch(t *testing.T) {
 	from := rec.len()
 	write(t, path, webInvalid)
 	var r record
-	if !eventually(nil, func() (ok bool) { r, ok = rec.find(from, "services file rejected; keeping the current services"); return ok }) {
+	if !eventually(nil, func() (ok bool) {
+		r, ok = rec.find(from, "services file rejected; keeping the current services")
+		return ok
+	}) {
 		t.Fatalf("invalid rewrite not rejected within %v", waitFor)
 	}
 	wantErr := path + ":5:15: services[0].ports[0].port: 0 is not a valid port (1 to 65535)"
@@ -927,7 +922,10 @@ func TestWatch(t *testing.T) {
 	if err := os.Remove(path); err != nil {
 		t.Fatal(err)
 	}
-	if !eventually(nil, func() (ok bool) { r, ok = rec.find(from, "services file is missing; keeping the current services"); return ok }) {
+	if !eventually(nil, func() (ok bool) {
+		r, ok = rec.find(from, "services file is missing; keeping the current services")
+		return ok
+	}) {
 		t.Fatalf("deletion not noticed within %v", waitFor)
 	}
 	if r.level != slog.LevelWarn || r.attrs["file"].String() != path {

@@ -168,13 +168,22 @@ func (f *Frontend) validate() error {
 	default:
 		return fmt.Errorf("%s: unknown frontend type %d", f.Addr, f.Type)
 	}
+	seen := map[netip.AddrPort]bool{}
 	for _, b := range f.Backends {
-		if !b.Addr.Addr().Is4() {
-			return fmt.Errorf("%s: backend address %s is not IPv4", f.Addr, b.Addr.Addr())
+		a := b.Addr.Addr()
+		if !a.Is4() {
+			return fmt.Errorf("%s: backend address %s is not IPv4", f.Addr, a)
+		}
+		if a.IsUnspecified() || a.IsLoopback() || a.IsMulticast() {
+			return fmt.Errorf("%s: %s cannot be a backend address", f.Addr, a)
 		}
 		if b.Addr.Port() == 0 {
-			return fmt.Errorf("%s: backend %s: port 0 is not allowed (1-65535)", f.Addr, b.Addr.Addr())
+			return fmt.Errorf("%s: backend %s: port 0 is not allowed (1-65535)", f.Addr, a)
 		}
+		if seen[b.Addr] {
+			return fmt.Errorf("%s: backend %s is listed twice", f.Addr, b.Addr)
+		}
+		seen[b.Addr] = true
 	}
 	return nil
 }

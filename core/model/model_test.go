@@ -51,23 +51,23 @@ func TestParseProto(t *testing.T) {
 }
 
 func TestStrings(t *testing.T) {
-	for got, want := range map[string]string{
-		model.TCP.String():                   "TCP",
-		model.UDP.String():                   "UDP",
-		model.SCTP.String():                  "SCTP",
-		model.Proto(1).String():              "proto-1",
-		model.ClusterIP.String():             "ClusterIP",
-		model.NodePort.String():              "NodePort",
-		model.LoadBalancer.String():          "LoadBalancer",
-		model.ExternalIP.String():            "ExternalIP",
-		model.FrontendType(9).String():       "type-9",
-		model.Active.String():                "active",
-		model.Terminating.String():           "terminating",
-		name("kube-system/dns").String():     "kube-system/dns",
-		fe("10.96.0.10:53", model.UDP).Key().String(): "10.96.0.10:53/UDP",
+	for _, c := range []struct{ got, want string }{
+		{model.TCP.String(), "TCP"},
+		{model.UDP.String(), "UDP"},
+		{model.SCTP.String(), "SCTP"},
+		{model.Proto(1).String(), "proto-1"},
+		{model.ClusterIP.String(), "ClusterIP"},
+		{model.NodePort.String(), "NodePort"},
+		{model.LoadBalancer.String(), "LoadBalancer"},
+		{model.ExternalIP.String(), "ExternalIP"},
+		{model.FrontendType(9).String(), "type-9"},
+		{model.Active.String(), "active"},
+		{model.Terminating.String(), "terminating"},
+		{name("kube-system/dns").String(), "kube-system/dns"},
+		{fe("10.96.0.10:53", model.UDP).Key().String(), "10.96.0.10:53/UDP"},
 	} {
-		if got != want {
-			t.Errorf("got %q, want %q", got, want)
+		if c.got != c.want {
+			t.Errorf("got %q, want %q", c.got, c.want)
 		}
 	}
 }
@@ -96,6 +96,16 @@ func TestValidate(t *testing.T) {
 			name: "frontend without address",
 			svc:  &model.Service{Name: name("web"), Frontends: []model.Frontend{{Proto: model.TCP, Type: model.ClusterIP}}},
 			want: "service default/web: frontend 0: address invalid IP is not IPv4 (only IPv4 is supported)",
+		},
+		{
+			name: "backend listed twice",
+			svc:  svc("web", fe("10.96.0.10:80", model.TCP, "10.244.1.11:8080", "10.244.1.11:8080")),
+			want: "service default/web: frontend 0: 10.96.0.10:80: backend 10.244.1.11:8080 is listed twice",
+		},
+		{
+			name: "loopback backend",
+			svc:  svc("web", fe("10.96.0.10:80", model.TCP, "127.0.0.1:8080")),
+			want: "service default/web: frontend 0: 10.96.0.10:80: 127.0.0.1 cannot be a backend address",
 		},
 		{
 			name: "frontend port 0",

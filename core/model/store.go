@@ -10,7 +10,8 @@ import (
 // Store merges what every source wants into one Snapshot. Each source
 // replaces or edits its own services; an update that would make the whole
 // state invalid (a bad service, or a frontend two services claim) is
-// refused as a whole and the previous state stays.
+// refused as a whole and the previous state stays. Services handed to the
+// store belong to it: callers must not change them afterwards.
 type Store struct {
 	mu       sync.Mutex
 	sources  map[string]map[ServiceName]*Service
@@ -102,37 +103,53 @@ func cloneSource(m map[ServiceName]*Service) map[ServiceName]*Service {
 }
 
 // commit validates the union of all sources with source replaced by next,
-// and installs it only when valid.
+// and installs it only when valid. Errors blame the incoming services and
+// name the source already holding what they clash with.
 func (s *Store) commit(source string, next map[ServiceName]*Service, synced bool) error {
-	owner := map[FrontendKey]*Service{}
+	type owned struct {
+		svc    *Service
+		source string
+	}
+	names := map[ServiceName]string{}
+	frontends := map[FrontendKey]owned{}
 	var all []*Service
-	for src, svcs := range s.sources {
-		if src == source {
-			continue
-		}
-		for _, svc := range svcs {
-			all = append(all, svc)
+	var srcs []string
+	for src := range s.sources {
+		if src != source {
+			srcs = append(srcs, src)
 		}
 	}
+	slices.Sort(srcs)
+	for _, src := range srcs {
+		for _, svc := range s.sources[src] {
+			all = append(all, svc)
+			names[svc.Name] = src
+			for _, f := range svc.Frontends {
+				frontends[f.Key()] = owned{svc, src}
+			}
+		}
+	}
+	incoming := make([]*Service, 0, len(next))
 	for _, svc := range next {
+		incoming = append(incoming, svc)
+	}
+	slices.SortFunc(incoming, func(a, b *Service) int { return strings.Compare(a.Name.String(), b.Name.String()) })
+	for _, svc := range incoming {
+		if other, ok := names[svc.Name]; ok {
+			return fmt.Errorf("service %s from source %s is already defined by source %s", svc.Name, source, other)
+		}
+		names[svc.Name] = source
+		for _, f := range svc.Frontends {
+			if o, ok := frontends[f.Key()]; ok {
+				return fmt.Errorf("frontend %s of service %s (source %s) is already used by service %s (source %s)", f.Key(), svc.Name, source, o.svc.Name, o.source)
+			}
+			frontends[f.Key()] = owned{svc, source}
+		}
 		all = append(all, svc)
 	}
 	slices.SortFunc(all, func(a, b *Service) int {
 		return strings.Compare(a.Name.String(), b.Name.String())
 	})
-	for i := 1; i < len(all); i++ {
-		if all[i].Name == all[i-1].Name {
-			return fmt.Errorf("service %s is defined by two sources", all[i].Name)
-		}
-	}
-	for _, svc := range all {
-		for _, f := range svc.Frontends {
-			if other, ok := owner[f.Key()]; ok {
-				return fmt.Errorf("frontend %s of service %s is already used by service %s", f.Key(), svc.Name, other.Name)
-			}
-			owner[f.Key()] = svc
-		}
-	}
 	s.sources[source] = next
 	if synced {
 		s.synced[source] = true

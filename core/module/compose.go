@@ -4,6 +4,8 @@ import (
 	"fmt"
 	"slices"
 	"strings"
+
+	"github.com/weirnet/weir/core/slots"
 )
 
 // Enabled is a module chosen by configuration, with the config field that
@@ -36,7 +38,7 @@ func Check(cat Catalog, where string, set []Enabled) ([]Factory, error) {
 		e := byName[f.Name]
 		for _, r := range f.Requires {
 			if _, ok := byName[r]; !ok {
-				return nil, fmt.Errorf("%s: module %q (%s) requires module %q, which %s does not enable", where, f.Name, e.Field, r, where)
+				return nil, fmt.Errorf("%s: module %q (%s) requires module %q, which is not enabled", where, f.Name, e.Field, r)
 			}
 		}
 		for _, x := range f.Excludes {
@@ -49,7 +51,11 @@ func Check(cat Catalog, where string, set []Enabled) ([]Factory, error) {
 	for _, f := range sortedByName(facs) {
 		for _, c := range f.Slots {
 			if other, ok := claimed[c.Slot]; ok {
-				return nil, fmt.Errorf("%s: modules %q (%s) and %q (%s) both claim slot %s; enable only one", where, other, byName[other].Field, f.Name, byName[f.Name].Field, c.Slot)
+				what := "slot " + c.Slot
+				if s, _ := slots.Lookup(c.Slot); s.Group != "" {
+					what += " (" + s.Group + ")"
+				}
+				return nil, fmt.Errorf("%s: modules %q (%s) and %q (%s) both claim %s; enable only one", where, other, byName[other].Field, f.Name, byName[f.Name].Field, what)
 			}
 			claimed[c.Slot] = f.Name
 		}
@@ -64,35 +70,58 @@ func sortedByName(facs []Factory) []Factory {
 }
 
 // startOrder puts every module after the modules it requires, otherwise in
-// name order. Modules that require each other in a cycle cannot be ordered;
-// they keep name order.
+// name order. Modules that require each other in a cycle cannot all come
+// after each other: when only such modules are left, the first by name
+// among those on a cycle goes next, and the rest follow as usual.
 func startOrder(facs []Factory) []Factory {
 	pending := sortedByName(facs)
+	byName := map[string]Factory{}
+	for _, f := range facs {
+		byName[f.Name] = f
+	}
 	done := map[string]bool{}
 	var out []Factory
+	take := func(i int) {
+		out = append(out, pending[i])
+		done[pending[i].Name] = true
+		pending = slices.Delete(pending, i, i+1)
+	}
 	for len(pending) > 0 {
-		progressed := false
-		for i := 0; i < len(pending); i++ {
-			f := pending[i]
-			ready := true
-			for _, r := range f.Requires {
-				if !done[r] {
-					ready = false
-					break
-				}
-			}
-			if ready {
-				out = append(out, f)
-				done[f.Name] = true
-				pending = slices.Delete(pending, i, i+1)
-				progressed = true
-				break
-			}
+		next := slices.IndexFunc(pending, func(f Factory) bool {
+			return !slices.ContainsFunc(f.Requires, func(r string) bool { return !done[r] })
+		})
+		if next < 0 {
+			next = slices.IndexFunc(pending, func(f Factory) bool { return onCycle(f.Name, byName, done) })
 		}
-		if !progressed {
-			out = append(out, pending...)
-			break
+		if next < 0 {
+			next = 0 // unreachable: a stall needs a cycle among the pending
 		}
+		take(next)
 	}
 	return out
+}
+
+// onCycle reports whether name can reach itself through requirements not
+// yet started.
+func onCycle(name string, byName map[string]Factory, done map[string]bool) bool {
+	seen := map[string]bool{}
+	var reach func(n string) bool
+	reach = func(n string) bool {
+		for _, r := range byName[n].Requires {
+			if done[r] {
+				continue
+			}
+			if r == name {
+				return true
+			}
+			if !seen[r] {
+				seen[r] = true
+				if reach(r) {
+					return true
+				}
+			}
+		}
+		return false
+	}
+	return reach(name)
 }

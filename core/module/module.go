@@ -146,6 +146,14 @@ func NewRegistry(factories ...Factory) (*Registry, error) {
 		r.names = append(r.names, f.Name)
 	}
 	slices.Sort(r.names)
+	// A typo in a requirement would make a module impossible to enable.
+	for _, f := range factories {
+		for _, dep := range slices.Concat(f.Requires, f.Excludes) {
+			if _, ok := r.byName[dep]; !ok {
+				return nil, fmt.Errorf("module %s names module %q in its requires or excludes, which is not registered; registered: %s", f.Name, dep, strings.Join(r.names, ", "))
+			}
+		}
+	}
 	return r, nil
 }
 

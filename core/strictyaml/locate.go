@@ -12,6 +12,18 @@ import (
 // returns the deepest node it could reach (the value of the last key that
 // exists), or nil when root is nil.
 func Locate(root *yaml.Node, path string) *yaml.Node {
+	n, _ := find(root, path)
+	return n
+}
+
+// Present reports whether the document has a value at path: it tells a
+// field left out from one written with a zero value.
+func Present(root *yaml.Node, path string) bool {
+	n, complete := find(root, path)
+	return n != nil && complete
+}
+
+func find(root *yaml.Node, path string) (*yaml.Node, bool) {
 	n := root
 	for path != "" && n != nil {
 		var seg string
@@ -29,21 +41,21 @@ func Locate(root *yaml.Node, path string) *yaml.Node {
 				end += 2 + next
 			}
 			if end < 0 {
-				return n
+				return n, false
 			}
 			s, err := strconv.Unquote(path[1 : end+1])
 			if err != nil {
-				return n
+				return n, false
 			}
 			seg, path = s, path[end+2:]
 		case strings.HasPrefix(path, "["):
 			end := strings.IndexByte(path, ']')
 			if end < 0 {
-				return n
+				return n, false
 			}
 			i, err := strconv.Atoi(path[1:end])
 			if err != nil {
-				return n
+				return n, false
 			}
 			idx, path = i, path[end+1:]
 		default:
@@ -56,11 +68,11 @@ func Locate(root *yaml.Node, path string) *yaml.Node {
 		}
 		next := child(n, seg, idx)
 		if next == nil {
-			return n
+			return n, false
 		}
 		n = next
 	}
-	return n
+	return n, true
 }
 
 func child(n *yaml.Node, key string, idx int) *yaml.Node {

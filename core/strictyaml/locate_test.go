@@ -33,7 +33,10 @@ labels:
 			t.Errorf("Locate(%s) at line %d, want %d", path, got, line)
 		}
 	}
-	if Locate(nil, "x") != nil {
+	if !Present(root, Key(Index("services", 0), "name")) || Present(root, Key(Index("services", 0), "clusterIP")) || Present(root, Index("services", 9)) {
+		t.Error("Present disagrees with the document")
+	}
+	if Locate(nil, "x") != nil || Present(nil, "x") {
 		t.Error("Locate on a nil root returned a node")
 	}
 }
