@@ -14,9 +14,13 @@ require (
 )
 
 require (
+	github.com/containernetworking/cni v1.3.0 // indirect
 	go.uber.org/dig v1.19.0 // indirect
 	go.uber.org/multierr v1.10.0 // indirect
 	go.uber.org/zap v1.26.0 // indirect
+	k8s.io/api v0.34.4 // indirect
+	k8s.io/apimachinery v0.34.4 // indirect
+	k8s.io/client-go v0.34.4 // indirect
 )
 
 tool github.com/cilium/ebpf/cmd/bpf2go

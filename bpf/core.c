@@ -58,6 +58,8 @@ const struct weir_ct_entry *weir_btf_ct_entry __attribute__((unused));
 const struct weir_endpoint_key *weir_btf_endpoint_key __attribute__((unused));
 const struct weir_endpoint *weir_btf_endpoint __attribute__((unused));
 const struct weir_metric *weir_btf_metric __attribute__((unused));
+const struct weir_affinity_key *weir_btf_affinity_key __attribute__((unused));
+const struct weir_affinity_entry *weir_btf_affinity_entry __attribute__((unused));
 const struct weir_event *weir_btf_event __attribute__((unused));
 const enum weir_hook *weir_btf_hook __attribute__((unused));
 const enum weir_reason *weir_btf_reason __attribute__((unused));

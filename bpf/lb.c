@@ -55,9 +55,12 @@ int lb_pod_egress(struct __sk_buff *skb)
 			be = NULL;
 	}
 	if (!be) {
-		be = weir_lb_pick(&skey, svc, &backend_id);
+		be = weir_lb_affinity(svc, ctx->saddr, now, &backend_id);
+		if (!be)
+			be = weir_lb_pick(&skey, svc, &backend_id);
 		if (!be)
 			return weir_drop_ctx(skb, ctx, WEIR_DROP_NO_BACKEND);
+		weir_lb_affinity_update(svc, ctx->saddr, backend_id, now);
 		ce = weir_ct_create(&ckey, backend_id, svc->rev_nat, ctx->proto, ctx->tcp_flags, now);
 	}
 	if (ce)

@@ -13,6 +13,19 @@ import (
 	"github.com/cilium/ebpf"
 )
 
+type coreWeirAffinityEntry struct {
+	_         structs.HostLayout
+	BackendId uint32
+	LastUsed  uint32
+}
+
+type coreWeirAffinityKey struct {
+	_      structs.HostLayout
+	Client uint32
+	RevNat uint16
+	Pad    uint16
+}
+
 type coreWeirBackend struct {
 	_     structs.HostLayout
 	Addr  uint32
@@ -199,37 +212,40 @@ type coreWeirSvcVal struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	coreMapWeirBackends        = "weir_backends"
-	coreMapWeirCalls           = "weir_calls"
-	coreMapWeirCt              = "weir_ct"
-	coreMapWeirEndpoints       = "weir_endpoints"
-	coreMapWeirEvents          = "weir_events"
-	coreMapWeirMetrics         = "weir_metrics"
-	coreMapWeirRevnat          = "weir_revnat"
-	coreMapWeirScratch         = "weir_scratch"
-	coreMapWeirServices        = "weir_services"
-	coreProgWeirPodEgress      = "weir_pod_egress"
-	coreProgWeirPodIngress     = "weir_pod_ingress"
-	coreVarWeirBtfBackend      = "weir_btf_backend"
-	coreVarWeirBtfBackendState = "weir_btf_backend_state"
-	coreVarWeirBtfCtEntry      = "weir_btf_ct_entry"
-	coreVarWeirBtfCtKey        = "weir_btf_ct_key"
-	coreVarWeirBtfCtKind       = "weir_btf_ct_kind"
-	coreVarWeirBtfCtx          = "weir_btf_ctx"
-	coreVarWeirBtfEndpoint     = "weir_btf_endpoint"
-	coreVarWeirBtfEndpointKey  = "weir_btf_endpoint_key"
-	coreVarWeirBtfEvent        = "weir_btf_event"
-	coreVarWeirBtfHook         = "weir_btf_hook"
-	coreVarWeirBtfL3           = "weir_btf_l3"
-	coreVarWeirBtfMetric       = "weir_btf_metric"
-	coreVarWeirBtfReason       = "weir_btf_reason"
-	coreVarWeirBtfRevnatEntry  = "weir_btf_revnat_entry"
-	coreVarWeirBtfScope        = "weir_btf_scope"
-	coreVarWeirBtfSvcKey       = "weir_btf_svc_key"
-	coreVarWeirBtfSvcType      = "weir_btf_svc_type"
-	coreVarWeirBtfSvcVal       = "weir_btf_svc_val"
-	coreVarWeirHookFirst       = "weir_hook_first"
-	coreVarWeirHookLast        = "weir_hook_last"
+	coreMapWeirAffinity         = "weir_affinity"
+	coreMapWeirBackends         = "weir_backends"
+	coreMapWeirCalls            = "weir_calls"
+	coreMapWeirCt               = "weir_ct"
+	coreMapWeirEndpoints        = "weir_endpoints"
+	coreMapWeirEvents           = "weir_events"
+	coreMapWeirMetrics          = "weir_metrics"
+	coreMapWeirRevnat           = "weir_revnat"
+	coreMapWeirScratch          = "weir_scratch"
+	coreMapWeirServices         = "weir_services"
+	coreProgWeirPodEgress       = "weir_pod_egress"
+	coreProgWeirPodIngress      = "weir_pod_ingress"
+	coreVarWeirBtfAffinityEntry = "weir_btf_affinity_entry"
+	coreVarWeirBtfAffinityKey   = "weir_btf_affinity_key"
+	coreVarWeirBtfBackend       = "weir_btf_backend"
+	coreVarWeirBtfBackendState  = "weir_btf_backend_state"
+	coreVarWeirBtfCtEntry       = "weir_btf_ct_entry"
+	coreVarWeirBtfCtKey         = "weir_btf_ct_key"
+	coreVarWeirBtfCtKind        = "weir_btf_ct_kind"
+	coreVarWeirBtfCtx           = "weir_btf_ctx"
+	coreVarWeirBtfEndpoint      = "weir_btf_endpoint"
+	coreVarWeirBtfEndpointKey   = "weir_btf_endpoint_key"
+	coreVarWeirBtfEvent         = "weir_btf_event"
+	coreVarWeirBtfHook          = "weir_btf_hook"
+	coreVarWeirBtfL3            = "weir_btf_l3"
+	coreVarWeirBtfMetric        = "weir_btf_metric"
+	coreVarWeirBtfReason        = "weir_btf_reason"
+	coreVarWeirBtfRevnatEntry   = "weir_btf_revnat_entry"
+	coreVarWeirBtfScope         = "weir_btf_scope"
+	coreVarWeirBtfSvcKey        = "weir_btf_svc_key"
+	coreVarWeirBtfSvcType       = "weir_btf_svc_type"
+	coreVarWeirBtfSvcVal        = "weir_btf_svc_val"
+	coreVarWeirHookFirst        = "weir_hook_first"
+	coreVarWeirHookLast         = "weir_hook_last"
 )
 
 // loadCore returns the embedded CollectionSpec for core.
@@ -282,6 +298,7 @@ type coreProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type coreMapSpecs struct {
+	WeirAffinity  *ebpf.MapSpec `ebpf:"weir_affinity"`
 	WeirBackends  *ebpf.MapSpec `ebpf:"weir_backends"`
 	WeirCalls     *ebpf.MapSpec `ebpf:"weir_calls"`
 	WeirCt        *ebpf.MapSpec `ebpf:"weir_ct"`
@@ -297,26 +314,28 @@ type coreMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type coreVariableSpecs struct {
-	WeirBtfBackend      *ebpf.VariableSpec `ebpf:"weir_btf_backend"`
-	WeirBtfBackendState *ebpf.VariableSpec `ebpf:"weir_btf_backend_state"`
-	WeirBtfCtEntry      *ebpf.VariableSpec `ebpf:"weir_btf_ct_entry"`
-	WeirBtfCtKey        *ebpf.VariableSpec `ebpf:"weir_btf_ct_key"`
-	WeirBtfCtKind       *ebpf.VariableSpec `ebpf:"weir_btf_ct_kind"`
-	WeirBtfCtx          *ebpf.VariableSpec `ebpf:"weir_btf_ctx"`
-	WeirBtfEndpoint     *ebpf.VariableSpec `ebpf:"weir_btf_endpoint"`
-	WeirBtfEndpointKey  *ebpf.VariableSpec `ebpf:"weir_btf_endpoint_key"`
-	WeirBtfEvent        *ebpf.VariableSpec `ebpf:"weir_btf_event"`
-	WeirBtfHook         *ebpf.VariableSpec `ebpf:"weir_btf_hook"`
-	WeirBtfL3           *ebpf.VariableSpec `ebpf:"weir_btf_l3"`
-	WeirBtfMetric       *ebpf.VariableSpec `ebpf:"weir_btf_metric"`
-	WeirBtfReason       *ebpf.VariableSpec `ebpf:"weir_btf_reason"`
-	WeirBtfRevnatEntry  *ebpf.VariableSpec `ebpf:"weir_btf_revnat_entry"`
-	WeirBtfScope        *ebpf.VariableSpec `ebpf:"weir_btf_scope"`
-	WeirBtfSvcKey       *ebpf.VariableSpec `ebpf:"weir_btf_svc_key"`
-	WeirBtfSvcType      *ebpf.VariableSpec `ebpf:"weir_btf_svc_type"`
-	WeirBtfSvcVal       *ebpf.VariableSpec `ebpf:"weir_btf_svc_val"`
-	WeirHookFirst       *ebpf.VariableSpec `ebpf:"weir_hook_first"`
-	WeirHookLast        *ebpf.VariableSpec `ebpf:"weir_hook_last"`
+	WeirBtfAffinityEntry *ebpf.VariableSpec `ebpf:"weir_btf_affinity_entry"`
+	WeirBtfAffinityKey   *ebpf.VariableSpec `ebpf:"weir_btf_affinity_key"`
+	WeirBtfBackend       *ebpf.VariableSpec `ebpf:"weir_btf_backend"`
+	WeirBtfBackendState  *ebpf.VariableSpec `ebpf:"weir_btf_backend_state"`
+	WeirBtfCtEntry       *ebpf.VariableSpec `ebpf:"weir_btf_ct_entry"`
+	WeirBtfCtKey         *ebpf.VariableSpec `ebpf:"weir_btf_ct_key"`
+	WeirBtfCtKind        *ebpf.VariableSpec `ebpf:"weir_btf_ct_kind"`
+	WeirBtfCtx           *ebpf.VariableSpec `ebpf:"weir_btf_ctx"`
+	WeirBtfEndpoint      *ebpf.VariableSpec `ebpf:"weir_btf_endpoint"`
+	WeirBtfEndpointKey   *ebpf.VariableSpec `ebpf:"weir_btf_endpoint_key"`
+	WeirBtfEvent         *ebpf.VariableSpec `ebpf:"weir_btf_event"`
+	WeirBtfHook          *ebpf.VariableSpec `ebpf:"weir_btf_hook"`
+	WeirBtfL3            *ebpf.VariableSpec `ebpf:"weir_btf_l3"`
+	WeirBtfMetric        *ebpf.VariableSpec `ebpf:"weir_btf_metric"`
+	WeirBtfReason        *ebpf.VariableSpec `ebpf:"weir_btf_reason"`
+	WeirBtfRevnatEntry   *ebpf.VariableSpec `ebpf:"weir_btf_revnat_entry"`
+	WeirBtfScope         *ebpf.VariableSpec `ebpf:"weir_btf_scope"`
+	WeirBtfSvcKey        *ebpf.VariableSpec `ebpf:"weir_btf_svc_key"`
+	WeirBtfSvcType       *ebpf.VariableSpec `ebpf:"weir_btf_svc_type"`
+	WeirBtfSvcVal        *ebpf.VariableSpec `ebpf:"weir_btf_svc_val"`
+	WeirHookFirst        *ebpf.VariableSpec `ebpf:"weir_hook_first"`
+	WeirHookLast         *ebpf.VariableSpec `ebpf:"weir_hook_last"`
 }
 
 // coreObjects contains all objects after they have been loaded into the kernel.
@@ -339,6 +358,7 @@ func (o *coreObjects) Close() error {
 //
 // It can be passed to loadCoreObjects or ebpf.CollectionSpec.LoadAndAssign.
 type coreMaps struct {
+	WeirAffinity  *ebpf.Map `ebpf:"weir_affinity"`
 	WeirBackends  *ebpf.Map `ebpf:"weir_backends"`
 	WeirCalls     *ebpf.Map `ebpf:"weir_calls"`
 	WeirCt        *ebpf.Map `ebpf:"weir_ct"`
@@ -352,6 +372,7 @@ type coreMaps struct {
 
 func (m *coreMaps) Close() error {
 	return _CoreClose(
+		m.WeirAffinity,
 		m.WeirBackends,
 		m.WeirCalls,
 		m.WeirCt,
@@ -368,26 +389,28 @@ func (m *coreMaps) Close() error {
 //
 // It can be passed to loadCoreObjects or ebpf.CollectionSpec.LoadAndAssign.
 type coreVariables struct {
-	WeirBtfBackend      *ebpf.Variable `ebpf:"weir_btf_backend"`
-	WeirBtfBackendState *ebpf.Variable `ebpf:"weir_btf_backend_state"`
-	WeirBtfCtEntry      *ebpf.Variable `ebpf:"weir_btf_ct_entry"`
-	WeirBtfCtKey        *ebpf.Variable `ebpf:"weir_btf_ct_key"`
-	WeirBtfCtKind       *ebpf.Variable `ebpf:"weir_btf_ct_kind"`
-	WeirBtfCtx          *ebpf.Variable `ebpf:"weir_btf_ctx"`
-	WeirBtfEndpoint     *ebpf.Variable `ebpf:"weir_btf_endpoint"`
-	WeirBtfEndpointKey  *ebpf.Variable `ebpf:"weir_btf_endpoint_key"`
-	WeirBtfEvent        *ebpf.Variable `ebpf:"weir_btf_event"`
-	WeirBtfHook         *ebpf.Variable `ebpf:"weir_btf_hook"`
-	WeirBtfL3           *ebpf.Variable `ebpf:"weir_btf_l3"`
-	WeirBtfMetric       *ebpf.Variable `ebpf:"weir_btf_metric"`
-	WeirBtfReason       *ebpf.Variable `ebpf:"weir_btf_reason"`
-	WeirBtfRevnatEntry  *ebpf.Variable `ebpf:"weir_btf_revnat_entry"`
-	WeirBtfScope        *ebpf.Variable `ebpf:"weir_btf_scope"`
-	WeirBtfSvcKey       *ebpf.Variable `ebpf:"weir_btf_svc_key"`
-	WeirBtfSvcType      *ebpf.Variable `ebpf:"weir_btf_svc_type"`
-	WeirBtfSvcVal       *ebpf.Variable `ebpf:"weir_btf_svc_val"`
-	WeirHookFirst       *ebpf.Variable `ebpf:"weir_hook_first"`
-	WeirHookLast        *ebpf.Variable `ebpf:"weir_hook_last"`
+	WeirBtfAffinityEntry *ebpf.Variable `ebpf:"weir_btf_affinity_entry"`
+	WeirBtfAffinityKey   *ebpf.Variable `ebpf:"weir_btf_affinity_key"`
+	WeirBtfBackend       *ebpf.Variable `ebpf:"weir_btf_backend"`
+	WeirBtfBackendState  *ebpf.Variable `ebpf:"weir_btf_backend_state"`
+	WeirBtfCtEntry       *ebpf.Variable `ebpf:"weir_btf_ct_entry"`
+	WeirBtfCtKey         *ebpf.Variable `ebpf:"weir_btf_ct_key"`
+	WeirBtfCtKind        *ebpf.Variable `ebpf:"weir_btf_ct_kind"`
+	WeirBtfCtx           *ebpf.Variable `ebpf:"weir_btf_ctx"`
+	WeirBtfEndpoint      *ebpf.Variable `ebpf:"weir_btf_endpoint"`
+	WeirBtfEndpointKey   *ebpf.Variable `ebpf:"weir_btf_endpoint_key"`
+	WeirBtfEvent         *ebpf.Variable `ebpf:"weir_btf_event"`
+	WeirBtfHook          *ebpf.Variable `ebpf:"weir_btf_hook"`
+	WeirBtfL3            *ebpf.Variable `ebpf:"weir_btf_l3"`
+	WeirBtfMetric        *ebpf.Variable `ebpf:"weir_btf_metric"`
+	WeirBtfReason        *ebpf.Variable `ebpf:"weir_btf_reason"`
+	WeirBtfRevnatEntry   *ebpf.Variable `ebpf:"weir_btf_revnat_entry"`
+	WeirBtfScope         *ebpf.Variable `ebpf:"weir_btf_scope"`
+	WeirBtfSvcKey        *ebpf.Variable `ebpf:"weir_btf_svc_key"`
+	WeirBtfSvcType       *ebpf.Variable `ebpf:"weir_btf_svc_type"`
+	WeirBtfSvcVal        *ebpf.Variable `ebpf:"weir_btf_svc_val"`
+	WeirHookFirst        *ebpf.Variable `ebpf:"weir_hook_first"`
+	WeirHookLast         *ebpf.Variable `ebpf:"weir_hook_last"`
 }
 
 // corePrograms contains all programs after they have been loaded into the kernel.

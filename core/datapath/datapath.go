@@ -30,6 +30,7 @@ const (
 	MapRevNAT    = "weir_revnat"
 	MapCT        = "weir_ct"
 	MapEndpoints = "weir_endpoints"
+	MapAffinity  = "weir_affinity"
 	MapMetrics   = "weir_metrics"
 	MapEvents    = "weir_events"
 )
@@ -212,6 +213,7 @@ func (d *Datapath) Map(name string) (*ebpf.Map, error) {
 		MapRevNAT:    d.core.WeirRevnat,
 		MapCT:        d.core.WeirCt,
 		MapEndpoints: d.core.WeirEndpoints,
+		MapAffinity:  d.core.WeirAffinity,
 		MapMetrics:   d.core.WeirMetrics,
 		MapEvents:    d.core.WeirEvents,
 	}[name]
@@ -232,6 +234,9 @@ func (d *Datapath) RevNAT() *ebpf.Map { return d.core.WeirRevnat }
 
 // CT is the weir_ct map.
 func (d *Datapath) CT() *ebpf.Map { return d.core.WeirCt }
+
+// Affinity is the weir_affinity map.
+func (d *Datapath) Affinity() *ebpf.Map { return d.core.WeirAffinity }
 
 // Endpoints is the weir_endpoints map.
 func (d *Datapath) Endpoints() *ebpf.Map { return d.core.WeirEndpoints }

@@ -27,6 +27,10 @@ type (
 	EndpointKey = coreWeirEndpointKey
 	// Endpoint is a weir_endpoints value.
 	Endpoint = coreWeirEndpoint
+	// AffinityKey keys weir_affinity.
+	AffinityKey = coreWeirAffinityKey
+	// Affinity is a weir_affinity value.
+	Affinity = coreWeirAffinityEntry
 	// Metric is one per-CPU counter of weir_metrics.
 	Metric = coreWeirMetric
 	// Event is one weir_events record.

@@ -57,11 +57,17 @@ type Map interface {
 	Iterate() *ebpf.MapIterator
 }
 
-// Reconciler owns the content of the service, backend and reverse-NAT maps.
+// Maps are the maps a reconciler writes.
+type Maps struct {
+	Services, Backends, RevNAT, Affinity Map
+}
+
+// Reconciler owns the content of the service, backend and reverse-NAT maps,
+// and keeps the affinity map free of choices that are no longer valid.
 type Reconciler struct {
-	maps                       func() (services, backends, revnat Map)
-	services, backends, revnat Map
-	log                        *slog.Logger
+	maps                                 func() Maps
+	services, backends, revnat, affinity Map
+	log                                  *slog.Logger
 
 	frontends  map[frontendKey]*frontendState
 	backendIDs map[backendKey]uint32
@@ -75,19 +81,21 @@ type Reconciler struct {
 	dirty bool
 }
 
-// New returns a reconciler over the three maps. It reads them (restoring
-// the IDs in use) on its first Apply.
-func New(services, backends, revnat Map, log *slog.Logger) *Reconciler {
-	return newReconciler(func() (Map, Map, Map) { return services, backends, revnat }, log)
+// New returns a reconciler over the maps. It reads them (restoring the IDs
+// in use) on its first Apply.
+func New(m Maps, log *slog.Logger) *Reconciler {
+	return newReconciler(func() Maps { return m }, log)
 }
 
 // NewFromDatapath is New over a datapath's shared maps, which need not be
 // loaded yet.
 func NewFromDatapath(dp *datapath.Datapath, log *slog.Logger) *Reconciler {
-	return newReconciler(func() (Map, Map, Map) { return dp.Services(), dp.Backends(), dp.RevNAT() }, log)
+	return newReconciler(func() Maps {
+		return Maps{Services: dp.Services(), Backends: dp.Backends(), RevNAT: dp.RevNAT(), Affinity: dp.Affinity()}
+	}, log)
 }
 
-func newReconciler(maps func() (Map, Map, Map), log *slog.Logger) *Reconciler {
+func newReconciler(maps func() Maps, log *slog.Logger) *Reconciler {
 	if log == nil {
 		log = slog.Default()
 	}
@@ -95,7 +103,8 @@ func newReconciler(maps func() (Map, Map, Map), log *slog.Logger) *Reconciler {
 }
 
 func (r *Reconciler) restore() error {
-	r.services, r.backends, r.revnat = r.maps()
+	m := r.maps()
+	r.services, r.backends, r.revnat, r.affinity = m.Services, m.Backends, m.RevNAT, m.Affinity
 	r.frontends = map[frontendKey]*frontendState{}
 	r.backendIDs = map[backendKey]uint32{}
 	r.backendsBy = map[uint32]datapath.Backend{}
@@ -227,7 +236,18 @@ func (r *Reconciler) Apply(snap *model.Snapshot) error {
 	return err
 }
 
+// affinityKey is a (reverse NAT id, backend id) pair whose affinity
+// entries must go: the backend left the frontend.
+type affinityKey struct {
+	revNAT  uint16
+	backend uint32
+}
+
 func (r *Reconciler) apply(snap *model.Snapshot) error {
+	// Affinity entries pointing where a client may no longer go.
+	lost := map[affinityKey]bool{}
+	gone := map[uint16]bool{}
+	defer func() { r.pruneAffinity(lost, gone) }()
 	desired := map[frontendKey]*desiredFrontend{}
 	// A backend address used by several frontends is one backend; it takes
 	// new flows when any frontend lists it as active.
@@ -276,6 +296,7 @@ func (r *Reconciler) apply(snap *model.Snapshot) error {
 	}
 	slices.SortFunc(stale, compareFrontendKeys)
 	for _, fk := range stale {
+		gone[r.frontends[fk].master.RevNat] = true
 		if err := r.deleteFrontend(fk); err != nil {
 			return err
 		}
@@ -316,6 +337,17 @@ func (r *Reconciler) apply(snap *model.Snapshot) error {
 
 	// 3. Frontends: reverse NAT, slots, master, then leftover slots.
 	for _, fk := range order {
+		if st := r.frontends[fk]; st != nil {
+			keep := map[uint32]bool{}
+			for _, bk := range desired[fk].slots {
+				keep[r.backendIDs[bk]] = true
+			}
+			for _, id := range st.slots {
+				if !keep[id] {
+					lost[affinityKey{st.master.RevNat, id}] = true
+				}
+			}
+		}
 		if err := r.writeFrontend(fk, desired[fk]); err != nil {
 			return err
 		}
@@ -428,6 +460,34 @@ func (r *Reconciler) deleteFrontend(fk frontendKey) error {
 	}
 	delete(r.frontends, fk)
 	return nil
+}
+
+// pruneAffinity deletes the affinity entries of deleted frontends and of
+// backends that left a frontend, so a returning client is not sent where
+// the frontend no longer goes.
+func (r *Reconciler) pruneAffinity(lost map[affinityKey]bool, gone map[uint16]bool) {
+	if r.affinity == nil || len(lost) == 0 && len(gone) == 0 {
+		return
+	}
+	var (
+		k     datapath.AffinityKey
+		v     datapath.Affinity
+		stale []datapath.AffinityKey
+	)
+	it := r.affinity.Iterate()
+	for it.Next(&k, &v) {
+		if gone[k.RevNat] || lost[affinityKey{k.RevNat, v.BackendId}] {
+			stale = append(stale, k)
+		}
+	}
+	if err := it.Err(); err != nil {
+		r.log.Warn("reading the affinity map", "err", err)
+	}
+	for _, k := range stale {
+		if err := r.affinity.Delete(k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			r.log.Warn("deleting an affinity entry", "err", err)
+		}
+	}
 }
 
 func compareBackendKeys(a, b backendKey) int {

@@ -16,9 +16,9 @@ import (
 // maps bundles a datapath's three LB maps, each wrapped so that after every
 // single write the test checks what a packet could observe at that moment.
 type maps struct {
-	t                          *testing.T
-	services, backends, revnat *ebpf.Map
-	writes                     int
+	t                                    *testing.T
+	services, backends, revnat, affinity *ebpf.Map
+	writes                               int
 }
 
 type checked struct {
@@ -76,12 +76,12 @@ func (m *maps) checkReaderView() {
 
 func newMaps(t *testing.T) *maps {
 	dp := dptest.Open(t)
-	return &maps{t: t, services: dp.Services(), backends: dp.Backends(), revnat: dp.RevNAT()}
+	return &maps{t: t, services: dp.Services(), backends: dp.Backends(), revnat: dp.RevNAT(), affinity: dp.Affinity()}
 }
 
 func (m *maps) reconciler() *Reconciler {
 	m.t.Helper()
-	return New(checked{m.services, m}, checked{m.backends, m}, checked{m.revnat, m}, nil)
+	return New(Maps{Services: checked{m.services, m}, Backends: checked{m.backends, m}, RevNAT: checked{m.revnat, m}, Affinity: m.affinity}, nil)
 }
 
 func ap(s string) netip.AddrPort { return netip.MustParseAddrPort(s) }
@@ -350,6 +350,7 @@ func TestFailedApplyRecovers(t *testing.T) {
 		services: newMap(info(dp.Services()), 6),
 		backends: newMap(info(dp.Backends()), 64),
 		revnat:   newMap(info(dp.RevNAT()), 64),
+		affinity: dp.Affinity(),
 	}
 	r := m.reconciler()
 	apply(t, r, snap(svc("web", "10.96.0.10:80", model.TCP, "10.244.1.11:8080", "10.244.1.12:8080")))
@@ -383,4 +384,63 @@ func TestFailedApplyRecovers(t *testing.T) {
 	if n := m.count(m.backends); n != 2 {
 		t.Fatalf("backends map has %d entries, want 2", n)
 	}
+}
+
+// Affinity entries that point where the frontend no longer goes (a backend
+// that left it, or a deleted frontend) are removed; others stay.
+func TestAffinityIsPrunedWithBackends(t *testing.T) {
+	m := newMaps(t)
+	r := m.reconciler()
+	web := svc("web", "10.96.0.10:80", model.TCP, "10.244.1.11:8080", "10.244.1.12:8080")
+	web.AffinityTimeout = 10800
+	dns := svc("dns", "10.96.0.53:53", model.UDP, "10.244.1.11:5353")
+	dns.AffinityTimeout = 60
+	apply(t, r, snap(web, dns))
+	v, _ := m.frontend("10.96.0.10:80", model.TCP)
+	d, _ := m.frontend("10.96.0.53:53", model.UDP)
+	put := func(client string, revnat uint16, backend uint32) datapath.AffinityKey {
+		k := datapath.AffinityKey{Client: datapath.AddrToBE(netip.MustParseAddr(client)), RevNat: revnat}
+		if err := m.affinity.Put(k, datapath.Affinity{BackendId: backend, LastUsed: 1}); err != nil {
+			t.Fatal(err)
+		}
+		return k
+	}
+	on11 := put("10.244.1.50", v.revnat, v.backends["10.244.1.11:8080"])
+	on12 := put("10.244.1.51", v.revnat, v.backends["10.244.1.12:8080"])
+	onDNS := put("10.244.1.50", d.revnat, d.backends["10.244.1.11:5353"])
+
+	// 10.244.1.12 leaves web: only the entry pointing at it goes.
+	web2 := svc("web", "10.96.0.10:80", model.TCP, "10.244.1.11:8080")
+	web2.AffinityTimeout = 10800
+	apply(t, r, snap(web2, dns))
+	var a datapath.Affinity
+	if err := m.affinity.Lookup(on12, &a); err == nil {
+		t.Fatal("affinity to a backend that left the frontend survived")
+	}
+	for _, k := range []datapath.AffinityKey{on11, onDNS} {
+		if err := m.affinity.Lookup(k, &a); err != nil {
+			t.Fatalf("affinity entry %+v of a live backend was removed: %v", k, err)
+		}
+	}
+	if m.frontendMaster("10.96.0.10:80", model.TCP).AffinityTimeout != 10800 {
+		t.Fatal("master lost its affinity timeout")
+	}
+	// dns is deleted: its entries go.
+	apply(t, r, snap(web2))
+	if err := m.affinity.Lookup(onDNS, &a); err == nil {
+		t.Fatal("affinity of a deleted frontend survived")
+	}
+	if err := m.affinity.Lookup(on11, &a); err != nil {
+		t.Fatalf("unrelated affinity removed: %v", err)
+	}
+}
+
+func (m *maps) frontendMaster(front string, proto model.Proto) datapath.ServiceValue {
+	m.t.Helper()
+	a := ap(front)
+	var v datapath.ServiceValue
+	if err := m.services.Lookup(datapath.ServiceKey{Addr: datapath.AddrToBE(a.Addr()), Port: datapath.PortToBE(a.Port()), Proto: uint8(proto)}, &v); err != nil {
+		m.t.Fatal(err)
+	}
+	return v
 }

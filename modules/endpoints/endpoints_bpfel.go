@@ -16,6 +16,7 @@ import (
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
+	endpointsMapWeirAffinity       = "weir_affinity"
 	endpointsMapWeirBackends       = "weir_backends"
 	endpointsMapWeirCalls          = "weir_calls"
 	endpointsMapWeirCt             = "weir_ct"
@@ -84,6 +85,7 @@ type endpointsProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type endpointsMapSpecs struct {
+	WeirAffinity  *ebpf.MapSpec `ebpf:"weir_affinity"`
 	WeirBackends  *ebpf.MapSpec `ebpf:"weir_backends"`
 	WeirCalls     *ebpf.MapSpec `ebpf:"weir_calls"`
 	WeirCt        *ebpf.MapSpec `ebpf:"weir_ct"`
@@ -124,6 +126,7 @@ func (o *endpointsObjects) Close() error {
 //
 // It can be passed to loadEndpointsObjects or ebpf.CollectionSpec.LoadAndAssign.
 type endpointsMaps struct {
+	WeirAffinity  *ebpf.Map `ebpf:"weir_affinity"`
 	WeirBackends  *ebpf.Map `ebpf:"weir_backends"`
 	WeirCalls     *ebpf.Map `ebpf:"weir_calls"`
 	WeirCt        *ebpf.Map `ebpf:"weir_ct"`
@@ -137,6 +140,7 @@ type endpointsMaps struct {
 
 func (m *endpointsMaps) Close() error {
 	return _EndpointsClose(
+		m.WeirAffinity,
 		m.WeirBackends,
 		m.WeirCalls,
 		m.WeirCt,

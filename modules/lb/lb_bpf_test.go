@@ -7,6 +7,7 @@ import (
 	"net"
 	"net/netip"
 	"testing"
+	"time"
 
 	"github.com/cilium/ebpf"
 	"github.com/gopacket/gopacket/layers"
@@ -250,6 +251,55 @@ func TestFlowKeepsItsBackend(t *testing.T) {
 		if seen[b] < 50 {
 			t.Errorf("backend %v got %d of 300 flows: %v", b, seen[b], seen)
 		}
+	}
+}
+
+// sessionAffinity ClientIP: every new flow of a client goes to the backend
+// it got first, while other clients still spread; once the timeout passed,
+// the client is balanced afresh.
+func TestSessionAffinity(t *testing.T) {
+	f := newFixture(t, false)
+	web := service("web", netip.AddrPortFrom(vip, 80), model.TCP, 8080, be1, be2, be3)
+	web.AffinityTimeout = 1
+	f.services(web)
+	first := map[netip.Addr]netip.Addr{}
+	seen := map[netip.Addr]bool{}
+	for c := range 30 {
+		cl := netip.AddrFrom4([4]byte{10, 244, 2, byte(c + 1)})
+		for port := uint16(40000); port < 40010; port++ {
+			d := dptest.Decode(t, dptest.Run(t, f.egress, dptest.Build(t, tcp(netip.AddrPortFrom(cl, port), netip.AddrPortFrom(vip, 80)))).Packet)
+			if b, ok := first[cl]; ok && b != d.Dst.Addr() {
+				t.Fatalf("client %v moved from %v to %v on a new flow", cl, b, d.Dst.Addr())
+			}
+			first[cl] = d.Dst.Addr()
+			seen[d.Dst.Addr()] = true
+		}
+	}
+	if len(seen) != 3 {
+		t.Fatalf("30 clients reached only %v", seen)
+	}
+	// After the timeout a client may land anywhere: over 60 new flows
+	// spaced past the timeout it must not always get the same backend.
+	cl := netip.MustParseAddr("10.244.2.1")
+	moved := false
+	for i := range 3 {
+		// Lifetimes count whole seconds: wait past the next boundary.
+		time.Sleep(2100 * time.Millisecond)
+		for port := uint16(41000 + 20*i); port < uint16(41020+20*i); port++ {
+			d := dptest.Decode(t, dptest.Run(t, f.egress, dptest.Build(t, tcp(netip.AddrPortFrom(cl, port), netip.AddrPortFrom(vip, 80)))).Packet)
+			if d.Dst.Addr() != first[cl] {
+				moved = true
+			}
+			if port == uint16(41000+20*i) {
+				first[cl] = d.Dst.Addr()
+			}
+		}
+		if moved {
+			break
+		}
+	}
+	if !moved {
+		t.Fatal("affinity outlived its timeout")
 	}
 }
 

@@ -16,6 +16,7 @@ import (
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
+	lbMapWeirAffinity  = "weir_affinity"
 	lbMapWeirBackends  = "weir_backends"
 	lbMapWeirCalls     = "weir_calls"
 	lbMapWeirCt        = "weir_ct"
@@ -81,6 +82,7 @@ type lbProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type lbMapSpecs struct {
+	WeirAffinity  *ebpf.MapSpec `ebpf:"weir_affinity"`
 	WeirBackends  *ebpf.MapSpec `ebpf:"weir_backends"`
 	WeirCalls     *ebpf.MapSpec `ebpf:"weir_calls"`
 	WeirCt        *ebpf.MapSpec `ebpf:"weir_ct"`
@@ -120,6 +122,7 @@ func (o *lbObjects) Close() error {
 //
 // It can be passed to loadLbObjects or ebpf.CollectionSpec.LoadAndAssign.
 type lbMaps struct {
+	WeirAffinity  *ebpf.Map `ebpf:"weir_affinity"`
 	WeirBackends  *ebpf.Map `ebpf:"weir_backends"`
 	WeirCalls     *ebpf.Map `ebpf:"weir_calls"`
 	WeirCt        *ebpf.Map `ebpf:"weir_ct"`
@@ -133,6 +136,7 @@ type lbMaps struct {
 
 func (m *lbMaps) Close() error {
 	return _LbClose(
+		m.WeirAffinity,
 		m.WeirBackends,
 		m.WeirCalls,
 		m.WeirCt,

@@ -43,3 +43,35 @@ WEIR_INLINE struct weir_backend *weir_lb_pick(struct weir_svc_key *key, const st
 	*backend_id = slot->backend_id;
 	return bpf_map_lookup_elem(&weir_backends, backend_id);
 }
+
+/* Session affinity (sessionAffinity: ClientIP): a new flow of a client
+ * goes to the backend the client used last, while that is recent enough
+ * and the backend is still active. Returns the backend or NULL. */
+WEIR_INLINE struct weir_backend *weir_lb_affinity(const struct weir_svc_val *svc, __be32 client, __u32 now,
+						  __u32 *backend_id)
+{
+	struct weir_affinity_key key = {.client = client, .rev_nat = svc->rev_nat};
+	struct weir_affinity_entry *a;
+	struct weir_backend *be;
+
+	if (!(svc->flags2 & WEIR_SVC_F2_AFFINITY))
+		return NULL;
+	a = bpf_map_lookup_elem(&weir_affinity, &key);
+	if (!a || now - a->last_used > svc->affinity_timeout)
+		return NULL;
+	be = bpf_map_lookup_elem(&weir_backends, &a->backend_id);
+	if (!be || be->state != WEIR_BACKEND_ACTIVE)
+		return NULL;
+	*backend_id = a->backend_id;
+	return be;
+}
+
+/* Remembers the backend a client got, for session affinity. */
+WEIR_INLINE void weir_lb_affinity_update(const struct weir_svc_val *svc, __be32 client, __u32 backend_id, __u32 now)
+{
+	struct weir_affinity_key key = {.client = client, .rev_nat = svc->rev_nat};
+	struct weir_affinity_entry val = {.backend_id = backend_id, .last_used = now};
+
+	if (svc->flags2 & WEIR_SVC_F2_AFFINITY)
+		bpf_map_update_elem(&weir_affinity, &key, &val, BPF_ANY);
+}

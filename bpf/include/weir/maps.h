@@ -195,6 +195,19 @@ struct weir_endpoint {
 	__u8 node_mac[6];  /* the host side: the pod's gateway */
 };
 
+/* weir_affinity: sessionAffinity ClientIP, the backend a client last got
+ * from a frontend (by reverse NAT id) and when. */
+struct weir_affinity_key {
+	__be32 client;
+	__u16 rev_nat;
+	__u16 pad;
+};
+
+struct weir_affinity_entry {
+	__u32 backend_id;
+	__u32 last_used; /* boot-clock seconds */
+};
+
 /* weir_metrics: per-CPU counters, index = hook * WEIR_REASON_MAX + reason. */
 struct weir_metric {
 	__u64 packets;
@@ -270,6 +283,14 @@ struct {
 	__type(value, struct weir_ct_entry);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } weir_ct SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct weir_affinity_key);
+	__type(value, struct weir_affinity_entry);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} weir_affinity SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
