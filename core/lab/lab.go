@@ -14,11 +14,9 @@ import (
 	"net"
 	"net/netip"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
-	"syscall"
 	"time"
 
 	"github.com/vishvananda/netlink"
@@ -26,6 +24,7 @@ import (
 	"github.com/weirnet/weir/core/api"
 	"github.com/weirnet/weir/core/mounts"
 	"github.com/weirnet/weir/core/netns"
+	"github.com/weirnet/weir/core/proc"
 )
 
 // Default locations of lab state.
@@ -70,8 +69,6 @@ type Lab struct {
 	Options  Options `json:"-"`
 	// Cgroup is the lab's cgroup v2 directory.
 	Cgroup string `json:"cgroup"`
-
-	children map[int]*exec.Cmd
 }
 
 // Node is a lab node.
@@ -184,7 +181,7 @@ func Up(ctx context.Context, spec *Spec, opts Options) (l *Lab, err error) {
 		return nil, err
 	}
 	l = &Lab{Spec: *spec, Dir: dir, Underlay: spec.Name + "-ul", Options: opts,
-		Cgroup: filepath.Join(cgRoot, "weir-lab", spec.Name), children: map[int]*exec.Cmd{}}
+		Cgroup: filepath.Join(cgRoot, "weir-lab", spec.Name)}
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("creating lab state directory: %w", err)
 	}
@@ -391,10 +388,10 @@ func (l *Lab) StartAgent(ctx context.Context, node string) error {
 	if n == nil {
 		return fmt.Errorf("no node %q", node)
 	}
-	if n.AgentPID != 0 && alive(n.AgentPID) {
+	if n.AgentPID != 0 && proc.Alive(n.AgentPID) {
 		return fmt.Errorf("the agent of node %s is already running (pid %d)", node, n.AgentPID)
 	}
-	args := []string{"--net=" + n.NetnsPath(), "--", l.Options.AgentBinary,
+	args := []string{
 		"--config", n.Config,
 		"--node-name", n.Name,
 		"--node-labels", joinLabels(n.Labels),
@@ -405,7 +402,7 @@ func (l *Lab) StartAgent(ctx context.Context, node string) error {
 		"--cgroup", n.Cgroup,
 	}
 	args = append(args, l.Options.AgentArgs...)
-	pid, err := l.spawn(n.Log, filepath.Join(n.Cgroup, "agent"), "nsenter", args...)
+	pid, err := proc.Start(proc.Spec{Path: l.Options.AgentBinary, Args: args, Netns: n.NetnsPath(), LogFile: n.Log, Cgroup: filepath.Join(n.Cgroup, "agent")})
 	if err != nil {
 		return fmt.Errorf("starting the agent of node %s: %w", node, err)
 	}
@@ -425,12 +422,12 @@ func (l *Lab) waitReady(ctx context.Context, n *Node) error {
 		if err == nil && st.Ready {
 			return nil
 		}
-		if !alive(n.AgentPID) {
-			return fmt.Errorf("the agent of node %s exited:\n%s", n.Name, tail(n.Log, 25))
+		if !proc.Alive(n.AgentPID) {
+			return fmt.Errorf("the agent of node %s exited:\n%s", n.Name, proc.Tail(n.Log, 25))
 		}
 		select {
 		case <-ctx.Done():
-			return fmt.Errorf("the agent of node %s did not become ready (last error: %v):\n%s", n.Name, err, tail(n.Log, 25))
+			return fmt.Errorf("the agent of node %s did not become ready (last error: %v):\n%s", n.Name, err, proc.Tail(n.Log, 25))
 		case <-time.After(100 * time.Millisecond):
 		}
 	}
@@ -443,9 +440,7 @@ func (l *Lab) StopAgent(node string) error {
 	if n == nil {
 		return fmt.Errorf("no node %q", node)
 	}
-	if err := l.stop(n.AgentPID, "weir-agent"); err != nil {
-		return fmt.Errorf("stopping the agent of node %s: %w", node, err)
-	}
+	proc.Stop(n.AgentPID, "weir-agent", 15*time.Second)
 	n.AgentPID = 0
 	return l.save()
 }
@@ -467,10 +462,10 @@ func (l *Lab) addPod(ctx context.Context, n *Node, ps PodSpec) error {
 		return err
 	}
 	if l.Options.ServeBinary != "" && !p.Serve.Empty() {
-		args := []string{"--net=" + path, "--", l.Options.ServeBinary, "lab", "serve", "--name", p.Name,
+		args := []string{"lab", "serve", "--name", p.Name,
 			"--http", strconv.Itoa(p.Serve.HTTP), "--udp", strconv.Itoa(p.Serve.UDP), "--echo", strconv.Itoa(p.Serve.Echo)}
 		logf := filepath.Join(l.Dir, n.Name, "pod-"+p.Name+".log")
-		pid, err := l.spawn(logf, filepath.Join(n.Cgroup, "pods"), "nsenter", args...)
+		pid, err := proc.Start(proc.Spec{Path: l.Options.ServeBinary, Args: args, Netns: path, LogFile: logf, Cgroup: filepath.Join(n.Cgroup, "pods")})
 		if err != nil {
 			return err
 		}
@@ -479,81 +474,15 @@ func (l *Lab) addPod(ctx context.Context, n *Node, ps PodSpec) error {
 	return l.save()
 }
 
-// spawn starts a detached process logging to logFile and moves it into the
-// cgroup directory.
-func (l *Lab) spawn(logFile, cgroup, name string, args ...string) (int, error) {
-	f, err := os.OpenFile(logFile, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
-	if err != nil {
-		return 0, err
-	}
-	defer f.Close()
-	cmd := exec.Command(name, args...)
-	cmd.Stdout, cmd.Stderr = f, f
-	// Its own session: the lab outlives the command that built it.
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
-	if err := cmd.Start(); err != nil {
-		return 0, err
-	}
-	pid := cmd.Process.Pid
-	if l.children == nil {
-		l.children = map[int]*exec.Cmd{}
-	}
-	l.children[pid] = cmd
-	// Reap it when it exits, so a stopped child never lingers as a zombie.
-	go func() { _ = cmd.Wait() }()
-	if err := os.WriteFile(filepath.Join(cgroup, "cgroup.procs"), []byte(strconv.Itoa(pid)), 0o644); err != nil {
-		l.Options.Logger.Warn("placing process in cgroup", "pid", pid, "cgroup", cgroup, "err", err)
-	}
-	return pid, nil
-}
-
-// stop sends SIGTERM to a process of ours and waits for it, then SIGKILL.
-// A pid whose command line does not mention want is not ours any more.
-func (l *Lab) stop(pid int, want string) error {
-	if pid == 0 || !alive(pid) {
-		return nil
-	}
-	if cmdline, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid)); !strings.Contains(string(cmdline), want) {
-		return nil
-	}
-	_ = syscall.Kill(pid, syscall.SIGTERM)
-	deadline := time.Now().Add(15 * time.Second)
-	for alive(pid) {
-		if time.Now().After(deadline) {
-			_ = syscall.Kill(pid, syscall.SIGKILL)
-			deadline = time.Now().Add(5 * time.Second)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-	return nil
-}
-
-// alive reports whether pid runs (a zombie does not count).
-func alive(pid int) bool {
-	if pid <= 0 {
-		return false
-	}
-	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
-	if err != nil {
-		return false
-	}
-	// The state follows the parenthesised command name.
-	s := string(data)
-	if i := strings.LastIndexByte(s, ')'); i >= 0 && i+2 < len(s) {
-		return s[i+2] != 'Z' && s[i+2] != 'X'
-	}
-	return true
-}
-
 // Down removes everything the lab made; it carries on past errors and
 // reports them together.
 func (l *Lab) Down() error {
 	var errs []error
 	for _, n := range l.Nodes {
 		for _, p := range n.Pods {
-			errs = append(errs, l.stop(p.ServerPID, "lab"))
+			proc.Stop(p.ServerPID, "lab", 5*time.Second)
 		}
-		errs = append(errs, l.stop(n.AgentPID, "weir-agent"))
+		proc.Stop(n.AgentPID, "weir-agent", 15*time.Second)
 	}
 	for _, n := range l.Nodes {
 		for _, p := range n.Pods {
@@ -625,17 +554,4 @@ func joinLabels(m map[string]string) string {
 		parts = append(parts, k+"="+v)
 	}
 	return strings.Join(parts, ",")
-}
-
-// tail returns the last n lines of a file, for error messages.
-func tail(path string, n int) string {
-	data, err := os.ReadFile(path)
-	if err != nil {
-		return ""
-	}
-	lines := strings.Split(strings.TrimRight(string(data), "\n"), "\n")
-	if len(lines) > n {
-		lines = lines[len(lines)-n:]
-	}
-	return strings.Join(lines, "\n")
 }

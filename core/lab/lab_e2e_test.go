@@ -23,6 +23,7 @@ import (
 	"github.com/weirnet/weir/core/datapath"
 	"github.com/weirnet/weir/core/mounts"
 	"github.com/weirnet/weir/core/netns"
+	"github.com/weirnet/weir/core/proc"
 )
 
 // Binaries built once for the package's tests.
@@ -112,7 +113,7 @@ func up(t *testing.T, spec *Spec) *Lab {
 		}
 		if t.Failed() {
 			for _, n := range l.Nodes {
-				t.Logf("agent log of %s:\n%s", n.Name, tail(n.Log, 40))
+				t.Logf("agent log of %s:\n%s", n.Name, proc.Tail(n.Log, 40))
 			}
 		}
 		if err := l.Down(); err != nil {
@@ -151,7 +152,7 @@ func assertGone(t *testing.T, l *Lab) {
 		}
 	}
 	for _, n := range l.Nodes {
-		if alive(n.AgentPID) {
+		if proc.Alive(n.AgentPID) {
 			t.Errorf("agent of %s (pid %d) still running", n.Name, n.AgentPID)
 		}
 	}

@@ -124,14 +124,7 @@ func lineEcho(name string, ln net.Listener) {
 
 // Dial opens a connection from inside the namespace at nsPath.
 func Dial(ctx context.Context, nsPath, network, addr string) (net.Conn, error) {
-	var c net.Conn
-	err := netns.Do(nsPath, func() error {
-		var d net.Dialer
-		var err error
-		c, err = d.DialContext(ctx, network, addr)
-		return err
-	})
-	return c, err
+	return netns.Dial(ctx, nsPath, network, addr)
 }
 
 // HTTPClient returns a client whose connections start inside the namespace

@@ -3,8 +3,10 @@
 package netns
 
 import (
+	"context"
 	"errors"
 	"fmt"
+	"net"
 	"os"
 	"path/filepath"
 	"runtime"
@@ -112,4 +114,16 @@ func Handle(path string) (*netlink.Handle, error) {
 // Open returns a handle to the namespace at path, for APIs that take one.
 func Open(path string) (vns.NsHandle, error) {
 	return vns.GetFromPath(path)
+}
+
+// Dial opens a connection whose socket lives in the namespace at path.
+func Dial(ctx context.Context, path, network, addr string) (net.Conn, error) {
+	var c net.Conn
+	err := Do(path, func() error {
+		var d net.Dialer
+		var err error
+		c, err = d.DialContext(ctx, network, addr)
+		return err
+	})
+	return c, err
 }
