@@ -75,6 +75,7 @@ type Reconciler struct {
 	revnatUsed map[uint16]netip.AddrPort
 	nextBE     uint32
 	nextRevNAT uint16
+	node       string
 	// dirty forces a read of the maps before the next apply: at first, to
 	// restore what a previous agent wrote, and after a write failed
 	// part-way.
@@ -94,6 +95,10 @@ func NewFromDatapath(dp *datapath.Datapath, log *slog.Logger) *Reconciler {
 		return Maps{Services: dp.Services(), Backends: dp.Backends(), RevNAT: dp.RevNAT(), Affinity: dp.Affinity()}
 	}, log)
 }
+
+// SetNode names the node the maps serve, which decides the backends of
+// frontends with a Local traffic policy. Call it before the first Apply.
+func (r *Reconciler) SetNode(name string) { r.node = name }
 
 func newReconciler(maps func() Maps, log *slog.Logger) *Reconciler {
 	if log == nil {
@@ -216,6 +221,7 @@ func (r *Reconciler) allocRevNAT() (uint16, error) {
 type desiredFrontend struct {
 	typ      model.FrontendType
 	affinity uint32
+	flags2   uint8
 	slots    []backendKey
 }
 
@@ -254,35 +260,15 @@ func (r *Reconciler) apply(snap *model.Snapshot) error {
 	wantBE := map[backendKey]model.BackendState{}
 	var order []frontendKey
 	for _, fo := range snap.Frontends() {
-		f := fo.Frontend
-		fk := frontendKey{addr: f.Addr, proto: f.Proto, scope: datapath.ScopeExternal}
-		df := &desiredFrontend{typ: f.Type, affinity: fo.Service.AffinityTimeout}
-		var active, terminating []backendKey
-		seen := map[backendKey]bool{}
-		for _, b := range f.Backends {
-			bk := backendKey{addr: b.Addr, proto: f.Proto}
-			if seen[bk] {
-				continue
+		for _, sf := range r.scoped(fo) {
+			for _, bk := range sf.all {
+				if st, ok := wantBE[bk.key]; !ok || st == model.Terminating {
+					wantBE[bk.key] = bk.state
+				}
 			}
-			seen[bk] = true
-			if st, ok := wantBE[bk]; !ok || st == model.Terminating {
-				wantBE[bk] = b.State
-			}
-			if b.State == model.Active {
-				active = append(active, bk)
-			} else {
-				terminating = append(terminating, bk)
-			}
+			desired[sf.key] = sf.df
+			order = append(order, sf.key)
 		}
-		// Serving-but-terminating backends take new flows only when
-		// nothing else can.
-		df.slots = active
-		if len(active) == 0 {
-			df.slots = terminating
-		}
-		slices.SortFunc(df.slots, compareBackendKeys)
-		desired[fk] = df
-		order = append(order, fk)
 	}
 
 	// 1. Frontends nobody wants any more go first: they share nothing with
@@ -421,9 +407,8 @@ func (r *Reconciler) writeFrontend(fk frontendKey, df *desiredFrontend) error {
 		}
 	}
 
-	master := datapath.ServiceValue{Count: uint16(len(ids)), RevNat: rid, Type: uint8(df.typ)}
+	master := datapath.ServiceValue{Count: uint16(len(ids)), RevNat: rid, Type: uint8(df.typ), Flags2: df.flags2}
 	if df.affinity > 0 {
-		master.Flags2 |= datapath.SvcFlagAffinity
 		master.AffinityTimeout = df.affinity
 	}
 	if st.master != master {
@@ -460,6 +445,86 @@ func (r *Reconciler) deleteFrontend(fk frontendKey) error {
 	}
 	delete(r.frontends, fk)
 	return nil
+}
+
+type scopedBackend struct {
+	key   backendKey
+	state model.BackendState
+}
+
+// scopedFrontend is one map frontend (an address in one scope) derived
+// from a model frontend.
+type scopedFrontend struct {
+	key frontendKey
+	df  *desiredFrontend
+	// all are the frontend's backends in this scope, terminating ones
+	// included: they stay in the backend map for their flows.
+	all []scopedBackend
+}
+
+// scoped turns a model frontend into the map frontends this node needs.
+// A ClusterIP serves in-cluster traffic only: one entry, with the node's
+// own backends under internalTrafficPolicy Local. An external-facing
+// frontend with externalTrafficPolicy Local gets two: the external scope
+// with the node's own backends (flagged, so in-cluster lookups move on)
+// and the internal scope with every backend.
+func (r *Reconciler) scoped(fo model.FrontendOf) []scopedFrontend {
+	f := fo.Frontend
+	all := f.Backends
+	local := make([]model.Backend, 0, len(all))
+	for _, b := range all {
+		if b.NodeName == r.node {
+			local = append(local, b)
+		}
+	}
+	mk := func(scope uint8, bes []model.Backend, flags2 uint8) scopedFrontend {
+		sf := scopedFrontend{
+			key: frontendKey{addr: f.Addr, proto: f.Proto, scope: scope},
+			df:  &desiredFrontend{typ: f.Type, affinity: fo.Service.AffinityTimeout, flags2: flags2},
+		}
+		if sf.df.affinity > 0 {
+			sf.df.flags2 |= datapath.SvcFlagAffinity
+		}
+		var active, terminating []backendKey
+		seen := map[backendKey]bool{}
+		for _, b := range bes {
+			bk := backendKey{addr: b.Addr, proto: f.Proto}
+			if seen[bk] {
+				continue
+			}
+			seen[bk] = true
+			sf.all = append(sf.all, scopedBackend{bk, b.State})
+			if b.State == model.Active {
+				active = append(active, bk)
+			} else {
+				terminating = append(terminating, bk)
+			}
+		}
+		// Serving-but-terminating backends take new flows only when
+		// nothing else can.
+		sf.df.slots = active
+		if len(active) == 0 {
+			sf.df.slots = terminating
+		}
+		slices.SortFunc(sf.df.slots, compareBackendKeys)
+		return sf
+	}
+	if f.Type == model.ClusterIP {
+		if f.InternalLocal {
+			return []scopedFrontend{mk(datapath.ScopeExternal, local, 0)}
+		}
+		return []scopedFrontend{mk(datapath.ScopeExternal, all, 0)}
+	}
+	if f.ExternalLocal && len(local) != len(all) {
+		return []scopedFrontend{
+			mk(datapath.ScopeExternal, local, datapath.SvcFlagTwoScopes),
+			mk(datapath.ScopeInternal, all, 0),
+		}
+	}
+	if f.ExternalLocal {
+		return []scopedFrontend{mk(datapath.ScopeExternal, local, 0)}
+	}
+	return []scopedFrontend{mk(datapath.ScopeExternal, all, 0)}
 }
 
 // pruneAffinity deletes the affinity entries of deleted frontends and of

@@ -444,3 +444,53 @@ func (m *maps) frontendMaster(front string, proto model.Proto) datapath.ServiceV
 	}
 	return v
 }
+
+// Traffic policies decide the backends per node: internalTrafficPolicy
+// Local keeps a ClusterIP on the node's own backends; externalTrafficPolicy
+// Local gives an external frontend the node's own backends for outside
+// traffic (flagged) and every backend for in-cluster clients.
+func TestTrafficPolicyScopes(t *testing.T) {
+	m := newMaps(t)
+	r := m.reconciler()
+	r.SetNode("n1")
+	backends := []model.Backend{
+		{Addr: ap("10.244.1.11:8080"), NodeName: "n1"},
+		{Addr: ap("10.244.2.11:8080"), NodeName: "n2"},
+		{Addr: ap("10.244.2.12:8080"), NodeName: "n2"},
+	}
+	cluster := &model.Service{Name: model.ServiceName{Namespace: "default", Name: "web"}, Frontends: []model.Frontend{
+		{Addr: ap("10.96.0.10:80"), Proto: model.TCP, Type: model.ClusterIP, Backends: backends, InternalLocal: true},
+		{Addr: ap("192.0.2.10:80"), Proto: model.TCP, Type: model.ExternalIP, Backends: backends, ExternalLocal: true},
+		{Addr: ap("192.0.2.11:80"), Proto: model.TCP, Type: model.LoadBalancer, Backends: backends},
+	}}
+	apply(t, r, snap(cluster))
+
+	v, _ := m.frontend("10.96.0.10:80", model.TCP)
+	if v.count != 1 || v.backends["10.244.1.11:8080"] == 0 {
+		t.Fatalf("ClusterIP with internalTrafficPolicy Local: %+v", v)
+	}
+	ext := m.frontendMaster("192.0.2.10:80", model.TCP)
+	if ext.Count != 1 || ext.Flags2&datapath.SvcFlagTwoScopes == 0 {
+		t.Fatalf("external scope of an externalTrafficPolicy Local frontend: %+v", ext)
+	}
+	var in datapath.ServiceValue
+	a := ap("192.0.2.10:80")
+	if err := m.services.Lookup(datapath.ServiceKey{Addr: datapath.AddrToBE(a.Addr()), Port: datapath.PortToBE(80), Proto: 6, Scope: datapath.ScopeInternal}, &in); err != nil || in.Count != 3 {
+		t.Fatalf("internal scope: %+v %v", in, err)
+	}
+	if lb := m.frontendMaster("192.0.2.11:80", model.TCP); lb.Count != 3 || lb.Flags2&datapath.SvcFlagTwoScopes != 0 {
+		t.Fatalf("Cluster policy frontend: %+v", lb)
+	}
+
+	// The node's own backend goes: the Local ClusterIP has none (traffic
+	// is dropped, as kube-proxy does), the remote ones stay elsewhere.
+	cluster.Frontends[0].Backends = backends[1:]
+	cluster.Frontends[1].Backends = backends[1:]
+	apply(t, r, snap(cluster))
+	if v, _ := m.frontend("10.96.0.10:80", model.TCP); v.count != 0 {
+		t.Fatalf("Local ClusterIP without local backends: %+v", v)
+	}
+	if ext := m.frontendMaster("192.0.2.10:80", model.TCP); ext.Count != 0 || ext.Flags2&datapath.SvcFlagTwoScopes == 0 {
+		t.Fatalf("external scope without local backends: %+v", ext)
+	}
+}

@@ -111,6 +111,14 @@ type Frontend struct {
 	Type     FrontendType
 	PortName string
 	Backends []Backend
+	// InternalLocal (internalTrafficPolicy: Local) sends in-cluster
+	// traffic to a ClusterIP only to backends on the client's node.
+	InternalLocal bool
+	// ExternalLocal (externalTrafficPolicy: Local) sends traffic from
+	// outside the cluster to a NodePort, load-balancer or external IP only
+	// to backends on the receiving node; in-cluster clients still use
+	// every backend, as with kube-proxy.
+	ExternalLocal bool
 }
 
 // Key identifies the frontend in the datapath.
@@ -131,6 +139,8 @@ type Service struct {
 	// AffinityTimeout, when non-zero, keeps a client on one backend for
 	// that many seconds (sessionAffinity: ClientIP).
 	AffinityTimeout uint32
+	// Source names the source that defined the service.
+	Source string
 }
 
 // Validate checks one service on its own.
