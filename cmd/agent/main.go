@@ -9,8 +9,10 @@ import (
 	"flag"
 	"fmt"
 	"log/slog"
+	"net/netip"
 	"os"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/weirnet/weir/core/agent"
@@ -41,6 +43,9 @@ func run(args []string) error {
 	fs.StringVar(&opts.ServicesFile, "services-file", "", "YAML file of services to serve (standalone mode), watched for changes")
 	fs.StringVar(&opts.APISocket, "api-socket", "/run/weir/agent.sock", "unix socket of the local API")
 	fs.StringVar(&opts.Cgroup, "cgroup", "", "cgroup v2 directory whose sockets this node's socket hooks see")
+	fs.StringVar(&opts.Kubeconfig, "kubeconfig", "", "Kubernetes client configuration (default: in-cluster when available, else standalone)")
+	var podCIDRs string
+	fs.StringVar(&podCIDRs, "pod-cidr", "", "standalone mode: the node's pod ranges, comma-separated (with Kubernetes they come from the Node)")
 	fs.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
 	fs.BoolVar(&logJSON, "log-json", false, "log JSON lines instead of text")
 	if err := fs.Parse(args); err != nil {
@@ -60,32 +65,50 @@ func run(args []string) error {
 	if opts.NodeLabels, err = parseLabels(labels); err != nil {
 		return err
 	}
+	if opts.PodCIDRs, err = parseCIDRs(podCIDRs); err != nil {
+		return err
+	}
 
 	reg, err := modules.Registry()
 	if err != nil {
 		return err
 	}
-	app, eff, err := agent.New(opts, reg)
+	a, err := agent.New(opts, reg)
 	if err != nil {
 		return err
 	}
-	names := make([]string, len(eff.Modules))
-	for i, f := range eff.Modules {
+	names := make([]string, len(a.Effective.Modules))
+	for i, f := range a.Effective.Modules {
 		names[i] = f.Name
 	}
-	opts.Logger.Info("starting", "pool", eff.Pool, "modules", names)
+	opts.Logger.Info("starting", "pool", a.Effective.Pool, "modules", names)
 
 	startCtx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
-	if err := app.Start(startCtx); err != nil {
+	if err := a.App.Start(startCtx); err != nil {
 		return fmt.Errorf("starting: %w", err)
 	}
-	// fx delivers SIGINT and SIGTERM here.
-	sig := <-app.Done()
-	opts.Logger.Info("stopping; the datapath keeps forwarding", "signal", sig.String())
+	restart := ""
+	select {
+	case sig := <-a.App.Done(): // fx delivers SIGINT and SIGTERM here
+		opts.Logger.Info("stopping; the datapath keeps forwarding", "signal", sig.String())
+	case restart = <-a.Restart:
+		opts.Logger.Info("restarting; the datapath keeps forwarding", "reason", restart)
+	}
 	stopCtx, cancel2 := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel2()
-	return app.Stop(stopCtx)
+	if err := a.App.Stop(stopCtx); err != nil {
+		return err
+	}
+	if restart != "" {
+		// A new process image: the same flags, the new configuration.
+		self, err := os.Executable()
+		if err != nil {
+			return err
+		}
+		return syscall.Exec(self, os.Args, os.Environ())
+	}
+	return nil
 }
 
 // parseLabels reads "k=v,k2=v2".
@@ -100,6 +123,23 @@ func parseLabels(s string) (map[string]string, error) {
 			return nil, errors.New("--node-labels: " + kv + " is not key=value")
 		}
 		out[k] = v
+	}
+	return out, nil
+}
+
+// parseCIDRs reads "10.244.1.0/24,..." into canonical prefixes.
+func parseCIDRs(s string) ([]string, error) {
+	var out []string
+	for _, c := range strings.Split(s, ",") {
+		c = strings.TrimSpace(c)
+		if c == "" {
+			continue
+		}
+		p, err := netip.ParsePrefix(c)
+		if err != nil || !p.Addr().Is4() || p.Masked() != p {
+			return nil, errors.New("--pod-cidr: " + c + " is not an IPv4 network such as 10.244.1.0/24")
+		}
+		out = append(out, p.String())
 	}
 	return out, nil
 }

@@ -18,6 +18,7 @@ import (
 
 	"go.uber.org/fx"
 	"go.uber.org/fx/fxevent"
+	"k8s.io/client-go/kubernetes"
 
 	"github.com/weirnet/weir/core/api"
 	"github.com/weirnet/weir/core/config"
@@ -39,7 +40,14 @@ type Options struct {
 	ServicesFile string
 	APISocket    string
 	Cgroup       string
-	Logger       *slog.Logger
+	// Kubeconfig is the Kubernetes client configuration; empty uses the
+	// in-cluster configuration when there is one, and otherwise the agent
+	// runs standalone.
+	Kubeconfig string
+	// PodCIDRs are the node's pod ranges in standalone mode; with
+	// Kubernetes they come from the Node.
+	PodCIDRs []string
+	Logger   *slog.Logger
 }
 
 // Validate checks the options that have no sensible default.
@@ -63,32 +71,62 @@ func (o *Options) Validate() error {
 	return errors.Join(errs...)
 }
 
-// New loads the configuration, resolves the node's pool and builds the
+// Agent is a composed agent.
+type Agent struct {
+	App       *fx.App
+	Effective *config.Effective
+	// Restart receives a reason when the node's labels or the
+	// configuration file select another module set or other settings: the
+	// caller stops the app and starts the agent again.
+	Restart <-chan string
+}
+
+// New loads the configuration, learns the node's labels (from its Node
+// when Kubernetes is configured), resolves the node's pool and builds the
 // agent. Configuration errors come back before anything is touched.
-func New(opts Options, cat module.Catalog) (*fx.App, *config.Effective, error) {
+func New(opts Options, cat module.Catalog) (*Agent, error) {
 	if err := opts.Validate(); err != nil {
-		return nil, nil, err
+		return nil, err
 	}
 	if opts.Logger == nil {
 		opts.Logger = slog.Default()
 	}
 	cfg, err := config.Load(opts.ConfigPath, cat)
 	if err != nil {
-		return nil, nil, err
+		return nil, err
 	}
-	eff, err := cfg.Resolve(opts.NodeLabels)
+	client, err := kubeClient(opts.Kubeconfig)
 	if err != nil {
-		return nil, nil, err
+		return nil, err
+	}
+	facts := &nodeFacts{Labels: opts.NodeLabels, PodCIDRs: opts.PodCIDRs}
+	if client != nil {
+		routeKlog(opts.Logger)
+		var from string
+		facts, from = readNode(context.Background(), client, &opts)
+		opts.Logger.Info("node labels", "from", from, "labels", facts.Labels)
+	}
+	eff, err := cfg.Resolve(facts.Labels)
+	if err != nil {
+		return nil, err
 	}
 	info := &node.Info{
-		Name: opts.NodeName, Labels: opts.NodeLabels, Pool: eff.Pool,
+		Name: opts.NodeName, Labels: facts.Labels, Pool: eff.Pool,
 		PinDir: opts.PinDir, StateDir: opts.StateDir, Cgroup: opts.Cgroup,
 	}
+	ns := &nodeState{}
+	ns.set(facts)
+	rs := newRestarter()
+	w := &watcher{cfg: cfg, running: eff, node: ns, restart: rs, log: opts.Logger, catalog: cat, path: opts.ConfigPath}
 	var mods []fx.Option
 	for _, f := range eff.Modules {
 		mods = append(mods, f.Provide(eff.Settings[f.Name]))
 	}
 	log := opts.Logger
+	var kube fx.Option = fx.Options()
+	if client != nil {
+		kube = fx.Options(fx.Supply(fx.Annotate(client, fx.As(new(kubernetes.Interface)))), fx.Invoke(startKube))
+	}
 	app := fx.New(
 		fx.WithLogger(func() fxevent.Logger {
 			l := &fxevent.SlogLogger{Logger: log.With("component", "fx")}
@@ -98,7 +136,7 @@ func New(opts Options, cat module.Catalog) (*fx.App, *config.Effective, error) {
 		// Loading BPF objects runs the verifier inside OnStart.
 		fx.StartTimeout(2*time.Minute),
 		fx.StopTimeout(30*time.Second),
-		fx.Supply(info, log, eff, &opts, &installed{}),
+		fx.Supply(info, log, eff, &opts, &installed{}, ns, w),
 		fx.Provide(newDatapath, model.NewStore, newAPI, newReconciler),
 		fx.Options(mods...),
 		// Invoke order is start order: datapath and modules, then the
@@ -107,11 +145,13 @@ func New(opts Options, cat module.Catalog) (*fx.App, *config.Effective, error) {
 		fx.Invoke(compose),
 		fx.Invoke(serveAPI),
 		fx.Invoke(startSources),
+		kube,
+		fx.Invoke(watchConfig),
 	)
 	if err := app.Err(); err != nil {
-		return nil, nil, fmt.Errorf("composing the agent: %w", err)
+		return nil, fmt.Errorf("composing the agent: %w", err)
 	}
-	return app, eff, nil
+	return &Agent{App: app, Effective: eff, Restart: rs.ch}, nil
 }
 
 // newDatapath loads nothing until the agent starts: composing an agent
@@ -131,8 +171,9 @@ func newAPI(opts *Options, log *slog.Logger) *api.Server {
 
 // newReconciler is constructed only when a module asks for it (lb today):
 // nodes that translate no services leave the service maps alone.
-func newReconciler(lc fx.Lifecycle, dp *datapath.Datapath, store *model.Store, log *slog.Logger) *lbmap.Reconciler {
+func newReconciler(lc fx.Lifecycle, dp *datapath.Datapath, store *model.Store, info *node.Info, log *slog.Logger) *lbmap.Reconciler {
 	r := lbmap.NewFromDatapath(dp, log.With("component", "lbmap"))
+	r.SetNode(info.Name)
 	ctx, cancel := context.WithCancel(context.Background())
 	var wg sync.WaitGroup
 	lc.Append(fx.Hook{
@@ -241,6 +282,7 @@ type serveParams struct {
 	Eff       *config.Effective
 	Store     *model.Store
 	Installed *installed
+	Node      *nodeState
 }
 
 func serveAPI(p serveParams) {
@@ -249,9 +291,10 @@ func serveAPI(p serveParams) {
 		names[i] = f.Name
 	}
 	p.API.Handle("GET /v1/status", func(w http.ResponseWriter, _ *http.Request) {
+		_, cidrs := p.Node.get()
 		api.WriteJSON(w, http.StatusOK, api.Status{
 			Node: p.Info.Name, Pool: p.Eff.Pool, Modules: names, PinDir: p.Info.PinDir,
-			Ready: p.Installed.ok.Load() && p.Store.Ready(),
+			Ready: p.Installed.ok.Load() && p.Store.Ready(), PodCIDRs: cidrs,
 		})
 	})
 	p.LC.Append(fx.Hook{OnStart: func(context.Context) error { return p.API.Start() }, OnStop: p.API.Stop})

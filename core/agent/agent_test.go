@@ -69,7 +69,7 @@ func TestAgentRefusesBadModuleSets(t *testing.T) {
 		t.Run(name, func(t *testing.T) {
 			o := opts(t, c.config)
 			o.NodeLabels = c.labels
-			_, _, err := New(o, catalog(t))
+			_, err := New(o, catalog(t))
 			if err == nil {
 				t.Fatal("agent accepted the configuration")
 			}
@@ -87,10 +87,11 @@ func TestAgentResolvesItsPool(t *testing.T) {
 	o.NodeLabels = map[string]string{"pool": "edge"}
 	// Composing touches nothing (the pin dir does not even exist): the
 	// datapath loads when the agent starts.
-	_, eff, err := New(o, catalog(t))
+	a, err := New(o, catalog(t))
 	if err != nil {
 		t.Fatal(err)
 	}
+	eff := a.Effective
 	if _, err := os.Stat(o.PinDir); !os.IsNotExist(err) {
 		t.Fatalf("composing the agent created %s", o.PinDir)
 	}
@@ -104,7 +105,7 @@ func TestAgentResolvesItsPool(t *testing.T) {
 }
 
 func TestAgentNeedsItsFlags(t *testing.T) {
-	_, _, err := New(Options{}, catalog(t))
+	_, err := New(Options{}, catalog(t))
 	if err == nil {
 		t.Fatal("agent accepted empty options")
 	}

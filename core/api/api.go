@@ -58,6 +58,9 @@ type Status struct {
 	// Ready is true once the datapath is installed and every source of
 	// services has synced.
 	Ready bool `json:"ready"`
+	// PodCIDRs are the node's pod address ranges (Node.spec.podCIDRs, or
+	// the --pod-cidr flag), from which the CNI plugin allocates.
+	PodCIDRs []string `json:"podCIDRs"`
 }
 
 // Error is the body of every non-2xx response.

@@ -1,0 +1,310 @@
+package agent
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"log/slog"
+	"maps"
+	"os"
+	"path/filepath"
+	"reflect"
+	"sync"
+	"time"
+
+	"github.com/fsnotify/fsnotify"
+	"go.uber.org/fx"
+
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/rest"
+	"k8s.io/client-go/tools/clientcmd"
+	"k8s.io/klog/v2"
+
+	"github.com/weirnet/weir/core/config"
+	"github.com/weirnet/weir/core/k8ssource"
+	"github.com/weirnet/weir/core/model"
+	"github.com/weirnet/weir/core/module"
+)
+
+// kubeClient builds a client from a kubeconfig file, or from the pod's
+// service account when running in a cluster with no file given. It returns
+// nil when neither applies: the agent runs standalone.
+func kubeClient(kubeconfig string) (kubernetes.Interface, error) {
+	var cfg *rest.Config
+	var err error
+	switch {
+	case kubeconfig != "":
+		cfg, err = clientcmd.BuildConfigFromFlags("", kubeconfig)
+		if err != nil {
+			return nil, fmt.Errorf("--kubeconfig %s: %w", kubeconfig, err)
+		}
+	case os.Getenv("KUBERNETES_SERVICE_HOST") != "":
+		if cfg, err = rest.InClusterConfig(); err != nil {
+			return nil, fmt.Errorf("in-cluster Kubernetes configuration: %w", err)
+		}
+	default:
+		return nil, nil
+	}
+	cfg.UserAgent = "weir-agent"
+	cfg.QPS, cfg.Burst = 50, 100
+	return kubernetes.NewForConfig(cfg)
+}
+
+// routeKlog sends client-go's logs through slog.
+func routeKlog(log *slog.Logger) {
+	klog.SetSlogLogger(log.With("component", "client-go"))
+}
+
+// nodeFacts is what the agent remembers of its Node between runs, so that
+// an agent starting while the API is unreachable composes the same modules.
+type nodeFacts struct {
+	Labels   map[string]string `json:"labels"`
+	PodCIDRs []string          `json:"podCIDRs"`
+}
+
+func factsFile(stateDir string) string { return filepath.Join(stateDir, "node.json") }
+
+func loadFacts(stateDir string) (*nodeFacts, error) {
+	data, err := os.ReadFile(factsFile(stateDir))
+	if err != nil {
+		return nil, err
+	}
+	var f nodeFacts
+	return &f, json.Unmarshal(data, &f)
+}
+
+func saveFacts(stateDir string, f *nodeFacts) error {
+	data, err := json.Marshal(f)
+	if err != nil {
+		return err
+	}
+	if err := os.MkdirAll(stateDir, 0o700); err != nil {
+		return err
+	}
+	tmp := factsFile(stateDir) + ".tmp"
+	if err := os.WriteFile(tmp, data, 0o600); err != nil {
+		return err
+	}
+	return os.Rename(tmp, factsFile(stateDir))
+}
+
+func factsOf(n *corev1.Node) *nodeFacts {
+	f := &nodeFacts{Labels: maps.Clone(n.Labels), PodCIDRs: n.Spec.PodCIDRs}
+	if len(f.PodCIDRs) == 0 && n.Spec.PodCIDR != "" {
+		f.PodCIDRs = []string{n.Spec.PodCIDR}
+	}
+	return f
+}
+
+// readNode fetches the agent's Node to learn its labels before composing
+// the modules. When the API does not answer in time, the facts of the last
+// run are used (the watcher restarts the agent if they turn out stale).
+func readNode(ctx context.Context, client kubernetes.Interface, opts *Options) (*nodeFacts, string) {
+	ctx, cancel := context.WithTimeout(ctx, 15*time.Second)
+	defer cancel()
+	var err error
+	for backoff := 250 * time.Millisecond; ; backoff = min(2*backoff, 4*time.Second) {
+		var n *corev1.Node
+		n, err = client.CoreV1().Nodes().Get(ctx, opts.NodeName, metav1.GetOptions{})
+		if err == nil {
+			f := factsOf(n)
+			if serr := saveFacts(opts.StateDir, f); serr != nil {
+				opts.Logger.Warn("saving node facts", "err", serr)
+			}
+			return f, "Node " + opts.NodeName
+		}
+		select {
+		case <-ctx.Done():
+		case <-time.After(backoff):
+			continue
+		}
+		break
+	}
+	opts.Logger.Error("reading this node's Node object failed", "node", opts.NodeName, "err", err)
+	if f, lerr := loadFacts(opts.StateDir); lerr == nil {
+		return f, "labels saved by the previous run"
+	}
+	return &nodeFacts{Labels: opts.NodeLabels, PodCIDRs: opts.PodCIDRs}, "--node-labels"
+}
+
+// restarter asks the agent's main loop to restart it: the module set or
+// settings for this node changed. The datapath stays up meanwhile.
+type restarter struct {
+	once sync.Once
+	ch   chan string
+}
+
+func newRestarter() *restarter { return &restarter{ch: make(chan string, 1)} }
+
+func (r *restarter) request(reason string) {
+	r.once.Do(func() { r.ch <- reason })
+}
+
+// sameEffective reports whether two resolutions run the same agent.
+func sameEffective(a, b *config.Effective) bool {
+	if a.Pool != b.Pool || a.Datapath != b.Datapath || len(a.Modules) != len(b.Modules) {
+		return false
+	}
+	for i := range a.Modules {
+		if a.Modules[i].Name != b.Modules[i].Name {
+			return false
+		}
+	}
+	return reflect.DeepEqual(a.Settings, b.Settings)
+}
+
+func moduleNames(e *config.Effective) []string {
+	out := make([]string, len(e.Modules))
+	for i, f := range e.Modules {
+		out[i] = f.Name
+	}
+	return out
+}
+
+// nodeState is what the agent currently knows of its node.
+type nodeState struct {
+	mu       sync.Mutex
+	labels   map[string]string
+	podCIDRs []string
+}
+
+func (n *nodeState) set(f *nodeFacts) {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	n.labels, n.podCIDRs = f.Labels, f.PodCIDRs
+}
+
+func (n *nodeState) get() (map[string]string, []string) {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	return n.labels, n.podCIDRs
+}
+
+type kubeParams struct {
+	fx.In
+	LC     fx.Lifecycle
+	Client kubernetes.Interface
+	Opts   *Options
+	Store  *model.Store
+	Log    *slog.Logger
+	Node   *nodeState
+	Watch  *watcher
+}
+
+// startKube runs the Kubernetes source and follows this node's Node: a
+// change of labels that selects another pool, other modules or settings
+// restarts the agent.
+func startKube(p kubeParams) {
+	src := k8ssource.New(p.Client, p.Opts.NodeName, p.Store, p.Log.With("source", "kubernetes"))
+	src.OnNode(func(n *corev1.Node) {
+		f := factsOf(n)
+		p.Node.set(f)
+		if err := saveFacts(p.Opts.StateDir, f); err != nil {
+			p.Log.Warn("saving node facts", "err", err)
+		}
+		p.Watch.check("the labels of Node " + n.Name + " changed")
+	})
+	ctx, cancel := context.WithCancel(context.Background())
+	var wg sync.WaitGroup
+	p.LC.Append(fx.Hook{
+		OnStart: func(context.Context) error {
+			wg.Go(func() { src.Run(ctx) })
+			return nil
+		},
+		OnStop: func(context.Context) error {
+			cancel()
+			wg.Wait()
+			return nil
+		},
+	})
+}
+
+// watcher re-resolves the configuration for the node's current labels and
+// requests a restart when the result differs from what runs.
+type watcher struct {
+	mu      sync.Mutex
+	cfg     *config.Config
+	running *config.Effective
+	node    *nodeState
+	restart *restarter
+	log     *slog.Logger
+	catalog module.Catalog
+	path    string
+}
+
+func (w *watcher) check(why string) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	labels, _ := w.node.get()
+	eff, err := w.cfg.Resolve(labels)
+	if err != nil {
+		w.log.Error("resolving the configuration", "err", err)
+		return
+	}
+	if sameEffective(w.running, eff) {
+		return
+	}
+	w.log.Info(why+"; restarting with the new module set",
+		"pool", eff.Pool, "modules", moduleNames(eff), "was_pool", w.running.Pool, "was_modules", moduleNames(w.running))
+	w.restart.request(why)
+}
+
+// reload reads the configuration file again after it changed; a file with
+// errors is reported and the running agent stays as it is.
+func (w *watcher) reload() {
+	cfg, err := config.Load(w.path, w.catalog)
+	if err != nil {
+		w.log.Error("configuration file rejected; the agent keeps running as it is", "err", err)
+		return
+	}
+	w.mu.Lock()
+	w.cfg = cfg
+	w.mu.Unlock()
+	w.check("the configuration file " + w.path + " changed")
+}
+
+// watchConfig follows the configuration file (its directory, so that
+// replacing the file or a ConfigMap symlink swap is seen).
+func watchConfig(lc fx.Lifecycle, w *watcher) error {
+	fw, err := fsnotify.NewWatcher()
+	if err != nil {
+		return fmt.Errorf("watching the configuration: %w", err)
+	}
+	if err := fw.Add(filepath.Dir(w.path)); err != nil {
+		fw.Close()
+		return fmt.Errorf("watching the configuration: %w", err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	var wg sync.WaitGroup
+	base := filepath.Base(w.path)
+	lc.Append(fx.Hook{
+		OnStart: func(context.Context) error {
+			wg.Go(func() {
+				var debounce <-chan time.Time
+				for {
+					select {
+					case <-ctx.Done():
+						return
+					case ev := <-fw.Events:
+						if n := filepath.Base(ev.Name); n == base || n == "..data" {
+							debounce = time.After(200 * time.Millisecond)
+						}
+					case <-fw.Errors:
+					case <-debounce:
+						debounce = nil
+						w.reload()
+					}
+				}
+			})
+			return nil
+		},
+		OnStop: func(context.Context) error {
+			cancel()
+			wg.Wait()
+			return fw.Close()
+		},
+	})
+	return nil
+}
