@@ -15,6 +15,7 @@ build:
 	@mkdir -p $(BIN)
 	$(GO) build -o $(BIN)/weir-agent ./cmd/agent
 	$(GO) build -o $(BIN)/weir ./cmd/weir
+	$(GO) build -o $(BIN)/weir-cni ./cmd/weir-cni
 
 # Regenerate the BPF objects and their Go bindings from bpf/ (needs clang-16).
 generate: deps-bpf

@@ -49,8 +49,21 @@ func Convert(svc *corev1.Service, slices_ []*discoveryv1.EndpointSlice) *model.S
 	if len(clusterIPs) == 0 && svc.Spec.ClusterIP != "" {
 		clusterIPs = []string{svc.Spec.ClusterIP}
 	}
+	// A service whose cluster IPs are all IPv6 belongs to an IPv6 proxy,
+	// as with kube-proxy's IPv4 proxier: none of its frontends are ours.
+	if !slices.ContainsFunc(clusterIPs, func(s string) bool {
+		a, err := netip.ParseAddr(s)
+		return err == nil && a.Is4()
+	}) {
+		return nil
+	}
 	var lbIPs []string
 	for _, in := range svc.Status.LoadBalancer.Ingress {
+		// An ingress in Proxy mode is reached through the load balancer
+		// (PROXY protocol, TLS termination), not short-circuited here.
+		if in.IPMode != nil && *in.IPMode != corev1.LoadBalancerIPModeVIP {
+			continue
+		}
 		lbIPs = append(lbIPs, in.IP)
 	}
 	for _, port := range svc.Spec.Ports {
@@ -159,15 +172,16 @@ func backendsFor(port corev1.ServicePort, eps []*discoveryv1.EndpointSlice) []mo
 	return out
 }
 
+// state reads endpoint conditions as kube-proxy does: a ready endpoint
+// takes new flows (even a terminating one, which the EndpointSlice
+// controller reports ready for publishNotReadyAddresses); one serving and
+// terminating only keeps its flows; nil conditions mean true.
 func state(c discoveryv1.EndpointConditions) (model.BackendState, bool) {
 	ready := c.Ready == nil || *c.Ready
-	serving := ready
-	if c.Serving != nil {
-		serving = *c.Serving
-	}
+	serving := c.Serving == nil || *c.Serving
 	terminating := c.Terminating != nil && *c.Terminating
 	switch {
-	case ready && !terminating:
+	case ready:
 		return model.Active, true
 	case serving && terminating:
 		return model.Terminating, true

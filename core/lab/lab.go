@@ -75,6 +75,7 @@ type Lab struct {
 type Node struct {
 	Name         string            `json:"name"`
 	Labels       map[string]string `json:"labels,omitempty"`
+	PodCIDR      string            `json:"podCIDR"`
 	Netns        string            `json:"netns"`
 	IP           string            `json:"ip"`
 	PinDir       string            `json:"pinDir"`
@@ -237,6 +238,7 @@ func (l *Lab) addNode(ctx context.Context, i int) error {
 	n := &Node{
 		Name:      ns.Name,
 		Labels:    ns.Labels,
+		PodCIDR:   ns.PodCIDR,
 		Netns:     l.Spec.Name + "-" + ns.Name,
 		IP:        ip.String(),
 		PinDir:    filepath.Join(l.Options.PinRoot, l.Spec.Name, ns.Name),
@@ -395,6 +397,7 @@ func (l *Lab) StartAgent(ctx context.Context, node string) error {
 		"--config", n.Config,
 		"--node-name", n.Name,
 		"--node-labels", joinLabels(n.Labels),
+		"--pod-cidr", n.PodCIDR,
 		"--pin-dir", n.PinDir,
 		"--state-dir", n.StateDir,
 		"--services-file", n.ServicesFile,
