@@ -7,7 +7,7 @@ PKGS      := ./...
 # Tests create network namespaces, links, pins and cgroups; they need root.
 TEST_FLAGS ?= -count=1 -timeout 30m
 
-.PHONY: all build generate check-generate deps-bpf vet fmt-check test demo clean
+.PHONY: all build generate check-generate deps-bpf deps-test k8s vet fmt-check test demo demo-k8s clean
 
 all: build
 
@@ -33,13 +33,25 @@ deps-bpf:
 	@command -v clang-16 >/dev/null && command -v llvm-strip-16 >/dev/null && test -f /usr/include/bpf/bpf_helpers.h || { \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq clang-16 llvm-16 libbpf-dev linux-libc-dev >/dev/null; }
 
+# kube-apiserver and kube-controller-manager for the Kubernetes tests, built
+# from the Go module proxy into ~/.cache/weir/k8s-<version> (reused by
+# fresh clones; a miss rebuilds, a few minutes on 2 cores).
+k8s:
+	@./tools/k8s/build.sh >/dev/null
+
+# Debian's etcd for the control plane; util-linux (nsenter) and iproute2
+# are part of the base system.
+deps-test:
+	@command -v etcd >/dev/null || { \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq etcd-server >/dev/null; }
+
 vet:
 	$(GO) vet $(PKGS)
 
 fmt-check:
 	@out=$$(gofmt -l $$(git ls-files '*.go')); test -z "$$out" || { echo "gofmt needed: $$out"; exit 1; }
 
-test: fmt-check vet
+test: fmt-check vet deps-test k8s
 	$(GO) test $(TEST_FLAGS) $(PKGS)
 
 # The main job on the built-in lab: a node, a client and three backends,

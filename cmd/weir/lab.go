@@ -19,6 +19,7 @@ import (
 	"github.com/weirnet/weir/core/datapath"
 	"github.com/weirnet/weir/core/filesource"
 	"github.com/weirnet/weir/core/lab"
+	"github.com/weirnet/weir/core/lab/kubelet"
 	"github.com/weirnet/weir/core/model"
 )
 
@@ -32,6 +33,8 @@ func runLab(args []string, out io.Writer) error {
 		return labUp(args, out)
 	case "serve":
 		return labServe(args)
+	case "kubelet":
+		return labKubelet(args)
 	}
 	fs := flag.NewFlagSet("lab "+sub, flag.ContinueOnError)
 	var (
@@ -106,11 +109,6 @@ func runLab(args []string, out io.Writer) error {
 		if err := l.StopAgent(*node); err != nil {
 			return err
 		}
-		bin, err := siblingBinary("weir-agent")
-		if err != nil {
-			return err
-		}
-		l.Options.AgentBinary = bin
 		if err := l.StartAgent(ctx, *node); err != nil {
 			return err
 		}
@@ -189,7 +187,8 @@ func labUp(args []string, out io.Writer) error {
 	}
 	ctx, cancel := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer cancel()
-	l, err := lab.Up(ctx, spec, lab.Options{AgentBinary: *agentBin, ServeBinary: self, AgentArgs: []string{"--log-level", *logLevel}})
+	l, err := lab.Up(ctx, spec, lab.Options{AgentBinary: *agentBin, ServeBinary: self, CNIBinDir: filepath.Dir(self),
+		AgentArgs: []string{"--log-level", *logLevel}})
 	if err != nil {
 		return err
 	}
@@ -279,6 +278,43 @@ func labRequests(ctx context.Context, kind string, p *lab.Pod, target string, n 
 	fmt.Fprintf(out, "%d requests from %s: %d answered (%s), %d failed\n", n, p.Name, n-failed, strings.Join(parts, " "), failed)
 	if failed > 0 {
 		return fmt.Errorf("%d of %d requests failed", failed, n)
+	}
+	return nil
+}
+
+// labKubelet runs a lab node's kubelet until stopped (the lab starts one
+// per node in Kubernetes mode).
+func labKubelet(args []string) error {
+	fs := flag.NewFlagSet("lab kubelet", flag.ContinueOnError)
+	stateRoot := fs.String("state-root", lab.DefaultStateRoot, "where labs keep their state")
+	node := fs.String("node", "", "the node")
+	pos, err := parseInterleaved(fs, args)
+	if err != nil {
+		return err
+	}
+	if len(pos) != 1 || *node == "" {
+		return errors.New("lab kubelet needs the lab's name and --node")
+	}
+	l, err := lab.Load(pos[0], lab.Options{StateRoot: *stateRoot})
+	if err != nil {
+		return err
+	}
+	n := l.Node(*node)
+	if n == nil {
+		return fmt.Errorf("lab %s has no node %q", pos[0], *node)
+	}
+	c, err := l.Kube()
+	if err != nil {
+		return err
+	}
+	k, err := kubelet.New(l.KubeletConfig(n, c))
+	if err != nil {
+		return err
+	}
+	ctx, cancel := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer cancel()
+	if err := k.Run(ctx); err != nil && !errors.Is(err, context.Canceled) {
+		return err
 	}
 	return nil
 }

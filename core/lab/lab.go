@@ -22,6 +22,7 @@ import (
 	"github.com/vishvananda/netlink"
 
 	"github.com/weirnet/weir/core/api"
+	"github.com/weirnet/weir/core/lab/controlplane"
 	"github.com/weirnet/weir/core/mounts"
 	"github.com/weirnet/weir/core/netns"
 	"github.com/weirnet/weir/core/proc"
@@ -43,9 +44,19 @@ type Options struct {
 	ServeBinary string
 	StateRoot   string
 	PinRoot     string
+	// CNIBinDir holds weir-cni (Kubernetes mode).
+	CNIBinDir string
 	// AgentArgs are extra weir-agent flags (e.g. --log-level=debug).
 	AgentArgs []string
 	Logger    *slog.Logger
+}
+
+// Binaries are the programs a lab runs, kept with its state so another
+// process (restart-agent, the kubelets) finds them.
+type Binaries struct {
+	Agent  string `json:"agent"`
+	Serve  string `json:"serve,omitempty"`
+	CNIDir string `json:"cniDir,omitempty"`
 }
 
 func (o *Options) defaults() {
@@ -68,7 +79,11 @@ type Lab struct {
 	Nodes    []*Node `json:"nodes"`
 	Options  Options `json:"-"`
 	// Cgroup is the lab's cgroup v2 directory.
-	Cgroup string `json:"cgroup"`
+	Cgroup   string   `json:"cgroup"`
+	Binaries Binaries `json:"binaries"`
+	// ControlPlane and Kubeconfig exist in Kubernetes mode.
+	ControlPlane *controlplane.ControlPlane `json:"controlPlane,omitempty"`
+	Kubeconfig   string                     `json:"kubeconfig,omitempty"`
 }
 
 // Node is a lab node.
@@ -86,12 +101,14 @@ type Node struct {
 	ServicesFile string            `json:"servicesFile"`
 	Log          string            `json:"log"`
 	AgentPID     int               `json:"agentPID"`
+	KubeletPID   int               `json:"kubeletPID,omitempty"`
 	Pods         []*Pod            `json:"pods"`
 }
 
 // Pod is a lab pod.
 type Pod struct {
 	Name      string   `json:"name"`
+	Namespace string   `json:"namespace,omitempty"`
 	Node      string   `json:"node"`
 	Netns     string   `json:"netns"`
 	IP        string   `json:"ip"`
@@ -173,6 +190,9 @@ func Up(ctx context.Context, spec *Spec, opts Options) (l *Lab, err error) {
 	if opts.AgentBinary == "" {
 		return nil, errors.New("lab: the weir-agent binary is required")
 	}
+	if spec.Kubernetes && (opts.ServeBinary == "" || opts.CNIBinDir == "") {
+		return nil, errors.New("lab: with Kubernetes, the weir binary (kubelet, workloads) and the weir-cni directory are required")
+	}
 	dir := filepath.Join(opts.StateRoot, spec.Name)
 	if _, err := os.Stat(stateFile(dir)); err == nil {
 		return nil, fmt.Errorf("lab %q is already up; bring it down first (weir lab down %s)", spec.Name, spec.Name)
@@ -182,7 +202,8 @@ func Up(ctx context.Context, spec *Spec, opts Options) (l *Lab, err error) {
 		return nil, err
 	}
 	l = &Lab{Spec: *spec, Dir: dir, Underlay: spec.Name + "-ul", Options: opts,
-		Cgroup: filepath.Join(cgRoot, "weir-lab", spec.Name)}
+		Cgroup:   filepath.Join(cgRoot, "weir-lab", spec.Name),
+		Binaries: Binaries{Agent: opts.AgentBinary, Serve: opts.ServeBinary, CNIDir: opts.CNIBinDir}}
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("creating lab state directory: %w", err)
 	}
@@ -200,8 +221,22 @@ func Up(ctx context.Context, spec *Spec, opts Options) (l *Lab, err error) {
 	if err := l.buildUnderlay(); err != nil {
 		return l, err
 	}
+	if spec.Kubernetes {
+		if err := l.startControlPlane(ctx); err != nil {
+			return l, err
+		}
+	}
 	for i := range spec.Nodes {
 		if err := l.addNode(ctx, i); err != nil {
+			return l, err
+		}
+	}
+	if spec.Kubernetes {
+		c, err := l.Kube()
+		if err != nil {
+			return l, err
+		}
+		if err := l.createSpecPods(ctx, c); err != nil {
 			return l, err
 		}
 	}
@@ -267,8 +302,24 @@ func (l *Lab) addNode(ctx context.Context, i int) error {
 			return fmt.Errorf("creating cgroup of node %s: %w", n.Name, err)
 		}
 	}
+	if l.Spec.Kubernetes {
+		c, err := l.Kube()
+		if err != nil {
+			return err
+		}
+		// The agent reads its labels from the Node when it starts.
+		if err := l.registerNode(ctx, c, n); err != nil {
+			return err
+		}
+	}
 	if err := l.StartAgent(ctx, n.Name); err != nil {
 		return err
+	}
+	if l.Spec.Kubernetes {
+		for _, ps := range ns.Pods {
+			n.Pods = append(n.Pods, &Pod{Name: ps.Name, Namespace: ps.namespace(), Node: n.Name, Serve: ps.Serve})
+		}
+		return l.startKubelet(n)
 	}
 	for j := range ns.Pods {
 		if err := l.addPod(ctx, n, ns.Pods[j]); err != nil {
@@ -301,66 +352,9 @@ func (l *Lab) writeNodeFiles(n *Node) error {
 
 // plumbNode makes the node's namespace with its uplink on the underlay.
 func (l *Lab) plumbNode(n *Node, bits int) error {
-	path, err := netns.Create(n.Netns)
+	path, err := l.attachHost(n.Netns, "u-"+n.Name, netip.PrefixFrom(netip.MustParseAddr(n.IP), bits))
 	if err != nil {
 		return err
-	}
-	ulNS, err := netns.Open(netns.Path(l.Underlay))
-	if err != nil {
-		return err
-	}
-	defer ulNS.Close()
-	nodeNS, err := netns.Open(path)
-	if err != nil {
-		return err
-	}
-	defer nodeNS.Close()
-	// Create the pair in the node, then move the underlay end.
-	h, err := netns.Handle(path)
-	if err != nil {
-		return err
-	}
-	defer h.Close()
-	peer := "u-" + n.Name
-	veth := &netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: "eth0"}, PeerName: peer, PeerNamespace: netlink.NsFd(int(ulNS))}
-	if err := h.LinkAdd(veth); err != nil {
-		return fmt.Errorf("creating uplink: %w", err)
-	}
-	uh, err := netns.Handle(netns.Path(l.Underlay))
-	if err != nil {
-		return err
-	}
-	defer uh.Close()
-	ulink, err := uh.LinkByName(peer)
-	if err != nil {
-		return err
-	}
-	br, err := uh.LinkByName("br0")
-	if err != nil {
-		return err
-	}
-	if err := uh.LinkSetMaster(ulink, br); err != nil {
-		return err
-	}
-	if err := uh.LinkSetUp(ulink); err != nil {
-		return err
-	}
-	eth0, err := h.LinkByName("eth0")
-	if err != nil {
-		return err
-	}
-	addr := netip.PrefixFrom(netip.MustParseAddr(n.IP), bits)
-	if err := h.AddrAdd(eth0, &netlink.Addr{IPNet: prefixNet(addr)}); err != nil {
-		return fmt.Errorf("addressing uplink: %w", err)
-	}
-	for _, name := range []string{"lo", "eth0"} {
-		link, err := h.LinkByName(name)
-		if err != nil {
-			return err
-		}
-		if err := h.LinkSetUp(link); err != nil {
-			return err
-		}
 	}
 	// A node routes for its pods: forwarding on, strict reverse-path
 	// filtering off (pod traffic enters on interfaces without addresses).
@@ -380,6 +374,66 @@ func (l *Lab) plumbNode(n *Node, bits int) error {
 	})
 }
 
+// attachHost makes a namespace whose eth0 sits on the underlay bridge
+// (through the underlay-side end peer) with address addr.
+func (l *Lab) attachHost(name, peer string, addr netip.Prefix) (string, error) {
+	path, err := netns.Create(name)
+	if err != nil {
+		return "", err
+	}
+	ulNS, err := netns.Open(netns.Path(l.Underlay))
+	if err != nil {
+		return "", err
+	}
+	defer ulNS.Close()
+	// Create the pair in the host, with the other end in the underlay.
+	h, err := netns.Handle(path)
+	if err != nil {
+		return "", err
+	}
+	defer h.Close()
+	veth := &netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: "eth0"}, PeerName: peer, PeerNamespace: netlink.NsFd(int(ulNS))}
+	if err := h.LinkAdd(veth); err != nil {
+		return "", fmt.Errorf("creating uplink: %w", err)
+	}
+	uh, err := netns.Handle(netns.Path(l.Underlay))
+	if err != nil {
+		return "", err
+	}
+	defer uh.Close()
+	ulink, err := uh.LinkByName(peer)
+	if err != nil {
+		return "", err
+	}
+	br, err := uh.LinkByName("br0")
+	if err != nil {
+		return "", err
+	}
+	if err := uh.LinkSetMaster(ulink, br); err != nil {
+		return "", err
+	}
+	if err := uh.LinkSetUp(ulink); err != nil {
+		return "", err
+	}
+	eth0, err := h.LinkByName("eth0")
+	if err != nil {
+		return "", err
+	}
+	if err := h.AddrAdd(eth0, &netlink.Addr{IPNet: prefixNet(addr)}); err != nil {
+		return "", fmt.Errorf("addressing uplink: %w", err)
+	}
+	for _, n := range []string{"lo", "eth0"} {
+		link, err := h.LinkByName(n)
+		if err != nil {
+			return "", err
+		}
+		if err := h.LinkSetUp(link); err != nil {
+			return "", err
+		}
+	}
+	return path, nil
+}
+
 func prefixNet(p netip.Prefix) *net.IPNet {
 	return &net.IPNet{IP: p.Addr().AsSlice(), Mask: net.CIDRMask(p.Bits(), p.Addr().BitLen())}
 }
@@ -396,16 +450,18 @@ func (l *Lab) StartAgent(ctx context.Context, node string) error {
 	args := []string{
 		"--config", n.Config,
 		"--node-name", n.Name,
-		"--node-labels", joinLabels(n.Labels),
-		"--pod-cidr", n.PodCIDR,
 		"--pin-dir", n.PinDir,
 		"--state-dir", n.StateDir,
-		"--services-file", n.ServicesFile,
 		"--api-socket", n.APISocket,
 		"--cgroup", n.Cgroup,
 	}
+	if l.Spec.Kubernetes {
+		args = append(args, "--kubeconfig", l.Kubeconfig)
+	} else {
+		args = append(args, "--node-labels", joinLabels(n.Labels), "--pod-cidr", n.PodCIDR, "--services-file", n.ServicesFile)
+	}
 	args = append(args, l.Options.AgentArgs...)
-	pid, err := proc.Start(proc.Spec{Path: l.Options.AgentBinary, Args: args, Netns: n.NetnsPath(), LogFile: n.Log, Cgroup: filepath.Join(n.Cgroup, "agent")})
+	pid, err := proc.Start(proc.Spec{Path: l.Binaries.Agent, Args: args, Netns: n.NetnsPath(), LogFile: n.Log, Cgroup: filepath.Join(n.Cgroup, "agent")})
 	if err != nil {
 		return fmt.Errorf("starting the agent of node %s: %w", node, err)
 	}
@@ -481,17 +537,17 @@ func (l *Lab) addPod(ctx context.Context, n *Node, ps PodSpec) error {
 // reports them together.
 func (l *Lab) Down() error {
 	var errs []error
+	l.stopKube()
 	for _, n := range l.Nodes {
 		for _, p := range n.Pods {
 			proc.Stop(p.ServerPID, "lab", 5*time.Second)
 		}
 		proc.Stop(n.AgentPID, "weir-agent", 15*time.Second)
 	}
+	// Every namespace of the lab: nodes, pods (the kubelets' too), the
+	// control plane and the underlay.
+	errs = append(errs, l.deleteLabNamespaces()...)
 	for _, n := range l.Nodes {
-		for _, p := range n.Pods {
-			errs = append(errs, netns.Delete(p.Netns))
-		}
-		errs = append(errs, netns.Delete(n.Netns))
 		// Unpinning drops the maps and the links (their devices went with
 		// the namespace).
 		if err := os.RemoveAll(n.PinDir); err != nil && !errors.Is(err, os.ErrNotExist) {
@@ -499,7 +555,6 @@ func (l *Lab) Down() error {
 		}
 		errs = append(errs, removeCgroup(n.Cgroup))
 	}
-	errs = append(errs, netns.Delete(l.Underlay))
 	errs = append(errs, removeCgroup(l.Cgroup))
 	_ = os.Remove(filepath.Dir(l.Cgroup))
 	if l.Options.PinRoot != "" {

@@ -39,7 +39,7 @@ func TestMain(m *testing.M) {
 	}
 	bin.agent = filepath.Join(dir, "weir-agent")
 	bin.weir = filepath.Join(dir, "weir")
-	for out, pkg := range map[string]string{bin.agent: "../../cmd/agent", bin.weir: "../../cmd/weir"} {
+	for out, pkg := range map[string]string{bin.agent: "../../cmd/agent", bin.weir: "../../cmd/weir", filepath.Join(dir, "weir-cni"): "../../cmd/weir-cni"} {
 		cmd := exec.Command("go", "build", "-o", out, pkg)
 		cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
 		if err := cmd.Run(); err != nil {

@@ -22,8 +22,13 @@ type Spec struct {
 	AgentConfig string `yaml:"agentConfig" json:"agentConfig,omitempty"`
 	// Services is a services file every node starts with (relative to
 	// the spec file); empty starts without services.
-	Services string     `yaml:"services" json:"services,omitempty"`
-	Nodes    []NodeSpec `yaml:"nodes" json:"nodes"`
+	Services string `yaml:"services" json:"services,omitempty"`
+	// Kubernetes runs a real control plane (etcd, kube-apiserver,
+	// kube-controller-manager) on the underlay; agents follow it and each
+	// node gets a kubelet that runs Pod objects through weir-cni. Pods of
+	// the spec become Pod objects; services come from the API.
+	Kubernetes bool       `yaml:"kubernetes" json:"kubernetes,omitempty"`
+	Nodes      []NodeSpec `yaml:"nodes" json:"nodes"`
 }
 
 // NodeSpec is one node.
@@ -38,9 +43,12 @@ type NodeSpec struct {
 type PodSpec struct {
 	Name string `yaml:"name" json:"name"`
 	// IP is the pod's address; empty takes the next free one from .10 of
-	// the node's pod CIDR.
+	// the node's pod CIDR. With Kubernetes, weir-cni allocates it.
 	IP    string   `yaml:"ip" json:"ip,omitempty"`
 	Serve Workload `yaml:"serve" json:"serve"`
+	// Namespace and Labels of the Pod object (Kubernetes mode).
+	Namespace string            `yaml:"namespace" json:"namespace,omitempty"`
+	Labels    map[string]string `yaml:"labels" json:"labels,omitempty"`
 }
 
 // DefaultAgentConfig is used when a spec names none.
@@ -130,6 +138,15 @@ func (s *Spec) Validate() error {
 				return fmt.Errorf("%s.name: pod %q is already defined on node %s", pp, p.Name, other)
 			}
 			pods[p.Name] = n.Name
+			if s.Kubernetes {
+				if p.IP != "" {
+					return fmt.Errorf("%s.ip: with kubernetes: true, weir-cni allocates pod addresses; leave ip out", pp)
+				}
+				continue
+			}
+			if p.Namespace != "" || len(p.Labels) > 0 {
+				return fmt.Errorf("%s: namespace and labels apply only with kubernetes: true", pp)
+			}
 			if p.IP == "" {
 				for ips[next] != "" {
 					next = next.Next()
