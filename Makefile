@@ -59,5 +59,10 @@ test: fmt-check vet deps-test k8s
 demo: build
 	./examples/lab/demo.sh
 
+# The same on a real Kubernetes control plane: pods through weir-cni,
+# slices from the EndpointSlice controller, a scale-down.
+demo-k8s: build deps-test k8s
+	./examples/lab/demo-k8s.sh
+
 clean:
 	rm -rf $(BIN)

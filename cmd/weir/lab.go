@@ -35,6 +35,8 @@ func runLab(args []string, out io.Writer) error {
 		return labServe(args)
 	case "kubelet":
 		return labKubelet(args)
+	case "kube":
+		return labKube(args, out)
 	}
 	fs := flag.NewFlagSet("lab "+sub, flag.ContinueOnError)
 	var (
@@ -44,6 +46,7 @@ func runLab(args []string, out io.Writer) error {
 		pod   = fs.String("pod", "", "pod to send from")
 		count = fs.Int("n", 10, "number of requests")
 		msg   = fs.String("msg", "ping", "UDP payload")
+		wait  = fs.Duration("wait", 0, "curl/udp: first wait up to this long for the target to answer")
 	)
 	pos, err := parseInterleaved(fs, args)
 	if err != nil {
@@ -100,6 +103,11 @@ func runLab(args []string, out io.Writer) error {
 		}
 		if len(pos) < 2 {
 			return fmt.Errorf("lab %s needs a target", sub)
+		}
+		if *wait > 0 {
+			if err := waitAnswer(ctx, sub, p, pos[1], *msg, *wait); err != nil {
+				return err
+			}
 		}
 		return labRequests(ctx, sub, p, pos[1], *count, *msg, out)
 	case "restart-agent":
@@ -230,6 +238,9 @@ func labStatus(ctx context.Context, l *lab.Lab, o output, out io.Writer) error {
 	if o == "json" {
 		return writeJSON(out, rows)
 	}
+	if l.ControlPlane != nil {
+		fmt.Fprintln(out, "control plane:", l.ControlPlane.Describe())
+	}
 	var t [][]string
 	for _, r := range rows {
 		var pods []string
@@ -243,6 +254,27 @@ func labStatus(ctx context.Context, l *lab.Lab, o output, out io.Writer) error {
 		t = append(t, []string{r.Name, r.IP, r.Agent, pool, strings.Join(r.Modules, ","), strings.Join(pods, " ")})
 	}
 	return table(out, "NODE\tUNDERLAY IP\tAGENT\tPOOL\tMODULES\tPODS", t)
+}
+
+// waitAnswer retries one request until the target answers.
+func waitAnswer(ctx context.Context, kind string, p *lab.Pod, target, msg string, d time.Duration) error {
+	client := lab.HTTPClient(p.NetnsPath(), time.Second)
+	deadline := time.Now().Add(d)
+	for {
+		var err error
+		if kind == "curl" {
+			_, err = lab.Get(ctx, client, target)
+		} else {
+			_, err = lab.UDPAsk(ctx, p.NetnsPath(), target, msg, time.Second)
+		}
+		if err == nil {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("%s did not answer within %s: %w", target, d, err)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
 }
 
 func labRequests(ctx context.Context, kind string, p *lab.Pod, target string, n int, msg string, out io.Writer) error {

@@ -24,6 +24,8 @@ Lab (namespaces on this machine):
   lab curl NAME --pod P [-n N] URL       HTTP GETs from a pod, one connection each
   lab udp NAME --pod P [-n N] ADDR       UDP requests from a pod
   lab restart-agent NAME --node N        stop and start a node's agent
+  lab kube apply|delete NAME -f FILE     create or delete Namespaces, Pods, Services
+                                         in a lab with kubernetes: true
 
 Datapath of a node (--lab NAME --node N, or --pin-dir DIR):
   service list [-o json]                 frontends and their backends
