@@ -7,7 +7,7 @@ PKGS      := ./...
 # Tests create network namespaces, links, pins and cgroups; they need root.
 TEST_FLAGS ?= -count=1 -timeout 30m
 
-.PHONY: all build generate check-generate deps-bpf deps-test k8s vet fmt-check test demo demo-k8s clean
+.PHONY: all build generate check-generate deps-bpf deps-test k8s vet fmt-check test bench demo demo-k8s clean
 
 all: build
 
@@ -66,3 +66,7 @@ demo-k8s: build deps-test k8s
 
 clean:
 	rm -rf $(BIN)
+
+# Benchmarks: each scenario once, with its baseline from the same run.
+bench: build deps-test k8s
+	$(GO) test -run '^$$' -bench . -benchtime 1x -timeout 30m ./core/lab/ ./modules/...

@@ -11,6 +11,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net/http"
+	"runtime"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -292,9 +293,11 @@ func serveAPI(p serveParams) {
 	}
 	p.API.Handle("GET /v1/status", func(w http.ResponseWriter, _ *http.Request) {
 		_, cidrs := p.Node.get()
+		var ms runtime.MemStats
+		runtime.ReadMemStats(&ms)
 		api.WriteJSON(w, http.StatusOK, api.Status{
 			Node: p.Info.Name, Pool: p.Eff.Pool, Modules: names, PinDir: p.Info.PinDir,
-			Ready: p.Installed.ok.Load() && p.Store.Ready(), PodCIDRs: cidrs,
+			Ready: p.Installed.ok.Load() && p.Store.Ready(), PodCIDRs: cidrs, HeapBytes: ms.HeapInuse,
 		})
 	})
 	p.LC.Append(fx.Hook{OnStart: func(context.Context) error { return p.API.Start() }, OnStop: p.API.Stop})

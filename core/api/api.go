@@ -61,6 +61,8 @@ type Status struct {
 	// PodCIDRs are the node's pod address ranges (Node.spec.podCIDRs, or
 	// the --pod-cidr flag), from which the CNI plugin allocates.
 	PodCIDRs []string `json:"podCIDRs"`
+	// HeapBytes is the Go heap in use by the agent.
+	HeapBytes uint64 `json:"heapBytes"`
 }
 
 // Error is the body of every non-2xx response.

@@ -32,7 +32,7 @@ nodePools:
 
 // upKube brings up a lab with a real control plane and one node running a
 // client pod.
-func upKube(t *testing.T) (*Lab, kubernetes.Interface) {
+func upKube(t testing.TB) (*Lab, kubernetes.Interface) {
 	t.Helper()
 	if _, err := controlplane.FindBinaries(); err != nil {
 		t.Fatalf("%v (make test builds them)", err)

@@ -138,7 +138,7 @@ func up(t *testing.T, spec *Spec) *Lab {
 
 // assertGone checks that a lab left no namespace, pin, cgroup, state or
 // process behind.
-func assertGone(t *testing.T, l *Lab) {
+func assertGone(t testing.TB, l *Lab) {
 	t.Helper()
 	entries, _ := os.ReadDir(netns.Dir)
 	for _, e := range entries {

@@ -1,0 +1,231 @@
+package lab
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	discoveryv1 "k8s.io/api/discovery/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/util/intstr"
+	"k8s.io/client-go/informers"
+	"k8s.io/client-go/tools/cache"
+	"k8s.io/utils/ptr"
+
+	"github.com/weirnet/weir/core/datapath"
+)
+
+// These benchmarks measure whole scenarios once (run them with
+// -benchtime=1x, as make bench does) and report their own metrics, each
+// beside a baseline measured in the same run.
+
+func median(d []time.Duration) time.Duration {
+	s := slices.Clone(d)
+	slices.Sort(s)
+	return s[len(s)/2]
+}
+
+func pct(d []time.Duration, p float64) time.Duration {
+	s := slices.Clone(d)
+	slices.Sort(s)
+	return s[min(len(s)-1, int(float64(len(s))*p))]
+}
+
+// BenchmarkKubeServiceToFirstConnection: from creating a Service (with a
+// ready backend pod already running) to the first successful connection
+// from a client pod, over 20 services. Baseline: from the same create to a
+// watch in this process seeing the EndpointSlice the controller makes, i.e.
+// the control plane's own propagation. Weir's share is the difference.
+func BenchmarkKubeServiceToFirstConnection(b *testing.B) {
+	l, c := upKube(b)
+	ctx := context.Background()
+	pod := backendPod("bench-1")
+	pod.Labels = map[string]string{"app": "bench"}
+	if _, err := c.CoreV1().Pods("default").Create(ctx, pod, metav1.CreateOptions{}); err != nil {
+		b.Fatal(err)
+	}
+	p := &Pod{Name: "bench-1", Namespace: "default"}
+	if err := l.WaitPodRunning(ctx, c, p); err != nil {
+		b.Fatal(err)
+	}
+	client := l.Pod("client")
+	// Probes connect with a short timeout: before the service exists the
+	// node answers with rate-limited ICMP errors, so a failed probe may
+	// only end at its timeout, which is then the clock's resolution.
+	connects := func(addr string) bool {
+		cx, cancel := context.WithTimeout(ctx, 5*time.Millisecond)
+		defer cancel()
+		conn, err := Dial(cx, client.NetnsPath(), "tcp4", addr)
+		if err != nil {
+			return false
+		}
+		conn.Close()
+		return true
+	}
+
+	// The baseline clock: when an informer in this process sees a slice
+	// with an endpoint for each service.
+	var mu sync.Mutex
+	seen := map[string]time.Time{}
+	f := informers.NewSharedInformerFactoryWithOptions(c, 0, informers.WithNamespace("default"))
+	_, _ = f.Discovery().V1().EndpointSlices().Informer().AddEventHandler(cache.ResourceEventHandlerFuncs{
+		AddFunc:    func(o any) { sliceSeen(o, &mu, seen) },
+		UpdateFunc: func(_, o any) { sliceSeen(o, &mu, seen) },
+	})
+	stop := make(chan struct{})
+	defer close(stop)
+	f.Start(stop)
+	f.WaitForCacheSync(stop)
+
+	var toConn, toSlice []time.Duration
+	for i := range 20 {
+		name := fmt.Sprintf("svc-%d", i)
+		vip := fmt.Sprintf("10.96.50.%d", i+1)
+		svc := &corev1.Service{ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: "default"},
+			Spec: corev1.ServiceSpec{ClusterIP: vip, Selector: map[string]string{"app": "bench"},
+				Ports: []corev1.ServicePort{{Name: "http", Port: 80, TargetPort: intstr.FromInt32(8080)}}}}
+		start := time.Now()
+		if _, err := c.CoreV1().Services("default").Create(ctx, svc, metav1.CreateOptions{}); err != nil {
+			b.Fatal(err)
+		}
+		for {
+			if connects(vip + ":80") {
+				break
+			}
+			if time.Since(start) > 30*time.Second {
+				b.Fatalf("service %s never answered", name)
+			}
+			time.Sleep(time.Millisecond)
+		}
+		toConn = append(toConn, time.Since(start))
+		deadline := time.Now().Add(10 * time.Second)
+		for {
+			mu.Lock()
+			at, ok := seen[name]
+			mu.Unlock()
+			if ok {
+				toSlice = append(toSlice, at.Sub(start))
+				break
+			}
+			if time.Now().After(deadline) {
+				b.Fatalf("no EndpointSlice seen for %s", name)
+			}
+			time.Sleep(time.Millisecond)
+		}
+	}
+	ms := func(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
+	b.ReportMetric(ms(median(toConn)), "ms-to-first-conn-p50")
+	b.ReportMetric(ms(pct(toConn, 0.9)), "ms-to-first-conn-p90")
+	b.ReportMetric(ms(median(toSlice)), "ms-to-slice-p50(baseline)")
+	b.ReportMetric(float64(median(toConn))/float64(median(toSlice)), "ratio-p50")
+	b.Logf("service create -> first connection: p50 %v p90 %v; create -> EndpointSlice seen by a watch: p50 %v (20 services)",
+		median(toConn), pct(toConn, 0.9), median(toSlice))
+}
+
+// BenchmarkAgentMemory1000Services: the agent's resident memory and Go heap
+// with 1,000 services of 10 endpoints each, beside the same agent with no
+// services, measured in the same run.
+func BenchmarkAgentMemory1000Services(b *testing.B) {
+	l, c := upKube(b)
+	ctx := context.Background()
+	n := l.Nodes[0]
+	time.Sleep(2 * time.Second) // let the idle agent settle
+	rss0, heap0 := agentMemory(b, n)
+	start := time.Now()
+	for i := range 1000 {
+		name := fmt.Sprintf("mem-%d", i)
+		svc := &corev1.Service{ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: "default"},
+			Spec: corev1.ServiceSpec{Ports: []corev1.ServicePort{{Name: "http", Port: 80, TargetPort: intstr.FromInt32(8080)}}}}
+		if _, err := c.CoreV1().Services("default").Create(ctx, svc, metav1.CreateOptions{}); err != nil {
+			b.Fatal(err)
+		}
+		s := &discoveryv1.EndpointSlice{
+			ObjectMeta:  metav1.ObjectMeta{Name: name, Namespace: "default", Labels: map[string]string{discoveryv1.LabelServiceName: name}},
+			AddressType: discoveryv1.AddressTypeIPv4,
+			Ports:       []discoveryv1.EndpointPort{{Name: ptr.To("http"), Port: ptr.To[int32](8080)}},
+		}
+		for j := range 10 {
+			s.Endpoints = append(s.Endpoints, discoveryv1.Endpoint{Addresses: []string{fmt.Sprintf("10.%d.%d.%d", 200+i/250, i%250, j+1)}})
+		}
+		if _, err := c.DiscoveryV1().EndpointSlices("default").Create(ctx, s, metav1.CreateOptions{}); err != nil {
+			b.Fatal(err)
+		}
+	}
+	created := time.Since(start)
+	deadline := time.Now().Add(2 * time.Minute)
+	for {
+		p, err := datapath.OpenPinned(n.PinDir)
+		if err != nil {
+			b.Fatal(err)
+		}
+		rows, err := p.Services()
+		p.Close()
+		if err != nil {
+			b.Fatal(err)
+		}
+		full := 0
+		for _, r := range rows {
+			if len(r.Backends) == 10 {
+				full++
+			}
+		}
+		if full >= 1000 {
+			break
+		}
+		if time.Now().After(deadline) {
+			b.Fatalf("only %d of 1000 services programmed", full)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	programmed := time.Since(start)
+	time.Sleep(2 * time.Second)
+	rss1, heap1 := agentMemory(b, n)
+	mib := func(v uint64) float64 { return float64(v) / (1 << 20) }
+	b.ReportMetric(mib(rss0), "MiB-rss-idle(baseline)")
+	b.ReportMetric(mib(rss1), "MiB-rss-1000x10")
+	b.ReportMetric(float64(rss1)/float64(rss0), "ratio-rss")
+	b.ReportMetric(mib(heap1), "MiB-heap-1000x10")
+	b.ReportMetric(float64(rss1-rss0)/1000/1024, "KiB-rss-per-service")
+	b.Logf("agent RSS %.1f MiB idle -> %.1f MiB with 1000 services x 10 endpoints (heap %.1f -> %.1f MiB); objects created in %v, all programmed after %v",
+		mib(rss0), mib(rss1), mib(heap0), mib(heap1), created.Round(time.Millisecond), programmed.Round(time.Millisecond))
+}
+
+func sliceSeen(o any, mu *sync.Mutex, seen map[string]time.Time) {
+	s, ok := o.(*discoveryv1.EndpointSlice)
+	if !ok || len(s.Endpoints) == 0 {
+		return
+	}
+	name := s.Labels[discoveryv1.LabelServiceName]
+	mu.Lock()
+	defer mu.Unlock()
+	if _, dup := seen[name]; !dup {
+		seen[name] = time.Now()
+	}
+}
+
+func agentMemory(b *testing.B, n *Node) (rss, heap uint64) {
+	b.Helper()
+	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", n.AgentPID))
+	if err != nil {
+		b.Fatal(err)
+	}
+	for _, line := range strings.Split(string(data), "\n") {
+		if v, ok := strings.CutPrefix(line, "VmRSS:"); ok {
+			kb, _ := strconv.ParseUint(strings.TrimSuffix(strings.TrimSpace(v), " kB"), 10, 64)
+			rss = kb * 1024
+		}
+	}
+	st, err := n.Client().Status(context.Background())
+	if err != nil {
+		b.Fatal(err)
+	}
+	return rss, st.HeapBytes
+}
+
