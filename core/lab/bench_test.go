@@ -228,4 +228,3 @@ func agentMemory(b *testing.B, n *Node) (rss, heap uint64) {
 	}
 	return rss, st.HeapBytes
 }
-
