@@ -573,3 +573,52 @@ func TestEndpointAPI(t *testing.T) {
 		t.Fatalf("endpoint map has %d entries, want the lab's 4", len(eps))
 	}
 }
+
+// Editing the agent's configuration file applies it: a file with errors is
+// rejected and the agent keeps running; a valid change that alters this
+// node's settings restarts the agent, and established connections survive.
+func TestConfigFileChangeRestartsAgent(t *testing.T) {
+	spec := oneNode()
+	spec.Nodes[0].Labels = map[string]string{"rack": "r1"}
+	l := up(t, spec)
+	apply(t, l, webServices, 3)
+	n := l.Nodes[0]
+	ctx := context.Background()
+	conn := echoConn(t, l.Pod("client"), "10.96.0.10")
+	defer conn.close()
+	conn.say("before")
+
+	if err := os.WriteFile(n.Config, []byte("modules: [endpoints, lb]\nsettings: {endpoints: {mtu: 70000}}\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 10*time.Second, "the agent to reject the file", func() bool {
+		return strings.Contains(proc.Tail(n.Log, 20), "settings.endpoints.mtu: 70000 is out of range (576 to 65535)")
+	})
+	if st, err := n.Client().Status(ctx); err != nil || !st.Ready || st.Pool != "" {
+		t.Fatalf("agent after a rejected file: %+v %v", st, err)
+	}
+
+	cfg := "modules: [endpoints, lb]\ndatapath: {ctMaxEntries: 65536}\nnodePools:\n  - name: rack1\n    nodeSelector: {matchLabels: {rack: r1}}\n    settings: {endpoints: {mtu: 1400}}\n"
+	if err := os.WriteFile(n.Config, []byte(cfg), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 30*time.Second, "the agent to run pool rack1", func() bool {
+		st, err := n.Client().Status(ctx)
+		return err == nil && st.Ready && st.Pool == "rack1"
+	})
+	conn.say("after")
+	if !strings.Contains(proc.Tail(n.Log, 60), "changed; restarting with the new module set") {
+		t.Fatalf("no restart logged:\n%s", proc.Tail(n.Log, 30))
+	}
+	// New pods get the pool's MTU.
+	nsName := l.Spec.Name + "-extra"
+	path, err := netns.Create(nsName)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = netns.Delete(nsName) })
+	ep, err := n.Client().CreateEndpoint(ctx, api.EndpointRequest{ID: "extra", Netns: path, Address: "10.244.1.60"})
+	if err != nil || ep.MTU != 1400 || linkMTU(t, path, "eth0") != 1400 {
+		t.Fatalf("endpoint in pool rack1: %+v %v", ep, err)
+	}
+}
