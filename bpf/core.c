@@ -59,6 +59,8 @@ const struct weir_endpoint_key *weir_btf_endpoint_key __attribute__((unused));
 const struct weir_endpoint *weir_btf_endpoint __attribute__((unused));
 const struct weir_metric *weir_btf_metric __attribute__((unused));
 const struct weir_affinity_key *weir_btf_affinity_key __attribute__((unused));
+const struct weir_ipcache_key *weir_btf_ipcache_key __attribute__((unused));
+const struct weir_ipcache_entry *weir_btf_ipcache_entry __attribute__((unused));
 const struct weir_affinity_entry *weir_btf_affinity_entry __attribute__((unused));
 const struct weir_event *weir_btf_event __attribute__((unused));
 const enum weir_hook *weir_btf_hook __attribute__((unused));
@@ -68,5 +70,13 @@ const enum weir_svc_type *weir_btf_svc_type __attribute__((unused));
 const enum weir_backend_state *weir_btf_backend_state __attribute__((unused));
 const enum weir_ct_kind *weir_btf_ct_kind __attribute__((unused));
 const enum weir_l3 *weir_btf_l3 __attribute__((unused));
+
+/* netdev-ingress: tc ingress on the node's uplink: tunnel traffic to
+ * decapsulate, and packets for local pods to deliver directly. */
+SEC("tc")
+int weir_netdev_ingress(struct __sk_buff *skb)
+{
+	return weir_entry(skb, WEIR_HOOK_NETDEV_INGRESS, 1);
+}
 
 char __license[] SEC("license") = "Dual BSD/GPL";

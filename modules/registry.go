@@ -6,18 +6,24 @@ import (
 	"github.com/weirnet/weir/core/module"
 	"github.com/weirnet/weir/modules/endpoints"
 	"github.com/weirnet/weir/modules/lb"
+	"github.com/weirnet/weir/modules/nativerouting"
+	"github.com/weirnet/weir/modules/tunnel"
 )
 
 // Factories are the in-tree modules.
 var Factories = []module.Factory{
 	endpoints.Factory,
 	lb.Factory,
+	tunnel.Factory,
+	nativerouting.Factory,
 }
 
 // Compile-time guards: each in-tree module satisfies the contract.
 var (
 	_ module.Module = (*endpoints.Module)(nil)
 	_ module.Module = (*lb.Module)(nil)
+	_ module.Module = (*tunnel.Module)(nil)
+	_ module.Module = (*nativerouting.Module)(nil)
 )
 
 // Registry returns the catalog of in-tree modules.

@@ -11,6 +11,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net/http"
+	"net/netip"
 	"runtime"
 	"slices"
 	"sync"
@@ -25,10 +26,12 @@ import (
 	"github.com/weirnet/weir/core/config"
 	"github.com/weirnet/weir/core/datapath"
 	"github.com/weirnet/weir/core/filesource"
+	"github.com/weirnet/weir/core/ipcache"
 	"github.com/weirnet/weir/core/lbmap"
 	"github.com/weirnet/weir/core/model"
 	"github.com/weirnet/weir/core/module"
 	"github.com/weirnet/weir/core/node"
+	"github.com/weirnet/weir/core/slots"
 )
 
 // Options are the agent's command-line settings.
@@ -48,7 +51,13 @@ type Options struct {
 	// PodCIDRs are the node's pod ranges in standalone mode; with
 	// Kubernetes they come from the Node.
 	PodCIDRs []string
-	Logger   *slog.Logger
+	// NodeIP is the node's address toward other nodes (default: the
+	// Node's InternalIP, else the uplink's first address); Uplink names
+	// the device (default: the one holding NodeIP, else the default
+	// route's).
+	NodeIP string
+	Uplink string
+	Logger *slog.Logger
 }
 
 // Validate checks the options that have no sensible default.
@@ -115,6 +124,12 @@ func New(opts Options, cat module.Catalog) (*Agent, error) {
 		Name: opts.NodeName, Labels: facts.Labels, Pool: eff.Pool,
 		PinDir: opts.PinDir, StateDir: opts.StateDir, Cgroup: opts.Cgroup,
 	}
+	if info.Uplink, err = findUplink(&opts, facts); err != nil {
+		// Only forwarding between nodes needs it; those modules say so.
+		opts.Logger.Warn("no uplink toward other nodes", "err", err)
+	} else {
+		opts.Logger.Info("uplink", "device", info.Uplink.Name, "ip", info.Uplink.IP, "mtu", info.Uplink.MTU)
+	}
 	ns := &nodeState{}
 	ns.set(facts)
 	rs := newRestarter()
@@ -138,7 +153,7 @@ func New(opts Options, cat module.Catalog) (*Agent, error) {
 		fx.StartTimeout(2*time.Minute),
 		fx.StopTimeout(30*time.Second),
 		fx.Supply(info, log, eff, &opts, &installed{}, ns, w),
-		fx.Provide(newDatapath, model.NewStore, newAPI, newReconciler),
+		fx.Provide(newDatapath, model.NewStore, newAPI, newReconciler, newIPCache),
 		fx.Options(mods...),
 		// Invoke order is start order: datapath and modules, then the
 		// API (so no request reaches a module before it started), then
@@ -191,6 +206,52 @@ func newReconciler(lc fx.Lifecycle, dp *datapath.Datapath, store *model.Store, i
 	return r
 }
 
+// findUplink resolves the node's address and uplink from the flags, then
+// the Node's InternalIP.
+func findUplink(opts *Options, facts *nodeFacts) (node.Uplink, error) {
+	ipText := opts.NodeIP
+	if ipText == "" {
+		ipText = facts.IP
+	}
+	var ip netip.Addr
+	if ipText != "" {
+		var err error
+		if ip, err = netip.ParseAddr(ipText); err != nil || !ip.Is4() {
+			return node.Uplink{}, fmt.Errorf("node address %q is not IPv4", ipText)
+		}
+	}
+	return node.FindUplink(opts.Uplink, ip)
+}
+
+// newIPCache is constructed only when a forwarding module asks for it.
+// Whether a peer is reached through the tunnel depends on its pool, which
+// its labels decide under the same configuration.
+func newIPCache(lc fx.Lifecycle, dp *datapath.Datapath, store *model.Store, info *node.Info, eff *config.Effective, w *watcher, log *slog.Logger) *ipcache.Reconciler {
+	r := ipcache.New(ipcache.Options{
+		Map:     func() ipcache.Map { return dp.IPCache() },
+		Self:    info.Name,
+		SelfKey: module.EncapsulationKey(eff.Settings),
+		PeerKey: w.encapsulationOf,
+		Uplink:  info.Uplink,
+		Routes:  true,
+		Log:     log.With("component", "ipcache"),
+	})
+	ctx, cancel := context.WithCancel(context.Background())
+	var wg sync.WaitGroup
+	lc.Append(fx.Hook{
+		OnStart: func(context.Context) error {
+			wg.Go(func() { r.Run(ctx, store) })
+			return nil
+		},
+		OnStop: func(context.Context) error {
+			cancel()
+			wg.Wait()
+			return nil
+		},
+	})
+	return r
+}
+
 // installed is set once the datapath and modules run.
 type installed struct{ ok atomic.Bool }
 
@@ -198,6 +259,7 @@ type composeParams struct {
 	fx.In
 	LC      fx.Lifecycle
 	Done    *installed
+	Info    *node.Info
 	DP      *datapath.Datapath
 	Eff     *config.Effective
 	Log     *slog.Logger
@@ -242,6 +304,9 @@ func compose(p composeParams) error {
 			if inst, err = p.DP.Install(objs); err != nil {
 				return err
 			}
+			if err := attachUplink(p.DP, p.Info, p.Eff); err != nil {
+				return err
+			}
 			for _, m := range ordered {
 				if err := m.Start(ctx); err != nil {
 					for _, s := range slices.Backward(started) {
@@ -273,6 +338,26 @@ func compose(p composeParams) error {
 		},
 	})
 	return nil
+}
+
+// attachUplink runs the netdev-ingress entry on the uplink when a module
+// has a stage there, and removes it otherwise.
+func attachUplink(dp *datapath.Datapath, info *node.Info, eff *config.Effective) error {
+	if !info.Uplink.Valid() {
+		return nil
+	}
+	claimed := false
+	for _, f := range eff.Modules {
+		for _, c := range f.Slots {
+			if s, _ := slots.Lookup(c.Slot); s.Hook == slots.NetdevIngress {
+				claimed = true
+			}
+		}
+	}
+	if !claimed {
+		return dp.Detach(info.Uplink.Name, slots.NetdevIngress)
+	}
+	return dp.Attach(info.Uplink.Index, info.Uplink.Name, slots.NetdevIngress)
 }
 
 type serveParams struct {

@@ -62,6 +62,8 @@ func routeKlog(log *slog.Logger) {
 type nodeFacts struct {
 	Labels   map[string]string `json:"labels"`
 	PodCIDRs []string          `json:"podCIDRs"`
+	// IP is the Node's IPv4 InternalIP.
+	IP string `json:"ip,omitempty"`
 }
 
 func factsFile(stateDir string) string { return filepath.Join(stateDir, "node.json") }
@@ -94,6 +96,9 @@ func factsOf(n *corev1.Node) *nodeFacts {
 	f := &nodeFacts{Labels: maps.Clone(n.Labels), PodCIDRs: n.Spec.PodCIDRs}
 	if len(f.PodCIDRs) == 0 && n.Spec.PodCIDR != "" {
 		f.PodCIDRs = []string{n.Spec.PodCIDR}
+	}
+	if m := k8ssource.ConvertNode(n); m != nil {
+		f.IP = m.IP.String()
 	}
 	return f
 }
@@ -232,6 +237,19 @@ type watcher struct {
 	log     *slog.Logger
 	catalog module.Catalog
 	path    string
+}
+
+// encapsulationOf is the encapsulation key of a node with these labels
+// under the current configuration ("" when it does not tunnel).
+func (w *watcher) encapsulationOf(labels map[string]string) string {
+	w.mu.Lock()
+	cfg := w.cfg
+	w.mu.Unlock()
+	eff, err := cfg.Resolve(labels)
+	if err != nil {
+		return ""
+	}
+	return module.EncapsulationKey(eff.Settings)
 }
 
 func (w *watcher) check(why string) {

@@ -62,7 +62,33 @@ func (b *builder) build() (*Effective, []*Effective, error) {
 			catchAll = i
 		}
 	}
+	if err := b.sameEncapsulation(top, pools); err != nil {
+		return nil, nil, err
+	}
 	return top, pools, nil
+}
+
+// sameEncapsulation refuses pools that tunnel differently: their nodes
+// could not decapsulate each other's packets. Pools that do not tunnel may
+// mix with ones that do (peers are then reached natively).
+func (b *builder) sameEncapsulation(top *Effective, pools []*Effective) error {
+	first := module.EncapsulationKey(top.Settings)
+	where := "the top-level modules"
+	for i, p := range pools {
+		k := module.EncapsulationKey(p.Settings)
+		if k == "" {
+			continue
+		}
+		if first == "" {
+			first, where = k, fmt.Sprintf("nodePools[%d] (%q)", i, b.f.NodePools[i].Name)
+			continue
+		}
+		if k != first {
+			return b.fail(fieldPath{"nodePools", i}, "pool %q tunnels with %s but %s tunnel with %s: their nodes could not decapsulate each other's traffic; use the same tunnel settings everywhere",
+				b.f.NodePools[i].Name, k, where, first)
+		}
+	}
+	return nil
 }
 
 func (b *builder) topLevel() (*Effective, error) {

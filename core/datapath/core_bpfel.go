@@ -129,6 +129,19 @@ const (
 	coreWeirHookWEIR_HOOK_MAX            coreWeirHook = 4
 )
 
+type coreWeirIpcacheEntry struct {
+	_      structs.HostLayout
+	NodeIp uint32
+	Flags  uint16
+	Pad    uint16
+}
+
+type coreWeirIpcacheKey struct {
+	_         structs.HostLayout
+	Prefixlen uint32
+	Addr      uint32
+}
+
 type coreWeirL3 uint32
 
 const (
@@ -161,6 +174,10 @@ const (
 	coreWeirReasonWEIR_DROP_TTL_EXCEEDED        coreWeirReason = 12
 	coreWeirReasonWEIR_DROP_SCRATCH             coreWeirReason = 13
 	coreWeirReasonWEIR_DROP_REDIRECT            coreWeirReason = 14
+	coreWeirReasonWEIR_DROP_TUNNEL_MALFORMED    coreWeirReason = 15
+	coreWeirReasonWEIR_DROP_ENCAP               coreWeirReason = 16
+	coreWeirReasonWEIR_DROP_DECAP               coreWeirReason = 17
+	coreWeirReasonWEIR_DROP_FRAG_NEEDED         coreWeirReason = 18
 	coreWeirReasonWEIR_REASON_MAX               coreWeirReason = 32
 )
 
@@ -218,10 +235,12 @@ const (
 	coreMapWeirCt               = "weir_ct"
 	coreMapWeirEndpoints        = "weir_endpoints"
 	coreMapWeirEvents           = "weir_events"
+	coreMapWeirIpcache          = "weir_ipcache"
 	coreMapWeirMetrics          = "weir_metrics"
 	coreMapWeirRevnat           = "weir_revnat"
 	coreMapWeirScratch          = "weir_scratch"
 	coreMapWeirServices         = "weir_services"
+	coreProgWeirNetdevIngress   = "weir_netdev_ingress"
 	coreProgWeirPodEgress       = "weir_pod_egress"
 	coreProgWeirPodIngress      = "weir_pod_ingress"
 	coreVarWeirBtfAffinityEntry = "weir_btf_affinity_entry"
@@ -236,6 +255,8 @@ const (
 	coreVarWeirBtfEndpointKey   = "weir_btf_endpoint_key"
 	coreVarWeirBtfEvent         = "weir_btf_event"
 	coreVarWeirBtfHook          = "weir_btf_hook"
+	coreVarWeirBtfIpcacheEntry  = "weir_btf_ipcache_entry"
+	coreVarWeirBtfIpcacheKey    = "weir_btf_ipcache_key"
 	coreVarWeirBtfL3            = "weir_btf_l3"
 	coreVarWeirBtfMetric        = "weir_btf_metric"
 	coreVarWeirBtfReason        = "weir_btf_reason"
@@ -290,8 +311,9 @@ type coreSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type coreProgramSpecs struct {
-	WeirPodEgress  *ebpf.ProgramSpec `ebpf:"weir_pod_egress"`
-	WeirPodIngress *ebpf.ProgramSpec `ebpf:"weir_pod_ingress"`
+	WeirNetdevIngress *ebpf.ProgramSpec `ebpf:"weir_netdev_ingress"`
+	WeirPodEgress     *ebpf.ProgramSpec `ebpf:"weir_pod_egress"`
+	WeirPodIngress    *ebpf.ProgramSpec `ebpf:"weir_pod_ingress"`
 }
 
 // coreMapSpecs contains maps before they are loaded into the kernel.
@@ -304,6 +326,7 @@ type coreMapSpecs struct {
 	WeirCt        *ebpf.MapSpec `ebpf:"weir_ct"`
 	WeirEndpoints *ebpf.MapSpec `ebpf:"weir_endpoints"`
 	WeirEvents    *ebpf.MapSpec `ebpf:"weir_events"`
+	WeirIpcache   *ebpf.MapSpec `ebpf:"weir_ipcache"`
 	WeirMetrics   *ebpf.MapSpec `ebpf:"weir_metrics"`
 	WeirRevnat    *ebpf.MapSpec `ebpf:"weir_revnat"`
 	WeirScratch   *ebpf.MapSpec `ebpf:"weir_scratch"`
@@ -326,6 +349,8 @@ type coreVariableSpecs struct {
 	WeirBtfEndpointKey   *ebpf.VariableSpec `ebpf:"weir_btf_endpoint_key"`
 	WeirBtfEvent         *ebpf.VariableSpec `ebpf:"weir_btf_event"`
 	WeirBtfHook          *ebpf.VariableSpec `ebpf:"weir_btf_hook"`
+	WeirBtfIpcacheEntry  *ebpf.VariableSpec `ebpf:"weir_btf_ipcache_entry"`
+	WeirBtfIpcacheKey    *ebpf.VariableSpec `ebpf:"weir_btf_ipcache_key"`
 	WeirBtfL3            *ebpf.VariableSpec `ebpf:"weir_btf_l3"`
 	WeirBtfMetric        *ebpf.VariableSpec `ebpf:"weir_btf_metric"`
 	WeirBtfReason        *ebpf.VariableSpec `ebpf:"weir_btf_reason"`
@@ -364,6 +389,7 @@ type coreMaps struct {
 	WeirCt        *ebpf.Map `ebpf:"weir_ct"`
 	WeirEndpoints *ebpf.Map `ebpf:"weir_endpoints"`
 	WeirEvents    *ebpf.Map `ebpf:"weir_events"`
+	WeirIpcache   *ebpf.Map `ebpf:"weir_ipcache"`
 	WeirMetrics   *ebpf.Map `ebpf:"weir_metrics"`
 	WeirRevnat    *ebpf.Map `ebpf:"weir_revnat"`
 	WeirScratch   *ebpf.Map `ebpf:"weir_scratch"`
@@ -378,6 +404,7 @@ func (m *coreMaps) Close() error {
 		m.WeirCt,
 		m.WeirEndpoints,
 		m.WeirEvents,
+		m.WeirIpcache,
 		m.WeirMetrics,
 		m.WeirRevnat,
 		m.WeirScratch,
@@ -401,6 +428,8 @@ type coreVariables struct {
 	WeirBtfEndpointKey   *ebpf.Variable `ebpf:"weir_btf_endpoint_key"`
 	WeirBtfEvent         *ebpf.Variable `ebpf:"weir_btf_event"`
 	WeirBtfHook          *ebpf.Variable `ebpf:"weir_btf_hook"`
+	WeirBtfIpcacheEntry  *ebpf.Variable `ebpf:"weir_btf_ipcache_entry"`
+	WeirBtfIpcacheKey    *ebpf.Variable `ebpf:"weir_btf_ipcache_key"`
 	WeirBtfL3            *ebpf.Variable `ebpf:"weir_btf_l3"`
 	WeirBtfMetric        *ebpf.Variable `ebpf:"weir_btf_metric"`
 	WeirBtfReason        *ebpf.Variable `ebpf:"weir_btf_reason"`
@@ -417,12 +446,14 @@ type coreVariables struct {
 //
 // It can be passed to loadCoreObjects or ebpf.CollectionSpec.LoadAndAssign.
 type corePrograms struct {
-	WeirPodEgress  *ebpf.Program `ebpf:"weir_pod_egress"`
-	WeirPodIngress *ebpf.Program `ebpf:"weir_pod_ingress"`
+	WeirNetdevIngress *ebpf.Program `ebpf:"weir_netdev_ingress"`
+	WeirPodEgress     *ebpf.Program `ebpf:"weir_pod_egress"`
+	WeirPodIngress    *ebpf.Program `ebpf:"weir_pod_ingress"`
 }
 
 func (p *corePrograms) Close() error {
 	return _CoreClose(
+		p.WeirNetdevIngress,
 		p.WeirPodEgress,
 		p.WeirPodIngress,
 	)

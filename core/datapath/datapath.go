@@ -31,6 +31,7 @@ const (
 	MapCT        = "weir_ct"
 	MapEndpoints = "weir_endpoints"
 	MapAffinity  = "weir_affinity"
+	MapIPCache   = "weir_ipcache"
 	MapMetrics   = "weir_metrics"
 	MapEvents    = "weir_events"
 )
@@ -199,6 +200,8 @@ func (d *Datapath) Entry(h slots.Hook) (*ebpf.Program, error) {
 		return d.core.WeirPodEgress, nil
 	case slots.PodIngress:
 		return d.core.WeirPodIngress, nil
+	case slots.NetdevIngress:
+		return d.core.WeirNetdevIngress, nil
 	}
 	return nil, fmt.Errorf("hook %s has no entry program yet", h)
 }
@@ -214,6 +217,7 @@ func (d *Datapath) Map(name string) (*ebpf.Map, error) {
 		MapCT:        d.core.WeirCt,
 		MapEndpoints: d.core.WeirEndpoints,
 		MapAffinity:  d.core.WeirAffinity,
+		MapIPCache:   d.core.WeirIpcache,
 		MapMetrics:   d.core.WeirMetrics,
 		MapEvents:    d.core.WeirEvents,
 	}[name]
@@ -235,6 +239,9 @@ func (d *Datapath) RevNAT() *ebpf.Map { return d.core.WeirRevnat }
 // CT is the weir_ct map.
 func (d *Datapath) CT() *ebpf.Map { return d.core.WeirCt }
 
+// IPCache is the weir_ipcache map.
+func (d *Datapath) IPCache() *ebpf.Map { return d.core.WeirIpcache }
+
 // Affinity is the weir_affinity map.
 func (d *Datapath) Affinity() *ebpf.Map { return d.core.WeirAffinity }
 
@@ -254,6 +261,8 @@ func hookAttach(h slots.Hook) (ebpf.AttachType, error) {
 		return ebpf.AttachTCXIngress, nil
 	case slots.PodIngress:
 		return ebpf.AttachTCXEgress, nil
+	case slots.NetdevIngress:
+		return ebpf.AttachTCXIngress, nil
 	}
 	return 0, fmt.Errorf("hook %s cannot be attached to a device yet", h)
 }

@@ -22,6 +22,10 @@ const (
 	DropTTLExceeded       = Reason(coreWeirReasonWEIR_DROP_TTL_EXCEEDED)
 	DropScratch           = Reason(coreWeirReasonWEIR_DROP_SCRATCH)
 	DropRedirect          = Reason(coreWeirReasonWEIR_DROP_REDIRECT)
+	DropTunnelMalformed   = Reason(coreWeirReasonWEIR_DROP_TUNNEL_MALFORMED)
+	DropEncap             = Reason(coreWeirReasonWEIR_DROP_ENCAP)
+	DropDecap             = Reason(coreWeirReasonWEIR_DROP_DECAP)
+	DropFragNeeded        = Reason(coreWeirReasonWEIR_DROP_FRAG_NEEDED)
 )
 
 var reasonNames = map[Reason]string{
@@ -40,6 +44,10 @@ var reasonNames = map[Reason]string{
 	DropTTLExceeded:       "TTL exceeded",
 	DropScratch:           "per-CPU scratch unavailable",
 	DropRedirect:          "redirect to endpoint failed",
+	DropTunnelMalformed:   "malformed tunnel header (or another VNI)",
+	DropEncap:             "encapsulation failed",
+	DropDecap:             "decapsulation failed",
+	DropFragNeeded:        "too big for the path (ICMP fragmentation needed sent when DF is set)",
 }
 
 func (r Reason) String() string {

@@ -27,6 +27,10 @@ type (
 	EndpointKey = coreWeirEndpointKey
 	// Endpoint is a weir_endpoints value.
 	Endpoint = coreWeirEndpoint
+	// IPCacheKey keys weir_ipcache (an LPM trie).
+	IPCacheKey = coreWeirIpcacheKey
+	// IPCacheEntry is a weir_ipcache value.
+	IPCacheEntry = coreWeirIpcacheEntry
 	// AffinityKey keys weir_affinity.
 	AffinityKey = coreWeirAffinityKey
 	// Affinity is a weir_affinity value.
@@ -76,6 +80,14 @@ const (
 	CTFlagFIN         = 0x02
 	CTFlagRST         = 0x04
 	CTFlagEstablished = 0x08
+)
+
+// IPCacheEntry.Flags bits (WEIR_IPCACHE_* in maps.h).
+const (
+	IPCacheLocalPod  = 0x01
+	IPCacheRemotePod = 0x02
+	IPCacheNode      = 0x04
+	IPCacheEncap     = 0x08
 )
 
 // NumReasons is the stride of weir_metrics per hook (WEIR_REASON_MAX).

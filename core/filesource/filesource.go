@@ -27,6 +27,22 @@ const Name = "file"
 // File is the document format.
 type File struct {
 	Services []Service `yaml:"services"`
+	// Nodes describe the cluster's nodes when no Kubernetes API does.
+	Nodes []Node `yaml:"nodes"`
+}
+
+// Node is one node of the cluster.
+type Node struct {
+	Name     string            `yaml:"name"`
+	IP       string            `yaml:"ip"`
+	PodCIDRs []string          `yaml:"podCIDRs"`
+	Labels   map[string]string `yaml:"labels"`
+}
+
+// Contents is what a file declares.
+type Contents struct {
+	Services []*model.Service
+	Nodes    []*model.Node
 }
 
 // Service is one service as a user writes it, close to a Kubernetes
@@ -60,6 +76,15 @@ var dnsLabel = regexp.MustCompile(`^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$`)
 
 // Parse decodes and validates a services file into model services.
 func Parse(file string, data []byte) ([]*model.Service, error) {
+	c, err := ParseContents(file, data)
+	if err != nil {
+		return nil, err
+	}
+	return c.Services, nil
+}
+
+// ParseContents decodes and validates a file: services and nodes.
+func ParseContents(file string, data []byte) (*Contents, error) {
 	root, err := strictyaml.Parse(file, data)
 	if err != nil {
 		return nil, err
@@ -174,6 +199,39 @@ func Parse(file string, data []byte) ([]*model.Service, error) {
 		}
 		out = append(out, svc)
 	}
+	nodes, err := parseNodes(f.Nodes, fail)
+	if err != nil {
+		return nil, err
+	}
+	return &Contents{Services: out, Nodes: nodes}, nil
+}
+
+func parseNodes(in []Node, fail func(path, format string, a ...any) error) ([]*model.Node, error) {
+	var out []*model.Node
+	names := map[string]int{}
+	for i, n := range in {
+		np := strictyaml.Index("nodes", i)
+		if n.Name == "" {
+			return nil, fail(strictyaml.Key(np, "name"), "missing: every node needs a name")
+		}
+		if j, dup := names[n.Name]; dup {
+			return nil, fail(strictyaml.Key(np, "name"), "node %q is already defined by nodes[%d]", n.Name, j)
+		}
+		names[n.Name] = i
+		ip, err := netip.ParseAddr(n.IP)
+		if err != nil || !ip.Is4() {
+			return nil, fail(strictyaml.Key(np, "ip"), "%q is not an IPv4 address", n.IP)
+		}
+		m := &model.Node{Name: n.Name, IP: ip, Labels: n.Labels}
+		for j, c := range n.PodCIDRs {
+			p, err := netip.ParsePrefix(c)
+			if err != nil || !p.Addr().Is4() || p.Masked() != p {
+				return nil, fail(strictyaml.Index(strictyaml.Key(np, "podCIDRs"), j), "%q is not an IPv4 network such as 10.244.1.0/24", c)
+			}
+			m.PodCIDRs = append(m.PodCIDRs, p)
+		}
+		out = append(out, m)
+	}
 	return out, nil
 }
 
@@ -213,17 +271,21 @@ func (s *Source) Load() error {
 	if sum == s.rejected {
 		return errUnchanged
 	}
-	svcs, err := Parse(s.path, data)
+	c, err := ParseContents(s.path, data)
 	if err != nil {
 		// The content itself is wrong: only an edit can fix it.
 		s.rejected = sum
 		return err
 	}
-	// A refusal by the store (a frontend another source holds) may go away
-	// when the other source changes, so it is retried on the next check.
-	if err := s.store.Replace(Name, svcs); err != nil {
+	// A refusal by the store (a frontend or node another source holds) may
+	// go away when the other source changes, so it is retried next time.
+	if err := s.store.ReplaceNodes(Name, c.Nodes); err != nil {
 		return fmt.Errorf("%s: %w", s.path, err)
 	}
+	if err := s.store.Replace(Name, c.Services); err != nil {
+		return fmt.Errorf("%s: %w", s.path, err)
+	}
+	svcs := c.Services
 	s.rejected = [32]byte{}
 	s.last, s.have = sum, true
 	s.log.Info("services file applied", "file", s.path, "services", len(svcs))

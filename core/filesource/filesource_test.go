@@ -229,7 +229,7 @@ func TestParseErrors(t *testing.T) {
 		{
 			name: "unknown top-level field",
 			doc:  lines("service:", "  - name: web"),
-			want: `svc.yaml:1:1: unknown field "service"; allowed fields: services`,
+			want: `svc.yaml:1:1: unknown field "service"; allowed fields: nodes, services`,
 		},
 		{
 			name: "unknown service field",

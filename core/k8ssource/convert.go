@@ -188,3 +188,29 @@ func state(c discoveryv1.EndpointConditions) (model.BackendState, bool) {
 	}
 	return 0, false
 }
+
+// ConvertNode turns a Node into a model node: its first IPv4 InternalIP,
+// its IPv4 pod CIDRs and its labels. It returns nil without an IPv4
+// InternalIP.
+func ConvertNode(n *corev1.Node) *model.Node {
+	out := &model.Node{Name: n.Name, Labels: n.Labels}
+	for _, a := range n.Status.Addresses {
+		if ip, err := netip.ParseAddr(a.Address); a.Type == corev1.NodeInternalIP && err == nil && ip.Is4() {
+			out.IP = ip
+			break
+		}
+	}
+	if !out.IP.IsValid() {
+		return nil
+	}
+	cidrs := n.Spec.PodCIDRs
+	if len(cidrs) == 0 && n.Spec.PodCIDR != "" {
+		cidrs = []string{n.Spec.PodCIDR}
+	}
+	for _, c := range cidrs {
+		if p, err := netip.ParsePrefix(c); err == nil && p.Addr().Is4() && p.Masked() == p {
+			out.PodCIDRs = append(out.PodCIDRs, p)
+		}
+	}
+	return out
+}

@@ -52,9 +52,10 @@ type Source struct {
 	factories []informers.SharedInformerFactory
 	synced    []cache.InformerSynced
 
-	mu       sync.Mutex
-	dirty    map[model.ServiceName]bool
-	all      bool
+	mu         sync.Mutex
+	dirty      map[model.ServiceName]bool
+	all        bool
+	nodesDirty bool
 	wake     chan struct{}
 	current  map[model.ServiceName]*model.Service
 	onNode   []func(*corev1.Node)
@@ -108,6 +109,7 @@ func New(client kubernetes.Interface, nodeName string, store *model.Store, log *
 	_, _ = nodeInf.Informer().AddEventHandler(cache.ResourceEventHandlerFuncs{
 		AddFunc:    func(o any) { s.nodeChanged(o) },
 		UpdateFunc: func(_, o any) { s.nodeChanged(o) },
+		DeleteFunc: func(o any) { s.nodeChanged(o) },
 	})
 	s.synced = []cache.InformerSynced{svcInf.Informer().HasSynced, sliceInf.Informer().HasSynced,
 		nodeInf.Informer().HasSynced, podInf.Informer().HasSynced}
@@ -136,6 +138,13 @@ func (s *Source) Nodes() ([]*corev1.Node, error) { return s.nodes.List(labels.Ev
 func (s *Source) LocalPods() ([]*corev1.Pod, error) { return s.pods.List(labels.Everything()) }
 
 func (s *Source) nodeChanged(o any) {
+	s.mu.Lock()
+	s.nodesDirty = true
+	s.mu.Unlock()
+	select {
+	case s.wake <- struct{}{}:
+	default:
+	}
 	n, ok := o.(*corev1.Node)
 	if !ok || n.Name != s.node {
 		return
@@ -233,9 +242,12 @@ func (s *Source) waitForAPI(ctx context.Context) bool {
 // state to the store.
 func (s *Source) process() {
 	s.mu.Lock()
-	dirty, all := s.dirty, s.all
-	s.dirty, s.all = map[model.ServiceName]bool{}, false
+	dirty, all, nodes := s.dirty, s.all, s.nodesDirty || s.all
+	s.dirty, s.all, s.nodesDirty = map[model.ServiceName]bool{}, false, false
 	s.mu.Unlock()
+	if nodes {
+		s.processNodes()
+	}
 	if all {
 		svcs, err := s.services.List(labels.Everything())
 		if err != nil {
@@ -261,6 +273,27 @@ func (s *Source) process() {
 		// resolve removed what the store checks for; an error here is a
 		// bug, and the previous state stays.
 		s.log.Error("services not applied", "err", err)
+	}
+}
+
+// processNodes hands every Node with an IPv4 InternalIP to the store.
+func (s *Source) processNodes() {
+	list, err := s.nodes.List(labels.Everything())
+	if err != nil {
+		s.log.Error("listing nodes", "err", err)
+		return
+	}
+	var out []*model.Node
+	for _, n := range list {
+		m := ConvertNode(n)
+		if m == nil {
+			s.log.Warn("node skipped: no IPv4 InternalIP", "node", n.Name)
+			continue
+		}
+		out = append(out, m)
+	}
+	if err := s.store.ReplaceNodes(Name, out); err != nil {
+		s.log.Error("nodes not applied", "err", err)
 	}
 }
 

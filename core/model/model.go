@@ -198,9 +198,11 @@ func (f *Frontend) validate() error {
 	return nil
 }
 
-// Snapshot is an immutable desired state: every service of every source.
+// Snapshot is an immutable desired state: every service and node of every
+// source.
 type Snapshot struct {
 	Services []*Service // sorted by name
+	Nodes    []*Node    // sorted by name
 }
 
 // Frontends returns every frontend with its service, sorted by key.

@@ -15,6 +15,7 @@ import (
 type Store struct {
 	mu       sync.Mutex
 	sources  map[string]map[ServiceName]*Service
+	nodes    map[string][]*Node
 	synced   map[string]bool
 	expected []string
 	snap     *Snapshot
@@ -26,6 +27,7 @@ type Store struct {
 func NewStore() *Store {
 	return &Store{
 		sources: map[string]map[ServiceName]*Service{},
+		nodes:   map[string][]*Node{},
 		synced:  map[string]bool{},
 		snap:    &Snapshot{},
 	}
@@ -154,7 +156,7 @@ func (s *Store) commit(source string, next map[ServiceName]*Service, synced bool
 	if synced {
 		s.synced[source] = true
 	}
-	s.snap = &Snapshot{Services: all}
+	s.snap = &Snapshot{Services: all, Nodes: s.snap.Nodes}
 	s.version++
 	s.notify()
 	return nil

@@ -38,6 +38,38 @@ type FieldError struct {
 
 func (e *FieldError) Error() string { return e.Path + ": " + e.Msg }
 
+// MTUOverhead is the room a module's encapsulation takes from each packet;
+// forwarding modules provide it into the "mtu-overhead" group and pod
+// interfaces get the uplink's MTU minus the largest overhead.
+type MTUOverhead int
+
+// MTUOverheadTag is the fx value-group tag of MTUOverhead values.
+const MTUOverheadTag = `group:"mtu-overhead"`
+
+// Encapsulation is implemented by the settings of modules that tunnel
+// traffic between nodes. Two nodes exchange encapsulated traffic only when
+// both report the same key (protocol, port, VNI); nodes with different keys
+// cannot decapsulate each other's packets.
+type Encapsulation interface {
+	EncapsulationKey() string
+}
+
+// EncapsulationKey returns the key of the first settings that tunnel, or
+// "" when none does.
+func EncapsulationKey(settings map[string]Settings) string {
+	names := make([]string, 0, len(settings))
+	for n := range settings {
+		names = append(names, n)
+	}
+	slices.Sort(names)
+	for _, n := range names {
+		if e, ok := settings[n].(Encapsulation); ok {
+			return e.EncapsulationKey()
+		}
+	}
+	return ""
+}
+
 // Descriptor is what is known about a module before anything runs: enough
 // to validate a configuration and to assign slots.
 type Descriptor struct {

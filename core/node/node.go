@@ -15,4 +15,7 @@ type Info struct {
 	// Cgroup is the cgroup v2 directory whose sockets the node's socket
 	// hooks see.
 	Cgroup string
+	// Uplink is the device toward other nodes; not Valid when none was
+	// found (a single-node setup may have none).
+	Uplink Uplink
 }

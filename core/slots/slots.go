@@ -69,6 +69,8 @@ var table = []Slot{
 	{Name: "pod-egress/forward", Hook: PodEgress, Order: 12, Group: "forwarding mode"},
 	{Name: "pod-ingress/lb-revnat", Hook: PodIngress, Order: 4},
 	{Name: "pod-ingress/deliver", Hook: PodIngress, Order: 12},
+	{Name: "netdev-ingress/tunnel", Hook: NetdevIngress, Order: 4},
+	{Name: "netdev-ingress/local", Hook: NetdevIngress, Order: 8},
 }
 
 func init() {

@@ -45,6 +45,10 @@ func TestRanges(t *testing.T) {
 	if first != PerHook || last != PerHook+12 {
 		t.Fatalf("pod-ingress range = %d..%d, want %d..%d", first, last, PerHook, PerHook+12)
 	}
+	first, last = Range(NetdevIngress)
+	if first != 2*PerHook || last != 2*PerHook+8 {
+		t.Fatalf("netdev-ingress range = %d..%d", first, last)
+	}
 	// Hooks nobody can fill yet have an empty range.
 	first, last = Range(NetdevEgress)
 	if first <= last {

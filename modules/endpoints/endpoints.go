@@ -39,13 +39,14 @@ type Settings struct {
 	// GatewayIP is the pods' default gateway: a link-local address no
 	// interface holds, answered by the BPF ARP responder.
 	GatewayIP string `yaml:"gatewayIP"`
-	// MTU of pod interfaces.
+	// MTU of pod interfaces; 0 takes the uplink's MTU minus the overhead
+	// of the forwarding module (a tunnel's headers).
 	MTU int `yaml:"mtu"`
 }
 
 // DefaultSettings returns the defaults.
 func DefaultSettings() *Settings {
-	return &Settings{GatewayIP: "169.254.1.1", MTU: 1500}
+	return &Settings{GatewayIP: "169.254.1.1", MTU: 0}
 }
 
 // Validate implements module.Settings.
@@ -57,8 +58,8 @@ func (s *Settings) Validate() error {
 	if a.IsUnspecified() || a.IsMulticast() || a.IsLoopback() {
 		return &module.FieldError{Path: "gatewayIP", Msg: fmt.Sprintf("%s cannot be a gateway; use a link-local address such as 169.254.1.1", a)}
 	}
-	if s.MTU < 576 || s.MTU > 65535 {
-		return &module.FieldError{Path: "mtu", Msg: fmt.Sprintf("%d is out of range (576 to 65535)", s.MTU)}
+	if s.MTU != 0 && (s.MTU < 576 || s.MTU > 65535) {
+		return &module.FieldError{Path: "mtu", Msg: fmt.Sprintf("%d is out of range (576 to 65535, or 0 for the uplink's MTU minus tunnel overhead)", s.MTU)}
 	}
 	return nil
 }
@@ -74,6 +75,9 @@ var Factory = module.Factory{
 			{Slot: "pod-egress/arp", Program: "endpoints_arp"},
 			{Slot: "pod-egress/local", Program: "endpoints_local"},
 			{Slot: "pod-ingress/deliver", Program: "endpoints_deliver"},
+			// Packets for local pods arriving from other nodes go
+			// straight in, skipping the node's stack.
+			{Slot: "netdev-ingress/local", Program: "endpoints_local"},
 		},
 		NewSettings: func() module.Settings { return DefaultSettings() },
 	},
@@ -85,16 +89,18 @@ var Factory = module.Factory{
 // Params are the module's dependencies.
 type Params struct {
 	fx.In
-	Settings *Settings
-	DP       *datapath.Datapath
-	API      *api.Server
-	Node     *node.Info
-	Log      *slog.Logger
+	Settings  *Settings
+	DP        *datapath.Datapath
+	API       *api.Server
+	Node      *node.Info
+	Log       *slog.Logger
+	Overheads []module.MTUOverhead `group:"mtu-overhead"`
 }
 
 // Module is the running endpoints module.
 type Module struct {
 	s    *Settings
+	mtu  int
 	dp   *datapath.Datapath
 	log  *slog.Logger
 	dir  string
@@ -107,6 +113,7 @@ type Module struct {
 func New(p Params) (*Module, error) {
 	m := &Module{
 		s:    p.Settings,
+		mtu:  podMTU(p.Settings.MTU, p.Node.Uplink, p.Overheads),
 		dp:   p.DP,
 		log:  p.Log.With("module", Name),
 		dir:  filepath.Join(p.Node.StateDir, "endpoints"),
@@ -118,6 +125,23 @@ func New(p Params) (*Module, error) {
 	p.API.Handle("GET /v1/endpoints/{id}", m.handleGet)
 	p.API.Handle("DELETE /v1/endpoints/{id}", m.handleDelete)
 	return m, nil
+}
+
+// podMTU is the configured MTU, or the uplink's (1500 without one) less
+// the largest encapsulation overhead.
+func podMTU(configured int, up node.Uplink, overheads []module.MTUOverhead) int {
+	if configured != 0 {
+		return configured
+	}
+	mtu := 1500
+	if up.Valid() && up.MTU > 0 {
+		mtu = up.MTU
+	}
+	largest := 0
+	for _, o := range overheads {
+		largest = max(largest, int(o))
+	}
+	return mtu - largest
 }
 
 // Name implements module.Module.
@@ -343,14 +367,14 @@ func (m *Module) Create(req api.EndpointRequest) (*api.Endpoint, error) {
 	}
 
 	hostName := hostIfName(req.ID)
-	w, err := plumb(hostName, req.Netns, req.IfName, addr, m.s.gateway(), m.s.MTU)
+	w, err := plumb(hostName, req.Netns, req.IfName, addr, m.s.gateway(), m.mtu)
 	if err != nil {
 		return nil, err
 	}
 	ep := &api.Endpoint{
 		ID: req.ID, Netns: req.Netns, IfName: req.IfName, Address: addr.String(),
 		Gateway: m.s.GatewayIP, MAC: w.podMAC.String(), HostIfName: hostName,
-		HostIfindex: w.hostIndex, HostMAC: w.hostMAC.String(), MTU: m.s.MTU,
+		HostIfindex: w.hostIndex, HostMAC: w.hostMAC.String(), MTU: m.mtu,
 		PodNamespace: req.PodNamespace, PodName: req.PodName,
 	}
 	if err := m.program(ep, addr); err != nil {

@@ -45,6 +45,10 @@ enum weir_reason {
 	WEIR_DROP_TTL_EXCEEDED = 12,
 	WEIR_DROP_SCRATCH = 13,
 	WEIR_DROP_REDIRECT = 14,
+	WEIR_DROP_TUNNEL_MALFORMED = 15,
+	WEIR_DROP_ENCAP = 16,
+	WEIR_DROP_DECAP = 17,
+	WEIR_DROP_FRAG_NEEDED = 18,
 	WEIR_REASON_MAX = 32,
 };
 
@@ -195,6 +199,25 @@ struct weir_endpoint {
 	__u8 node_mac[6];  /* the host side: the pod's gateway */
 };
 
+/* weir_ipcache: which node an address lives on, by longest prefix: pod
+ * CIDRs of every node and the nodes' own addresses. */
+struct weir_ipcache_key {
+	__u32 prefixlen; /* LPM trie: bits of addr that count */
+	__be32 addr;
+};
+
+/* weir_ipcache_entry.flags */
+#define WEIR_IPCACHE_LOCAL_POD 0x01  /* a pod CIDR of this node */
+#define WEIR_IPCACHE_REMOTE_POD 0x02 /* a pod CIDR of another node */
+#define WEIR_IPCACHE_NODE 0x04       /* a node's own address */
+#define WEIR_IPCACHE_ENCAP 0x08      /* reach it through the tunnel */
+
+struct weir_ipcache_entry {
+	__be32 node_ip; /* the owning node: tunnel endpoint or next hop */
+	__u16 flags;    /* WEIR_IPCACHE_* */
+	__u16 pad;
+};
+
 /* weir_affinity: sessionAffinity ClientIP, the backend a client last got
  * from a frontend (by reverse NAT id) and when. */
 struct weir_affinity_key {
@@ -283,6 +306,15 @@ struct {
 	__type(value, struct weir_ct_entry);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } weir_ct SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, 16384);
+	__type(key, struct weir_ipcache_key);
+	__type(value, struct weir_ipcache_entry);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} weir_ipcache SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);

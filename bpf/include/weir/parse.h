@@ -185,3 +185,18 @@ WEIR_INLINE __u32 weir_parse(struct __sk_buff *skb, struct weir_ctx *ctx)
 		return weir_parse_arp(skb, ctx);
 	return WEIR_DROP_UNSUPPORTED_L3;
 }
+
+/* Parses again after the packet changed shape (decapsulation): the
+ * context keeps its hook, device and slot position, and gets the new
+ * packet's headers. */
+WEIR_INLINE __u32 weir_reparse(struct __sk_buff *skb, struct weir_ctx *ctx)
+{
+	ctx->l3 = WEIR_L3_NONE;
+	ctx->saddr = ctx->daddr = 0;
+	ctx->sport = ctx->dport = 0;
+	ctx->proto = ctx->tcp_flags = 0;
+	ctx->l4_off = 0;
+	ctx->flags &= WEIR_CTX_AT_INGRESS;
+	ctx->len = skb->len;
+	return weir_parse(skb, ctx);
+}
