@@ -56,10 +56,10 @@ type Source struct {
 	dirty      map[model.ServiceName]bool
 	all        bool
 	nodesDirty bool
-	wake     chan struct{}
-	current  map[model.ServiceName]*model.Service
-	onNode   []func(*corev1.Node)
-	lastNode *corev1.Node
+	wake       chan struct{}
+	current    map[model.ServiceName]*model.Service
+	onNode     []func(*corev1.Node)
+	lastNode   *corev1.Node
 }
 
 // New builds the source and registers its handlers; nothing talks to the
