@@ -14,7 +14,6 @@ volatile const __be16 tunnel_port = 0;
 volatile const __u32 tunnel_geneve = 0; /* 0: VXLAN, 1: Geneve */
 volatile const __u32 tunnel_vni = 1;
 volatile const __u32 tunnel_uplink = 0; /* ifindex */
-volatile const __u32 tunnel_mtu = 1500; /* the uplink's */
 
 #define VXLAN_FLAG_VNI 0x08000000
 #define GENEVE_PROTO_TEB 0x6558
@@ -80,6 +79,27 @@ WEIR_INLINE int tunnel_encap(struct __sk_buff *skb, struct weir_ctx *ctx, __be32
 	return bpf_redirect_neigh(tunnel_uplink, &nh, sizeof(nh), 0);
 }
 
+/* Whether the packet, once encapsulated, exceeds the uplink's MTU (read
+ * now: the path may have shrunk since the pod got its MTU). A GSO packet
+ * is cut into segments later; each must fit. *mtu gets the uplink's. */
+WEIR_INLINE int tunnel_too_big(struct __sk_buff *skb, struct weir_ctx *ctx, __u32 *mtu)
+{
+	__u32 seg;
+	__u8 doff;
+	long rc;
+
+	*mtu = 0;
+	rc = bpf_check_mtu(skb, tunnel_uplink, mtu, TUNNEL_OVERHEAD, 0);
+	if (rc < 0)
+		return 0;
+	if (!skb->gso_size)
+		return rc == BPF_MTU_CHK_RET_FRAG_NEEDED;
+	seg = (ctx->l4_off - ETH_HLEN) + skb->gso_size;
+	if (ctx->proto == IPPROTO_TCP && bpf_skb_load_bytes(skb, (ctx->l4_off & 0x7f) + 12, &doff, 1) == 0)
+		seg += (doff >> 4) * 4;
+	return seg + TUNNEL_OVERHEAD > *mtu;
+}
+
 /* pod-egress/forward: to a pod on another node. */
 SEC("tc")
 int tunnel_forward(struct __sk_buff *skb)
@@ -87,6 +107,7 @@ int tunnel_forward(struct __sk_buff *skb)
 	WEIR_STAGE_CTX(skb, ctx);
 	struct weir_ipcache_entry *e;
 	__be32 remote;
+	__u32 mtu;
 	__u8 frag;
 	int rc;
 
@@ -100,11 +121,14 @@ int tunnel_forward(struct __sk_buff *skb)
 		rc = weir_fib_forward(skb, ctx);
 		return rc >= 0 ? rc : weir_next(skb, ctx);
 	}
-	/* Too big for the path once encapsulated (a GSO packet is cut to
-	 * its MSS later, which the pod's MTU already fits). */
-	if (!skb->gso_segs && skb->len - ETH_HLEN + TUNNEL_OVERHEAD > tunnel_mtu) {
-		if (bpf_skb_load_bytes(skb, ETH_HLEN + 6, &frag, 1) == 0 && (frag & 0x40))
-			return weir_icmp_frag_needed(skb, ctx, tunnel_node_ip, tunnel_mtu - TUNNEL_OVERHEAD);
+	/* Too big for the path once encapsulated: the sender hears of it
+	 * (DF set), or the packet is dropped and counted (no DF: BPF cannot
+	 * fragment, and the pod's MTU normally prevents this). A GSO packet
+	 * cannot become an ICMP error; TCP resends one segment, which can. */
+	if (tunnel_too_big(skb, ctx, &mtu)) {
+		if (!skb->gso_size && bpf_skb_load_bytes(skb, ETH_HLEN + 6, &frag, 1) == 0 && (frag & 0x40) &&
+		    mtu > TUNNEL_OVERHEAD + 68)
+			return weir_icmp_frag_needed(skb, ctx, tunnel_node_ip, mtu - TUNNEL_OVERHEAD);
 		return weir_drop_ctx(skb, ctx, WEIR_DROP_FRAG_NEEDED);
 	}
 	return tunnel_encap(skb, ctx, remote);

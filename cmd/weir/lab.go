@@ -359,6 +359,7 @@ func labServe(args []string) error {
 	fs.IntVar(&w.HTTP, "http", 0, "HTTP port")
 	fs.IntVar(&w.UDP, "udp", 0, "UDP echo port")
 	fs.IntVar(&w.Echo, "echo", 0, "TCP line echo port")
+	fs.IntVar(&w.Sink, "sink", 0, "TCP sink port (answers the byte count)")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}

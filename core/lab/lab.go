@@ -15,11 +15,11 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
-	"strconv"
 	"strings"
 	"time"
 
 	"github.com/vishvananda/netlink"
+	"gopkg.in/yaml.v3"
 
 	"github.com/weirnet/weir/core/api"
 	"github.com/weirnet/weir/core/lab/controlplane"
@@ -266,10 +266,7 @@ func (l *Lab) buildUnderlay() error {
 func (l *Lab) addNode(ctx context.Context, i int) error {
 	ns := l.Spec.Nodes[i]
 	ul := netip.MustParsePrefix(l.Spec.Underlay)
-	ip := ul.Masked().Addr()
-	for range 11 + i {
-		ip = ip.Next()
-	}
+	ip := l.nodeIP(i)
 	n := &Node{
 		Name:      ns.Name,
 		Labels:    ns.Labels,
@@ -347,7 +344,52 @@ func (l *Lab) writeNodeFiles(n *Node) error {
 			return fmt.Errorf("reading services file: %w", err)
 		}
 	}
-	return os.WriteFile(n.ServicesFile, svcs, 0o600)
+	return l.Apply(n.Name, svcs)
+}
+
+// withNodes adds the lab's nodes to a services file that names none: in
+// standalone mode the file is the agents' whole view of the cluster.
+func (l *Lab) withNodes(services []byte) ([]byte, error) {
+	if l.Spec.Kubernetes {
+		return services, nil
+	}
+	var doc yaml.Node
+	// A file that is not a YAML mapping goes to the agents as it is: they
+	// reject it with a precise message.
+	if err := yaml.Unmarshal(services, &doc); err != nil || len(doc.Content) == 0 || doc.Content[0].Kind != yaml.MappingNode {
+		return services, nil
+	}
+	root := doc.Content[0]
+	for i := 0; i+1 < len(root.Content); i += 2 {
+		if root.Content[i].Value == "nodes" {
+			return services, nil
+		}
+	}
+	type fileNode struct {
+		Name     string            `yaml:"name"`
+		IP       string            `yaml:"ip"`
+		PodCIDRs []string          `yaml:"podCIDRs"`
+		Labels   map[string]string `yaml:"labels,omitempty"`
+	}
+	var nodes []fileNode
+	for i, ns := range l.Spec.Nodes {
+		nodes = append(nodes, fileNode{Name: ns.Name, IP: l.nodeIP(i).String(), PodCIDRs: []string{ns.PodCIDR}, Labels: ns.Labels})
+	}
+	var value yaml.Node
+	if err := value.Encode(nodes); err != nil {
+		return nil, err
+	}
+	root.Content = append(root.Content, &yaml.Node{Kind: yaml.ScalarNode, Value: "nodes"}, &value)
+	return yaml.Marshal(&doc)
+}
+
+// nodeIP is the underlay address of the i-th node: .11 on.
+func (l *Lab) nodeIP(i int) netip.Addr {
+	ip := netip.MustParsePrefix(l.Spec.Underlay).Masked().Addr()
+	for range 11 + i {
+		ip = ip.Next()
+	}
+	return ip
 }
 
 // plumbNode makes the node's namespace with its uplink on the underlay.
@@ -450,6 +492,7 @@ func (l *Lab) StartAgent(ctx context.Context, node string) error {
 	args := []string{
 		"--config", n.Config,
 		"--node-name", n.Name,
+		"--node-ip", n.IP,
 		"--pin-dir", n.PinDir,
 		"--state-dir", n.StateDir,
 		"--api-socket", n.APISocket,
@@ -521,8 +564,7 @@ func (l *Lab) addPod(ctx context.Context, n *Node, ps PodSpec) error {
 		return err
 	}
 	if l.Options.ServeBinary != "" && !p.Serve.Empty() {
-		args := []string{"lab", "serve", "--name", p.Name,
-			"--http", strconv.Itoa(p.Serve.HTTP), "--udp", strconv.Itoa(p.Serve.UDP), "--echo", strconv.Itoa(p.Serve.Echo)}
+		args := append([]string{"lab", "serve", "--name", p.Name}, workloadArgs(p.Serve)...)
 		logf := filepath.Join(l.Dir, n.Name, "pod-"+p.Name+".log")
 		pid, err := proc.Start(proc.Spec{Path: l.Options.ServeBinary, Args: args, Netns: path, LogFile: logf, Cgroup: filepath.Join(n.Cgroup, "pods")})
 		if err != nil {
@@ -593,11 +635,16 @@ func removeCgroup(dir string) error {
 	return fmt.Errorf("removing cgroup %s: %w", dir, lastErr)
 }
 
-// Apply replaces a node's services file; the agent picks it up.
+// Apply replaces a node's services file (adding the lab's nodes when it
+// names none); the agent picks it up.
 func (l *Lab) Apply(node string, services []byte) error {
 	n := l.Node(node)
 	if n == nil {
 		return fmt.Errorf("no node %q", node)
+	}
+	services, err := l.withNodes(services)
+	if err != nil {
+		return err
 	}
 	tmp := n.ServicesFile + ".tmp"
 	if err := os.WriteFile(tmp, services, 0o600); err != nil {

@@ -592,7 +592,7 @@ func TestConfigFileChangeRestartsAgent(t *testing.T) {
 		t.Fatal(err)
 	}
 	waitFor(t, 10*time.Second, "the agent to reject the file", func() bool {
-		return strings.Contains(proc.Tail(n.Log, 20), "settings.endpoints.mtu: 70000 is out of range (576 to 65535)")
+		return strings.Contains(proc.Tail(n.Log, 20), "settings.endpoints.mtu: 70000 is out of range (576 to 65535, or 0 for the uplink's MTU minus tunnel overhead)")
 	})
 	if st, err := n.Client().Status(ctx); err != nil || !st.Ready || st.Pool != "" {
 		t.Fatalf("agent after a rejected file: %+v %v", st, err)

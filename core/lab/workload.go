@@ -25,10 +25,13 @@ type Workload struct {
 	// Echo port (TCP): each line is answered with "<name>: <line>", for
 	// long-lived connections.
 	Echo int `yaml:"echo" json:"echo,omitempty"`
+	// Sink port (TCP): reads until the client closes its side, then
+	// answers the number of bytes received (bulk transfers).
+	Sink int `yaml:"sink" json:"sink,omitempty"`
 }
 
 // Empty reports whether the workload serves nothing.
-func (w Workload) Empty() bool { return w.HTTP == 0 && w.UDP == 0 && w.Echo == 0 }
+func (w Workload) Empty() bool { return w.HTTP == 0 && w.UDP == 0 && w.Echo == 0 && w.Sink == 0 }
 
 // Servers are a running workload.
 type Servers struct {
@@ -76,6 +79,14 @@ func Serve(name, nsPath string, w Workload) (*Servers, error) {
 			s.closers = append(s.closers, ln)
 			s.wg.Go(func() { lineEcho(name, ln) })
 		}
+		if w.Sink != 0 {
+			ln, err := net.Listen("tcp4", fmt.Sprintf(":%d", w.Sink))
+			if err != nil {
+				return err
+			}
+			s.closers = append(s.closers, ln)
+			s.wg.Go(func() { sink(ln) })
+		}
 		return nil
 	}
 	var err error
@@ -120,6 +131,51 @@ func lineEcho(name string, ln net.Listener) {
 			}
 		})
 	}
+}
+
+func sink(ln net.Listener) {
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		wg.Go(func() {
+			defer c.Close()
+			n, _ := io.Copy(io.Discard, c)
+			fmt.Fprintf(c, "%d\n", n)
+		})
+	}
+}
+
+// Send writes size bytes over a new connection from inside the namespace
+// to a sink and returns what the sink counted.
+func Send(ctx context.Context, nsPath, addr string, size int64) (int64, error) {
+	c, err := Dial(ctx, nsPath, "tcp4", addr)
+	if err != nil {
+		return 0, err
+	}
+	defer c.Close()
+	if d, ok := ctx.Deadline(); ok {
+		_ = c.SetDeadline(d)
+	}
+	buf := make([]byte, 256<<10)
+	for sent := int64(0); sent < size; {
+		n := min(int64(len(buf)), size-sent)
+		if _, err := c.Write(buf[:n]); err != nil {
+			return sent, fmt.Errorf("after %d bytes: %w", sent, err)
+		}
+		sent += n
+	}
+	if err := c.(*net.TCPConn).CloseWrite(); err != nil {
+		return size, err
+	}
+	var got int64
+	if _, err := fmt.Fscan(c, &got); err != nil {
+		return size, fmt.Errorf("reading the sink's count: %w", err)
+	}
+	return got, nil
 }
 
 // Dial opens a connection from inside the namespace at nsPath.

@@ -137,7 +137,6 @@ func ObjectSpec(s *Settings, up node.Uplink) (*ebpf.CollectionSpec, error) {
 		"tunnel_geneve":  geneve,
 		"tunnel_vni":     uint32(s.VNI),
 		"tunnel_uplink":  uint32(up.Index),
-		"tunnel_mtu":     uint32(up.MTU),
 	} {
 		if err := spec.Variables[name].Set(v); err != nil {
 			return nil, fmt.Errorf("setting %s: %w", name, err)

@@ -10,12 +10,14 @@ import (
 	"github.com/cilium/ebpf"
 	"github.com/gopacket/gopacket"
 	"github.com/gopacket/gopacket/layers"
+	"github.com/vishvananda/netlink"
 
 	"github.com/weirnet/weir/core/datapath"
 	"github.com/weirnet/weir/core/datapath/dptest"
 	"github.com/weirnet/weir/core/ipcache"
 	"github.com/weirnet/weir/core/model"
 	"github.com/weirnet/weir/core/module"
+	"github.com/weirnet/weir/core/netns"
 	"github.com/weirnet/weir/core/node"
 	"github.com/weirnet/weir/core/slots"
 	"github.com/weirnet/weir/modules/endpoints"
@@ -44,14 +46,44 @@ func claims(cs []module.SlotClaim) map[string]string {
 }
 
 // newFixture installs endpoints and the tunnel for node "n1" (uplink on
-// loopback, MTU 1500) with peer "n2" tunnelling the same way.
+// loopback) with peer "n2" tunnelling the same way.
 func newFixture(t *testing.T, s *Settings) *fixture {
+	return newFixtureOn(t, s, node.Uplink{Name: "lo", Index: 1, MTU: 65536, IP: self})
+}
+
+// uplinkNetns makes a namespace with a veth of the given MTU to serve as
+// the uplink; programs must run inside it (BPF_PROG_TEST_RUN resolves
+// devices in the caller's namespace).
+func uplinkNetns(t *testing.T, mtu int) (string, node.Uplink) {
+	t.Helper()
+	u := dptest.UniqueName(t)
+	name := "wt-tun-" + u[len(u)-8:]
+	path, err := netns.Create(name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = netns.Delete(name) })
+	h, err := netns.Handle(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer h.Close()
+	if err := h.LinkAdd(&netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: "upl", MTU: mtu}, PeerName: "upl-peer"}); err != nil {
+		t.Fatal(err)
+	}
+	l, err := h.LinkByName("upl")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return path, node.Uplink{Name: "upl", Index: l.Attrs().Index, MTU: mtu, IP: self}
+}
+
+func newFixtureOn(t *testing.T, s *Settings, up node.Uplink) *fixture {
 	t.Helper()
 	if err := s.Validate(); err != nil {
 		t.Fatal(err)
 	}
 	dp := dptest.Open(t)
-	up := node.Uplink{Name: "lo", Index: 1, MTU: 1500, IP: self}
 	tspec, err := ObjectSpec(s, up)
 	if err != nil {
 		t.Fatal(err)
@@ -240,9 +272,17 @@ func encapsulate(t *testing.T, s *Settings, frame []byte) []byte {
 // A DF packet too big once encapsulated is answered with ICMP
 // "fragmentation needed" announcing the room left, back to the pod.
 func TestTooBigForTheTunnel(t *testing.T) {
-	f := newFixture(t, &Settings{Protocol: "vxlan", VNI: 1})
+	path, up := uplinkNetns(t, 1500)
+	f := newFixtureOn(t, &Settings{Protocol: "vxlan", VNI: 1}, up)
+	run := func(pkt []byte) dptest.Result {
+		var r dptest.Result
+		if err := netns.Do(path, func() error { r = dptest.Run(t, f.egress, pkt); return nil }); err != nil {
+			t.Fatal(err)
+		}
+		return r
+	}
 	in := dptest.Build(t, podFlow(1500-20-20)) // a full 1500-byte IP packet
-	res := dptest.Run(t, f.egress, in)
+	res := run(in)
 	if res.Verdict != dptest.ActRedirect {
 		t.Fatalf("verdict %d, want the ICMP error sent back", res.Verdict)
 	}
@@ -278,8 +318,16 @@ func TestTooBigForTheTunnel(t *testing.T) {
 		t.Errorf("ICMP sent to MAC %v, want the pod's", net.HardwareAddr(res.Packet[0:6]))
 	}
 	// A packet that fits is encapsulated.
-	if r := dptest.Run(t, f.egress, dptest.Build(t, podFlow(1450-40))); r.Verdict != dptest.ActRedirect || len(r.Packet) != 1450+14+Overhead {
+	if r := run(dptest.Build(t, podFlow(1450-40))); r.Verdict != dptest.ActRedirect || len(r.Packet) != 1450+14+Overhead {
 		t.Fatalf("a packet that fits: verdict %d, %d bytes", r.Verdict, len(r.Packet))
+	}
+	// Without DF it cannot be fragmented here: dropped, and counted.
+	noDF := dptest.Build(t, podFlow(1500-20-20))
+	noDF[14+6] = 0
+	binary.BigEndian.PutUint16(noDF[14+10:], 0)
+	binary.BigEndian.PutUint16(noDF[14+10:], ipChecksum(noDF[14:34]))
+	if r := run(noDF); r.Verdict != dptest.ActShot {
+		t.Fatalf("too big without DF: verdict %d, want a drop", r.Verdict)
 	}
 }
 
@@ -297,4 +345,15 @@ func TestSettings(t *testing.T) {
 	if err == nil || err.Error() != `protocol: "gre" is not one of vxlan, geneve` {
 		t.Fatalf("error %v", err)
 	}
+}
+
+func ipChecksum(h []byte) uint16 {
+	var s uint32
+	for i := 0; i+1 < len(h); i += 2 {
+		s += uint32(h[i])<<8 | uint32(h[i+1])
+	}
+	for s > 0xffff {
+		s = s&0xffff + s>>16
+	}
+	return ^uint16(s)
 }

@@ -30,7 +30,6 @@ const (
 	tunnelProgTunnelDecap   = "tunnel_decap"
 	tunnelProgTunnelForward = "tunnel_forward"
 	tunnelVarTunnelGeneve   = "tunnel_geneve"
-	tunnelVarTunnelMtu      = "tunnel_mtu"
 	tunnelVarTunnelNodeIp   = "tunnel_node_ip"
 	tunnelVarTunnelPort     = "tunnel_port"
 	tunnelVarTunnelUplink   = "tunnel_uplink"
@@ -107,7 +106,6 @@ type tunnelMapSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type tunnelVariableSpecs struct {
 	TunnelGeneve  *ebpf.VariableSpec `ebpf:"tunnel_geneve"`
-	TunnelMtu     *ebpf.VariableSpec `ebpf:"tunnel_mtu"`
 	TunnelNodeIp  *ebpf.VariableSpec `ebpf:"tunnel_node_ip"`
 	TunnelPort    *ebpf.VariableSpec `ebpf:"tunnel_port"`
 	TunnelUplink  *ebpf.VariableSpec `ebpf:"tunnel_uplink"`
@@ -170,7 +168,6 @@ func (m *tunnelMaps) Close() error {
 // It can be passed to loadTunnelObjects or ebpf.CollectionSpec.LoadAndAssign.
 type tunnelVariables struct {
 	TunnelGeneve  *ebpf.Variable `ebpf:"tunnel_geneve"`
-	TunnelMtu     *ebpf.Variable `ebpf:"tunnel_mtu"`
 	TunnelNodeIp  *ebpf.Variable `ebpf:"tunnel_node_ip"`
 	TunnelPort    *ebpf.Variable `ebpf:"tunnel_port"`
 	TunnelUplink  *ebpf.Variable `ebpf:"tunnel_uplink"`
