@@ -22,6 +22,12 @@ WEIR_INLINE int weir_entry(struct __sk_buff *skb, __u32 hook, int at_ingress)
 		ctx->flags |= WEIR_CTX_AT_INGRESS;
 
 	reason = weir_parse(skb, ctx);
+	/* The node's own devices carry more than Weir handles (IPv6, LLDP,
+	 * ...): that is the stack's business, not a drop. */
+	if (reason == WEIR_DROP_UNSUPPORTED_L3 && (hook == WEIR_HOOK_NETDEV_INGRESS || hook == WEIR_HOOK_NETDEV_EGRESS)) {
+		weir_count(hook, WEIR_REASON_PASS, skb->len);
+		return TC_ACT_OK;
+	}
 	if (reason != WEIR_REASON_PASS)
 		return weir_drop_ctx(skb, ctx, reason);
 

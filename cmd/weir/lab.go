@@ -109,7 +109,7 @@ func runLab(args []string, out io.Writer) error {
 				return err
 			}
 		}
-		return labRequests(ctx, sub, p, pos[1], *count, *msg, out)
+		return labRequests(ctx, l, sub, p, pos[1], *count, *msg, out)
 	case "restart-agent":
 		if *node == "" {
 			return errors.New("lab restart-agent needs --node")
@@ -277,7 +277,7 @@ func waitAnswer(ctx context.Context, kind string, p *lab.Pod, target, msg string
 	}
 }
 
-func labRequests(ctx context.Context, kind string, p *lab.Pod, target string, n int, msg string, out io.Writer) error {
+func labRequests(ctx context.Context, l *lab.Lab, kind string, p *lab.Pod, target string, n int, msg string, out io.Writer) error {
 	counts := map[string]int{}
 	failed := 0
 	client := lab.HTTPClient(p.NetnsPath(), 3*time.Second)
@@ -296,7 +296,11 @@ func labRequests(ctx context.Context, kind string, p *lab.Pod, target string, n 
 		}
 		who, _, _ := strings.Cut(answer, ":")
 		counts[who]++
-		fmt.Fprintf(out, "%3d  %s -> answered by %s\n", i, target, answer)
+		where := ""
+		if pod := l.Pod(who); pod != nil {
+			where = " (on " + pod.Node + ")"
+		}
+		fmt.Fprintf(out, "%3d  %s -> answered by %s%s\n", i, target, answer, where)
 	}
 	var names []string
 	for k := range counts {

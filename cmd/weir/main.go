@@ -32,6 +32,7 @@ Datapath of a node (--lab NAME --node N, or --pin-dir DIR):
   bpf lb list [-o json]                  raw services map entries
   bpf ct list [-o json]                  live conntrack entries
   bpf endpoint list [-o json]            local endpoints
+  bpf ipcache list [-o json]             where addresses live, and how they are reached
   bpf metrics list [-o json]             packet counters by hook and reason
 `
 
@@ -62,7 +63,7 @@ func run(args []string, out io.Writer) error {
 	case "bpf":
 		if len(args) >= 3 && args[2] == "list" {
 			switch args[1] {
-			case "lb", "ct", "endpoint", "metrics":
+			case "lb", "ct", "endpoint", "metrics", "ipcache":
 				return runMaps(args[1], args[3:], out)
 			}
 		}

@@ -105,6 +105,19 @@ func runMaps(what string, args []string, out io.Writer) error {
 			t = append(t, []string{r.Addr.String(), strconv.Itoa(int(r.Ifindex)), r.MAC, r.NodeMAC})
 		}
 		return table(out, "ADDRESS\tIFINDEX\tMAC\tGATEWAY MAC", t)
+	case "ipcache":
+		rows, err := p.IPCache()
+		if err != nil {
+			return err
+		}
+		if *o == "json" {
+			return writeJSON(out, rows)
+		}
+		var t [][]string
+		for _, r := range rows {
+			t = append(t, []string{r.Prefix.String(), r.Kind, r.NodeIP.String(), r.Via})
+		}
+		return table(out, "PREFIX\tKIND\tNODE\tREACHED", t)
 	case "metrics":
 		rows, err := p.Metrics()
 		if err != nil {

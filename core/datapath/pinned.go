@@ -359,3 +359,45 @@ func (p *Pinned) Endpoints() ([]EndpointRow, error) {
 func macString(m [6]uint8) string {
 	return fmt.Sprintf("%02x:%02x:%02x:%02x:%02x:%02x", m[0], m[1], m[2], m[3], m[4], m[5])
 }
+
+// IPCacheRow is one ipcache entry.
+type IPCacheRow struct {
+	Prefix netip.Prefix `json:"prefix"`
+	NodeIP netip.Addr   `json:"nodeIP"`
+	Kind   string       `json:"kind"`
+	// Via says how this node reaches it: local, tunnel, native.
+	Via string `json:"via"`
+}
+
+// IPCache lists the ipcache, most specific prefixes last.
+func (p *Pinned) IPCache() ([]IPCacheRow, error) {
+	m, err := p.m(MapIPCache)
+	if err != nil {
+		return nil, err
+	}
+	var out []IPCacheRow
+	var (
+		k IPCacheKey
+		v IPCacheEntry
+	)
+	it := m.Iterate()
+	for it.Next(&k, &v) {
+		r := IPCacheRow{Prefix: netip.PrefixFrom(AddrFromBE(k.Addr), int(k.Prefixlen)), NodeIP: AddrFromBE(v.NodeIp), Via: "native"}
+		switch {
+		case v.Flags&IPCacheLocalPod != 0:
+			r.Kind, r.Via = "local pods", "local"
+		case v.Flags&IPCacheRemotePod != 0:
+			r.Kind = "remote pods"
+		case v.Flags&IPCacheNode != 0:
+			r.Kind = "node"
+		}
+		if v.Flags&IPCacheEncap != 0 {
+			r.Via = "tunnel"
+		}
+		out = append(out, r)
+	}
+	slices.SortFunc(out, func(a, b IPCacheRow) int {
+		return cmp.Or(a.Prefix.Addr().Compare(b.Prefix.Addr()), cmp.Compare(a.Prefix.Bits(), b.Prefix.Bits()))
+	})
+	return out, it.Err()
+}

@@ -22,6 +22,7 @@ const (
 	endpointsMapWeirCt             = "weir_ct"
 	endpointsMapWeirEndpoints      = "weir_endpoints"
 	endpointsMapWeirEvents         = "weir_events"
+	endpointsMapWeirIpcache        = "weir_ipcache"
 	endpointsMapWeirMetrics        = "weir_metrics"
 	endpointsMapWeirRevnat         = "weir_revnat"
 	endpointsMapWeirScratch        = "weir_scratch"
@@ -91,6 +92,7 @@ type endpointsMapSpecs struct {
 	WeirCt        *ebpf.MapSpec `ebpf:"weir_ct"`
 	WeirEndpoints *ebpf.MapSpec `ebpf:"weir_endpoints"`
 	WeirEvents    *ebpf.MapSpec `ebpf:"weir_events"`
+	WeirIpcache   *ebpf.MapSpec `ebpf:"weir_ipcache"`
 	WeirMetrics   *ebpf.MapSpec `ebpf:"weir_metrics"`
 	WeirRevnat    *ebpf.MapSpec `ebpf:"weir_revnat"`
 	WeirScratch   *ebpf.MapSpec `ebpf:"weir_scratch"`
@@ -132,6 +134,7 @@ type endpointsMaps struct {
 	WeirCt        *ebpf.Map `ebpf:"weir_ct"`
 	WeirEndpoints *ebpf.Map `ebpf:"weir_endpoints"`
 	WeirEvents    *ebpf.Map `ebpf:"weir_events"`
+	WeirIpcache   *ebpf.Map `ebpf:"weir_ipcache"`
 	WeirMetrics   *ebpf.Map `ebpf:"weir_metrics"`
 	WeirRevnat    *ebpf.Map `ebpf:"weir_revnat"`
 	WeirScratch   *ebpf.Map `ebpf:"weir_scratch"`
@@ -146,6 +149,7 @@ func (m *endpointsMaps) Close() error {
 		m.WeirCt,
 		m.WeirEndpoints,
 		m.WeirEvents,
+		m.WeirIpcache,
 		m.WeirMetrics,
 		m.WeirRevnat,
 		m.WeirScratch,

@@ -22,6 +22,7 @@ const (
 	lbMapWeirCt        = "weir_ct"
 	lbMapWeirEndpoints = "weir_endpoints"
 	lbMapWeirEvents    = "weir_events"
+	lbMapWeirIpcache   = "weir_ipcache"
 	lbMapWeirMetrics   = "weir_metrics"
 	lbMapWeirRevnat    = "weir_revnat"
 	lbMapWeirScratch   = "weir_scratch"
@@ -88,6 +89,7 @@ type lbMapSpecs struct {
 	WeirCt        *ebpf.MapSpec `ebpf:"weir_ct"`
 	WeirEndpoints *ebpf.MapSpec `ebpf:"weir_endpoints"`
 	WeirEvents    *ebpf.MapSpec `ebpf:"weir_events"`
+	WeirIpcache   *ebpf.MapSpec `ebpf:"weir_ipcache"`
 	WeirMetrics   *ebpf.MapSpec `ebpf:"weir_metrics"`
 	WeirRevnat    *ebpf.MapSpec `ebpf:"weir_revnat"`
 	WeirScratch   *ebpf.MapSpec `ebpf:"weir_scratch"`
@@ -128,6 +130,7 @@ type lbMaps struct {
 	WeirCt        *ebpf.Map `ebpf:"weir_ct"`
 	WeirEndpoints *ebpf.Map `ebpf:"weir_endpoints"`
 	WeirEvents    *ebpf.Map `ebpf:"weir_events"`
+	WeirIpcache   *ebpf.Map `ebpf:"weir_ipcache"`
 	WeirMetrics   *ebpf.Map `ebpf:"weir_metrics"`
 	WeirRevnat    *ebpf.Map `ebpf:"weir_revnat"`
 	WeirScratch   *ebpf.Map `ebpf:"weir_scratch"`
@@ -142,6 +145,7 @@ func (m *lbMaps) Close() error {
 		m.WeirCt,
 		m.WeirEndpoints,
 		m.WeirEvents,
+		m.WeirIpcache,
 		m.WeirMetrics,
 		m.WeirRevnat,
 		m.WeirScratch,

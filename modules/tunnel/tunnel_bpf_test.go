@@ -357,3 +357,19 @@ func ipChecksum(h []byte) uint16 {
 	}
 	return ^uint16(s)
 }
+
+// The uplink carries the node's own traffic too: what Weir does not handle
+// (IPv6 here) goes to the stack untouched, not dropped.
+func TestUplinkPassesOtherTraffic(t *testing.T) {
+	f := newFixture(t, &Settings{Protocol: "vxlan", VNI: 1})
+	v6 := dptest.Build(t, podFlow(10))
+	v6[12], v6[13] = 0x86, 0xdd
+	if r := dptest.Run(t, f.uplink, v6); r.Verdict != dptest.ActOK || !bytes.Equal(r.Packet, v6) {
+		t.Fatalf("IPv6 on the uplink: verdict %d", r.Verdict)
+	}
+	// UDP to the tunnel port of another address is not ours either.
+	other := dptest.Build(t, dptest.Flow{Src: netip.MustParseAddrPort("192.168.100.50:5000"), Dst: netip.MustParseAddrPort("192.168.100.60:8472"), Proto: layers.IPProtocolUDP, Payload: make([]byte, 60)})
+	if r := dptest.Run(t, f.uplink, other); r.Verdict != dptest.ActOK || !bytes.Equal(r.Packet, other) {
+		t.Fatalf("UDP 8472 to another address: verdict %d", r.Verdict)
+	}
+}
