@@ -16,6 +16,7 @@ import (
 	"k8s.io/apimachinery/pkg/util/intstr"
 	"k8s.io/client-go/kubernetes"
 
+	"github.com/weirnet/weir/core/datapath"
 	"github.com/weirnet/weir/core/lab/controlplane"
 	"github.com/weirnet/weir/core/netns"
 )
@@ -33,16 +34,19 @@ nodePools:
 // upKube brings up a lab with a real control plane and one node running a
 // client pod.
 func upKube(t testing.TB) (*Lab, kubernetes.Interface) {
+	return upKubeWith(t, kubeAgentConfig, []NodeSpec{{Name: "n1", PodCIDR: "10.244.1.0/24", Pods: []PodSpec{{Name: "client"}}}})
+}
+
+func upKubeWith(t testing.TB, config string, nodes []NodeSpec) (*Lab, kubernetes.Interface) {
 	t.Helper()
 	if _, err := controlplane.FindBinaries(); err != nil {
 		t.Fatalf("%v (make test builds them)", err)
 	}
 	cfg := filepath.Join(t.TempDir(), "agent.yaml")
-	if err := os.WriteFile(cfg, []byte(kubeAgentConfig), 0o600); err != nil {
+	if err := os.WriteFile(cfg, []byte(config), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	spec := &Spec{Name: newLabName(), Kubernetes: true, AgentConfig: cfg,
-		Nodes: []NodeSpec{{Name: "n1", PodCIDR: "10.244.1.0/24", Pods: []PodSpec{{Name: "client"}}}}}
+	spec := &Spec{Name: newLabName(), Kubernetes: true, AgentConfig: cfg, Nodes: nodes}
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
 	l, err := Up(ctx, spec, Options{AgentBinary: bin.agent, ServeBinary: bin.weir, CNIBinDir: filepath.Dir(bin.weir),
@@ -283,3 +287,74 @@ func (e *echo) say(line string) {
 }
 
 func (e *echo) close() { e.c.Close() }
+
+// Two nodes on a real control plane: the agents learn the nodes (and so
+// the ipcache) from Node objects, pods on n2 serve a client on n1 through
+// the tunnel, and relabelling n2 into the native pool changes how n1
+// reaches it, with traffic flowing on.
+func TestKubernetesMultiNode(t *testing.T) {
+	const config = `modules: [endpoints, lb, tunnel]
+settings: {tunnel: {protocol: geneve}}
+nodePools:
+  - name: native
+    nodeSelector: {matchLabels: {weir.dev/forwarding: native}}
+    modules: {disable: [tunnel], enable: [nativerouting]}
+`
+	l, c := upKubeWith(t, config, []NodeSpec{
+		{Name: "n1", PodCIDR: "10.244.1.0/24", Pods: []PodSpec{{Name: "client"}}},
+		{Name: "n2", PodCIDR: "10.244.2.0/24"},
+	})
+	ctx := context.Background()
+	for _, n := range []string{"web-1", "web-2"} {
+		p := backendPod(n)
+		p.Spec.NodeName = "n2"
+		if _, err := c.CoreV1().Pods("default").Create(ctx, p, metav1.CreateOptions{}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	vip := createService(t, c)
+	client := l.Pod("client")
+	waitFor(t, 60*time.Second, "both pods on n2 to answer", func() bool {
+		return len(reach(t, client, "http://"+vip+"/", 20)) == 2
+	})
+	via := func() string {
+		p, err := datapath.OpenPinned(l.Node("n1").PinDir)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer p.Close()
+		rows, err := p.IPCache()
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, r := range rows {
+			if r.Prefix.String() == "10.244.2.0/24" {
+				return r.Via + " via " + r.NodeIP.String()
+			}
+		}
+		return "absent"
+	}
+	if got := via(); got != "tunnel via "+l.Node("n2").IP {
+		t.Fatalf("n1 reaches n2's pods %s", got)
+	}
+	conn := echoConn(t, client, vip)
+	defer conn.close()
+	conn.say("over geneve")
+
+	node, err := c.CoreV1().Nodes().Get(ctx, "n2", metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	node.Labels["weir.dev/forwarding"] = "native"
+	if _, err := c.CoreV1().Nodes().Update(ctx, node, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 60*time.Second, "n2 to run the native pool and n1 to reach it natively", func() bool {
+		st, err := l.Node("n2").Client().Status(ctx)
+		return err == nil && st.Pool == "native" && st.Ready && via() == "native via "+l.Node("n2").IP
+	})
+	conn.say("natively now")
+	if got := get(t, client, "http://"+vip+"/", 20); len(got) != 2 {
+		t.Fatalf("after the move: %v", got)
+	}
+}
