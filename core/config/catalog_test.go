@@ -43,6 +43,9 @@ type tunnelSettings struct {
 	Port     uint16 `yaml:"port"`
 }
 
+// EncapsulationKey makes the fake tunnel one whose pools must agree.
+func (s *tunnelSettings) EncapsulationKey() string { return fmt.Sprintf("%s/%d", s.Protocol, s.Port) }
+
 func (s *tunnelSettings) Validate() error {
 	if s.Protocol != "vxlan" && s.Protocol != "geneve" {
 		return &module.FieldError{Path: "protocol", Msg: fmt.Sprintf("%q is not one of vxlan, geneve", s.Protocol)}

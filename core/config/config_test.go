@@ -635,3 +635,20 @@ func dump(m map[string]module.Settings) string {
 	}
 	return b.String()
 }
+
+// Pools that tunnel differently could not reach each other; pools that do
+// not tunnel mix freely with those that do.
+func TestPoolsMustTunnelAlike(t *testing.T) {
+	base := "modules: [endpoints, tunnel]\nnodePools:\n  - name: edge\n    nodeSelector: {matchLabels: {a: b}}\n"
+	_, err := Parse("weir.yaml", []byte(base+"    settings: {tunnel: {protocol: geneve, port: 6081}}\n"), testCatalog(t))
+	want := `pool "edge" tunnels with geneve/6081 but the top-level modules tunnel with vxlan/8472`
+	if err == nil || !strings.Contains(err.Error(), want) {
+		t.Fatalf("pools tunnelling differently: %v", err)
+	}
+	if _, err := Parse("weir.yaml", []byte(base+"    modules: {disable: [tunnel]}\n"), testCatalog(t)); err != nil {
+		t.Fatalf("a pool that does not tunnel: %v", err)
+	}
+	if _, err := Parse("weir.yaml", []byte(base+"    settings: {tunnel: {protocol: vxlan}}\n"), testCatalog(t)); err != nil {
+		t.Fatalf("a pool that tunnels alike: %v", err)
+	}
+}
