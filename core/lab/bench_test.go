@@ -1,9 +1,11 @@
 package lab
 
 import (
+	"bufio"
 	"context"
 	"fmt"
 	"os"
+	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
@@ -227,4 +229,78 @@ func agentMemory(b *testing.B, n *Node) (rss, heap uint64) {
 		b.Fatal(err)
 	}
 	return rss, st.HeapBytes
+}
+
+// BenchmarkCrossNode: TCP bulk throughput (200 MiB, best of 3) and
+// request/response rate (2,000 one-line round trips on one connection)
+// from a pod on n1 to a pod on n2, for each forwarding mode, beside the
+// same traffic between the two nodes' own namespaces over the bare
+// underlay (no Weir in the path), measured in the same lab.
+func BenchmarkCrossNode(b *testing.B) {
+	for _, m := range modes[:3] {
+		b.Run(m.name, func(b *testing.B) {
+			cfg := filepath.Join(b.TempDir(), "agent.yaml")
+			if err := os.WriteFile(cfg, []byte(m.config), 0o600); err != nil {
+				b.Fatal(err)
+			}
+			spec := threeNodes(cfg)
+			spec.Nodes = spec.Nodes[:2]
+			l := up(b, spec)
+			// The underlay baseline: servers in n2's own namespace.
+			srv, err := Serve("n2", l.Node("n2").NetnsPath(), Workload{Echo: 9000, Sink: 7000})
+			if err != nil {
+				b.Fatal(err)
+			}
+			defer srv.Close()
+			pod := l.Pod("client").NetnsPath()
+			podBulk := bulk(b, pod, l.Pod("web-2").IP+":7000")
+			podRR := requestResponse(b, pod, l.Pod("web-2").IP+":9000")
+			ulBulk := bulk(b, l.Node("n1").NetnsPath(), l.Node("n2").IP+":7000")
+			ulRR := requestResponse(b, l.Node("n1").NetnsPath(), l.Node("n2").IP+":9000")
+			b.ReportMetric(podBulk, "Mbit/s")
+			b.ReportMetric(ulBulk, "Mbit/s-underlay(baseline)")
+			b.ReportMetric(podBulk/ulBulk, "ratio-bulk")
+			b.ReportMetric(podRR, "rr/s")
+			b.ReportMetric(ulRR, "rr/s-underlay(baseline)")
+			b.ReportMetric(podRR/ulRR, "ratio-rr")
+			b.Logf("%s: pod to pod %.0f Mbit/s, %.0f req/s; bare underlay %.0f Mbit/s, %.0f req/s", m.name, podBulk, podRR, ulBulk, ulRR)
+		})
+	}
+}
+
+func bulk(b *testing.B, nsPath, addr string) float64 {
+	const size = 200 << 20
+	best := 0.0
+	for range 3 {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		start := time.Now()
+		got, err := Send(ctx, nsPath, addr, size)
+		cancel()
+		if err != nil || got != size {
+			b.Fatalf("bulk to %s: %d bytes, %v", addr, got, err)
+		}
+		best = max(best, float64(size*8)/time.Since(start).Seconds()/1e6)
+	}
+	return best
+}
+
+func requestResponse(b *testing.B, nsPath, addr string) float64 {
+	const n = 2000
+	c, err := Dial(context.Background(), nsPath, "tcp4", addr)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer c.Close()
+	_ = c.SetDeadline(time.Now().Add(time.Minute))
+	rd := bufio.NewReader(c)
+	start := time.Now()
+	for i := range n {
+		if _, err := fmt.Fprintf(c, "%d\n", i); err != nil {
+			b.Fatal(err)
+		}
+		if _, err := rd.ReadString('\n'); err != nil {
+			b.Fatal(err)
+		}
+	}
+	return n / time.Since(start).Seconds()
 }

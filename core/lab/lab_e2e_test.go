@@ -98,7 +98,7 @@ const webServices = `services:
 
 // up brings a lab up with in-process workloads and removes it when the test
 // ends, checking that nothing it made is left behind.
-func up(t *testing.T, spec *Spec) *Lab {
+func up(t testing.TB, spec *Spec) *Lab {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
