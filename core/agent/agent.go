@@ -190,11 +190,18 @@ func newAPI(opts *Options, log *slog.Logger) *api.Server {
 func newReconciler(lc fx.Lifecycle, dp *datapath.Datapath, store *model.Store, info *node.Info, log *slog.Logger) *lbmap.Reconciler {
 	r := lbmap.NewFromDatapath(dp, log.With("component", "lbmap"))
 	r.SetNode(info.Name)
+	background(lc, func(ctx context.Context) { r.Run(ctx, store) })
+	return r
+}
+
+// background runs fn from start to stop of the agent: its context ends at
+// stop, which waits for fn to return.
+func background(lc fx.Lifecycle, fn func(ctx context.Context)) {
 	ctx, cancel := context.WithCancel(context.Background())
 	var wg sync.WaitGroup
 	lc.Append(fx.Hook{
 		OnStart: func(context.Context) error {
-			wg.Go(func() { r.Run(ctx, store) })
+			wg.Go(func() { fn(ctx) })
 			return nil
 		},
 		OnStop: func(context.Context) error {
@@ -203,7 +210,6 @@ func newReconciler(lc fx.Lifecycle, dp *datapath.Datapath, store *model.Store, i
 			return nil
 		},
 	})
-	return r
 }
 
 // findUplink resolves the node's address and uplink from the flags, then
@@ -236,19 +242,7 @@ func newIPCache(lc fx.Lifecycle, dp *datapath.Datapath, store *model.Store, info
 		Routes:  true,
 		Log:     log.With("component", "ipcache"),
 	})
-	ctx, cancel := context.WithCancel(context.Background())
-	var wg sync.WaitGroup
-	lc.Append(fx.Hook{
-		OnStart: func(context.Context) error {
-			wg.Go(func() { r.Run(ctx, store) })
-			return nil
-		},
-		OnStop: func(context.Context) error {
-			cancel()
-			wg.Wait()
-			return nil
-		},
-	})
+	background(lc, func(ctx context.Context) { r.Run(ctx, store) })
 	return r
 }
 
@@ -402,24 +396,13 @@ func startSources(p sourceParams) error {
 	}
 	src := filesource.New(p.Opts.ServicesFile, p.Store, p.Log.With("source", "file"))
 	p.Store.Expect(filesource.Name)
-	ctx, cancel := context.WithCancel(context.Background())
-	var wg sync.WaitGroup
-	p.LC.Append(fx.Hook{
-		OnStart: func(context.Context) error {
-			if err := src.Load(); err != nil {
-				// A bad file at start leaves the maps as the previous
-				// agent left them; the watcher applies the file once
-				// it is fixed.
-				p.Log.Error("services file rejected; keeping the services already in the datapath", "file", p.Opts.ServicesFile, "err", err)
-			}
-			wg.Go(func() { src.Watch(ctx) })
-			return nil
-		},
-		OnStop: func(context.Context) error {
-			cancel()
-			wg.Wait()
-			return nil
-		},
+	background(p.LC, func(ctx context.Context) {
+		if err := src.Load(); err != nil {
+			// A bad file at start leaves the maps as the previous agent
+			// left them; the watcher applies the file once it is fixed.
+			p.Log.Error("services file rejected; keeping the services already in the datapath", "file", p.Opts.ServicesFile, "err", err)
+		}
+		src.Watch(ctx)
 	})
 	return nil
 }

@@ -211,19 +211,7 @@ func startKube(p kubeParams) {
 		}
 		p.Watch.check("the labels of Node " + n.Name + " changed")
 	})
-	ctx, cancel := context.WithCancel(context.Background())
-	var wg sync.WaitGroup
-	p.LC.Append(fx.Hook{
-		OnStart: func(context.Context) error {
-			wg.Go(func() { src.Run(ctx) })
-			return nil
-		},
-		OnStop: func(context.Context) error {
-			cancel()
-			wg.Wait()
-			return nil
-		},
-	})
+	background(p.LC, src.Run)
 }
 
 // watcher re-resolves the configuration for the node's current labels and

@@ -96,12 +96,12 @@ func TestParseExample(t *testing.T) {
 			Frontends: []model.Frontend{
 				{
 					Addr: ap("10.96.0.10:80"), Proto: model.TCP, Type: model.ClusterIP, PortName: "http",
-					Backends: backends(model.Active, "10.244.1.11:8080", "10.244.1.12:8080", "10.244.1.13:8080"),
+					Backends: backends(model.Active, "10.244.1.11:8080", "10.244.2.11:8080", "10.244.3.11:8080"),
 				},
 				{
 					// No targetPort: the backends serve the port itself.
 					Addr: ap("10.96.0.10:9000"), Proto: model.TCP, Type: model.ClusterIP, PortName: "echo",
-					Backends: backends(model.Active, "10.244.1.11:9000", "10.244.1.12:9000", "10.244.1.13:9000"),
+					Backends: backends(model.Active, "10.244.1.11:9000", "10.244.2.11:9000", "10.244.3.11:9000"),
 				},
 			},
 		},
@@ -110,7 +110,7 @@ func TestParseExample(t *testing.T) {
 			Frontends: []model.Frontend{
 				{
 					Addr: ap("10.96.0.53:53"), Proto: model.UDP, Type: model.ClusterIP, PortName: "dns",
-					Backends: backends(model.Active, "10.244.1.11:5353", "10.244.1.12:5353", "10.244.1.13:5353"),
+					Backends: backends(model.Active, "10.244.1.11:5353", "10.244.2.11:5353", "10.244.3.11:5353"),
 				},
 			},
 		},

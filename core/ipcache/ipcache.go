@@ -12,7 +12,6 @@ import (
 	"net"
 	"net/netip"
 	"slices"
-	"time"
 
 	"github.com/cilium/ebpf"
 	"github.com/vishvananda/netlink"
@@ -199,28 +198,11 @@ func prefixNet(p netip.Prefix) *net.IPNet {
 // Run applies the store's nodes whenever they change, once the store is
 // authoritative, retrying failures with backoff until ctx ends.
 func (r *Reconciler) Run(ctx context.Context, store *model.Store) {
-	changed := store.Subscribe()
-	backoff := time.Duration(0)
-	var retry <-chan time.Time
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-changed:
-		case <-retry:
-		}
-		retry = nil
-		snap, _, ready := store.Snapshot()
-		if !ready {
-			continue
-		}
-		if err := r.Apply(snap.Nodes); err != nil {
+	model.Follow(ctx, store, r.o.Log, "writing the ipcache", func(snap *model.Snapshot) error {
+		err := r.Apply(snap.Nodes)
+		if err != nil {
 			r.applied = nil // read the map again before the next try
-			backoff = min(max(2*backoff, 100*time.Millisecond), 30*time.Second)
-			r.o.Log.Error("writing the ipcache failed; retrying", "err", err, "retry_in", backoff)
-			retry = time.After(backoff)
-			continue
 		}
-		backoff = 0
-	}
+		return err
+	})
 }

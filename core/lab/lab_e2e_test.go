@@ -378,23 +378,7 @@ func TestTruncatedFramesFromAPodAreCounted(t *testing.T) {
 	l := up(t, oneNode())
 	client := l.Pod("client")
 	node := l.Nodes[0]
-	counted := func(reason datapath.Reason) uint64 {
-		p, err := datapath.OpenPinned(node.PinDir)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer p.Close()
-		rows, err := p.Metrics()
-		if err != nil {
-			t.Fatal(err)
-		}
-		for _, r := range rows {
-			if r.Hook == "pod-egress" && r.Code == uint8(reason) {
-				return r.Packets
-			}
-		}
-		return 0
-	}
+	counted := func(reason datapath.Reason) uint64 { return metric(t, node, "pod-egress", reason) }
 	frame := func(payload []byte) []byte {
 		f := make([]byte, 14, 14+len(payload))
 		copy(f[0:6], []byte{0xff, 0xff, 0xff, 0xff, 0xff, 0xff})

@@ -258,6 +258,7 @@ func pmtuUDP(t *testing.T, l *Lab, m mode) {
 	}
 }
 
+// metric returns the packets counted on a node for a hook and reason.
 func metric(t *testing.T, n *Node, hook string, r datapath.Reason) uint64 {
 	t.Helper()
 	p, err := datapath.OpenPinned(n.PinDir)

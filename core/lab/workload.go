@@ -113,7 +113,9 @@ func udpEcho(name string, pc net.PacketConn) {
 	}
 }
 
-func lineEcho(name string, ln net.Listener) {
+// serveConns runs handle on every accepted connection (closing it after)
+// until the listener closes, then waits for the handlers.
+func serveConns(ln net.Listener, handle func(net.Conn)) {
 	var wg sync.WaitGroup
 	defer wg.Wait()
 	for {
@@ -123,30 +125,27 @@ func lineEcho(name string, ln net.Listener) {
 		}
 		wg.Go(func() {
 			defer c.Close()
-			sc := bufio.NewScanner(c)
-			for sc.Scan() {
-				if _, err := fmt.Fprintf(c, "%s: %s\n", name, sc.Text()); err != nil {
-					return
-				}
-			}
+			handle(c)
 		})
 	}
 }
 
-func sink(ln net.Listener) {
-	var wg sync.WaitGroup
-	defer wg.Wait()
-	for {
-		c, err := ln.Accept()
-		if err != nil {
-			return
+func lineEcho(name string, ln net.Listener) {
+	serveConns(ln, func(c net.Conn) {
+		sc := bufio.NewScanner(c)
+		for sc.Scan() {
+			if _, err := fmt.Fprintf(c, "%s: %s\n", name, sc.Text()); err != nil {
+				return
+			}
 		}
-		wg.Go(func() {
-			defer c.Close()
-			n, _ := io.Copy(io.Discard, c)
-			fmt.Fprintf(c, "%d\n", n)
-		})
-	}
+	})
+}
+
+func sink(ln net.Listener) {
+	serveConns(ln, func(c net.Conn) {
+		n, _ := io.Copy(io.Discard, c)
+		fmt.Fprintf(c, "%d\n", n)
+	})
 }
 
 // Send writes size bytes over a new connection from inside the namespace

@@ -576,35 +576,12 @@ func compareFrontendKeys(a, b frontendKey) int {
 // expected source has synced, retrying failures with backoff until ctx
 // ends.
 func (r *Reconciler) Run(ctx context.Context, store *model.Store) {
-	changed := store.Subscribe()
-	backoff := time.Duration(0)
-	var retry <-chan time.Time
-	var applied uint64
-	var haveApplied bool
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-changed:
-		case <-retry:
-		}
-		retry = nil
-		snap, version, ready := store.Snapshot()
-		if !ready {
-			continue
-		}
-		if haveApplied && version == applied && backoff == 0 {
-			continue
-		}
+	model.Follow(ctx, store, r.log, "writing services to the datapath", func(snap *model.Snapshot) error {
 		start := time.Now()
 		if err := r.Apply(snap); err != nil {
-			backoff = min(max(2*backoff, 100*time.Millisecond), 30*time.Second)
-			r.log.Error("writing services to the datapath failed; retrying", "err", err, "retry_in", backoff)
-			retry = time.After(backoff)
-			continue
+			return err
 		}
-		backoff = 0
-		applied, haveApplied = version, true
-		r.log.Info("services written to the datapath", "version", version, "services", len(snap.Services), "took", time.Since(start).Round(time.Microsecond))
-	}
+		r.log.Info("services written to the datapath", "services", len(snap.Services), "took", time.Since(start).Round(time.Microsecond))
+		return nil
+	})
 }

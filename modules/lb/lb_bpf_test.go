@@ -421,22 +421,11 @@ func TestFragmentToServiceIsDropped(t *testing.T) {
 	// More fragments, offset 0: the first fragment of a larger datagram.
 	binary.BigEndian.PutUint16(p[14+6:], 0x2000)
 	p[14+10], p[14+11] = 0, 0
-	binary.BigEndian.PutUint16(p[14+10:], ipChecksum(p[14:34]))
+	binary.BigEndian.PutUint16(p[14+10:], dptest.IPChecksum(p[14:34]))
 	res := dptest.Run(t, f.egress, p)
 	if res.Verdict != dptest.ActShot || f.metric(slots.PodEgress, datapath.DropFragmentToService) != 1 {
 		t.Fatalf("verdict %d, fragment drops %d", res.Verdict, f.metric(slots.PodEgress, datapath.DropFragmentToService))
 	}
-}
-
-func ipChecksum(h []byte) uint16 {
-	var s uint32
-	for i := 0; i+1 < len(h); i += 2 {
-		s += uint32(h[i])<<8 | uint32(h[i+1])
-	}
-	for s > 0xffff {
-		s = s&0xffff + s>>16
-	}
-	return ^uint16(s)
 }
 
 // Local delivery: with endpoints, a translated packet for a local backend

@@ -325,7 +325,7 @@ func TestTooBigForTheTunnel(t *testing.T) {
 	noDF := dptest.Build(t, podFlow(1500-20-20))
 	noDF[14+6] = 0
 	binary.BigEndian.PutUint16(noDF[14+10:], 0)
-	binary.BigEndian.PutUint16(noDF[14+10:], ipChecksum(noDF[14:34]))
+	binary.BigEndian.PutUint16(noDF[14+10:], dptest.IPChecksum(noDF[14:34]))
 	if r := run(noDF); r.Verdict != dptest.ActShot {
 		t.Fatalf("too big without DF: verdict %d, want a drop", r.Verdict)
 	}
@@ -345,17 +345,6 @@ func TestSettings(t *testing.T) {
 	if err == nil || err.Error() != `protocol: "gre" is not one of vxlan, geneve` {
 		t.Fatalf("error %v", err)
 	}
-}
-
-func ipChecksum(h []byte) uint16 {
-	var s uint32
-	for i := 0; i+1 < len(h); i += 2 {
-		s += uint32(h[i])<<8 | uint32(h[i+1])
-	}
-	for s > 0xffff {
-		s = s&0xffff + s>>16
-	}
-	return ^uint16(s)
 }
 
 // The uplink carries the node's own traffic too: what Weir does not handle

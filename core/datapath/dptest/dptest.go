@@ -244,3 +244,16 @@ func verifyChecksums(pkt gopacket.Packet, ip *layers.IPv4) error {
 	}
 	return nil
 }
+
+// IPChecksum computes the IPv4 header checksum of h (its checksum field
+// zeroed), for tests that edit headers by hand.
+func IPChecksum(h []byte) uint16 {
+	var s uint32
+	for i := 0; i+1 < len(h); i += 2 {
+		s += uint32(h[i])<<8 | uint32(h[i+1])
+	}
+	for s > 0xffff {
+		s = s&0xffff + s>>16
+	}
+	return ^uint16(s)
+}
