@@ -48,7 +48,6 @@ type Source struct {
 	services  corelisters.ServiceLister
 	slices    discoverylisters.EndpointSliceLister
 	nodes     corelisters.NodeLister
-	pods      corelisters.PodLister
 	factories []informers.SharedInformerFactory
 	synced    []cache.InformerSynced
 
@@ -92,8 +91,10 @@ func New(client kubernetes.Interface, nodeName string, store *model.Store, log *
 	svcInf := svcFactory.Core().V1().Services()
 	sliceInf := sliceFactory.Discovery().V1().EndpointSlices()
 	nodeInf := nodeFactory.Core().V1().Nodes()
+	// The node's own pods: synced with the rest so that consumers (endpoint
+	// garbage collection, coming next) start from a complete view.
 	podInf := podFactory.Core().V1().Pods()
-	s.services, s.slices, s.nodes, s.pods = svcInf.Lister(), sliceInf.Lister(), nodeInf.Lister(), podInf.Lister()
+	s.services, s.slices, s.nodes = svcInf.Lister(), sliceInf.Lister(), nodeInf.Lister()
 
 	// Handlers go in before the factories start, so no event is missed.
 	_, _ = svcInf.Informer().AddEventHandler(cache.ResourceEventHandlerFuncs{
@@ -130,12 +131,6 @@ func (s *Source) Node() *corev1.Node {
 	defer s.mu.Unlock()
 	return s.lastNode
 }
-
-// Nodes lists every Node.
-func (s *Source) Nodes() ([]*corev1.Node, error) { return s.nodes.List(labels.Everything()) }
-
-// LocalPods lists the pods bound to this node.
-func (s *Source) LocalPods() ([]*corev1.Pod, error) { return s.pods.List(labels.Everything()) }
 
 func (s *Source) nodeChanged(o any) {
 	s.mu.Lock()

@@ -345,34 +345,3 @@ func (k *Kubelet) teardown(b *sandbox) error {
 	k.cfg.Log.Info("pod stopped", "pod", b.NS+"/"+b.Name)
 	return nil
 }
-
-// Teardown removes every pod the kubelet runs.
-func (k *Kubelet) Teardown() error {
-	k.mu.Lock()
-	var all []*sandbox
-	for _, b := range k.boxes {
-		all = append(all, b)
-	}
-	k.mu.Unlock()
-	var errs []error
-	for _, b := range all {
-		if err := k.teardown(b); err != nil {
-			errs = append(errs, err)
-		}
-	}
-	if len(errs) > 0 {
-		return fmt.Errorf("kubelet teardown: %v", errs)
-	}
-	return nil
-}
-
-// Sandbox returns the namespace path and address of a running pod.
-func (k *Kubelet) Sandbox(uid string) (nsPath, ip string, ok bool) {
-	k.mu.Lock()
-	defer k.mu.Unlock()
-	b, ok := k.boxes[uid]
-	if !ok {
-		return "", "", false
-	}
-	return netns.Path(b.Netns), b.IP, true
-}
