@@ -91,8 +91,8 @@ func New(client kubernetes.Interface, nodeName string, store *model.Store, log *
 	svcInf := svcFactory.Core().V1().Services()
 	sliceInf := sliceFactory.Discovery().V1().EndpointSlices()
 	nodeInf := nodeFactory.Core().V1().Nodes()
-	// The node's own pods: synced with the rest so that consumers (endpoint
-	// garbage collection, coming next) start from a complete view.
+	// The node's own pods, synced with the rest. Nothing reads them yet;
+	// they are for collecting endpoints whose CNI DEL never came.
 	podInf := podFactory.Core().V1().Pods()
 	s.services, s.slices, s.nodes = svcInf.Lister(), sliceInf.Lister(), nodeInf.Lister()
 
