@@ -141,7 +141,7 @@ func New(opts Options, cat module.Catalog) (*Agent, error) {
 	log := opts.Logger
 	var kube fx.Option = fx.Options()
 	if client != nil {
-		kube = fx.Options(fx.Supply(fx.Annotate(client, fx.As(new(kubernetes.Interface)))), fx.Invoke(startKube))
+		kube = fx.Options(fx.Supply(fx.Annotate(client, fx.As(new(kubernetes.Interface)))), fx.Provide(newKubeSource), fx.Invoke(startKube))
 	}
 	app := fx.New(
 		fx.WithLogger(func() fxevent.Logger {

@@ -26,6 +26,7 @@ import (
 	"github.com/weirnet/weir/core/k8ssource"
 	"github.com/weirnet/weir/core/model"
 	"github.com/weirnet/weir/core/module"
+	"github.com/weirnet/weir/core/node"
 )
 
 // kubeClient builds a client from a kubeconfig file, or from the pod's
@@ -190,19 +191,25 @@ func (n *nodeState) get() (map[string]string, []string) {
 type kubeParams struct {
 	fx.In
 	LC     fx.Lifecycle
-	Client kubernetes.Interface
+	Source *k8ssource.Source
 	Opts   *Options
-	Store  *model.Store
 	Log    *slog.Logger
 	Node   *nodeState
 	Watch  *watcher
+}
+
+// newKubeSource builds the Kubernetes source; it also tells modules which
+// pods exist on the node.
+func newKubeSource(client kubernetes.Interface, opts *Options, store *model.Store, log *slog.Logger) (*k8ssource.Source, node.Pods) {
+	src := k8ssource.New(client, opts.NodeName, store, log.With("source", "kubernetes"))
+	return src, src
 }
 
 // startKube runs the Kubernetes source and follows this node's Node: a
 // change of labels that selects another pool, other modules or settings
 // restarts the agent.
 func startKube(p kubeParams) {
-	src := k8ssource.New(p.Client, p.Opts.NodeName, p.Store, p.Log.With("source", "kubernetes"))
+	src := p.Source
 	src.OnNode(func(n *corev1.Node) {
 		f := factsOf(n)
 		p.Node.set(f)

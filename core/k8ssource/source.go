@@ -48,6 +48,8 @@ type Source struct {
 	services  corelisters.ServiceLister
 	slices    discoverylisters.EndpointSliceLister
 	nodes     corelisters.NodeLister
+	pods      corelisters.PodLister
+	podSynced cache.InformerSynced
 	factories []informers.SharedInformerFactory
 	synced    []cache.InformerSynced
 
@@ -91,10 +93,11 @@ func New(client kubernetes.Interface, nodeName string, store *model.Store, log *
 	svcInf := svcFactory.Core().V1().Services()
 	sliceInf := sliceFactory.Discovery().V1().EndpointSlices()
 	nodeInf := nodeFactory.Core().V1().Nodes()
-	// The node's own pods, synced with the rest. Nothing reads them yet;
-	// they are for collecting endpoints whose CNI DEL never came.
+	// The node's own pods: endpoints whose pod is gone (a CNI DEL that never
+	// came) are collected against them.
 	podInf := podFactory.Core().V1().Pods()
-	s.services, s.slices, s.nodes = svcInf.Lister(), sliceInf.Lister(), nodeInf.Lister()
+	s.services, s.slices, s.nodes, s.pods = svcInf.Lister(), sliceInf.Lister(), nodeInf.Lister(), podInf.Lister()
+	s.podSynced = podInf.Informer().HasSynced
 
 	// Handlers go in before the factories start, so no event is missed.
 	_, _ = svcInf.Informer().AddEventHandler(cache.ResourceEventHandlerFuncs{
@@ -130,6 +133,15 @@ func (s *Source) Node() *corev1.Node {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.lastNode
+}
+
+// PodOnNode implements node.Pods.
+func (s *Source) PodOnNode(namespace, name string) (exists, synced bool) {
+	if !s.podSynced() {
+		return false, false
+	}
+	_, err := s.pods.Pods(namespace).Get(name)
+	return err == nil, true
 }
 
 func (s *Source) nodeChanged(o any) {

@@ -19,3 +19,11 @@ type Info struct {
 	// found (a single-node setup may have none).
 	Uplink Uplink
 }
+
+// Pods tells whether a pod is bound to this node, as the cluster sees it.
+// It is provided when the agent follows Kubernetes.
+type Pods interface {
+	// PodOnNode reports whether the pod exists on this node; synced is
+	// false while the view is still loading (no answer can be trusted).
+	PodOnNode(namespace, name string) (exists, synced bool)
+}

@@ -19,6 +19,7 @@ import (
 	"regexp"
 	"slices"
 	"sync"
+	"time"
 
 	"github.com/cilium/ebpf"
 	"go.uber.org/fx"
@@ -42,11 +43,16 @@ type Settings struct {
 	// MTU of pod interfaces; 0 takes the uplink's MTU minus the overhead
 	// of the forwarding module (a tunnel's headers).
 	MTU int `yaml:"mtu"`
+	// StaleAfter is how long an endpoint whose pod no longer exists (its
+	// CNI DEL never came) is kept before it is removed; "0s" keeps it.
+	// Only with Kubernetes, which says which pods exist.
+	StaleAfter string `yaml:"staleAfter"`
+	staleAfter time.Duration
 }
 
 // DefaultSettings returns the defaults.
 func DefaultSettings() *Settings {
-	return &Settings{GatewayIP: "169.254.1.1", MTU: 0}
+	return &Settings{GatewayIP: "169.254.1.1", MTU: 0, StaleAfter: "2m", staleAfter: 2 * time.Minute}
 }
 
 // Validate implements module.Settings.
@@ -61,6 +67,11 @@ func (s *Settings) Validate() error {
 	if s.MTU != 0 && (s.MTU < 576 || s.MTU > 65535) {
 		return &module.FieldError{Path: "mtu", Msg: fmt.Sprintf("%d is out of range (576 to 65535, or 0 for the uplink's MTU minus tunnel overhead)", s.MTU)}
 	}
+	d, err := time.ParseDuration(s.StaleAfter)
+	if err != nil || d < 0 || (d > 0 && d < time.Second) {
+		return &module.FieldError{Path: "staleAfter", Msg: fmt.Sprintf("%q is not a duration of at least 1s (such as 2m), or 0s to keep such endpoints", s.StaleAfter)}
+	}
+	s.staleAfter = d
 	return nil
 }
 
@@ -95,12 +106,17 @@ type Params struct {
 	Node      *node.Info
 	Log       *slog.Logger
 	Overheads []module.MTUOverhead `group:"mtu-overhead"`
+	// Pods is there when the agent follows Kubernetes.
+	Pods node.Pods `optional:"true"`
 }
 
 // Module is the running endpoints module.
 type Module struct {
 	s    *Settings
 	mtu  int
+	pods node.Pods
+	stop context.CancelFunc
+	done chan struct{}
 	dp   *datapath.Datapath
 	log  *slog.Logger
 	dir  string
@@ -114,6 +130,7 @@ func New(p Params) (*Module, error) {
 	m := &Module{
 		s:    p.Settings,
 		mtu:  podMTU(p.Settings.MTU, p.Node.Uplink, p.Overheads),
+		pods: p.Pods,
 		dp:   p.DP,
 		log:  p.Log.With("module", Name),
 		dir:  filepath.Join(p.Node.StateDir, "endpoints"),
@@ -196,12 +213,66 @@ func (m *Module) Start(context.Context) error {
 	}
 	m.pruneMap()
 	m.log.Info("endpoints restored", "count", len(m.eps))
+	if m.pods != nil && m.s.staleAfter > 0 {
+		ctx, cancel := context.WithCancel(context.Background())
+		m.stop, m.done = cancel, make(chan struct{})
+		go m.collect(ctx)
+	}
 	return nil
 }
 
 // Stop implements module.Module: endpoints stay wired while the agent is
 // down.
-func (m *Module) Stop(context.Context) error { return nil }
+func (m *Module) Stop(context.Context) error {
+	if m.stop != nil {
+		m.stop()
+		<-m.done
+	}
+	return nil
+}
+
+// collect removes endpoints whose pod has been gone for staleAfter: a
+// runtime that never ran CNI DEL (it crashed, or lost its state) would
+// otherwise leave their interface and map entry behind for good.
+func (m *Module) collect(ctx context.Context) {
+	defer close(m.done)
+	every := min(m.s.staleAfter/2, 30*time.Second)
+	tick := time.NewTicker(every)
+	defer tick.Stop()
+	missing := map[string]time.Time{}
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-tick.C:
+		}
+		m.mu.Lock()
+		for id, ep := range m.eps {
+			if ep.PodName == "" {
+				continue
+			}
+			exists, synced := m.pods.PodOnNode(ep.PodNamespace, ep.PodName)
+			if !synced {
+				break
+			}
+			if exists {
+				delete(missing, id)
+				continue
+			}
+			since, seen := missing[id]
+			if !seen {
+				missing[id] = time.Now()
+				continue
+			}
+			if time.Since(since) >= m.s.staleAfter {
+				m.log.Warn("removing the endpoint of a pod that no longer exists", "id", id, "pod", ep.PodNamespace+"/"+ep.PodName, "address", ep.Address)
+				m.forget(ep)
+				delete(missing, id)
+			}
+		}
+		m.mu.Unlock()
+	}
+}
 
 func (m *Module) restore(ep *api.Endpoint) error {
 	addr, err := netip.ParseAddr(ep.Address)
