@@ -21,7 +21,7 @@ SEC("tc")
 int lb_pod_egress(struct __sk_buff *skb)
 {
 	WEIR_STAGE_CTX(skb, ctx);
-	struct weir_ct_key ckey = {}, rkey = {};
+	struct weir_ct_key ckey, rkey;
 	struct weir_ct_entry *ce, *re;
 	struct weir_backend *be = NULL;
 	struct weir_svc_key skey;
@@ -38,12 +38,7 @@ int lb_pod_egress(struct __sk_buff *skb)
 		return weir_drop_ctx(skb, ctx, WEIR_DROP_FRAGMENT_TO_SERVICE);
 
 	now = weir_now_sec();
-	ckey.saddr = ctx->saddr;
-	ckey.daddr = ctx->daddr;
-	ckey.sport = ctx->sport;
-	ckey.dport = ctx->dport;
-	ckey.proto = ctx->proto;
-	ckey.kind = WEIR_CT_SERVICE;
+	weir_ct_key_set(&ckey, ctx->saddr, ctx->daddr, ctx->sport, ctx->dport, ctx->proto, WEIR_CT_SERVICE);
 	ce = bpf_map_lookup_elem(&weir_ct, &ckey);
 	if (ce && !weir_ct_expired(ce, now) && !weir_ct_reopens(ce, ctx->proto, ctx->tcp_flags) &&
 	    ce->rev_nat == svc->rev_nat) {
@@ -67,12 +62,7 @@ int lb_pod_egress(struct __sk_buff *skb)
 		weir_ct_account(ce, ctx->proto, ctx->tcp_flags, skb->len, now);
 
 	/* The reply entry is keyed by the tuple replies will carry. */
-	rkey.saddr = be->addr;
-	rkey.daddr = ctx->saddr;
-	rkey.sport = be->port;
-	rkey.dport = ctx->sport;
-	rkey.proto = ctx->proto;
-	rkey.kind = WEIR_CT_REPLY;
+	weir_ct_key_set(&rkey, be->addr, ctx->saddr, be->port, ctx->sport, ctx->proto, WEIR_CT_REPLY);
 	re = bpf_map_lookup_elem(&weir_ct, &rkey);
 	if (!re || re->rev_nat != svc->rev_nat || re->backend_id != backend_id || weir_ct_expired(re, now))
 		weir_ct_create(&rkey, backend_id, svc->rev_nat, ctx->proto, ctx->tcp_flags, now);
@@ -98,12 +88,7 @@ int lb_pod_ingress(struct __sk_buff *skb)
 
 	if (!weir_lb_l4(ctx))
 		return weir_next(skb, ctx);
-	rkey.saddr = ctx->saddr;
-	rkey.daddr = ctx->daddr;
-	rkey.sport = ctx->sport;
-	rkey.dport = ctx->dport;
-	rkey.proto = ctx->proto;
-	rkey.kind = WEIR_CT_REPLY;
+	weir_ct_key_set(&rkey, ctx->saddr, ctx->daddr, ctx->sport, ctx->dport, ctx->proto, WEIR_CT_REPLY);
 	re = bpf_map_lookup_elem(&weir_ct, &rkey);
 	now = weir_now_sec();
 	if (!re || weir_ct_expired(re, now))
@@ -118,12 +103,7 @@ int lb_pod_ingress(struct __sk_buff *skb)
 
 	/* Keep the client's entry alive too: a flow whose client rarely
 	 * speaks must not lose its backend while replies still flow. */
-	ckey.saddr = ctx->daddr;
-	ckey.daddr = rn->addr;
-	ckey.sport = ctx->dport;
-	ckey.dport = rn->port;
-	ckey.proto = ctx->proto;
-	ckey.kind = WEIR_CT_SERVICE;
+	weir_ct_key_set(&ckey, ctx->daddr, rn->addr, ctx->dport, rn->port, ctx->proto, WEIR_CT_SERVICE);
 	ce = bpf_map_lookup_elem(&weir_ct, &ckey);
 	if (ce && ce->rev_nat == rev_nat)
 		weir_ct_extend(ce, ctx->proto, ctx->tcp_flags, now);

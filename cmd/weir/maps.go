@@ -34,14 +34,7 @@ func runMaps(what string, args []string, out io.Writer) error {
 	switch what {
 	case "service":
 		rows, err := p.Services()
-		if err != nil {
-			return err
-		}
-		if *o == "json" {
-			return writeJSON(out, rows)
-		}
-		var t [][]string
-		for _, r := range rows {
+		return render(out, *o, rows, err, "ID\tFRONTEND\tTYPE\tBACKENDS", func(r datapath.ServiceRow) []string {
 			var bes []string
 			for _, b := range r.Backends {
 				s := b.Addr.String()
@@ -53,90 +46,66 @@ func runMaps(what string, args []string, out io.Writer) error {
 			if len(bes) == 0 {
 				bes = []string{"(none)"}
 			}
-			t = append(t, []string{strconv.Itoa(int(r.ID)), r.Frontend.String() + "/" + r.Proto, r.Type, strings.Join(bes, ", ")})
-		}
-		return table(out, "ID\tFRONTEND\tTYPE\tBACKENDS", t)
+			return []string{strconv.Itoa(int(r.ID)), r.Frontend.String() + "/" + r.Proto, r.Type, strings.Join(bes, ", ")}
+		})
 	case "lb":
 		rows, err := p.LB()
-		if err != nil {
-			return err
-		}
-		if *o == "json" {
-			return writeJSON(out, rows)
-		}
-		var t [][]string
-		for _, r := range rows {
+		return render(out, *o, rows, err, "FRONTEND\tSLOT\tENTRY\tREVNAT", func(r datapath.LBEntry) []string {
 			front := r.Frontend.String() + "/" + r.Proto
 			if r.Slot == 0 {
-				t = append(t, []string{front, "0", fmt.Sprintf("master: %d backends, %s, %s scope", r.Count, r.Type, r.Scope), strconv.Itoa(int(r.RevNAT))})
-				continue
+				return []string{front, "0", fmt.Sprintf("master: %d backends, %s, %s scope", r.Count, r.Type, r.Scope), strconv.Itoa(int(r.RevNAT))}
 			}
 			be := fmt.Sprintf("backend %d (missing)", r.BackendID)
 			if r.Backend != nil {
 				be = fmt.Sprintf("%s (id %d, %s)", r.Backend, r.BackendID, r.State)
 			}
-			t = append(t, []string{front, strconv.Itoa(int(r.Slot)), be, strconv.Itoa(int(r.RevNAT))})
-		}
-		return table(out, "FRONTEND\tSLOT\tENTRY\tREVNAT", t)
+			return []string{front, strconv.Itoa(int(r.Slot)), be, strconv.Itoa(int(r.RevNAT))}
+		})
 	case "ct":
 		rows, err := p.CT()
-		if err != nil {
-			return err
-		}
-		if *o == "json" {
-			return writeJSON(out, rows)
-		}
-		var t [][]string
-		for _, r := range rows {
-			t = append(t, []string{r.Kind, r.Proto, r.Src.String(), r.Dst.String(), strconv.Itoa(int(r.BackendID)), strconv.Itoa(int(r.RevNAT)),
-				r.Flags, strconv.FormatInt(r.ExpiresIn, 10) + "s", strconv.FormatUint(r.Packets, 10), strconv.FormatUint(r.Bytes, 10)})
-		}
-		return table(out, "KIND\tPROTO\tSOURCE\tDESTINATION\tBACKEND\tREVNAT\tFLAGS\tEXPIRES\tPACKETS\tBYTES", t)
+		return render(out, *o, rows, err, "KIND\tPROTO\tSOURCE\tDESTINATION\tBACKEND\tREVNAT\tFLAGS\tEXPIRES\tPACKETS\tBYTES", func(r datapath.CTRow) []string {
+			return []string{r.Kind, r.Proto, r.Src.String(), r.Dst.String(), strconv.Itoa(int(r.BackendID)), strconv.Itoa(int(r.RevNAT)),
+				r.Flags, strconv.FormatInt(r.ExpiresIn, 10) + "s", strconv.FormatUint(r.Packets, 10), strconv.FormatUint(r.Bytes, 10)}
+		})
 	case "endpoint":
 		rows, err := p.Endpoints()
-		if err != nil {
-			return err
-		}
-		if *o == "json" {
-			return writeJSON(out, rows)
-		}
-		var t [][]string
-		for _, r := range rows {
-			t = append(t, []string{r.Addr.String(), strconv.Itoa(int(r.Ifindex)), r.MAC, r.NodeMAC})
-		}
-		return table(out, "ADDRESS\tIFINDEX\tMAC\tGATEWAY MAC", t)
+		return render(out, *o, rows, err, "ADDRESS\tIFINDEX\tMAC\tGATEWAY MAC", func(r datapath.EndpointRow) []string {
+			return []string{r.Addr.String(), strconv.Itoa(int(r.Ifindex)), r.MAC, r.NodeMAC}
+		})
 	case "ipcache":
 		rows, err := p.IPCache()
-		if err != nil {
-			return err
-		}
-		if *o == "json" {
-			return writeJSON(out, rows)
-		}
-		var t [][]string
-		for _, r := range rows {
-			t = append(t, []string{r.Prefix.String(), r.Kind, r.NodeIP.String(), r.Via})
-		}
-		return table(out, "PREFIX\tKIND\tNODE\tREACHED", t)
+		return render(out, *o, rows, err, "PREFIX\tKIND\tNODE\tREACHED", func(r datapath.IPCacheRow) []string {
+			return []string{r.Prefix.String(), r.Kind, r.NodeIP.String(), r.Via}
+		})
 	case "metrics":
 		rows, err := p.Metrics()
-		if err != nil {
-			return err
-		}
-		if *o == "json" {
-			return writeJSON(out, rows)
-		}
-		var t [][]string
-		for _, r := range rows {
+		return render(out, *o, rows, err, "HOOK\tVERDICT\tREASON\tPACKETS\tBYTES", func(r datapath.MetricRow) []string {
 			verdict := "dropped"
 			if r.Code == 0 {
 				verdict = "passed"
 			}
-			t = append(t, []string{r.Hook, verdict, r.Reason, strconv.FormatUint(r.Packets, 10), strconv.FormatUint(r.Bytes, 10)})
-		}
-		return table(out, "HOOK\tVERDICT\tREASON\tPACKETS\tBYTES", t)
+			return []string{r.Hook, verdict, r.Reason, strconv.FormatUint(r.Packets, 10), strconv.FormatUint(r.Bytes, 10)}
+		})
 	}
 	return fmt.Errorf("unknown view %q", what)
+}
+
+// render prints rows as JSON or as a table of the row function's cells.
+func render[T any](out io.Writer, o output, rows []T, err error, header string, row func(T) []string) error {
+	if err != nil {
+		return err
+	}
+	if o == "json" {
+		if rows == nil {
+			rows = []T{} // an empty list, not null
+		}
+		return writeJSON(out, rows)
+	}
+	t := make([][]string, 0, len(rows))
+	for _, r := range rows {
+		t = append(t, row(r))
+	}
+	return table(out, header, t)
 }
 
 func resolvePinDir(pinDir, labName, nodeName string) (string, error) {

@@ -17,6 +17,19 @@
 #define WEIR_TCP_RST 0x04
 #define WEIR_TCP_ACK 0x10
 
+/* Fills a conntrack key for the tuple saddr:sport -> daddr:dport. */
+WEIR_INLINE void weir_ct_key_set(struct weir_ct_key *k, __be32 saddr, __be32 daddr, __be16 sport, __be16 dport,
+				 __u8 proto, __u8 kind)
+{
+	__builtin_memset(k, 0, sizeof(*k));
+	k->saddr = saddr;
+	k->daddr = daddr;
+	k->sport = sport;
+	k->dport = dport;
+	k->proto = proto;
+	k->kind = kind;
+}
+
 WEIR_INLINE __u16 weir_ct_flags_of(__u8 proto, __u8 tcp)
 {
 	__u16 f = 0;
