@@ -74,7 +74,10 @@ const enum weir_reason *weir_btf_reason __attribute__((unused));
 const enum weir_scope *weir_btf_scope __attribute__((unused));
 const enum weir_svc_type *weir_btf_svc_type __attribute__((unused));
 const enum weir_backend_state *weir_btf_backend_state __attribute__((unused));
-const enum weir_ct_kind *weir_btf_ct_kind __attribute__((unused));
+const enum weir_ct_dir *weir_btf_ct_dir __attribute__((unused));
+const struct weir_backend_addr_key *weir_btf_backend_addr_key __attribute__((unused));
+const struct weir_frag_key *weir_btf_frag_key __attribute__((unused));
+const struct weir_frag_entry *weir_btf_frag_entry __attribute__((unused));
 const enum weir_l3 *weir_btf_l3 __attribute__((unused));
 
 /* netdev-ingress: tc ingress on the node's uplink: tunnel traffic to

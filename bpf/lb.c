@@ -3,17 +3,112 @@
  * The lb module: per-packet service load balancing. On pod egress a packet
  * to a service frontend is translated to a backend chosen at random, and the
  * choice is kept in conntrack for the life of the flow; on delivery to a pod
- * the replies are translated back to the frontend.
+ * the replies are translated back to the frontend. Flows that are not
+ * translated are tracked too where a translated flow could otherwise take
+ * their tuple on the wire (ct.h). ICMP errors about tracked flows and later
+ * fragments of their datagrams are translated like the flow.
  */
 #include "weir/ct.h"
+#include "weir/icmp.h"
 #include "weir/lb.h"
-#include "weir/nat.h"
 #include "weir/stage.h"
 
-WEIR_INLINE int weir_lb_l4(const struct weir_ctx *ctx)
+/* Later fragments carry no ports: those of their datagram's first
+ * fragment, if it was translated. Returns 0 when unknown. */
+WEIR_INLINE int lb_frag_ports(struct weir_ctx *ctx, __u32 now)
 {
-	return ctx->l3 == WEIR_L3_IPV4 && (ctx->proto == IPPROTO_TCP || ctx->proto == IPPROTO_UDP) &&
-	       !(ctx->flags & WEIR_CTX_LATER_FRAGMENT);
+	struct weir_frag_key k = {.saddr = ctx->saddr, .daddr = ctx->daddr, .id = ctx->ip_id, .proto = ctx->proto};
+	struct weir_frag_entry *f = bpf_map_lookup_elem(&weir_frags, &k);
+
+	if (!f || now - f->created > WEIR_CT_LIFETIME_NONTCP)
+		return 0;
+	ctx->sport = f->sport;
+	ctx->dport = f->dport;
+	return 1;
+}
+
+/* A first fragment whose flow is translated leaves its ports (as sent)
+ * for the later ones. Returns 0 or a drop reason. */
+WEIR_INLINE __u32 lb_frag_remember(const struct weir_ctx *ctx, __u32 now)
+{
+	struct weir_frag_key k = {.saddr = ctx->saddr, .daddr = ctx->daddr, .id = ctx->ip_id, .proto = ctx->proto};
+	struct weir_frag_entry f = {.sport = ctx->sport, .dport = ctx->dport, .created = now};
+
+	if ((ctx->flags & (WEIR_CTX_FRAGMENT | WEIR_CTX_LATER_FRAGMENT)) != WEIR_CTX_FRAGMENT)
+		return 0;
+	return bpf_map_update_elem(&weir_frags, &k, &f, BPF_ANY) ? WEIR_DROP_FRAG_STATE : 0;
+}
+
+WEIR_INLINE int lb_rewrites(const struct weir_ct_entry *e, const struct weir_ct_key *k)
+{
+	return e->nat_saddr != k->saddr || e->nat_daddr != k->daddr || e->nat_sport != k->sport ||
+	       e->nat_dport != k->dport;
+}
+
+/* Whether the translated flow of e still matches the service the packet
+ * is addressed to (svc, possibly gone) and a backend that keeps flows. */
+WEIR_INLINE int lb_flow_current(const struct weir_ct_entry *e, const struct weir_svc_val *svc)
+{
+	struct weir_backend *be;
+	__u32 id = e->backend_id;
+
+	if (!svc)
+		return e->rev_nat == 0;
+	if (e->rev_nat != svc->rev_nat)
+		return 0;
+	be = bpf_map_lookup_elem(&weir_backends, &id);
+	/* A removed (or quarantined) backend loses its flows; a terminating
+	 * one keeps them. */
+	return be && be->state != WEIR_BACKEND_QUARANTINED && be->addr == e->nat_daddr && be->port == e->nat_dport;
+}
+
+/* Whether a packet that starts no service flow is tracked: every TCP
+ * connection (from its SYN), and UDP to a backend address or whose tuple
+ * on the wire another flow holds. UDP carries no start-of-flow mark, and
+ * tracking every datagram a server sends would fill the table. */
+WEIR_INLINE int lb_track_direct(const struct weir_ctx *ctx, __u32 now)
+{
+	struct weir_backend_addr_key bk = {.addr = ctx->daddr, .port = ctx->dport, .proto = ctx->proto};
+	struct weir_ct_key rkey;
+	struct weir_ct_entry *r;
+
+	if (ctx->proto == IPPROTO_TCP)
+		return weir_tcp_bare_syn(ctx->tcp_flags);
+	if (bpf_map_lookup_elem(&weir_backend_addrs, &bk))
+		return 1;
+	weir_ct_key_set(&rkey, ctx->daddr, ctx->saddr, ctx->dport, ctx->sport, ctx->proto);
+	r = bpf_map_lookup_elem(&weir_ct, &rkey);
+	return r && !weir_ct_expired(r, now);
+}
+
+/*
+ * An ICMP error about a tracked flow is translated as that flow: the
+ * quoted packet becomes the one its sender sent (before translation) and
+ * the outer header follows. The error travels against the quoted packet,
+ * so the flow's entry for the error's direction is keyed by the reverse of
+ * the quote; dir says which entries this hook translates.
+ */
+WEIR_INLINE int lb_icmp_error(struct __sk_buff *skb, struct weir_ctx *ctx, __u8 dir)
+{
+	struct weir_icmp_quote q;
+	struct weir_ct_entry *e;
+	struct weir_ct_key key;
+	__be32 outer_saddr;
+
+	if (weir_icmp_error_quote(skb, ctx, &q) || q.ip.saddr != ctx->daddr)
+		return weir_next(skb, ctx);
+	weir_ct_key_set(&key, q.ip.daddr, q.ip.saddr, q.dport, q.sport, q.ip.protocol);
+	e = bpf_map_lookup_elem(&weir_ct, &key);
+	if (!e || e->dir != dir || weir_ct_expired(e, weir_now_sec()) || !lb_rewrites(e, &key))
+		return weir_next(skb, ctx);
+	/* An error the peer itself sent speaks for the address it now has;
+	 * one from a router or a node on the path keeps its source. */
+	outer_saddr = ctx->saddr == key.saddr ? e->nat_saddr : ctx->saddr;
+	ctx->flags |= WEIR_CTX_ICMP_ERROR;
+	if (weir_icmp_rewrite(skb, ctx, &q, e->nat_daddr, e->nat_saddr, e->nat_dport, e->nat_sport, outer_saddr,
+			      e->nat_daddr))
+		return weir_drop_ctx(skb, ctx, WEIR_DROP_CSUM_REWRITE);
+	return weir_next(skb, ctx);
 }
 
 /* pod-egress/lb */
@@ -21,94 +116,107 @@ SEC("tc")
 int lb_pod_egress(struct __sk_buff *skb)
 {
 	WEIR_STAGE_CTX(skb, ctx);
-	struct weir_ct_key ckey, rkey;
-	struct weir_ct_entry *ce, *re;
+	struct weir_ct_entry o = {}, *e;
 	struct weir_backend *be = NULL;
-	struct weir_svc_key skey;
 	struct weir_svc_val *svc;
-	__u32 backend_id = 0, now;
+	struct weir_svc_key skey;
+	struct weir_ct_key key;
+	__u32 backend_id = 0, now, reason = 0;
+	int later;
 
-	if (!weir_lb_l4(ctx))
+	if (ctx->l3 != WEIR_L3_IPV4)
 		return weir_next(skb, ctx);
-	svc = weir_lb_lookup(&skey, ctx->daddr, ctx->dport, ctx->proto, 1);
-	if (!svc)
+	if (ctx->proto == IPPROTO_ICMP)
+		return lb_icmp_error(skb, ctx, WEIR_CT_ORIG);
+	if (ctx->proto != IPPROTO_TCP && ctx->proto != IPPROTO_UDP)
 		return weir_next(skb, ctx);
-	/* Later fragments would miss the translation of the first one. */
-	if (ctx->flags & WEIR_CTX_FRAGMENT)
-		return weir_drop_ctx(skb, ctx, WEIR_DROP_FRAGMENT_TO_SERVICE);
-
 	now = weir_now_sec();
-	weir_ct_key_set(&ckey, ctx->saddr, ctx->daddr, ctx->sport, ctx->dport, ctx->proto, WEIR_CT_SERVICE);
-	ce = bpf_map_lookup_elem(&weir_ct, &ckey);
-	if (ce && !weir_ct_expired(ce, now) && !weir_ct_reopens(ce, ctx->proto, ctx->tcp_flags) &&
-	    ce->rev_nat == svc->rev_nat) {
-		backend_id = ce->backend_id;
-		be = bpf_map_lookup_elem(&weir_backends, &backend_id);
-		/* A backend that was removed (or quarantined) loses its flows;
-		 * a terminating one keeps them. */
-		if (be && be->state == WEIR_BACKEND_QUARANTINED)
-			be = NULL;
-	}
-	if (!be) {
-		be = weir_lb_affinity(svc, ctx->saddr, now, &backend_id);
-		if (!be)
-			be = weir_lb_pick(&skey, svc, &backend_id);
-		if (!be)
-			return weir_drop_ctx(skb, ctx, WEIR_DROP_NO_BACKEND);
-		weir_lb_affinity_update(svc, ctx->saddr, backend_id, now);
-		ce = weir_ct_create(&ckey, backend_id, svc->rev_nat, ctx->proto, ctx->tcp_flags, now);
-	}
-	if (ce)
-		weir_ct_account(ce, ctx->proto, ctx->tcp_flags, skb->len, now);
+	later = ctx->flags & WEIR_CTX_LATER_FRAGMENT;
+	if (later && !lb_frag_ports(ctx, now))
+		return weir_next(skb, ctx);
 
-	/* The reply entry is keyed by the tuple replies will carry. */
-	weir_ct_key_set(&rkey, be->addr, ctx->saddr, be->port, ctx->sport, ctx->proto, WEIR_CT_REPLY);
-	re = bpf_map_lookup_elem(&weir_ct, &rkey);
-	if (!re || re->rev_nat != svc->rev_nat || re->backend_id != backend_id || weir_ct_expired(re, now))
-		weir_ct_create(&rkey, backend_id, svc->rev_nat, ctx->proto, ctx->tcp_flags, now);
-	else
-		weir_ct_extend(re, ctx->proto, ctx->tcp_flags, now);
-
-	if (weir_nat4(skb, ctx, 0, be->addr, be->port))
+	svc = weir_lb_lookup(&skey, ctx->daddr, ctx->dport, ctx->proto, 1);
+	weir_ct_key_set(&key, ctx->saddr, ctx->daddr, ctx->sport, ctx->dport, ctx->proto);
+	e = bpf_map_lookup_elem(&weir_ct, &key);
+	/* A reply leaving a local server: translated on delivery. */
+	if (e && e->dir != WEIR_CT_ORIG)
+		return weir_next(skb, ctx);
+	if (e && !later &&
+	    (weir_ct_expired(e, now) || weir_ct_reopens(e, ctx->proto, ctx->tcp_flags) || !lb_flow_current(e, svc))) {
+		weir_ct_delete_flow(&key, e);
+		e = NULL;
+	}
+	if (e) {
+		weir_ct_touch(&key, e, ctx->tcp_flags, skb->len, now);
+	} else if (later) {
+		return weir_next(skb, ctx);
+	} else {
+		o.nat_saddr = ctx->saddr;
+		o.nat_sport = ctx->sport;
+		o.nat_daddr = ctx->daddr;
+		o.nat_dport = ctx->dport;
+		if (svc) {
+			be = weir_lb_affinity(svc, ctx->saddr, now, &backend_id);
+			if (!be)
+				be = weir_lb_pick(&skey, svc, &backend_id);
+			if (!be)
+				return weir_drop_ctx(skb, ctx, WEIR_DROP_NO_BACKEND);
+			weir_lb_affinity_update(svc, ctx->saddr, backend_id, now);
+			o.nat_daddr = be->addr;
+			o.nat_dport = be->port;
+			o.backend_id = backend_id;
+			o.rev_nat = svc->rev_nat;
+		} else if (!lb_track_direct(ctx, now)) {
+			return weir_next(skb, ctx);
+		}
+		/* No state, no translation: a flow whose entries cannot be
+		 * written is dropped, never sent on half-translated. */
+		e = weir_ct_create(&key, &o, ctx->tcp_flags, skb->len, now, &reason);
+		if (!e)
+			return weir_drop_ctx(skb, ctx, reason);
+	}
+	if (!lb_rewrites(e, &key))
+		return weir_next(skb, ctx);
+	reason = lb_frag_remember(ctx, now);
+	if (reason)
+		return weir_drop_ctx(skb, ctx, reason);
+	if (weir_ct_apply(skb, ctx, e))
 		return weir_drop_ctx(skb, ctx, WEIR_DROP_CSUM_REWRITE);
 	return weir_next(skb, ctx);
 }
 
-/* pod-ingress/lb-revnat: replies of translated flows get the frontend back
- * as their source before they reach the client pod. */
+/* pod-ingress/lb-revnat: replies of tracked flows leave as their flow
+ * says (translated flows get the frontend back as their source) before
+ * they reach the client pod. */
 SEC("tc")
 int lb_pod_ingress(struct __sk_buff *skb)
 {
 	WEIR_STAGE_CTX(skb, ctx);
-	struct weir_ct_key rkey = {}, ckey = {};
-	struct weir_ct_entry *re, *ce;
-	struct weir_revnat_entry *rn;
-	__u16 rev_nat;
-	__u32 now;
+	struct weir_ct_entry *e;
+	struct weir_ct_key key;
+	__u32 now, reason;
 
-	if (!weir_lb_l4(ctx))
+	if (ctx->l3 != WEIR_L3_IPV4)
 		return weir_next(skb, ctx);
-	weir_ct_key_set(&rkey, ctx->saddr, ctx->daddr, ctx->sport, ctx->dport, ctx->proto, WEIR_CT_REPLY);
-	re = bpf_map_lookup_elem(&weir_ct, &rkey);
+	if (ctx->proto == IPPROTO_ICMP)
+		return lb_icmp_error(skb, ctx, WEIR_CT_REPLY);
+	if (ctx->proto != IPPROTO_TCP && ctx->proto != IPPROTO_UDP)
+		return weir_next(skb, ctx);
 	now = weir_now_sec();
-	if (!re || weir_ct_expired(re, now))
+	if ((ctx->flags & WEIR_CTX_LATER_FRAGMENT) && !lb_frag_ports(ctx, now))
 		return weir_next(skb, ctx);
-	rev_nat = re->rev_nat;
-	rn = bpf_map_lookup_elem(&weir_revnat, &rev_nat);
-	if (!rn)
+	weir_ct_key_set(&key, ctx->saddr, ctx->daddr, ctx->sport, ctx->dport, ctx->proto);
+	e = bpf_map_lookup_elem(&weir_ct, &key);
+	if (!e || e->dir != WEIR_CT_REPLY || weir_ct_expired(e, now))
 		return weir_next(skb, ctx);
-	if (ctx->flags & WEIR_CTX_FRAGMENT)
-		return weir_drop_ctx(skb, ctx, WEIR_DROP_FRAGMENT_TO_SERVICE);
-	weir_ct_account(re, ctx->proto, ctx->tcp_flags, skb->len, now);
-
-	/* Keep the client's entry alive too: a flow whose client rarely
-	 * speaks must not lose its backend while replies still flow. */
-	weir_ct_key_set(&ckey, ctx->daddr, rn->addr, ctx->dport, rn->port, ctx->proto, WEIR_CT_SERVICE);
-	ce = bpf_map_lookup_elem(&weir_ct, &ckey);
-	if (ce && ce->rev_nat == rev_nat)
-		weir_ct_extend(ce, ctx->proto, ctx->tcp_flags, now);
-
-	if (weir_nat4(skb, ctx, 1, rn->addr, rn->port))
+	if (!(ctx->flags & WEIR_CTX_LATER_FRAGMENT))
+		weir_ct_touch(&key, e, ctx->tcp_flags, skb->len, now);
+	if (!lb_rewrites(e, &key))
+		return weir_next(skb, ctx);
+	reason = lb_frag_remember(ctx, now);
+	if (reason)
+		return weir_drop_ctx(skb, ctx, reason);
+	if (weir_ct_apply(skb, ctx, e))
 		return weir_drop_ctx(skb, ctx, WEIR_DROP_CSUM_REWRITE);
 	return weir_next(skb, ctx);
 }

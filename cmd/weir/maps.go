@@ -63,8 +63,9 @@ func runMaps(what string, args []string, out io.Writer) error {
 		})
 	case "ct":
 		rows, err := p.CT()
-		return render(out, *o, rows, err, "KIND\tPROTO\tSOURCE\tDESTINATION\tBACKEND\tREVNAT\tFLAGS\tEXPIRES\tPACKETS\tBYTES", func(r datapath.CTRow) []string {
-			return []string{r.Kind, r.Proto, r.Src.String(), r.Dst.String(), strconv.Itoa(int(r.BackendID)), strconv.Itoa(int(r.RevNAT)),
+		return render(out, *o, rows, err, "DIR\tPROTO\tSOURCE\tDESTINATION\tLEAVES AS\tBACKEND\tREVNAT\tSTATE\tFLAGS\tEXPIRES\tPACKETS\tBYTES", func(r datapath.CTRow) []string {
+			return []string{r.Dir, r.Proto, r.Src.String(), r.Dst.String(), r.NatSrc.String() + " -> " + r.NatDst.String(),
+				strconv.FormatUint(uint64(r.BackendID), 10), strconv.FormatUint(uint64(r.RevNAT), 10), r.State,
 				r.Flags, strconv.FormatInt(r.ExpiresIn, 10) + "s", strconv.FormatUint(r.Packets, 10), strconv.FormatUint(r.Bytes, 10)}
 		})
 	case "endpoint":

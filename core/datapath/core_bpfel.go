@@ -22,8 +22,7 @@ type coreWeirAffinityEntry struct {
 type coreWeirAffinityKey struct {
 	_      structs.HostLayout
 	Client uint32
-	RevNat uint16
-	Pad    uint16
+	RevNat uint32
 }
 
 type coreWeirBackend struct {
@@ -34,6 +33,14 @@ type coreWeirBackend struct {
 	State uint8
 }
 
+type coreWeirBackendAddrKey struct {
+	_     structs.HostLayout
+	Addr  uint32
+	Port  uint16
+	Proto uint8
+	Pad   uint8
+}
+
 type coreWeirBackendState uint32
 
 const (
@@ -42,15 +49,28 @@ const (
 	coreWeirBackendStateWEIR_BACKEND_QUARANTINED coreWeirBackendState = 2
 )
 
+type coreWeirCtDir uint32
+
+const (
+	coreWeirCtDirWEIR_CT_ORIG  coreWeirCtDir = 1
+	coreWeirCtDirWEIR_CT_REPLY coreWeirCtDir = 2
+)
+
 type coreWeirCtEntry struct {
 	_         structs.HostLayout
 	Packets   uint64
 	Bytes     uint64
 	Created   uint32
 	Lifetime  uint32
+	NatSaddr  uint32
+	NatDaddr  uint32
+	NatSport  uint16
+	NatDport  uint16
 	BackendId uint32
-	RevNat    uint16
+	RevNat    uint32
 	Flags     uint16
+	Dir       uint8
+	Pad       uint8
 }
 
 type coreWeirCtKey struct {
@@ -60,16 +80,8 @@ type coreWeirCtKey struct {
 	Sport uint16
 	Dport uint16
 	Proto uint8
-	Kind  uint8
-	Pad   uint16
+	Pad   [3]uint8
 }
-
-type coreWeirCtKind uint32
-
-const (
-	coreWeirCtKindWEIR_CT_SERVICE coreWeirCtKind = 1
-	coreWeirCtKindWEIR_CT_REPLY   coreWeirCtKind = 2
-)
 
 type coreWeirCtx struct {
 	_          structs.HostLayout
@@ -88,7 +100,7 @@ type coreWeirCtx struct {
 	Proto      uint8
 	TcpFlags   uint8
 	Flags      uint8
-	Pad        [2]uint8
+	IpId       uint16
 }
 
 type coreWeirEndpoint struct {
@@ -117,6 +129,22 @@ type coreWeirEvent struct {
 	Sport   uint16
 	Dport   uint16
 	_       [4]byte
+}
+
+type coreWeirFragEntry struct {
+	_       structs.HostLayout
+	Sport   uint16
+	Dport   uint16
+	Created uint32
+}
+
+type coreWeirFragKey struct {
+	_     structs.HostLayout
+	Saddr uint32
+	Daddr uint32
+	Id    uint16
+	Proto uint8
+	Pad   uint8
 }
 
 type coreWeirHook uint32
@@ -178,6 +206,10 @@ const (
 	coreWeirReasonWEIR_DROP_ENCAP               coreWeirReason = 16
 	coreWeirReasonWEIR_DROP_DECAP               coreWeirReason = 17
 	coreWeirReasonWEIR_DROP_FRAG_NEEDED         coreWeirReason = 18
+	coreWeirReasonWEIR_DROP_CT_CREATE           coreWeirReason = 19
+	coreWeirReasonWEIR_DROP_NAT_NO_PORT         coreWeirReason = 20
+	coreWeirReasonWEIR_DROP_MISSED_TAIL_CALL    coreWeirReason = 21
+	coreWeirReasonWEIR_DROP_FRAG_STATE          coreWeirReason = 22
 	coreWeirReasonWEIR_REASON_MAX               coreWeirReason = 32
 )
 
@@ -217,11 +249,10 @@ const (
 type coreWeirSvcVal struct {
 	_               structs.HostLayout
 	BackendId       uint32
+	RevNat          uint32
 	Count           uint16
-	RevNat          uint16
 	Type            uint8
 	Flags2          uint8
-	Pad             uint16
 	AffinityTimeout uint32
 }
 
@@ -229,44 +260,50 @@ type coreWeirSvcVal struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	coreMapWeirAffinity         = "weir_affinity"
-	coreMapWeirBackends         = "weir_backends"
-	coreMapWeirCalls            = "weir_calls"
-	coreMapWeirCt               = "weir_ct"
-	coreMapWeirEndpoints        = "weir_endpoints"
-	coreMapWeirEvents           = "weir_events"
-	coreMapWeirIpcache          = "weir_ipcache"
-	coreMapWeirMetrics          = "weir_metrics"
-	coreMapWeirRevnat           = "weir_revnat"
-	coreMapWeirScratch          = "weir_scratch"
-	coreMapWeirServices         = "weir_services"
-	coreProgWeirNetdevIngress   = "weir_netdev_ingress"
-	coreProgWeirPodEgress       = "weir_pod_egress"
-	coreProgWeirPodIngress      = "weir_pod_ingress"
-	coreVarWeirBtfAffinityEntry = "weir_btf_affinity_entry"
-	coreVarWeirBtfAffinityKey   = "weir_btf_affinity_key"
-	coreVarWeirBtfBackend       = "weir_btf_backend"
-	coreVarWeirBtfBackendState  = "weir_btf_backend_state"
-	coreVarWeirBtfCtEntry       = "weir_btf_ct_entry"
-	coreVarWeirBtfCtKey         = "weir_btf_ct_key"
-	coreVarWeirBtfCtKind        = "weir_btf_ct_kind"
-	coreVarWeirBtfCtx           = "weir_btf_ctx"
-	coreVarWeirBtfEndpoint      = "weir_btf_endpoint"
-	coreVarWeirBtfEndpointKey   = "weir_btf_endpoint_key"
-	coreVarWeirBtfEvent         = "weir_btf_event"
-	coreVarWeirBtfHook          = "weir_btf_hook"
-	coreVarWeirBtfIpcacheEntry  = "weir_btf_ipcache_entry"
-	coreVarWeirBtfIpcacheKey    = "weir_btf_ipcache_key"
-	coreVarWeirBtfL3            = "weir_btf_l3"
-	coreVarWeirBtfMetric        = "weir_btf_metric"
-	coreVarWeirBtfReason        = "weir_btf_reason"
-	coreVarWeirBtfRevnatEntry   = "weir_btf_revnat_entry"
-	coreVarWeirBtfScope         = "weir_btf_scope"
-	coreVarWeirBtfSvcKey        = "weir_btf_svc_key"
-	coreVarWeirBtfSvcType       = "weir_btf_svc_type"
-	coreVarWeirBtfSvcVal        = "weir_btf_svc_val"
-	coreVarWeirHookFirst        = "weir_hook_first"
-	coreVarWeirHookLast         = "weir_hook_last"
+	coreMapWeirAffinity          = "weir_affinity"
+	coreMapWeirBackendAddrs      = "weir_backend_addrs"
+	coreMapWeirBackends          = "weir_backends"
+	coreMapWeirCalls             = "weir_calls"
+	coreMapWeirCt                = "weir_ct"
+	coreMapWeirEndpoints         = "weir_endpoints"
+	coreMapWeirEvents            = "weir_events"
+	coreMapWeirFrags             = "weir_frags"
+	coreMapWeirIpcache           = "weir_ipcache"
+	coreMapWeirMetrics           = "weir_metrics"
+	coreMapWeirRevnat            = "weir_revnat"
+	coreMapWeirScratch           = "weir_scratch"
+	coreMapWeirServices          = "weir_services"
+	coreMapWeirSlotMask          = "weir_slot_mask"
+	coreProgWeirNetdevIngress    = "weir_netdev_ingress"
+	coreProgWeirPodEgress        = "weir_pod_egress"
+	coreProgWeirPodIngress       = "weir_pod_ingress"
+	coreVarWeirBtfAffinityEntry  = "weir_btf_affinity_entry"
+	coreVarWeirBtfAffinityKey    = "weir_btf_affinity_key"
+	coreVarWeirBtfBackend        = "weir_btf_backend"
+	coreVarWeirBtfBackendAddrKey = "weir_btf_backend_addr_key"
+	coreVarWeirBtfBackendState   = "weir_btf_backend_state"
+	coreVarWeirBtfCtDir          = "weir_btf_ct_dir"
+	coreVarWeirBtfCtEntry        = "weir_btf_ct_entry"
+	coreVarWeirBtfCtKey          = "weir_btf_ct_key"
+	coreVarWeirBtfCtx            = "weir_btf_ctx"
+	coreVarWeirBtfEndpoint       = "weir_btf_endpoint"
+	coreVarWeirBtfEndpointKey    = "weir_btf_endpoint_key"
+	coreVarWeirBtfEvent          = "weir_btf_event"
+	coreVarWeirBtfFragEntry      = "weir_btf_frag_entry"
+	coreVarWeirBtfFragKey        = "weir_btf_frag_key"
+	coreVarWeirBtfHook           = "weir_btf_hook"
+	coreVarWeirBtfIpcacheEntry   = "weir_btf_ipcache_entry"
+	coreVarWeirBtfIpcacheKey     = "weir_btf_ipcache_key"
+	coreVarWeirBtfL3             = "weir_btf_l3"
+	coreVarWeirBtfMetric         = "weir_btf_metric"
+	coreVarWeirBtfReason         = "weir_btf_reason"
+	coreVarWeirBtfRevnatEntry    = "weir_btf_revnat_entry"
+	coreVarWeirBtfScope          = "weir_btf_scope"
+	coreVarWeirBtfSvcKey         = "weir_btf_svc_key"
+	coreVarWeirBtfSvcType        = "weir_btf_svc_type"
+	coreVarWeirBtfSvcVal         = "weir_btf_svc_val"
+	coreVarWeirHookFirst         = "weir_hook_first"
+	coreVarWeirHookLast          = "weir_hook_last"
 )
 
 // loadCore returns the embedded CollectionSpec for core.
@@ -320,47 +357,53 @@ type coreProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type coreMapSpecs struct {
-	WeirAffinity  *ebpf.MapSpec `ebpf:"weir_affinity"`
-	WeirBackends  *ebpf.MapSpec `ebpf:"weir_backends"`
-	WeirCalls     *ebpf.MapSpec `ebpf:"weir_calls"`
-	WeirCt        *ebpf.MapSpec `ebpf:"weir_ct"`
-	WeirEndpoints *ebpf.MapSpec `ebpf:"weir_endpoints"`
-	WeirEvents    *ebpf.MapSpec `ebpf:"weir_events"`
-	WeirIpcache   *ebpf.MapSpec `ebpf:"weir_ipcache"`
-	WeirMetrics   *ebpf.MapSpec `ebpf:"weir_metrics"`
-	WeirRevnat    *ebpf.MapSpec `ebpf:"weir_revnat"`
-	WeirScratch   *ebpf.MapSpec `ebpf:"weir_scratch"`
-	WeirServices  *ebpf.MapSpec `ebpf:"weir_services"`
+	WeirAffinity     *ebpf.MapSpec `ebpf:"weir_affinity"`
+	WeirBackendAddrs *ebpf.MapSpec `ebpf:"weir_backend_addrs"`
+	WeirBackends     *ebpf.MapSpec `ebpf:"weir_backends"`
+	WeirCalls        *ebpf.MapSpec `ebpf:"weir_calls"`
+	WeirCt           *ebpf.MapSpec `ebpf:"weir_ct"`
+	WeirEndpoints    *ebpf.MapSpec `ebpf:"weir_endpoints"`
+	WeirEvents       *ebpf.MapSpec `ebpf:"weir_events"`
+	WeirFrags        *ebpf.MapSpec `ebpf:"weir_frags"`
+	WeirIpcache      *ebpf.MapSpec `ebpf:"weir_ipcache"`
+	WeirMetrics      *ebpf.MapSpec `ebpf:"weir_metrics"`
+	WeirRevnat       *ebpf.MapSpec `ebpf:"weir_revnat"`
+	WeirScratch      *ebpf.MapSpec `ebpf:"weir_scratch"`
+	WeirServices     *ebpf.MapSpec `ebpf:"weir_services"`
+	WeirSlotMask     *ebpf.MapSpec `ebpf:"weir_slot_mask"`
 }
 
 // coreVariableSpecs contains global variables before they are loaded into the kernel.
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type coreVariableSpecs struct {
-	WeirBtfAffinityEntry *ebpf.VariableSpec `ebpf:"weir_btf_affinity_entry"`
-	WeirBtfAffinityKey   *ebpf.VariableSpec `ebpf:"weir_btf_affinity_key"`
-	WeirBtfBackend       *ebpf.VariableSpec `ebpf:"weir_btf_backend"`
-	WeirBtfBackendState  *ebpf.VariableSpec `ebpf:"weir_btf_backend_state"`
-	WeirBtfCtEntry       *ebpf.VariableSpec `ebpf:"weir_btf_ct_entry"`
-	WeirBtfCtKey         *ebpf.VariableSpec `ebpf:"weir_btf_ct_key"`
-	WeirBtfCtKind        *ebpf.VariableSpec `ebpf:"weir_btf_ct_kind"`
-	WeirBtfCtx           *ebpf.VariableSpec `ebpf:"weir_btf_ctx"`
-	WeirBtfEndpoint      *ebpf.VariableSpec `ebpf:"weir_btf_endpoint"`
-	WeirBtfEndpointKey   *ebpf.VariableSpec `ebpf:"weir_btf_endpoint_key"`
-	WeirBtfEvent         *ebpf.VariableSpec `ebpf:"weir_btf_event"`
-	WeirBtfHook          *ebpf.VariableSpec `ebpf:"weir_btf_hook"`
-	WeirBtfIpcacheEntry  *ebpf.VariableSpec `ebpf:"weir_btf_ipcache_entry"`
-	WeirBtfIpcacheKey    *ebpf.VariableSpec `ebpf:"weir_btf_ipcache_key"`
-	WeirBtfL3            *ebpf.VariableSpec `ebpf:"weir_btf_l3"`
-	WeirBtfMetric        *ebpf.VariableSpec `ebpf:"weir_btf_metric"`
-	WeirBtfReason        *ebpf.VariableSpec `ebpf:"weir_btf_reason"`
-	WeirBtfRevnatEntry   *ebpf.VariableSpec `ebpf:"weir_btf_revnat_entry"`
-	WeirBtfScope         *ebpf.VariableSpec `ebpf:"weir_btf_scope"`
-	WeirBtfSvcKey        *ebpf.VariableSpec `ebpf:"weir_btf_svc_key"`
-	WeirBtfSvcType       *ebpf.VariableSpec `ebpf:"weir_btf_svc_type"`
-	WeirBtfSvcVal        *ebpf.VariableSpec `ebpf:"weir_btf_svc_val"`
-	WeirHookFirst        *ebpf.VariableSpec `ebpf:"weir_hook_first"`
-	WeirHookLast         *ebpf.VariableSpec `ebpf:"weir_hook_last"`
+	WeirBtfAffinityEntry  *ebpf.VariableSpec `ebpf:"weir_btf_affinity_entry"`
+	WeirBtfAffinityKey    *ebpf.VariableSpec `ebpf:"weir_btf_affinity_key"`
+	WeirBtfBackend        *ebpf.VariableSpec `ebpf:"weir_btf_backend"`
+	WeirBtfBackendAddrKey *ebpf.VariableSpec `ebpf:"weir_btf_backend_addr_key"`
+	WeirBtfBackendState   *ebpf.VariableSpec `ebpf:"weir_btf_backend_state"`
+	WeirBtfCtDir          *ebpf.VariableSpec `ebpf:"weir_btf_ct_dir"`
+	WeirBtfCtEntry        *ebpf.VariableSpec `ebpf:"weir_btf_ct_entry"`
+	WeirBtfCtKey          *ebpf.VariableSpec `ebpf:"weir_btf_ct_key"`
+	WeirBtfCtx            *ebpf.VariableSpec `ebpf:"weir_btf_ctx"`
+	WeirBtfEndpoint       *ebpf.VariableSpec `ebpf:"weir_btf_endpoint"`
+	WeirBtfEndpointKey    *ebpf.VariableSpec `ebpf:"weir_btf_endpoint_key"`
+	WeirBtfEvent          *ebpf.VariableSpec `ebpf:"weir_btf_event"`
+	WeirBtfFragEntry      *ebpf.VariableSpec `ebpf:"weir_btf_frag_entry"`
+	WeirBtfFragKey        *ebpf.VariableSpec `ebpf:"weir_btf_frag_key"`
+	WeirBtfHook           *ebpf.VariableSpec `ebpf:"weir_btf_hook"`
+	WeirBtfIpcacheEntry   *ebpf.VariableSpec `ebpf:"weir_btf_ipcache_entry"`
+	WeirBtfIpcacheKey     *ebpf.VariableSpec `ebpf:"weir_btf_ipcache_key"`
+	WeirBtfL3             *ebpf.VariableSpec `ebpf:"weir_btf_l3"`
+	WeirBtfMetric         *ebpf.VariableSpec `ebpf:"weir_btf_metric"`
+	WeirBtfReason         *ebpf.VariableSpec `ebpf:"weir_btf_reason"`
+	WeirBtfRevnatEntry    *ebpf.VariableSpec `ebpf:"weir_btf_revnat_entry"`
+	WeirBtfScope          *ebpf.VariableSpec `ebpf:"weir_btf_scope"`
+	WeirBtfSvcKey         *ebpf.VariableSpec `ebpf:"weir_btf_svc_key"`
+	WeirBtfSvcType        *ebpf.VariableSpec `ebpf:"weir_btf_svc_type"`
+	WeirBtfSvcVal         *ebpf.VariableSpec `ebpf:"weir_btf_svc_val"`
+	WeirHookFirst         *ebpf.VariableSpec `ebpf:"weir_hook_first"`
+	WeirHookLast          *ebpf.VariableSpec `ebpf:"weir_hook_last"`
 }
 
 // coreObjects contains all objects after they have been loaded into the kernel.
@@ -383,32 +426,38 @@ func (o *coreObjects) Close() error {
 //
 // It can be passed to loadCoreObjects or ebpf.CollectionSpec.LoadAndAssign.
 type coreMaps struct {
-	WeirAffinity  *ebpf.Map `ebpf:"weir_affinity"`
-	WeirBackends  *ebpf.Map `ebpf:"weir_backends"`
-	WeirCalls     *ebpf.Map `ebpf:"weir_calls"`
-	WeirCt        *ebpf.Map `ebpf:"weir_ct"`
-	WeirEndpoints *ebpf.Map `ebpf:"weir_endpoints"`
-	WeirEvents    *ebpf.Map `ebpf:"weir_events"`
-	WeirIpcache   *ebpf.Map `ebpf:"weir_ipcache"`
-	WeirMetrics   *ebpf.Map `ebpf:"weir_metrics"`
-	WeirRevnat    *ebpf.Map `ebpf:"weir_revnat"`
-	WeirScratch   *ebpf.Map `ebpf:"weir_scratch"`
-	WeirServices  *ebpf.Map `ebpf:"weir_services"`
+	WeirAffinity     *ebpf.Map `ebpf:"weir_affinity"`
+	WeirBackendAddrs *ebpf.Map `ebpf:"weir_backend_addrs"`
+	WeirBackends     *ebpf.Map `ebpf:"weir_backends"`
+	WeirCalls        *ebpf.Map `ebpf:"weir_calls"`
+	WeirCt           *ebpf.Map `ebpf:"weir_ct"`
+	WeirEndpoints    *ebpf.Map `ebpf:"weir_endpoints"`
+	WeirEvents       *ebpf.Map `ebpf:"weir_events"`
+	WeirFrags        *ebpf.Map `ebpf:"weir_frags"`
+	WeirIpcache      *ebpf.Map `ebpf:"weir_ipcache"`
+	WeirMetrics      *ebpf.Map `ebpf:"weir_metrics"`
+	WeirRevnat       *ebpf.Map `ebpf:"weir_revnat"`
+	WeirScratch      *ebpf.Map `ebpf:"weir_scratch"`
+	WeirServices     *ebpf.Map `ebpf:"weir_services"`
+	WeirSlotMask     *ebpf.Map `ebpf:"weir_slot_mask"`
 }
 
 func (m *coreMaps) Close() error {
 	return _CoreClose(
 		m.WeirAffinity,
+		m.WeirBackendAddrs,
 		m.WeirBackends,
 		m.WeirCalls,
 		m.WeirCt,
 		m.WeirEndpoints,
 		m.WeirEvents,
+		m.WeirFrags,
 		m.WeirIpcache,
 		m.WeirMetrics,
 		m.WeirRevnat,
 		m.WeirScratch,
 		m.WeirServices,
+		m.WeirSlotMask,
 	)
 }
 
@@ -416,30 +465,33 @@ func (m *coreMaps) Close() error {
 //
 // It can be passed to loadCoreObjects or ebpf.CollectionSpec.LoadAndAssign.
 type coreVariables struct {
-	WeirBtfAffinityEntry *ebpf.Variable `ebpf:"weir_btf_affinity_entry"`
-	WeirBtfAffinityKey   *ebpf.Variable `ebpf:"weir_btf_affinity_key"`
-	WeirBtfBackend       *ebpf.Variable `ebpf:"weir_btf_backend"`
-	WeirBtfBackendState  *ebpf.Variable `ebpf:"weir_btf_backend_state"`
-	WeirBtfCtEntry       *ebpf.Variable `ebpf:"weir_btf_ct_entry"`
-	WeirBtfCtKey         *ebpf.Variable `ebpf:"weir_btf_ct_key"`
-	WeirBtfCtKind        *ebpf.Variable `ebpf:"weir_btf_ct_kind"`
-	WeirBtfCtx           *ebpf.Variable `ebpf:"weir_btf_ctx"`
-	WeirBtfEndpoint      *ebpf.Variable `ebpf:"weir_btf_endpoint"`
-	WeirBtfEndpointKey   *ebpf.Variable `ebpf:"weir_btf_endpoint_key"`
-	WeirBtfEvent         *ebpf.Variable `ebpf:"weir_btf_event"`
-	WeirBtfHook          *ebpf.Variable `ebpf:"weir_btf_hook"`
-	WeirBtfIpcacheEntry  *ebpf.Variable `ebpf:"weir_btf_ipcache_entry"`
-	WeirBtfIpcacheKey    *ebpf.Variable `ebpf:"weir_btf_ipcache_key"`
-	WeirBtfL3            *ebpf.Variable `ebpf:"weir_btf_l3"`
-	WeirBtfMetric        *ebpf.Variable `ebpf:"weir_btf_metric"`
-	WeirBtfReason        *ebpf.Variable `ebpf:"weir_btf_reason"`
-	WeirBtfRevnatEntry   *ebpf.Variable `ebpf:"weir_btf_revnat_entry"`
-	WeirBtfScope         *ebpf.Variable `ebpf:"weir_btf_scope"`
-	WeirBtfSvcKey        *ebpf.Variable `ebpf:"weir_btf_svc_key"`
-	WeirBtfSvcType       *ebpf.Variable `ebpf:"weir_btf_svc_type"`
-	WeirBtfSvcVal        *ebpf.Variable `ebpf:"weir_btf_svc_val"`
-	WeirHookFirst        *ebpf.Variable `ebpf:"weir_hook_first"`
-	WeirHookLast         *ebpf.Variable `ebpf:"weir_hook_last"`
+	WeirBtfAffinityEntry  *ebpf.Variable `ebpf:"weir_btf_affinity_entry"`
+	WeirBtfAffinityKey    *ebpf.Variable `ebpf:"weir_btf_affinity_key"`
+	WeirBtfBackend        *ebpf.Variable `ebpf:"weir_btf_backend"`
+	WeirBtfBackendAddrKey *ebpf.Variable `ebpf:"weir_btf_backend_addr_key"`
+	WeirBtfBackendState   *ebpf.Variable `ebpf:"weir_btf_backend_state"`
+	WeirBtfCtDir          *ebpf.Variable `ebpf:"weir_btf_ct_dir"`
+	WeirBtfCtEntry        *ebpf.Variable `ebpf:"weir_btf_ct_entry"`
+	WeirBtfCtKey          *ebpf.Variable `ebpf:"weir_btf_ct_key"`
+	WeirBtfCtx            *ebpf.Variable `ebpf:"weir_btf_ctx"`
+	WeirBtfEndpoint       *ebpf.Variable `ebpf:"weir_btf_endpoint"`
+	WeirBtfEndpointKey    *ebpf.Variable `ebpf:"weir_btf_endpoint_key"`
+	WeirBtfEvent          *ebpf.Variable `ebpf:"weir_btf_event"`
+	WeirBtfFragEntry      *ebpf.Variable `ebpf:"weir_btf_frag_entry"`
+	WeirBtfFragKey        *ebpf.Variable `ebpf:"weir_btf_frag_key"`
+	WeirBtfHook           *ebpf.Variable `ebpf:"weir_btf_hook"`
+	WeirBtfIpcacheEntry   *ebpf.Variable `ebpf:"weir_btf_ipcache_entry"`
+	WeirBtfIpcacheKey     *ebpf.Variable `ebpf:"weir_btf_ipcache_key"`
+	WeirBtfL3             *ebpf.Variable `ebpf:"weir_btf_l3"`
+	WeirBtfMetric         *ebpf.Variable `ebpf:"weir_btf_metric"`
+	WeirBtfReason         *ebpf.Variable `ebpf:"weir_btf_reason"`
+	WeirBtfRevnatEntry    *ebpf.Variable `ebpf:"weir_btf_revnat_entry"`
+	WeirBtfScope          *ebpf.Variable `ebpf:"weir_btf_scope"`
+	WeirBtfSvcKey         *ebpf.Variable `ebpf:"weir_btf_svc_key"`
+	WeirBtfSvcType        *ebpf.Variable `ebpf:"weir_btf_svc_type"`
+	WeirBtfSvcVal         *ebpf.Variable `ebpf:"weir_btf_svc_val"`
+	WeirHookFirst         *ebpf.Variable `ebpf:"weir_hook_first"`
+	WeirHookLast          *ebpf.Variable `ebpf:"weir_hook_last"`
 }
 
 // corePrograms contains all programs after they have been loaded into the kernel.

@@ -23,17 +23,20 @@ import (
 
 // Map names shared by every object (bpf/include/weir/maps.h).
 const (
-	MapCalls     = "weir_calls"
-	MapScratch   = "weir_scratch"
-	MapServices  = "weir_services"
-	MapBackends  = "weir_backends"
-	MapRevNAT    = "weir_revnat"
-	MapCT        = "weir_ct"
-	MapEndpoints = "weir_endpoints"
-	MapAffinity  = "weir_affinity"
-	MapIPCache   = "weir_ipcache"
-	MapMetrics   = "weir_metrics"
-	MapEvents    = "weir_events"
+	MapCalls        = "weir_calls"
+	MapScratch      = "weir_scratch"
+	MapServices     = "weir_services"
+	MapBackends     = "weir_backends"
+	MapRevNAT       = "weir_revnat"
+	MapCT           = "weir_ct"
+	MapFrags        = "weir_frags"
+	MapBackendAddrs = "weir_backend_addrs"
+	MapSlotMask     = "weir_slot_mask"
+	MapEndpoints    = "weir_endpoints"
+	MapAffinity     = "weir_affinity"
+	MapIPCache      = "weir_ipcache"
+	MapMetrics      = "weir_metrics"
+	MapEvents       = "weir_events"
 )
 
 // Options configure a node's datapath.
@@ -43,7 +46,14 @@ type Options struct {
 	PinDir string
 	// CTMaxEntries sizes the conntrack map; 0 keeps the object's default.
 	CTMaxEntries uint32
-	Logger       *slog.Logger
+	// MaxEntries sizes other shared maps by name; absent ones keep the
+	// object's default.
+	MaxEntries map[string]uint32
+	// MapSpec, when set, may change the spec of every shared map before
+	// any object is loaded: for tests that give the datapath maps that
+	// fail (a full hash instead of an LRU, say). Never set in the agent.
+	MapSpec func(name string, spec *ebpf.MapSpec)
+	Logger  *slog.Logger
 }
 
 // Datapath is a node's loaded core datapath.
@@ -52,7 +62,8 @@ type Datapath struct {
 	log  *slog.Logger
 	core coreObjects
 
-	mu sync.Mutex
+	mu     sync.Mutex
+	maskMu sync.Mutex
 }
 
 // New checks the options and returns a datapath that is not loaded yet:
@@ -126,6 +137,18 @@ func (d *Datapath) prepare(spec *ebpf.CollectionSpec) error {
 	if m, ok := spec.Maps[MapCT]; ok && d.opts.CTMaxEntries != 0 {
 		m.MaxEntries = d.opts.CTMaxEntries
 	}
+	for name, n := range d.opts.MaxEntries {
+		if m, ok := spec.Maps[name]; ok && n != 0 {
+			m.MaxEntries = n
+		}
+	}
+	if d.opts.MapSpec != nil {
+		for name, m := range spec.Maps {
+			if strings.HasPrefix(name, "weir_") {
+				d.opts.MapSpec(name, m)
+			}
+		}
+	}
 	return nil
 }
 
@@ -163,18 +186,49 @@ func (d *Datapath) SetSlot(name string, prog *ebpf.Program) error {
 	if err := d.core.WeirCalls.Put(s.Index(), prog); err != nil {
 		return fmt.Errorf("filling slot %s (index %d): %w", name, s.Index(), err)
 	}
+	// Marked filled only once it is: the stage loop enters marked slots.
+	if err := d.markSlot(s, true); err != nil {
+		return fmt.Errorf("filling slot %s: %w", name, err)
+	}
 	return nil
 }
 
-// ClearSlot empties the named slot, so packets fall through it.
+// ClearSlot empties the named slot, so packets pass it by.
 func (d *Datapath) ClearSlot(name string) error {
 	s, ok := slots.Lookup(name)
 	if !ok {
 		return fmt.Errorf("unknown slot %q", name)
 	}
+	// Unmarked first: no packet enters a slot between its unmarking and
+	// its emptying and counts a missed tail call.
+	if err := d.markSlot(s, false); err != nil {
+		return fmt.Errorf("clearing slot %s: %w", name, err)
+	}
 	err := d.core.WeirCalls.Delete(s.Index())
 	if err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 		return fmt.Errorf("clearing slot %s: %w", name, err)
+	}
+	return nil
+}
+
+// markSlot sets or clears the slot's bit in weir_slot_mask.
+func (d *Datapath) markSlot(s slots.Slot, filled bool) error {
+	d.maskMu.Lock()
+	defer d.maskMu.Unlock()
+	var mask uint32
+	if err := d.core.WeirSlotMask.Lookup(uint32(s.Hook), &mask); err != nil {
+		return fmt.Errorf("reading the slot mask of %s: %w", s.Hook, err)
+	}
+	bit := uint32(1) << s.Order
+	next := mask | bit
+	if !filled {
+		next = mask &^ bit
+	}
+	if next == mask {
+		return nil
+	}
+	if err := d.core.WeirSlotMask.Put(uint32(s.Hook), next); err != nil {
+		return fmt.Errorf("writing the slot mask of %s: %w", s.Hook, err)
 	}
 	return nil
 }
@@ -209,17 +263,20 @@ func (d *Datapath) Entry(h slots.Hook) (*ebpf.Program, error) {
 // Map returns one of the node's shared maps by name (Map* constants).
 func (d *Datapath) Map(name string) (*ebpf.Map, error) {
 	m := map[string]*ebpf.Map{
-		MapCalls:     d.core.WeirCalls,
-		MapScratch:   d.core.WeirScratch,
-		MapServices:  d.core.WeirServices,
-		MapBackends:  d.core.WeirBackends,
-		MapRevNAT:    d.core.WeirRevnat,
-		MapCT:        d.core.WeirCt,
-		MapEndpoints: d.core.WeirEndpoints,
-		MapAffinity:  d.core.WeirAffinity,
-		MapIPCache:   d.core.WeirIpcache,
-		MapMetrics:   d.core.WeirMetrics,
-		MapEvents:    d.core.WeirEvents,
+		MapCalls:        d.core.WeirCalls,
+		MapScratch:      d.core.WeirScratch,
+		MapServices:     d.core.WeirServices,
+		MapBackends:     d.core.WeirBackends,
+		MapRevNAT:       d.core.WeirRevnat,
+		MapCT:           d.core.WeirCt,
+		MapFrags:        d.core.WeirFrags,
+		MapBackendAddrs: d.core.WeirBackendAddrs,
+		MapSlotMask:     d.core.WeirSlotMask,
+		MapEndpoints:    d.core.WeirEndpoints,
+		MapAffinity:     d.core.WeirAffinity,
+		MapIPCache:      d.core.WeirIpcache,
+		MapMetrics:      d.core.WeirMetrics,
+		MapEvents:       d.core.WeirEvents,
 	}[name]
 	if m == nil {
 		return nil, fmt.Errorf("no shared map %q", name)
@@ -232,6 +289,9 @@ func (d *Datapath) Services() *ebpf.Map { return d.core.WeirServices }
 
 // Backends is the weir_backends map.
 func (d *Datapath) Backends() *ebpf.Map { return d.core.WeirBackends }
+
+// BackendAddrs is the weir_backend_addrs map.
+func (d *Datapath) BackendAddrs() *ebpf.Map { return d.core.WeirBackendAddrs }
 
 // RevNAT is the weir_revnat map.
 func (d *Datapath) RevNAT() *ebpf.Map { return d.core.WeirRevnat }
@@ -367,7 +427,7 @@ func (d *Datapath) Remove() error {
 	// Empty the prog array first: it holds the stage programs, which hold
 	// the maps.
 	for _, s := range slots.All() {
-		_ = d.core.WeirCalls.Delete(s.Index())
+		_ = d.ClearSlot(s.Name)
 	}
 	errs = append(errs, d.core.Close())
 	errs = append(errs, os.RemoveAll(d.opts.PinDir))

@@ -58,7 +58,7 @@ type LBEntry struct {
 	Slot     uint16         `json:"slot"`
 	// Master entries (slot 0).
 	Count  uint16 `json:"count,omitempty"`
-	RevNAT uint16 `json:"revNAT"`
+	RevNAT uint32 `json:"revNAT"`
 	Type   string `json:"type,omitempty"`
 	// Backend slots.
 	BackendID uint32          `json:"backendID,omitempty"`
@@ -75,7 +75,7 @@ type BackendRow struct {
 
 // ServiceRow is a frontend with its backends.
 type ServiceRow struct {
-	ID       uint16         `json:"id"`
+	ID       uint32         `json:"id"`
 	Frontend netip.AddrPort `json:"frontend"`
 	Proto    string         `json:"proto"`
 	Type     string         `json:"type"`
@@ -207,18 +207,26 @@ func (p *Pinned) Services() ([]ServiceRow, error) {
 	return out, nil
 }
 
-// CTRow is one conntrack entry.
+// CTRow is one conntrack entry: packets matching Src -> Dst leave as
+// NatSrc -> NatDst.
 type CTRow struct {
-	Kind      string         `json:"kind"`
+	// Dir is "orig" (the tuple the flow's first packet had) or "reply"
+	// (the tuple its replies carry on the wire).
+	Dir       string         `json:"dir"`
 	Src       netip.AddrPort `json:"src"`
 	Dst       netip.AddrPort `json:"dst"`
+	NatSrc    netip.AddrPort `json:"natSrc"`
+	NatDst    netip.AddrPort `json:"natDst"`
 	Proto     string         `json:"proto"`
-	BackendID uint32         `json:"backendID"`
-	RevNAT    uint16         `json:"revNAT"`
-	Flags     string         `json:"flags"`
-	ExpiresIn int64          `json:"expiresInSeconds"`
-	Packets   uint64         `json:"packets"`
-	Bytes     uint64         `json:"bytes"`
+	BackendID uint32         `json:"backendID,omitempty"`
+	RevNAT    uint32         `json:"revNAT,omitempty"`
+	// State is the flow's: syn, established, half-closed, time-wait,
+	// reset (TCP); new, replied (UDP).
+	State     string `json:"state"`
+	Flags     string `json:"flags"`
+	ExpiresIn int64  `json:"expiresInSeconds"`
+	Packets   uint64 `json:"packets"`
+	Bytes     uint64 `json:"bytes"`
 }
 
 // BootSeconds is the boot clock in seconds, the clock of CT lifetimes.
@@ -235,12 +243,35 @@ func ctFlags(f uint16) string {
 	for _, b := range []struct {
 		bit  uint16
 		name string
-	}{{CTFlagSYN, "SYN"}, {CTFlagEstablished, "ESTABLISHED"}, {CTFlagFIN, "FIN"}, {CTFlagRST, "RST"}} {
+	}{{CTFlagSeenReply, "SEEN_REPLY"}, {CTFlagEstablished, "ESTABLISHED"}, {CTFlagFINOrig, "FIN_ORIG"}, {CTFlagFINReply, "FIN_REPLY"},
+		{CTFlagRST, "RST"}, {CTFlagRSTReply, "RST_REPLY"}, {CTFlagRemapped, "REMAPPED"}} {
 		if f&b.bit != 0 {
 			s = append(s, b.name)
 		}
 	}
 	return strings.Join(s, ",")
+}
+
+// CTState names a flow's state from its flags, as ct.h reads them.
+func CTState(proto uint8, f uint16) string {
+	if proto != 6 {
+		if f&CTFlagSeenReply != 0 {
+			return "replied"
+		}
+		return "new"
+	}
+	const fins = CTFlagFINOrig | CTFlagFINReply
+	switch {
+	case f&CTFlagRST != 0:
+		return "reset"
+	case f&fins == fins:
+		return "time-wait"
+	case f&fins != 0:
+		return "half-closed"
+	case f&CTFlagEstablished != 0:
+		return "established"
+	}
+	return "syn"
 }
 
 // CT lists the conntrack entries that have not expired.
@@ -264,15 +295,17 @@ func (p *Pinned) CT() ([]CTRow, error) {
 		if left <= 0 {
 			continue
 		}
-		kind := "service"
-		if k.Kind == CTReply {
-			kind = "reply"
+		dir := "orig"
+		if v.Dir == CTReply {
+			dir = "reply"
 		}
 		out = append(out, CTRow{
-			Kind: kind, Proto: ProtoName(k.Proto),
+			Dir: dir, Proto: ProtoName(k.Proto),
 			Src:       netip.AddrPortFrom(AddrFromBE(k.Saddr), PortFromBE(k.Sport)),
 			Dst:       netip.AddrPortFrom(AddrFromBE(k.Daddr), PortFromBE(k.Dport)),
-			BackendID: v.BackendId, RevNAT: v.RevNat, Flags: ctFlags(v.Flags), ExpiresIn: left,
+			NatSrc:    netip.AddrPortFrom(AddrFromBE(v.NatSaddr), PortFromBE(v.NatSport)),
+			NatDst:    netip.AddrPortFrom(AddrFromBE(v.NatDaddr), PortFromBE(v.NatDport)),
+			BackendID: v.BackendId, RevNAT: v.RevNat, State: CTState(k.Proto, v.Flags), Flags: ctFlags(v.Flags), ExpiresIn: left,
 			Packets: v.Packets, Bytes: v.Bytes,
 		})
 	}
@@ -280,7 +313,7 @@ func (p *Pinned) CT() ([]CTRow, error) {
 		return nil, err
 	}
 	slices.SortFunc(out, func(a, b CTRow) int {
-		return cmp.Or(strings.Compare(a.Kind, b.Kind), a.Src.Addr().Compare(b.Src.Addr()), cmp.Compare(a.Src.Port(), b.Src.Port()),
+		return cmp.Or(strings.Compare(a.Dir, b.Dir), a.Src.Addr().Compare(b.Src.Addr()), cmp.Compare(a.Src.Port(), b.Src.Port()),
 			a.Dst.Addr().Compare(b.Dst.Addr()), cmp.Compare(a.Dst.Port(), b.Dst.Port()))
 	})
 	return out, nil

@@ -26,6 +26,10 @@ const (
 	DropEncap             = Reason(coreWeirReasonWEIR_DROP_ENCAP)
 	DropDecap             = Reason(coreWeirReasonWEIR_DROP_DECAP)
 	DropFragNeeded        = Reason(coreWeirReasonWEIR_DROP_FRAG_NEEDED)
+	DropCTCreate          = Reason(coreWeirReasonWEIR_DROP_CT_CREATE)
+	DropNATNoPort         = Reason(coreWeirReasonWEIR_DROP_NAT_NO_PORT)
+	DropMissedTailCall    = Reason(coreWeirReasonWEIR_DROP_MISSED_TAIL_CALL)
+	DropFragState         = Reason(coreWeirReasonWEIR_DROP_FRAG_STATE)
 )
 
 var reasonNames = map[Reason]string{
@@ -40,6 +44,10 @@ var reasonNames = map[Reason]string{
 	DropUnsupportedL3:     "unsupported L3 protocol",
 	DropNoBackend:         "service has no backend",
 	DropFragmentToService: "IP fragment to a service (not supported)",
+	DropCTCreate:          "conntrack entry could not be created",
+	DropNATNoPort:         "no free client port for a colliding tuple",
+	DropMissedTailCall:    "missed tail call into a filled slot",
+	DropFragState:         "fragment state could not be recorded",
 	DropChecksumRewrite:   "header rewrite failed",
 	DropTTLExceeded:       "TTL exceeded",
 	DropScratch:           "per-CPU scratch unavailable",

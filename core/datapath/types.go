@@ -35,6 +35,12 @@ type (
 	AffinityKey = coreWeirAffinityKey
 	// Affinity is a weir_affinity value.
 	Affinity = coreWeirAffinityEntry
+	// BackendAddrKey keys weir_backend_addrs.
+	BackendAddrKey = coreWeirBackendAddrKey
+	// FragKey keys weir_frags.
+	FragKey = coreWeirFragKey
+	// FragEntry is a weir_frags value.
+	FragEntry = coreWeirFragEntry
 	// Metric is one per-CPU counter of weir_metrics.
 	Metric = coreWeirMetric
 	// Event is one weir_events record.
@@ -68,18 +74,21 @@ const (
 	BackendQuarantined = uint8(coreWeirBackendStateWEIR_BACKEND_QUARANTINED)
 )
 
-// Conntrack entry kinds stored in CTKey.Kind.
+// Conntrack entry directions stored in CTEntry.Dir.
 const (
-	CTService = uint8(coreWeirCtKindWEIR_CT_SERVICE)
-	CTReply   = uint8(coreWeirCtKindWEIR_CT_REPLY)
+	CTOrig  = uint8(coreWeirCtDirWEIR_CT_ORIG)
+	CTReply = uint8(coreWeirCtDirWEIR_CT_REPLY)
 )
 
-// CTEntry.Flags bits (WEIR_CT_F_* in ct.h).
+// CTEntry.Flags bits (WEIR_CT_F_* in maps.h).
 const (
-	CTFlagSYN         = 0x01
-	CTFlagFIN         = 0x02
-	CTFlagRST         = 0x04
-	CTFlagEstablished = 0x08
+	CTFlagSeenReply   = 0x0001
+	CTFlagEstablished = 0x0002
+	CTFlagFINOrig     = 0x0004
+	CTFlagFINReply    = 0x0008
+	CTFlagRST         = 0x0010
+	CTFlagRSTReply    = 0x0020
+	CTFlagRemapped    = 0x0040
 )
 
 // IPCacheEntry.Flags bits (WEIR_IPCACHE_* in maps.h).

@@ -131,8 +131,8 @@ func ParseContents(file string, data []byte) (*Contents, error) {
 		if err != nil || !vip.Is4() {
 			return nil, fail(strictyaml.Key(sp, "clusterIP"), "%q is not an IPv4 address", s.ClusterIP)
 		}
-		if vip.IsUnspecified() || vip.IsLoopback() || vip.IsMulticast() {
-			return nil, fail(strictyaml.Key(sp, "clusterIP"), "%s cannot be a service address", vip)
+		if err := model.CheckFrontendAddr(vip, model.ClusterIP); err != nil {
+			return nil, fail(strictyaml.Key(sp, "clusterIP"), "%v", err)
 		}
 		if len(s.Ports) == 0 {
 			return nil, fail(strictyaml.Key(sp, "ports"), "a service needs at least one port")
@@ -179,6 +179,9 @@ func ParseContents(file string, data []byte) (*Contents, error) {
 			proto, err := model.ParseProto(p.Protocol)
 			if err != nil {
 				return nil, fail(strictyaml.Key(pp, "protocol"), "%v", err)
+			}
+			if err := proto.Served(); err != nil {
+				return nil, fail(strictyaml.Key(pp, "protocol"), "%v; allowed: TCP, UDP", err)
 			}
 			if len(s.Ports) > 1 && p.Name == "" {
 				return nil, fail(strictyaml.Key(pp, "name"), "ports of a service with several ports need names")

@@ -148,10 +148,10 @@ func TestParseDefaultsAndTerminating(t *testing.T) {
 		"      - name: dns-tcp",
 		"        port: 53", // the same port with another protocol is another frontend
 		"        protocol: TCP",
-		"      - name: sctp",
-		"        port: 9",
+		"      - name: dns-alt",
+		"        port: 5353",
 		"        targetPort: 0", // 0 means the port itself
-		"        protocol: SCTP",
+		"        protocol: UDP",
 	)
 	got, err := filesource.Parse("svc.yaml", []byte(doc))
 	if err != nil {
@@ -174,7 +174,7 @@ func TestParseDefaultsAndTerminating(t *testing.T) {
 			Frontends: []model.Frontend{
 				{Addr: ap("10.96.0.11:53"), Proto: model.UDP, Type: model.ClusterIP, PortName: "dns-udp"},
 				{Addr: ap("10.96.0.11:53"), Proto: model.TCP, Type: model.ClusterIP, PortName: "dns-tcp"},
-				{Addr: ap("10.96.0.11:9"), Proto: model.SCTP, Type: model.ClusterIP, PortName: "sctp"},
+				{Addr: ap("10.96.0.11:5353"), Proto: model.UDP, Type: model.ClusterIP, PortName: "dns-alt"},
 			},
 		},
 	}
@@ -269,12 +269,22 @@ func TestParseErrors(t *testing.T) {
 		{
 			name: "loopback clusterIP",
 			doc:  with(map[int]string{4: "    clusterIP: 127.0.0.1"}),
-			want: `svc.yaml:4:16: services[0].clusterIP: 127.0.0.1 cannot be a service address`,
+			want: `svc.yaml:4:16: services[0].clusterIP: 127.0.0.1 cannot be a service address (loopback and link-local addresses stay on their host)`,
+		},
+		{
+			name: "broadcast clusterIP",
+			doc:  with(map[int]string{4: "    clusterIP: 255.255.255.255"}),
+			want: `svc.yaml:4:16: services[0].clusterIP: 255.255.255.255 is the broadcast address and cannot be a service address`,
+		},
+		{
+			name: "link-local clusterIP",
+			doc:  with(map[int]string{4: "    clusterIP: 169.254.1.1"}),
+			want: `svc.yaml:4:16: services[0].clusterIP: 169.254.1.1 cannot be a service address (loopback and link-local addresses stay on their host)`,
 		},
 		{
 			name: "multicast clusterIP",
 			doc:  with(map[int]string{4: "    clusterIP: 224.0.0.1"}),
-			want: `svc.yaml:4:16: services[0].clusterIP: 224.0.0.1 cannot be a service address`,
+			want: `svc.yaml:4:16: services[0].clusterIP: 224.0.0.1 is a multicast address and cannot be a service address`,
 		},
 		{
 			// An empty value: the message quotes "" (see the report).
@@ -313,6 +323,11 @@ func TestParseErrors(t *testing.T) {
 			name: "targetPort 70000",
 			doc:  with(map[int]string{8: "        targetPort: 70000"}),
 			want: "svc.yaml:8:21: services[0].ports[0].targetPort: 70000 is not a valid port (1 to 65535)",
+		},
+		{
+			name: "protocol SCTP",
+			doc:  with(map[int]string{9: "        protocol: SCTP"}),
+			want: `svc.yaml:9:19: services[0].ports[0].protocol: SCTP is not served: the datapath translates TCP and UDP only (SCTP would need its CRC32c checksum recomputed); allowed: TCP, UDP`,
 		},
 		{
 			name: "protocol ICMP",

@@ -1,6 +1,7 @@
 package k8ssource
 
 import (
+	"fmt"
 	"net/netip"
 	"slices"
 
@@ -71,6 +72,10 @@ func Convert(svc *corev1.Service, slices_ []*discoveryv1.EndpointSlice) *model.S
 		if err != nil || port.Port <= 0 || port.Port > 65535 {
 			continue
 		}
+		if err := proto.Served(); err != nil {
+			out.Unserved = append(out.Unserved, fmt.Sprintf("port %s (%d/%s): %v", port.Name, port.Port, port.Protocol, err))
+			continue
+		}
 		backends := backendsFor(port, slices_)
 		add := func(a netip.Addr, p int32, typ model.FrontendType) {
 			out.Frontends = append(out.Frontends, model.Frontend{
@@ -81,9 +86,15 @@ func Convert(svc *corev1.Service, slices_ []*discoveryv1.EndpointSlice) *model.S
 		}
 		addAll := func(addrs []string, typ model.FrontendType) {
 			for _, s := range addrs {
-				if a, err := netip.ParseAddr(s); err == nil && a.Is4() {
-					add(a, port.Port, typ)
+				a, err := netip.ParseAddr(s)
+				if err != nil || !a.Is4() {
+					continue // IPv6 and malformed addresses: not this datapath's
 				}
+				if err := model.CheckFrontendAddr(a, typ); err != nil {
+					out.Unserved = append(out.Unserved, fmt.Sprintf("%s %s: %v", typ, a, err))
+					continue
+				}
+				add(a, port.Port, typ)
 			}
 		}
 		addAll(clusterIPs, model.ClusterIP)
@@ -107,7 +118,7 @@ func Convert(svc *corev1.Service, slices_ []*discoveryv1.EndpointSlice) *model.S
 		seen[f.Key()] = true
 		return false
 	})
-	if len(out.Frontends) == 0 {
+	if len(out.Frontends) == 0 && len(out.Unserved) == 0 {
 		return nil
 	}
 	return out

@@ -180,7 +180,7 @@ func dump(s *model.Service) string {
 		return "<nil>"
 	}
 	var b strings.Builder
-	fmt.Fprintf(&b, "service %s source=%q affinity=%d\n", s.Name, s.Source, s.AffinityTimeout)
+	fmt.Fprintf(&b, "service %s source=%q affinity=%d unserved=%q\n", s.Name, s.Source, s.AffinityTimeout, s.Unserved)
 	for _, f := range s.Frontends {
 		fmt.Fprintf(&b, "  %s/%s %s port=%q internalLocal=%v externalLocal=%v backends=",
 			f.Addr, f.Proto, f.Type, f.PortName, f.InternalLocal, f.ExternalLocal)
@@ -302,7 +302,21 @@ func TestConvertPorts(t *testing.T) {
 			slices: []*discoveryv1.EndpointSlice{
 				v4("a", []discoveryv1.EndpointPort{sport("s", corev1.ProtocolSCTP, 3868)}, ep("10.0.1.1", "n")),
 			},
-			want: want(0, fe("10.96.0.10:3868", model.SCTP, model.ClusterIP, "s", active("10.0.1.1:3868", "n"))),
+			// Not served, and said so: never accepted silently.
+			want: func() *model.Service {
+				w := want(0)
+				w.Unserved = []string{"port s (3868/SCTP): SCTP is not served: the datapath translates TCP and UDP only (SCTP would need its CRC32c checksum recomputed)"}
+				return w
+			}(),
+		},
+		{
+			name: "SCTP port beside a TCP port: the TCP port is served",
+			svc:  svc(withPorts(corev1.ServicePort{Name: "s", Protocol: corev1.ProtocolSCTP, Port: 3868}, corev1.ServicePort{Name: "http", Protocol: corev1.ProtocolTCP, Port: 80})),
+			want: func() *model.Service {
+				w := want(0, fe("10.96.0.10:80", tcp, model.ClusterIP, "http"))
+				w.Unserved = []string{"port s (3868/SCTP): SCTP is not served: the datapath translates TCP and UDP only (SCTP would need its CRC32c checksum recomputed)"}
+				return w
+			}(),
 		},
 		{
 			name: "unsupported protocol and invalid port are skipped, the rest kept",

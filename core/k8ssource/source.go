@@ -10,6 +10,7 @@ import (
 	"context"
 	"log/slog"
 	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -61,6 +62,8 @@ type Source struct {
 	current    map[model.ServiceName]*model.Service
 	onNode     []func(*corev1.Node)
 	lastNode   *corev1.Node
+	// unserved is what was last reported as not served, by service.
+	unserved map[model.ServiceName]string
 }
 
 // New builds the source and registers its handlers; nothing talks to the
@@ -317,7 +320,8 @@ func (s *Source) build(name model.ServiceName) *model.Service {
 		return nil
 	}
 	m := Convert(svc, eps)
-	if m == nil {
+	s.reportUnserved(name, m)
+	if m == nil || len(m.Frontends) == 0 {
 		return nil
 	}
 	if err := m.Validate(); err != nil {
@@ -325,6 +329,27 @@ func (s *Source) build(name model.ServiceName) *model.Service {
 		return nil
 	}
 	return m
+}
+
+// reportUnserved warns, once per change, about what of a service the
+// datapath cannot serve: never accepted silently.
+func (s *Source) reportUnserved(name model.ServiceName, m *model.Service) {
+	var now string
+	if m != nil {
+		now = strings.Join(m.Unserved, "; ")
+	}
+	if s.unserved == nil {
+		s.unserved = map[model.ServiceName]string{}
+	}
+	if s.unserved[name] == now {
+		return
+	}
+	if now == "" {
+		delete(s.unserved, name)
+		return
+	}
+	s.unserved[name] = now
+	s.log.Warn("part of a service is not served", "service", name.String(), "not served", now)
 }
 
 // resolve returns the current services with frontends that two services

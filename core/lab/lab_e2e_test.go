@@ -447,11 +447,11 @@ func TestCLIReadsPinnedMaps(t *testing.T) {
 	}
 	kinds := map[string]int{}
 	for _, r := range ct {
-		if r.Dst.Addr().String() == "10.96.0.10" || r.Src.Port() == 8080 {
-			kinds[r.Kind]++
+		if r.Dst.Addr().String() == "10.96.0.10" && r.NatDst.Port() == 8080 || r.Src.Port() == 8080 && r.NatSrc.String() == "10.96.0.10:80" {
+			kinds[r.Dir]++
 		}
 	}
-	if kinds["service"] < 5 || kinds["reply"] < 5 {
+	if kinds["orig"] < 5 || kinds["reply"] < 5 {
 		t.Fatalf("conntrack of 5 connections: %v in %+v", kinds, ct)
 	}
 	var lb []datapath.LBEntry

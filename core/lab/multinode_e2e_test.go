@@ -53,6 +53,14 @@ const crossServices = `services:
     clusterIP: 10.96.0.20
     ports: [{name: http, port: 80, targetPort: 8080}]
     backends: [{ip: 10.244.3.11}, {ip: 10.244.3.12}]
+  - name: bulk
+    clusterIP: 10.96.0.30
+    ports: [{name: sink, port: 7000}]
+    backends: [{ip: 10.244.2.11}]
+  - name: bulk-udp
+    clusterIP: 10.96.0.31
+    ports: [{name: udp, port: 5353, protocol: UDP}]
+    backends: [{ip: 10.244.2.11}]
 `
 
 // mode is one forwarding setup to run every multi-node test under.
@@ -97,7 +105,7 @@ func upMulti(t *testing.T, m mode) *Lab {
 	}
 	waitFor(t, 10*time.Second, "services on every node", func() bool {
 		for _, n := range l.Nodes {
-			if len(serviceRows(t, n)) != 2 {
+			if len(serviceRows(t, n)) != 4 {
 				return false
 			}
 		}
@@ -256,6 +264,42 @@ func pmtuUDP(t *testing.T, l *Lab, m mode) {
 	if got, err := Send(cx, client.NetnsPath(), l.Pod("web-2").IP+":7000", 10<<20); err != nil || got != 10<<20 {
 		t.Fatalf("10 MiB over the shrunk path: %d bytes, %v", got, err)
 	}
+	// And through a ClusterIP whose backend is behind it: the tunnel's
+	// "fragmentation needed" reaches the client quoting the packet it
+	// sent (to the ClusterIP), so it lowers its MSS for the ClusterIP.
+	cx2, cancel2 := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel2()
+	if got, err := Send(cx2, client.NetnsPath(), "10.96.0.30:7000", 10<<20); err != nil || got != 10<<20 {
+		t.Fatalf("10 MiB through a ClusterIP over the shrunk path: %d bytes, %v", got, err)
+	}
+	// UDP through a ClusterIP (another one: path MTUs are learnt per
+	// destination) learns the path MTU the same way.
+	vfd := dgramSocket(t, client.NetnsPath())
+	vsa := &unix.SockaddrInet4{Port: 5353, Addr: [4]byte{10, 96, 0, 31}}
+	if err := unix.Sendto(vfd, big, 0, vsa); err != nil {
+		t.Fatalf("first send to the ClusterIP: %v", err)
+	}
+	waitFor(t, 5*time.Second, "the pod to learn the path MTU to the ClusterIP", func() bool {
+		return unix.Sendto(vfd, big, 0, vsa) == syscall.EMSGSIZE
+	})
+}
+
+// dgramSocket is a UDP socket in the namespace that never fragments (DF),
+// closed when the test ends.
+func dgramSocket(t *testing.T, nsPath string) int {
+	t.Helper()
+	var fd int
+	if err := netns.Do(nsPath, func() error {
+		var err error
+		if fd, err = unix.Socket(unix.AF_INET, unix.SOCK_DGRAM, 0); err != nil {
+			return err
+		}
+		return unix.SetsockoptInt(fd, unix.IPPROTO_IP, unix.IP_MTU_DISCOVER, unix.IP_PMTUDISC_DO)
+	}); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { unix.Close(fd) })
+	return fd
 }
 
 // metric returns the packets counted on a node for a hook and reason.

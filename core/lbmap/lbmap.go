@@ -42,6 +42,10 @@ type backendKey struct {
 	proto model.Proto
 }
 
+func (k backendKey) addrKey() datapath.BackendAddrKey {
+	return datapath.BackendAddrKey{Addr: datapath.AddrToBE(k.addr.Addr()), Port: datapath.PortToBE(k.addr.Port()), Proto: uint8(k.proto)}
+}
+
 // frontendState is what the maps hold for one frontend.
 type frontendState struct {
 	master datapath.ServiceValue
@@ -57,24 +61,27 @@ type Map interface {
 	Iterate() *ebpf.MapIterator
 }
 
-// Maps are the maps a reconciler writes.
+// Maps are the maps a reconciler writes. BackendAddrs indexes backends by
+// address, so the datapath can tell a backend address from any other.
 type Maps struct {
-	Services, Backends, RevNAT, Affinity Map
+	Services, Backends, BackendAddrs, RevNAT, Affinity Map
 }
 
 // Reconciler owns the content of the service, backend and reverse-NAT maps,
 // and keeps the affinity map free of choices that are no longer valid.
 type Reconciler struct {
-	maps                                 func() Maps
-	services, backends, revnat, affinity Map
-	log                                  *slog.Logger
+	maps                                               func() Maps
+	services, backends, backendAddrs, revnat, affinity Map
+	log                                                *slog.Logger
 
 	frontends  map[frontendKey]*frontendState
 	backendIDs map[backendKey]uint32
 	backendsBy map[uint32]datapath.Backend
-	revnatUsed map[uint16]netip.AddrPort
+	// indexed are the backends in the BackendAddrs map, by the id there.
+	indexed    map[backendKey]uint32
+	revnatUsed map[uint32]netip.AddrPort
 	nextBE     uint32
-	nextRevNAT uint16
+	nextRevNAT uint32
 	node       string
 	// dirty forces a read of the maps before the next apply: at first, to
 	// restore what a previous agent wrote, and after a write failed
@@ -92,7 +99,7 @@ func New(m Maps, log *slog.Logger) *Reconciler {
 // loaded yet.
 func NewFromDatapath(dp *datapath.Datapath, log *slog.Logger) *Reconciler {
 	return newReconciler(func() Maps {
-		return Maps{Services: dp.Services(), Backends: dp.Backends(), RevNAT: dp.RevNAT(), Affinity: dp.Affinity()}
+		return Maps{Services: dp.Services(), Backends: dp.Backends(), BackendAddrs: dp.BackendAddrs(), RevNAT: dp.RevNAT(), Affinity: dp.Affinity()}
 	}, log)
 }
 
@@ -109,11 +116,12 @@ func newReconciler(maps func() Maps, log *slog.Logger) *Reconciler {
 
 func (r *Reconciler) restore() error {
 	m := r.maps()
-	r.services, r.backends, r.revnat, r.affinity = m.Services, m.Backends, m.RevNAT, m.Affinity
+	r.services, r.backends, r.backendAddrs, r.revnat, r.affinity = m.Services, m.Backends, m.BackendAddrs, m.RevNAT, m.Affinity
 	r.frontends = map[frontendKey]*frontendState{}
 	r.backendIDs = map[backendKey]uint32{}
 	r.backendsBy = map[uint32]datapath.Backend{}
-	r.revnatUsed = map[uint16]netip.AddrPort{}
+	r.indexed = map[backendKey]uint32{}
+	r.revnatUsed = map[uint32]netip.AddrPort{}
 	r.nextBE, r.nextRevNAT = 1, 1
 
 	var (
@@ -166,9 +174,19 @@ func (r *Reconciler) restore() error {
 	if err := bit.Err(); err != nil {
 		return fmt.Errorf("reading backends map: %w", err)
 	}
+	if r.backendAddrs != nil {
+		var ak datapath.BackendAddrKey
+		ait := r.backendAddrs.Iterate()
+		for ait.Next(&ak, &id) {
+			r.indexed[backendKey{addr: netip.AddrPortFrom(datapath.AddrFromBE(ak.Addr), datapath.PortFromBE(ak.Port)), proto: model.Proto(ak.Proto)}] = id
+		}
+		if err := ait.Err(); err != nil {
+			return fmt.Errorf("reading backend address map: %w", err)
+		}
+	}
 
 	var (
-		rid uint16
+		rid uint32
 		rn  datapath.RevNAT
 	)
 	rit := r.revnat.Iterate()
@@ -204,8 +222,8 @@ func (r *Reconciler) allocBackend() (uint32, error) {
 	return 0, errors.New("no free backend id")
 }
 
-func (r *Reconciler) allocRevNAT() (uint16, error) {
-	for range 1 << 16 {
+func (r *Reconciler) allocRevNAT() (uint32, error) {
+	for range 1 << 20 {
 		id := r.nextRevNAT
 		r.nextRevNAT++
 		if r.nextRevNAT == 0 {
@@ -215,7 +233,7 @@ func (r *Reconciler) allocRevNAT() (uint16, error) {
 			return id, nil
 		}
 	}
-	return 0, errors.New("no free reverse NAT id: more than 65535 frontends")
+	return 0, errors.New("no free reverse NAT id")
 }
 
 type desiredFrontend struct {
@@ -245,14 +263,14 @@ func (r *Reconciler) Apply(snap *model.Snapshot) error {
 // affinityKey is a (reverse NAT id, backend id) pair whose affinity
 // entries must go: the backend left the frontend.
 type affinityKey struct {
-	revNAT  uint16
+	revNAT  uint32
 	backend uint32
 }
 
 func (r *Reconciler) apply(snap *model.Snapshot) error {
 	// Affinity entries pointing where a client may no longer go.
 	lost := map[affinityKey]bool{}
-	gone := map[uint16]bool{}
+	gone := map[uint32]bool{}
 	defer func() { r.pruneAffinity(lost, gone) }()
 	desired := map[frontendKey]*desiredFrontend{}
 	// A backend address used by several frontends is one backend; it takes
@@ -273,14 +291,24 @@ func (r *Reconciler) apply(snap *model.Snapshot) error {
 
 	// 1. Frontends nobody wants any more go first: they share nothing with
 	// the others, and their room may be needed. Master first, so no new
-	// flow picks a slot that is about to go.
-	var stale []frontendKey
+	// flow picks a slot that is about to go. An internal scope whose
+	// external entry stays waits until that entry no longer sends
+	// in-cluster lookups to it (step 3b).
+	var stale, staleScopes []frontendKey
 	for fk := range r.frontends {
-		if _, ok := desired[fk]; !ok {
-			stale = append(stale, fk)
+		if _, ok := desired[fk]; ok {
+			continue
 		}
+		ext := fk
+		ext.scope = datapath.ScopeExternal
+		if _, stays := desired[ext]; fk.scope == datapath.ScopeInternal && stays {
+			staleScopes = append(staleScopes, fk)
+			continue
+		}
+		stale = append(stale, fk)
 	}
 	slices.SortFunc(stale, compareFrontendKeys)
+	slices.SortFunc(staleScopes, compareFrontendKeys)
 	for _, fk := range stale {
 		gone[r.frontends[fk].master.RevNat] = true
 		if err := r.deleteFrontend(fk); err != nil {
@@ -305,23 +333,34 @@ func (r *Reconciler) apply(snap *model.Snapshot) error {
 			val.State = datapath.BackendTerminating
 		}
 		id, ok := r.backendIDs[bk]
-		if ok && r.backendsBy[id] == val {
-			continue
+		if !ok || r.backendsBy[id] != val {
+			if !ok {
+				var err error
+				if id, err = r.allocBackend(); err != nil {
+					return err
+				}
+			}
+			if err := r.backends.Put(id, val); err != nil {
+				return fmt.Errorf("writing backend %d (%s): %w", id, bk.addr, err)
+			}
+			r.backendIDs[bk] = id
+			r.backendsBy[id] = val
 		}
-		if !ok {
-			var err error
-			if id, err = r.allocBackend(); err != nil {
-				return err
+		if r.backendAddrs != nil {
+			if cur, ok := r.indexed[bk]; !ok || cur != id {
+				if err := r.backendAddrs.Put(bk.addrKey(), id); err != nil {
+					return fmt.Errorf("indexing backend %d (%s): %w", id, bk.addr, err)
+				}
+				r.indexed[bk] = id
 			}
 		}
-		if err := r.backends.Put(id, val); err != nil {
-			return fmt.Errorf("writing backend %d (%s): %w", id, bk.addr, err)
-		}
-		r.backendIDs[bk] = id
-		r.backendsBy[id] = val
 	}
 
 	// 3. Frontends: reverse NAT, slots, master, then leftover slots.
+	// Internal scopes before external ones: an external master flagged
+	// with two scopes sends in-cluster lookups to its internal entry,
+	// which must be there first.
+	slices.SortStableFunc(order, func(a, b frontendKey) int { return int(b.scope) - int(a.scope) })
 	for _, fk := range order {
 		if st := r.frontends[fk]; st != nil {
 			keep := map[uint32]bool{}
@@ -335,6 +374,14 @@ func (r *Reconciler) apply(snap *model.Snapshot) error {
 			}
 		}
 		if err := r.writeFrontend(fk, desired[fk]); err != nil {
+			return err
+		}
+	}
+	// 3b. Internal scopes their external entry (now without the flag) no
+	// longer points to.
+	for _, fk := range staleScopes {
+		gone[r.frontends[fk].master.RevNat] = true
+		if err := r.deleteFrontend(fk); err != nil {
 			return err
 		}
 	}
@@ -359,6 +406,20 @@ func (r *Reconciler) apply(snap *model.Snapshot) error {
 			delete(r.backendIDs, bk)
 		}
 		delete(r.backendsBy, id)
+	}
+	// The index only says which addresses are backends: it follows them.
+	var unindex []backendKey
+	for bk := range r.indexed {
+		if _, ok := wantBE[bk]; !ok {
+			unindex = append(unindex, bk)
+		}
+	}
+	slices.SortFunc(unindex, compareBackendKeys)
+	for _, bk := range unindex {
+		if err := r.backendAddrs.Delete(bk.addrKey()); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			return fmt.Errorf("unindexing backend %s: %w", bk.addr, err)
+		}
+		delete(r.indexed, bk)
 	}
 	return nil
 }
@@ -530,7 +591,7 @@ func (r *Reconciler) scoped(fo model.FrontendOf) []scopedFrontend {
 // pruneAffinity deletes the affinity entries of deleted frontends and of
 // backends that left a frontend, so a returning client is not sent where
 // the frontend no longer goes.
-func (r *Reconciler) pruneAffinity(lost map[affinityKey]bool, gone map[uint16]bool) {
+func (r *Reconciler) pruneAffinity(lost map[affinityKey]bool, gone map[uint32]bool) {
 	if r.affinity == nil || len(lost) == 0 && len(gone) == 0 {
 		return
 	}

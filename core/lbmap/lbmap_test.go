@@ -16,9 +16,9 @@ import (
 // maps bundles a datapath's three LB maps, each wrapped so that after every
 // single write the test checks what a packet could observe at that moment.
 type maps struct {
-	t                                    *testing.T
-	services, backends, revnat, affinity *ebpf.Map
-	writes                               int
+	t                                                  *testing.T
+	services, backends, backendAddrs, revnat, affinity *ebpf.Map
+	writes                                             int
 }
 
 type checked struct {
@@ -68,6 +68,16 @@ func (m *maps) checkReaderView() {
 		if err := m.revnat.Lookup(v.RevNat, &rn); err != nil {
 			m.t.Fatalf("after write %d: master %v has reverse NAT %d, which is missing", m.writes, k, v.RevNat)
 		}
+		// In-cluster lookups follow the two-scopes flag to the internal
+		// entry: it must be there whenever the flag is.
+		if k.Scope == datapath.ScopeExternal && v.Flags2&datapath.SvcFlagTwoScopes != 0 {
+			ik := k
+			ik.Scope = datapath.ScopeInternal
+			var iv datapath.ServiceValue
+			if err := m.services.Lookup(ik, &iv); err != nil {
+				m.t.Fatalf("after write %d: master %v says it has two scopes, but the internal entry is missing", m.writes, k)
+			}
+		}
 	}
 	if err := it.Err(); err != nil {
 		m.t.Fatal(err)
@@ -76,12 +86,12 @@ func (m *maps) checkReaderView() {
 
 func newMaps(t *testing.T) *maps {
 	dp := dptest.Open(t)
-	return &maps{t: t, services: dp.Services(), backends: dp.Backends(), revnat: dp.RevNAT(), affinity: dp.Affinity()}
+	return &maps{t: t, services: dp.Services(), backends: dp.Backends(), backendAddrs: dp.BackendAddrs(), revnat: dp.RevNAT(), affinity: dp.Affinity()}
 }
 
 func (m *maps) reconciler() *Reconciler {
 	m.t.Helper()
-	return New(Maps{Services: checked{m.services, m}, Backends: checked{m.backends, m}, RevNAT: checked{m.revnat, m}, Affinity: m.affinity}, nil)
+	return New(Maps{Services: checked{m.services, m}, Backends: checked{m.backends, m}, BackendAddrs: checked{m.backendAddrs, m}, RevNAT: checked{m.revnat, m}, Affinity: m.affinity}, nil)
 }
 
 func ap(s string) netip.AddrPort { return netip.MustParseAddrPort(s) }
@@ -103,7 +113,7 @@ func snap(svcs ...*model.Service) *model.Snapshot { return &model.Snapshot{Servi
 // view is what the maps say about one frontend.
 type view struct {
 	count    int
-	revnat   uint16
+	revnat   uint32
 	typ      uint8
 	backends map[string]uint32 // "addr:port" -> id
 	states   map[string]uint8
@@ -347,10 +357,11 @@ func TestFailedApplyRecovers(t *testing.T) {
 		return ebpf.MapSpec{Type: i.Type, KeySize: i.KeySize, ValueSize: i.ValueSize, Flags: i.Flags}
 	}
 	m := &maps{t: t,
-		services: newMap(info(dp.Services()), 6),
-		backends: newMap(info(dp.Backends()), 64),
-		revnat:   newMap(info(dp.RevNAT()), 64),
-		affinity: dp.Affinity(),
+		services:     newMap(info(dp.Services()), 6),
+		backends:     newMap(info(dp.Backends()), 64),
+		revnat:       newMap(info(dp.RevNAT()), 64),
+		backendAddrs: dp.BackendAddrs(),
+		affinity:     dp.Affinity(),
 	}
 	r := m.reconciler()
 	apply(t, r, snap(svc("web", "10.96.0.10:80", model.TCP, "10.244.1.11:8080", "10.244.1.12:8080")))
@@ -398,7 +409,7 @@ func TestAffinityIsPrunedWithBackends(t *testing.T) {
 	apply(t, r, snap(web, dns))
 	v, _ := m.frontend("10.96.0.10:80", model.TCP)
 	d, _ := m.frontend("10.96.0.53:53", model.UDP)
-	put := func(client string, revnat uint16, backend uint32) datapath.AffinityKey {
+	put := func(client string, revnat uint32, backend uint32) datapath.AffinityKey {
 		k := datapath.AffinityKey{Client: datapath.AddrToBE(netip.MustParseAddr(client)), RevNat: revnat}
 		if err := m.affinity.Put(k, datapath.Affinity{BackendId: backend, LastUsed: 1}); err != nil {
 			t.Fatal(err)
@@ -492,5 +503,43 @@ func TestTrafficPolicyScopes(t *testing.T) {
 	}
 	if ext := m.frontendMaster("192.0.2.10:80", model.TCP); ext.Count != 0 || ext.Flags2&datapath.SvcFlagTwoScopes == 0 {
 		t.Fatalf("external scope without local backends: %+v", ext)
+	}
+}
+
+// Moving a frontend between one scope and two (a backend of the node
+// appears or goes under externalTrafficPolicy Local) is make-before-break
+// too: the internal entry exists before the flag that sends in-cluster
+// lookups to it, and the flag goes before the entry. The reader view is
+// checked after every single write.
+func TestScopeChangesAreMakeBeforeBreak(t *testing.T) {
+	m := newMaps(t)
+	r := m.reconciler()
+	r.SetNode("n1")
+	local := model.Backend{Addr: ap("10.244.1.11:8080"), NodeName: "n1"}
+	remote := []model.Backend{{Addr: ap("10.244.2.11:8080"), NodeName: "n2"}, {Addr: ap("10.244.2.12:8080"), NodeName: "n2"}}
+	svc := func(bes ...model.Backend) *model.Service {
+		return &model.Service{Name: model.ServiceName{Namespace: "default", Name: "web"}, Frontends: []model.Frontend{
+			{Addr: ap("192.0.2.10:80"), Proto: model.TCP, Type: model.LoadBalancer, Backends: bes, ExternalLocal: true},
+		}}
+	}
+	internal := func() bool {
+		a := ap("192.0.2.10:80")
+		var v datapath.ServiceValue
+		return m.services.Lookup(datapath.ServiceKey{Addr: datapath.AddrToBE(a.Addr()), Port: datapath.PortToBE(80), Proto: 6, Scope: datapath.ScopeInternal}, &v) == nil
+	}
+	// All backends local: one scope.
+	apply(t, r, snap(svc(local)))
+	if internal() || m.frontendMaster("192.0.2.10:80", model.TCP).Flags2&datapath.SvcFlagTwoScopes != 0 {
+		t.Fatal("one scope expected while every backend is local")
+	}
+	for round := range 3 {
+		apply(t, r, snap(svc(append([]model.Backend{local}, remote...)...)))
+		if !internal() || m.frontendMaster("192.0.2.10:80", model.TCP).Flags2&datapath.SvcFlagTwoScopes == 0 {
+			t.Fatalf("round %d: two scopes expected with remote backends", round)
+		}
+		apply(t, r, snap(svc(local)))
+		if internal() || m.frontendMaster("192.0.2.10:80", model.TCP).Flags2&datapath.SvcFlagTwoScopes != 0 {
+			t.Fatalf("round %d: back to one scope expected", round)
+		}
 	}
 }

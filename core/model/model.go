@@ -5,6 +5,7 @@ package model
 
 import (
 	"cmp"
+	"errors"
 	"fmt"
 	"net/netip"
 	"slices"
@@ -44,6 +45,41 @@ func ParseProto(s string) (Proto, error) {
 		return SCTP, nil
 	}
 	return 0, fmt.Errorf("%q is not a protocol; allowed: TCP, UDP, SCTP", s)
+}
+
+// Served says whether the datapath can serve frontends of the protocol:
+// nil, or why not.
+func (p Proto) Served() error {
+	switch p {
+	case TCP, UDP:
+		return nil
+	case SCTP:
+		return errors.New("SCTP is not served: the datapath translates TCP and UDP only (SCTP would need its CRC32c checksum recomputed)")
+	}
+	return fmt.Errorf("protocol %s is not served: the datapath translates TCP and UDP only", p)
+}
+
+// CheckFrontendAddr refuses addresses a frontend of type typ cannot have:
+// not IPv4, loopback, link-local, multicast, the broadcast address, and
+// the unspecified address (except for NodePort frontends, which it stands
+// for every address of the node).
+func CheckFrontendAddr(a netip.Addr, typ FrontendType) error {
+	switch {
+	case !a.Is4():
+		return fmt.Errorf("address %s is not IPv4 (only IPv4 is supported)", a)
+	case a.IsUnspecified():
+		if typ == NodePort {
+			return nil
+		}
+		return fmt.Errorf("%s cannot be a service address", a)
+	case a == netip.AddrFrom4([4]byte{255, 255, 255, 255}):
+		return fmt.Errorf("%s is the broadcast address and cannot be a service address", a)
+	case a.IsMulticast():
+		return fmt.Errorf("%s is a multicast address and cannot be a service address", a)
+	case a.IsLoopback(), a.IsLinkLocalUnicast():
+		return fmt.Errorf("%s cannot be a service address (loopback and link-local addresses stay on their host)", a)
+	}
+	return nil
 }
 
 // FrontendType is how a frontend is reached.
@@ -141,6 +177,9 @@ type Service struct {
 	AffinityTimeout uint32
 	// Source names the source that defined the service.
 	Source string
+	// Unserved lists what a source left out because the datapath cannot
+	// serve it (an SCTP port, say), for it to report.
+	Unserved []string
 }
 
 // Validate checks one service on its own.
@@ -162,16 +201,14 @@ func (s *Service) Validate() error {
 }
 
 func (f *Frontend) validate() error {
-	if !f.Addr.Addr().Is4() {
-		return fmt.Errorf("address %s is not IPv4 (only IPv4 is supported)", f.Addr.Addr())
+	if err := CheckFrontendAddr(f.Addr.Addr(), f.Type); err != nil {
+		return err
 	}
 	if f.Addr.Port() == 0 {
 		return fmt.Errorf("%s: port 0 is not allowed (1-65535)", f.Addr)
 	}
-	switch f.Proto {
-	case TCP, UDP, SCTP:
-	default:
-		return fmt.Errorf("%s: protocol %s is not one of TCP, UDP, SCTP", f.Addr, f.Proto)
+	if err := f.Proto.Served(); err != nil {
+		return fmt.Errorf("%s: %w", f.Addr, err)
 	}
 	switch f.Type {
 	case ClusterIP, NodePort, LoadBalancer, ExternalIP:

@@ -79,7 +79,7 @@ func TestValidate(t *testing.T) {
 		svc  *model.Service
 		want string // "" for valid
 	}{
-		{name: "valid", svc: svc("web", ok, fe("10.96.0.10:80", model.UDP), fe("10.96.0.10:443", model.SCTP, "10.244.1.11:443"))},
+		{name: "valid", svc: svc("web", ok, fe("10.96.0.10:80", model.UDP), fe("10.96.0.10:443", model.UDP, "10.244.1.11:443"))},
 		{name: "no frontends", svc: svc("web")},
 		{name: "no name", svc: &model.Service{Frontends: []model.Frontend{ok}}, want: "service has no name"},
 		{
@@ -125,12 +125,27 @@ func TestValidate(t *testing.T) {
 		{
 			name: "bad protocol",
 			svc:  svc("web", fe("10.96.0.10:80", model.Proto(1))),
-			want: "service default/web: frontend 0: 10.96.0.10:80: protocol proto-1 is not one of TCP, UDP, SCTP",
+			want: "service default/web: frontend 0: 10.96.0.10:80: protocol proto-1 is not served: the datapath translates TCP and UDP only",
+		},
+		{
+			name: "SCTP is not served",
+			svc:  svc("web", fe("10.96.0.10:80", model.SCTP)),
+			want: "service default/web: frontend 0: 10.96.0.10:80: SCTP is not served: the datapath translates TCP and UDP only (SCTP would need its CRC32c checksum recomputed)",
+		},
+		{
+			name: "broadcast frontend",
+			svc:  svc("web", fe("255.255.255.255:80", model.TCP)),
+			want: "service default/web: frontend 0: 255.255.255.255 is the broadcast address and cannot be a service address",
+		},
+		{
+			name: "multicast frontend",
+			svc:  svc("web", fe("239.1.1.1:80", model.UDP)),
+			want: "service default/web: frontend 0: 239.1.1.1 is a multicast address and cannot be a service address",
 		},
 		{
 			name: "unset protocol",
 			svc:  svc("web", fe("10.96.0.10:80", 0)),
-			want: "service default/web: frontend 0: 10.96.0.10:80: protocol proto-0 is not one of TCP, UDP, SCTP",
+			want: "service default/web: frontend 0: 10.96.0.10:80: protocol proto-0 is not served: the datapath translates TCP and UDP only",
 		},
 		{
 			name: "unset type",

@@ -73,6 +73,33 @@ var table = []Slot{
 	{Name: "netdev-ingress/local", Hook: NetdevIngress, Order: 8},
 }
 
+// MaxTailCalls is the kernel's limit of tail calls in one chain
+// (MAX_TAIL_CALL_CNT); a call that would exceed it fails.
+const MaxTailCalls = 33
+
+// Chains are the sequences of hooks one packet's stages can run through:
+// local delivery (and the netdev-ingress local stage) continue in the
+// pod-ingress stages.
+var Chains = [][]Hook{
+	{PodEgress, PodIngress},
+	{NetdevIngress, PodIngress},
+}
+
+// ChainTailCalls is the most tail calls a chain can make, counting every
+// slot position of its hooks' ranges as entered: the kernel counts failed
+// calls into empty slots too (the stage loop enters filled slots only,
+// so this bounds it from above).
+func ChainTailCalls(chain []Hook) int {
+	n := 0
+	for _, h := range chain {
+		first, last := Range(h)
+		if last >= first {
+			n += int(last - first + 1)
+		}
+	}
+	return n
+}
+
 func init() {
 	if err := check(table); err != nil {
 		panic(err) // the table is code, not input: a bad table is a build defect

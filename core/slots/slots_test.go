@@ -55,3 +55,23 @@ func TestRanges(t *testing.T) {
 		t.Fatalf("netdev-egress range %d..%d should be empty", first, last)
 	}
 }
+
+// The longest chain of stages a packet can run through stays within the
+// kernel's tail-call limit even if every slot position of its hooks were
+// entered, filled or not.
+func TestChainsFitTheTailCallLimit(t *testing.T) {
+	longest := 0
+	for _, c := range Chains {
+		n := ChainTailCalls(c)
+		t.Logf("chain %v: at most %d tail calls", c, n)
+		if n > MaxTailCalls {
+			t.Errorf("chain %v can make %d tail calls; the kernel allows %d", c, n, MaxTailCalls)
+		}
+		longest = max(longest, n)
+	}
+	// pod-egress (orders 0..12) into pod-ingress (4..12 of its range,
+	// counted from 0): 13 + 13.
+	if longest != 26 {
+		t.Errorf("longest chain %d tail calls, want 26 for today's table", longest)
+	}
+}

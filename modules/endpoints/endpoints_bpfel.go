@@ -17,16 +17,19 @@ import (
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
 	endpointsMapWeirAffinity       = "weir_affinity"
+	endpointsMapWeirBackendAddrs   = "weir_backend_addrs"
 	endpointsMapWeirBackends       = "weir_backends"
 	endpointsMapWeirCalls          = "weir_calls"
 	endpointsMapWeirCt             = "weir_ct"
 	endpointsMapWeirEndpoints      = "weir_endpoints"
 	endpointsMapWeirEvents         = "weir_events"
+	endpointsMapWeirFrags          = "weir_frags"
 	endpointsMapWeirIpcache        = "weir_ipcache"
 	endpointsMapWeirMetrics        = "weir_metrics"
 	endpointsMapWeirRevnat         = "weir_revnat"
 	endpointsMapWeirScratch        = "weir_scratch"
 	endpointsMapWeirServices       = "weir_services"
+	endpointsMapWeirSlotMask       = "weir_slot_mask"
 	endpointsProgEndpointsArp      = "endpoints_arp"
 	endpointsProgEndpointsDeliver  = "endpoints_deliver"
 	endpointsProgEndpointsLocal    = "endpoints_local"
@@ -86,17 +89,20 @@ type endpointsProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type endpointsMapSpecs struct {
-	WeirAffinity  *ebpf.MapSpec `ebpf:"weir_affinity"`
-	WeirBackends  *ebpf.MapSpec `ebpf:"weir_backends"`
-	WeirCalls     *ebpf.MapSpec `ebpf:"weir_calls"`
-	WeirCt        *ebpf.MapSpec `ebpf:"weir_ct"`
-	WeirEndpoints *ebpf.MapSpec `ebpf:"weir_endpoints"`
-	WeirEvents    *ebpf.MapSpec `ebpf:"weir_events"`
-	WeirIpcache   *ebpf.MapSpec `ebpf:"weir_ipcache"`
-	WeirMetrics   *ebpf.MapSpec `ebpf:"weir_metrics"`
-	WeirRevnat    *ebpf.MapSpec `ebpf:"weir_revnat"`
-	WeirScratch   *ebpf.MapSpec `ebpf:"weir_scratch"`
-	WeirServices  *ebpf.MapSpec `ebpf:"weir_services"`
+	WeirAffinity     *ebpf.MapSpec `ebpf:"weir_affinity"`
+	WeirBackendAddrs *ebpf.MapSpec `ebpf:"weir_backend_addrs"`
+	WeirBackends     *ebpf.MapSpec `ebpf:"weir_backends"`
+	WeirCalls        *ebpf.MapSpec `ebpf:"weir_calls"`
+	WeirCt           *ebpf.MapSpec `ebpf:"weir_ct"`
+	WeirEndpoints    *ebpf.MapSpec `ebpf:"weir_endpoints"`
+	WeirEvents       *ebpf.MapSpec `ebpf:"weir_events"`
+	WeirFrags        *ebpf.MapSpec `ebpf:"weir_frags"`
+	WeirIpcache      *ebpf.MapSpec `ebpf:"weir_ipcache"`
+	WeirMetrics      *ebpf.MapSpec `ebpf:"weir_metrics"`
+	WeirRevnat       *ebpf.MapSpec `ebpf:"weir_revnat"`
+	WeirScratch      *ebpf.MapSpec `ebpf:"weir_scratch"`
+	WeirServices     *ebpf.MapSpec `ebpf:"weir_services"`
+	WeirSlotMask     *ebpf.MapSpec `ebpf:"weir_slot_mask"`
 }
 
 // endpointsVariableSpecs contains global variables before they are loaded into the kernel.
@@ -128,32 +134,38 @@ func (o *endpointsObjects) Close() error {
 //
 // It can be passed to loadEndpointsObjects or ebpf.CollectionSpec.LoadAndAssign.
 type endpointsMaps struct {
-	WeirAffinity  *ebpf.Map `ebpf:"weir_affinity"`
-	WeirBackends  *ebpf.Map `ebpf:"weir_backends"`
-	WeirCalls     *ebpf.Map `ebpf:"weir_calls"`
-	WeirCt        *ebpf.Map `ebpf:"weir_ct"`
-	WeirEndpoints *ebpf.Map `ebpf:"weir_endpoints"`
-	WeirEvents    *ebpf.Map `ebpf:"weir_events"`
-	WeirIpcache   *ebpf.Map `ebpf:"weir_ipcache"`
-	WeirMetrics   *ebpf.Map `ebpf:"weir_metrics"`
-	WeirRevnat    *ebpf.Map `ebpf:"weir_revnat"`
-	WeirScratch   *ebpf.Map `ebpf:"weir_scratch"`
-	WeirServices  *ebpf.Map `ebpf:"weir_services"`
+	WeirAffinity     *ebpf.Map `ebpf:"weir_affinity"`
+	WeirBackendAddrs *ebpf.Map `ebpf:"weir_backend_addrs"`
+	WeirBackends     *ebpf.Map `ebpf:"weir_backends"`
+	WeirCalls        *ebpf.Map `ebpf:"weir_calls"`
+	WeirCt           *ebpf.Map `ebpf:"weir_ct"`
+	WeirEndpoints    *ebpf.Map `ebpf:"weir_endpoints"`
+	WeirEvents       *ebpf.Map `ebpf:"weir_events"`
+	WeirFrags        *ebpf.Map `ebpf:"weir_frags"`
+	WeirIpcache      *ebpf.Map `ebpf:"weir_ipcache"`
+	WeirMetrics      *ebpf.Map `ebpf:"weir_metrics"`
+	WeirRevnat       *ebpf.Map `ebpf:"weir_revnat"`
+	WeirScratch      *ebpf.Map `ebpf:"weir_scratch"`
+	WeirServices     *ebpf.Map `ebpf:"weir_services"`
+	WeirSlotMask     *ebpf.Map `ebpf:"weir_slot_mask"`
 }
 
 func (m *endpointsMaps) Close() error {
 	return _EndpointsClose(
 		m.WeirAffinity,
+		m.WeirBackendAddrs,
 		m.WeirBackends,
 		m.WeirCalls,
 		m.WeirCt,
 		m.WeirEndpoints,
 		m.WeirEvents,
+		m.WeirFrags,
 		m.WeirIpcache,
 		m.WeirMetrics,
 		m.WeirRevnat,
 		m.WeirScratch,
 		m.WeirServices,
+		m.WeirSlotMask,
 	)
 }
 

@@ -414,20 +414,6 @@ func TestMalformedPacketsAreCountedDrops(t *testing.T) {
 	}
 }
 
-func TestFragmentToServiceIsDropped(t *testing.T) {
-	f := newFixture(t, false)
-	f.web()
-	p := dptest.Build(t, udp(netip.AddrPortFrom(client, 40000), netip.AddrPortFrom(dnsVIP, 53)))
-	// More fragments, offset 0: the first fragment of a larger datagram.
-	binary.BigEndian.PutUint16(p[14+6:], 0x2000)
-	p[14+10], p[14+11] = 0, 0
-	binary.BigEndian.PutUint16(p[14+10:], dptest.IPChecksum(p[14:34]))
-	res := dptest.Run(t, f.egress, p)
-	if res.Verdict != dptest.ActShot || f.metric(slots.PodEgress, datapath.DropFragmentToService) != 1 {
-		t.Fatalf("verdict %d, fragment drops %d", res.Verdict, f.metric(slots.PodEgress, datapath.DropFragmentToService))
-	}
-}
-
 // Local delivery: with endpoints, a translated packet for a local backend
 // goes through the pod-ingress stages and is redirected into the pod, with
 // the pod's MAC, the gateway's MAC and the TTL decremented; the reply is

@@ -16,21 +16,24 @@ import (
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	lbMapWeirAffinity  = "weir_affinity"
-	lbMapWeirBackends  = "weir_backends"
-	lbMapWeirCalls     = "weir_calls"
-	lbMapWeirCt        = "weir_ct"
-	lbMapWeirEndpoints = "weir_endpoints"
-	lbMapWeirEvents    = "weir_events"
-	lbMapWeirIpcache   = "weir_ipcache"
-	lbMapWeirMetrics   = "weir_metrics"
-	lbMapWeirRevnat    = "weir_revnat"
-	lbMapWeirScratch   = "weir_scratch"
-	lbMapWeirServices  = "weir_services"
-	lbProgLbPodEgress  = "lb_pod_egress"
-	lbProgLbPodIngress = "lb_pod_ingress"
-	lbVarWeirHookFirst = "weir_hook_first"
-	lbVarWeirHookLast  = "weir_hook_last"
+	lbMapWeirAffinity     = "weir_affinity"
+	lbMapWeirBackendAddrs = "weir_backend_addrs"
+	lbMapWeirBackends     = "weir_backends"
+	lbMapWeirCalls        = "weir_calls"
+	lbMapWeirCt           = "weir_ct"
+	lbMapWeirEndpoints    = "weir_endpoints"
+	lbMapWeirEvents       = "weir_events"
+	lbMapWeirFrags        = "weir_frags"
+	lbMapWeirIpcache      = "weir_ipcache"
+	lbMapWeirMetrics      = "weir_metrics"
+	lbMapWeirRevnat       = "weir_revnat"
+	lbMapWeirScratch      = "weir_scratch"
+	lbMapWeirServices     = "weir_services"
+	lbMapWeirSlotMask     = "weir_slot_mask"
+	lbProgLbPodEgress     = "lb_pod_egress"
+	lbProgLbPodIngress    = "lb_pod_ingress"
+	lbVarWeirHookFirst    = "weir_hook_first"
+	lbVarWeirHookLast     = "weir_hook_last"
 )
 
 // loadLb returns the embedded CollectionSpec for lb.
@@ -83,17 +86,20 @@ type lbProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type lbMapSpecs struct {
-	WeirAffinity  *ebpf.MapSpec `ebpf:"weir_affinity"`
-	WeirBackends  *ebpf.MapSpec `ebpf:"weir_backends"`
-	WeirCalls     *ebpf.MapSpec `ebpf:"weir_calls"`
-	WeirCt        *ebpf.MapSpec `ebpf:"weir_ct"`
-	WeirEndpoints *ebpf.MapSpec `ebpf:"weir_endpoints"`
-	WeirEvents    *ebpf.MapSpec `ebpf:"weir_events"`
-	WeirIpcache   *ebpf.MapSpec `ebpf:"weir_ipcache"`
-	WeirMetrics   *ebpf.MapSpec `ebpf:"weir_metrics"`
-	WeirRevnat    *ebpf.MapSpec `ebpf:"weir_revnat"`
-	WeirScratch   *ebpf.MapSpec `ebpf:"weir_scratch"`
-	WeirServices  *ebpf.MapSpec `ebpf:"weir_services"`
+	WeirAffinity     *ebpf.MapSpec `ebpf:"weir_affinity"`
+	WeirBackendAddrs *ebpf.MapSpec `ebpf:"weir_backend_addrs"`
+	WeirBackends     *ebpf.MapSpec `ebpf:"weir_backends"`
+	WeirCalls        *ebpf.MapSpec `ebpf:"weir_calls"`
+	WeirCt           *ebpf.MapSpec `ebpf:"weir_ct"`
+	WeirEndpoints    *ebpf.MapSpec `ebpf:"weir_endpoints"`
+	WeirEvents       *ebpf.MapSpec `ebpf:"weir_events"`
+	WeirFrags        *ebpf.MapSpec `ebpf:"weir_frags"`
+	WeirIpcache      *ebpf.MapSpec `ebpf:"weir_ipcache"`
+	WeirMetrics      *ebpf.MapSpec `ebpf:"weir_metrics"`
+	WeirRevnat       *ebpf.MapSpec `ebpf:"weir_revnat"`
+	WeirScratch      *ebpf.MapSpec `ebpf:"weir_scratch"`
+	WeirServices     *ebpf.MapSpec `ebpf:"weir_services"`
+	WeirSlotMask     *ebpf.MapSpec `ebpf:"weir_slot_mask"`
 }
 
 // lbVariableSpecs contains global variables before they are loaded into the kernel.
@@ -124,32 +130,38 @@ func (o *lbObjects) Close() error {
 //
 // It can be passed to loadLbObjects or ebpf.CollectionSpec.LoadAndAssign.
 type lbMaps struct {
-	WeirAffinity  *ebpf.Map `ebpf:"weir_affinity"`
-	WeirBackends  *ebpf.Map `ebpf:"weir_backends"`
-	WeirCalls     *ebpf.Map `ebpf:"weir_calls"`
-	WeirCt        *ebpf.Map `ebpf:"weir_ct"`
-	WeirEndpoints *ebpf.Map `ebpf:"weir_endpoints"`
-	WeirEvents    *ebpf.Map `ebpf:"weir_events"`
-	WeirIpcache   *ebpf.Map `ebpf:"weir_ipcache"`
-	WeirMetrics   *ebpf.Map `ebpf:"weir_metrics"`
-	WeirRevnat    *ebpf.Map `ebpf:"weir_revnat"`
-	WeirScratch   *ebpf.Map `ebpf:"weir_scratch"`
-	WeirServices  *ebpf.Map `ebpf:"weir_services"`
+	WeirAffinity     *ebpf.Map `ebpf:"weir_affinity"`
+	WeirBackendAddrs *ebpf.Map `ebpf:"weir_backend_addrs"`
+	WeirBackends     *ebpf.Map `ebpf:"weir_backends"`
+	WeirCalls        *ebpf.Map `ebpf:"weir_calls"`
+	WeirCt           *ebpf.Map `ebpf:"weir_ct"`
+	WeirEndpoints    *ebpf.Map `ebpf:"weir_endpoints"`
+	WeirEvents       *ebpf.Map `ebpf:"weir_events"`
+	WeirFrags        *ebpf.Map `ebpf:"weir_frags"`
+	WeirIpcache      *ebpf.Map `ebpf:"weir_ipcache"`
+	WeirMetrics      *ebpf.Map `ebpf:"weir_metrics"`
+	WeirRevnat       *ebpf.Map `ebpf:"weir_revnat"`
+	WeirScratch      *ebpf.Map `ebpf:"weir_scratch"`
+	WeirServices     *ebpf.Map `ebpf:"weir_services"`
+	WeirSlotMask     *ebpf.Map `ebpf:"weir_slot_mask"`
 }
 
 func (m *lbMaps) Close() error {
 	return _LbClose(
 		m.WeirAffinity,
+		m.WeirBackendAddrs,
 		m.WeirBackends,
 		m.WeirCalls,
 		m.WeirCt,
 		m.WeirEndpoints,
 		m.WeirEvents,
+		m.WeirFrags,
 		m.WeirIpcache,
 		m.WeirMetrics,
 		m.WeirRevnat,
 		m.WeirScratch,
 		m.WeirServices,
+		m.WeirSlotMask,
 	)
 }
 

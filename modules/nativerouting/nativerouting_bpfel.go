@@ -17,16 +17,19 @@ import (
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
 	nativeroutingMapWeirAffinity          = "weir_affinity"
+	nativeroutingMapWeirBackendAddrs      = "weir_backend_addrs"
 	nativeroutingMapWeirBackends          = "weir_backends"
 	nativeroutingMapWeirCalls             = "weir_calls"
 	nativeroutingMapWeirCt                = "weir_ct"
 	nativeroutingMapWeirEndpoints         = "weir_endpoints"
 	nativeroutingMapWeirEvents            = "weir_events"
+	nativeroutingMapWeirFrags             = "weir_frags"
 	nativeroutingMapWeirIpcache           = "weir_ipcache"
 	nativeroutingMapWeirMetrics           = "weir_metrics"
 	nativeroutingMapWeirRevnat            = "weir_revnat"
 	nativeroutingMapWeirScratch           = "weir_scratch"
 	nativeroutingMapWeirServices          = "weir_services"
+	nativeroutingMapWeirSlotMask          = "weir_slot_mask"
 	nativeroutingProgNativeroutingForward = "nativerouting_forward"
 	nativeroutingVarWeirHookFirst         = "weir_hook_first"
 	nativeroutingVarWeirHookLast          = "weir_hook_last"
@@ -81,17 +84,20 @@ type nativeroutingProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type nativeroutingMapSpecs struct {
-	WeirAffinity  *ebpf.MapSpec `ebpf:"weir_affinity"`
-	WeirBackends  *ebpf.MapSpec `ebpf:"weir_backends"`
-	WeirCalls     *ebpf.MapSpec `ebpf:"weir_calls"`
-	WeirCt        *ebpf.MapSpec `ebpf:"weir_ct"`
-	WeirEndpoints *ebpf.MapSpec `ebpf:"weir_endpoints"`
-	WeirEvents    *ebpf.MapSpec `ebpf:"weir_events"`
-	WeirIpcache   *ebpf.MapSpec `ebpf:"weir_ipcache"`
-	WeirMetrics   *ebpf.MapSpec `ebpf:"weir_metrics"`
-	WeirRevnat    *ebpf.MapSpec `ebpf:"weir_revnat"`
-	WeirScratch   *ebpf.MapSpec `ebpf:"weir_scratch"`
-	WeirServices  *ebpf.MapSpec `ebpf:"weir_services"`
+	WeirAffinity     *ebpf.MapSpec `ebpf:"weir_affinity"`
+	WeirBackendAddrs *ebpf.MapSpec `ebpf:"weir_backend_addrs"`
+	WeirBackends     *ebpf.MapSpec `ebpf:"weir_backends"`
+	WeirCalls        *ebpf.MapSpec `ebpf:"weir_calls"`
+	WeirCt           *ebpf.MapSpec `ebpf:"weir_ct"`
+	WeirEndpoints    *ebpf.MapSpec `ebpf:"weir_endpoints"`
+	WeirEvents       *ebpf.MapSpec `ebpf:"weir_events"`
+	WeirFrags        *ebpf.MapSpec `ebpf:"weir_frags"`
+	WeirIpcache      *ebpf.MapSpec `ebpf:"weir_ipcache"`
+	WeirMetrics      *ebpf.MapSpec `ebpf:"weir_metrics"`
+	WeirRevnat       *ebpf.MapSpec `ebpf:"weir_revnat"`
+	WeirScratch      *ebpf.MapSpec `ebpf:"weir_scratch"`
+	WeirServices     *ebpf.MapSpec `ebpf:"weir_services"`
+	WeirSlotMask     *ebpf.MapSpec `ebpf:"weir_slot_mask"`
 }
 
 // nativeroutingVariableSpecs contains global variables before they are loaded into the kernel.
@@ -122,32 +128,38 @@ func (o *nativeroutingObjects) Close() error {
 //
 // It can be passed to loadNativeroutingObjects or ebpf.CollectionSpec.LoadAndAssign.
 type nativeroutingMaps struct {
-	WeirAffinity  *ebpf.Map `ebpf:"weir_affinity"`
-	WeirBackends  *ebpf.Map `ebpf:"weir_backends"`
-	WeirCalls     *ebpf.Map `ebpf:"weir_calls"`
-	WeirCt        *ebpf.Map `ebpf:"weir_ct"`
-	WeirEndpoints *ebpf.Map `ebpf:"weir_endpoints"`
-	WeirEvents    *ebpf.Map `ebpf:"weir_events"`
-	WeirIpcache   *ebpf.Map `ebpf:"weir_ipcache"`
-	WeirMetrics   *ebpf.Map `ebpf:"weir_metrics"`
-	WeirRevnat    *ebpf.Map `ebpf:"weir_revnat"`
-	WeirScratch   *ebpf.Map `ebpf:"weir_scratch"`
-	WeirServices  *ebpf.Map `ebpf:"weir_services"`
+	WeirAffinity     *ebpf.Map `ebpf:"weir_affinity"`
+	WeirBackendAddrs *ebpf.Map `ebpf:"weir_backend_addrs"`
+	WeirBackends     *ebpf.Map `ebpf:"weir_backends"`
+	WeirCalls        *ebpf.Map `ebpf:"weir_calls"`
+	WeirCt           *ebpf.Map `ebpf:"weir_ct"`
+	WeirEndpoints    *ebpf.Map `ebpf:"weir_endpoints"`
+	WeirEvents       *ebpf.Map `ebpf:"weir_events"`
+	WeirFrags        *ebpf.Map `ebpf:"weir_frags"`
+	WeirIpcache      *ebpf.Map `ebpf:"weir_ipcache"`
+	WeirMetrics      *ebpf.Map `ebpf:"weir_metrics"`
+	WeirRevnat       *ebpf.Map `ebpf:"weir_revnat"`
+	WeirScratch      *ebpf.Map `ebpf:"weir_scratch"`
+	WeirServices     *ebpf.Map `ebpf:"weir_services"`
+	WeirSlotMask     *ebpf.Map `ebpf:"weir_slot_mask"`
 }
 
 func (m *nativeroutingMaps) Close() error {
 	return _NativeroutingClose(
 		m.WeirAffinity,
+		m.WeirBackendAddrs,
 		m.WeirBackends,
 		m.WeirCalls,
 		m.WeirCt,
 		m.WeirEndpoints,
 		m.WeirEvents,
+		m.WeirFrags,
 		m.WeirIpcache,
 		m.WeirMetrics,
 		m.WeirRevnat,
 		m.WeirScratch,
 		m.WeirServices,
+		m.WeirSlotMask,
 	)
 }
 

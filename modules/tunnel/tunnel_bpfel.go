@@ -16,26 +16,29 @@ import (
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	tunnelMapWeirAffinity   = "weir_affinity"
-	tunnelMapWeirBackends   = "weir_backends"
-	tunnelMapWeirCalls      = "weir_calls"
-	tunnelMapWeirCt         = "weir_ct"
-	tunnelMapWeirEndpoints  = "weir_endpoints"
-	tunnelMapWeirEvents     = "weir_events"
-	tunnelMapWeirIpcache    = "weir_ipcache"
-	tunnelMapWeirMetrics    = "weir_metrics"
-	tunnelMapWeirRevnat     = "weir_revnat"
-	tunnelMapWeirScratch    = "weir_scratch"
-	tunnelMapWeirServices   = "weir_services"
-	tunnelProgTunnelDecap   = "tunnel_decap"
-	tunnelProgTunnelForward = "tunnel_forward"
-	tunnelVarTunnelGeneve   = "tunnel_geneve"
-	tunnelVarTunnelNodeIp   = "tunnel_node_ip"
-	tunnelVarTunnelPort     = "tunnel_port"
-	tunnelVarTunnelUplink   = "tunnel_uplink"
-	tunnelVarTunnelVni      = "tunnel_vni"
-	tunnelVarWeirHookFirst  = "weir_hook_first"
-	tunnelVarWeirHookLast   = "weir_hook_last"
+	tunnelMapWeirAffinity     = "weir_affinity"
+	tunnelMapWeirBackendAddrs = "weir_backend_addrs"
+	tunnelMapWeirBackends     = "weir_backends"
+	tunnelMapWeirCalls        = "weir_calls"
+	tunnelMapWeirCt           = "weir_ct"
+	tunnelMapWeirEndpoints    = "weir_endpoints"
+	tunnelMapWeirEvents       = "weir_events"
+	tunnelMapWeirFrags        = "weir_frags"
+	tunnelMapWeirIpcache      = "weir_ipcache"
+	tunnelMapWeirMetrics      = "weir_metrics"
+	tunnelMapWeirRevnat       = "weir_revnat"
+	tunnelMapWeirScratch      = "weir_scratch"
+	tunnelMapWeirServices     = "weir_services"
+	tunnelMapWeirSlotMask     = "weir_slot_mask"
+	tunnelProgTunnelDecap     = "tunnel_decap"
+	tunnelProgTunnelForward   = "tunnel_forward"
+	tunnelVarTunnelGeneve     = "tunnel_geneve"
+	tunnelVarTunnelNodeIp     = "tunnel_node_ip"
+	tunnelVarTunnelPort       = "tunnel_port"
+	tunnelVarTunnelUplink     = "tunnel_uplink"
+	tunnelVarTunnelVni        = "tunnel_vni"
+	tunnelVarWeirHookFirst    = "weir_hook_first"
+	tunnelVarWeirHookLast     = "weir_hook_last"
 )
 
 // loadTunnel returns the embedded CollectionSpec for tunnel.
@@ -88,17 +91,20 @@ type tunnelProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type tunnelMapSpecs struct {
-	WeirAffinity  *ebpf.MapSpec `ebpf:"weir_affinity"`
-	WeirBackends  *ebpf.MapSpec `ebpf:"weir_backends"`
-	WeirCalls     *ebpf.MapSpec `ebpf:"weir_calls"`
-	WeirCt        *ebpf.MapSpec `ebpf:"weir_ct"`
-	WeirEndpoints *ebpf.MapSpec `ebpf:"weir_endpoints"`
-	WeirEvents    *ebpf.MapSpec `ebpf:"weir_events"`
-	WeirIpcache   *ebpf.MapSpec `ebpf:"weir_ipcache"`
-	WeirMetrics   *ebpf.MapSpec `ebpf:"weir_metrics"`
-	WeirRevnat    *ebpf.MapSpec `ebpf:"weir_revnat"`
-	WeirScratch   *ebpf.MapSpec `ebpf:"weir_scratch"`
-	WeirServices  *ebpf.MapSpec `ebpf:"weir_services"`
+	WeirAffinity     *ebpf.MapSpec `ebpf:"weir_affinity"`
+	WeirBackendAddrs *ebpf.MapSpec `ebpf:"weir_backend_addrs"`
+	WeirBackends     *ebpf.MapSpec `ebpf:"weir_backends"`
+	WeirCalls        *ebpf.MapSpec `ebpf:"weir_calls"`
+	WeirCt           *ebpf.MapSpec `ebpf:"weir_ct"`
+	WeirEndpoints    *ebpf.MapSpec `ebpf:"weir_endpoints"`
+	WeirEvents       *ebpf.MapSpec `ebpf:"weir_events"`
+	WeirFrags        *ebpf.MapSpec `ebpf:"weir_frags"`
+	WeirIpcache      *ebpf.MapSpec `ebpf:"weir_ipcache"`
+	WeirMetrics      *ebpf.MapSpec `ebpf:"weir_metrics"`
+	WeirRevnat       *ebpf.MapSpec `ebpf:"weir_revnat"`
+	WeirScratch      *ebpf.MapSpec `ebpf:"weir_scratch"`
+	WeirServices     *ebpf.MapSpec `ebpf:"weir_services"`
+	WeirSlotMask     *ebpf.MapSpec `ebpf:"weir_slot_mask"`
 }
 
 // tunnelVariableSpecs contains global variables before they are loaded into the kernel.
@@ -134,32 +140,38 @@ func (o *tunnelObjects) Close() error {
 //
 // It can be passed to loadTunnelObjects or ebpf.CollectionSpec.LoadAndAssign.
 type tunnelMaps struct {
-	WeirAffinity  *ebpf.Map `ebpf:"weir_affinity"`
-	WeirBackends  *ebpf.Map `ebpf:"weir_backends"`
-	WeirCalls     *ebpf.Map `ebpf:"weir_calls"`
-	WeirCt        *ebpf.Map `ebpf:"weir_ct"`
-	WeirEndpoints *ebpf.Map `ebpf:"weir_endpoints"`
-	WeirEvents    *ebpf.Map `ebpf:"weir_events"`
-	WeirIpcache   *ebpf.Map `ebpf:"weir_ipcache"`
-	WeirMetrics   *ebpf.Map `ebpf:"weir_metrics"`
-	WeirRevnat    *ebpf.Map `ebpf:"weir_revnat"`
-	WeirScratch   *ebpf.Map `ebpf:"weir_scratch"`
-	WeirServices  *ebpf.Map `ebpf:"weir_services"`
+	WeirAffinity     *ebpf.Map `ebpf:"weir_affinity"`
+	WeirBackendAddrs *ebpf.Map `ebpf:"weir_backend_addrs"`
+	WeirBackends     *ebpf.Map `ebpf:"weir_backends"`
+	WeirCalls        *ebpf.Map `ebpf:"weir_calls"`
+	WeirCt           *ebpf.Map `ebpf:"weir_ct"`
+	WeirEndpoints    *ebpf.Map `ebpf:"weir_endpoints"`
+	WeirEvents       *ebpf.Map `ebpf:"weir_events"`
+	WeirFrags        *ebpf.Map `ebpf:"weir_frags"`
+	WeirIpcache      *ebpf.Map `ebpf:"weir_ipcache"`
+	WeirMetrics      *ebpf.Map `ebpf:"weir_metrics"`
+	WeirRevnat       *ebpf.Map `ebpf:"weir_revnat"`
+	WeirScratch      *ebpf.Map `ebpf:"weir_scratch"`
+	WeirServices     *ebpf.Map `ebpf:"weir_services"`
+	WeirSlotMask     *ebpf.Map `ebpf:"weir_slot_mask"`
 }
 
 func (m *tunnelMaps) Close() error {
 	return _TunnelClose(
 		m.WeirAffinity,
+		m.WeirBackendAddrs,
 		m.WeirBackends,
 		m.WeirCalls,
 		m.WeirCt,
 		m.WeirEndpoints,
 		m.WeirEvents,
+		m.WeirFrags,
 		m.WeirIpcache,
 		m.WeirMetrics,
 		m.WeirRevnat,
 		m.WeirScratch,
 		m.WeirServices,
+		m.WeirSlotMask,
 	)
 }
 

@@ -1,25 +1,47 @@
 /* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
-/* Connection tracking for translated flows (the weir_ct LRU map). */
+/*
+ * Connection tracking (the weir_ct LRU map): flows as pairs of entries,
+ * their TCP state, lifetimes, and creation that keeps every tuple on the
+ * wire owned by one flow. maps.h describes the layout.
+ */
 #pragma once
 
-#include "maps.h"
+#include "nat.h"
 
-/* Lifetimes in seconds, chosen as the kernel's conntrack and Cilium do:
- * an established TCP flow lives long, a half-open or closing one briefly. */
-#define WEIR_CT_LIFETIME_TCP 21600
+/*
+ * Lifetimes in seconds. A flow whose handshake has not completed lives
+ * briefly; an established one long. One FIN (half-closed) keeps the flow
+ * while packets flow. Both FINs start a time-wait as long as the kernel's
+ * conntrack keeps it (longer than a Linux server's 60 s TIME_WAIT, so a
+ * client port reused for another frontend or directly is moved to another
+ * port rather than meeting the server's old socket); a reset leaves only
+ * stragglers to translate. Closed flows are not extended by later packets:
+ * they expire on their own timers.
+ */
 #define WEIR_CT_LIFETIME_SYN 60
-#define WEIR_CT_LIFETIME_FIN 120
+#define WEIR_CT_LIFETIME_TCP 21600
+#define WEIR_CT_LIFETIME_HALF_CLOSED 120
+#define WEIR_CT_LIFETIME_TIME_WAIT 120
 #define WEIR_CT_LIFETIME_RST 10
 #define WEIR_CT_LIFETIME_NONTCP 60
+/* A packet other than RST from the side that did not send a reset, this
+ * long after it, shows the reset did not close the connection. */
+#define WEIR_CT_RST_GRACE 2
+
+/* Client ports tried when a new flow's tuple on the wire is taken. */
+#define WEIR_CT_REMAP_TRIES 32
+#define WEIR_CT_REMAP_MIN 1024
 
 #define WEIR_TCP_FIN 0x01
 #define WEIR_TCP_SYN 0x02
 #define WEIR_TCP_RST 0x04
 #define WEIR_TCP_ACK 0x10
 
+#define WEIR_CT_F_FINS (WEIR_CT_F_FIN_ORIG | WEIR_CT_F_FIN_REPLY)
+
 /* Fills a conntrack key for the tuple saddr:sport -> daddr:dport. */
 WEIR_INLINE void weir_ct_key_set(struct weir_ct_key *k, __be32 saddr, __be32 daddr, __be16 sport, __be16 dport,
-				 __u8 proto, __u8 kind)
+				 __u8 proto)
 {
 	__builtin_memset(k, 0, sizeof(*k));
 	k->saddr = saddr;
@@ -27,24 +49,25 @@ WEIR_INLINE void weir_ct_key_set(struct weir_ct_key *k, __be32 saddr, __be32 dad
 	k->sport = sport;
 	k->dport = dport;
 	k->proto = proto;
-	k->kind = kind;
 }
 
-WEIR_INLINE __u16 weir_ct_flags_of(__u8 proto, __u8 tcp)
+/* The key of the other entry of e's flow: the reverse of the tuple e's
+ * packets leave with. */
+WEIR_INLINE void weir_ct_twin_key(struct weir_ct_key *twin, const struct weir_ct_entry *e, __u8 proto)
 {
-	__u16 f = 0;
+	weir_ct_key_set(twin, e->nat_daddr, e->nat_saddr, e->nat_dport, e->nat_sport, proto);
+}
 
-	if (proto != IPPROTO_TCP)
-		return 0;
-	if (tcp & WEIR_TCP_SYN)
-		f |= WEIR_CT_F_SYN;
-	else if (tcp & WEIR_TCP_ACK)
-		f |= WEIR_CT_F_ESTABLISHED;
-	if (tcp & WEIR_TCP_FIN)
-		f |= WEIR_CT_F_FIN;
-	if (tcp & WEIR_TCP_RST)
-		f |= WEIR_CT_F_RST;
-	return f;
+/* Whether other is the twin of the entry keyed by key. */
+WEIR_INLINE int weir_ct_is_twin(const struct weir_ct_entry *other, const struct weir_ct_key *key)
+{
+	return other->nat_saddr == key->daddr && other->nat_daddr == key->saddr && other->nat_sport == key->dport &&
+	       other->nat_dport == key->sport;
+}
+
+WEIR_INLINE int weir_ct_closed(__u16 flags)
+{
+	return (flags & WEIR_CT_F_RST) || (flags & WEIR_CT_F_FINS) == WEIR_CT_F_FINS;
 }
 
 WEIR_INLINE __u32 weir_ct_timeout(__u8 proto, __u16 flags)
@@ -53,8 +76,10 @@ WEIR_INLINE __u32 weir_ct_timeout(__u8 proto, __u16 flags)
 		return WEIR_CT_LIFETIME_NONTCP;
 	if (flags & WEIR_CT_F_RST)
 		return WEIR_CT_LIFETIME_RST;
-	if (flags & WEIR_CT_F_FIN)
-		return WEIR_CT_LIFETIME_FIN;
+	if ((flags & WEIR_CT_F_FINS) == WEIR_CT_F_FINS)
+		return WEIR_CT_LIFETIME_TIME_WAIT;
+	if (flags & WEIR_CT_F_FINS)
+		return WEIR_CT_LIFETIME_HALF_CLOSED;
 	if (flags & WEIR_CT_F_ESTABLISHED)
 		return WEIR_CT_LIFETIME_TCP;
 	return WEIR_CT_LIFETIME_SYN;
@@ -65,49 +90,213 @@ WEIR_INLINE int weir_ct_expired(const struct weir_ct_entry *e, __u32 now)
 	return e->lifetime <= now;
 }
 
-/* A bare SYN on an entry whose connection was closing starts a new
- * connection on the same tuple: it gets a fresh backend choice. */
+WEIR_INLINE int weir_tcp_bare_syn(__u8 tcp)
+{
+	return (tcp & (WEIR_TCP_SYN | WEIR_TCP_ACK | WEIR_TCP_RST)) == WEIR_TCP_SYN;
+}
+
+/* A bare SYN from the initiator on a flow past its handshake (established
+ * or closing) is a new connection on the same tuple: it gets a fresh entry
+ * and a fresh backend choice. Before the handshake it is a retransmission. */
 WEIR_INLINE int weir_ct_reopens(const struct weir_ct_entry *e, __u8 proto, __u8 tcp)
 {
-	return proto == IPPROTO_TCP && (tcp & WEIR_TCP_SYN) && !(tcp & WEIR_TCP_ACK) &&
-	       (e->flags & (WEIR_CT_F_FIN | WEIR_CT_F_RST));
+	return proto == IPPROTO_TCP && e->dir == WEIR_CT_ORIG && weir_tcp_bare_syn(tcp) &&
+	       (e->flags & (WEIR_CT_F_ESTABLISHED | WEIR_CT_F_FINS | WEIR_CT_F_RST));
 }
 
-/* Folds the packet's TCP flags into the entry and extends its lifetime.
- * Writes only when something changed, at most once a second for a steady
- * flow, to keep the shared cache line quiet. */
-WEIR_INLINE void weir_ct_extend(struct weir_ct_entry *e, __u8 proto, __u8 tcp, __u32 now)
+/*
+ * The flow state after one packet in direction dir (enum weir_ct_dir) with
+ * TCP flags tcp, on an entry whose state is flags and whose lifetime is
+ * lifetime (for the reset grace).
+ */
+WEIR_INLINE __u16 weir_ct_next_flags(__u16 flags, __u8 proto, __u8 dir, __u8 tcp, __u32 now, __u32 lifetime)
 {
-	__u16 flags = e->flags | weir_ct_flags_of(proto, tcp);
-	__u32 lifetime = now + weir_ct_timeout(proto, flags);
+	int reply = dir == WEIR_CT_REPLY;
 
-	if (flags != e->flags)
-		e->flags = flags;
-	if (lifetime != e->lifetime)
-		e->lifetime = lifetime;
+	if (reply)
+		flags |= WEIR_CT_F_SEEN_REPLY;
+	if (proto != IPPROTO_TCP)
+		return flags;
+	if (tcp & WEIR_TCP_RST) {
+		if (!(flags & WEIR_CT_F_RST)) {
+			flags |= WEIR_CT_F_RST;
+			if (reply)
+				flags |= WEIR_CT_F_RST_REPLY;
+			else
+				flags &= ~WEIR_CT_F_RST_REPLY;
+		}
+		return flags;
+	}
+	/* Packets after a reset: the side that sent it keeps talking, or the
+	 * other side still does once stragglers would have arrived. Either
+	 * way the reset did not end the connection. */
+	if ((flags & WEIR_CT_F_RST) && !(tcp & WEIR_TCP_SYN)) {
+		int same_side = !!reply == !!(flags & WEIR_CT_F_RST_REPLY);
+
+		if (same_side || now + WEIR_CT_LIFETIME_RST >= lifetime + WEIR_CT_RST_GRACE)
+			flags &= ~(WEIR_CT_F_RST | WEIR_CT_F_RST_REPLY);
+	}
+	if ((flags & WEIR_CT_F_SEEN_REPLY) && !(tcp & WEIR_TCP_SYN))
+		flags |= WEIR_CT_F_ESTABLISHED;
+	if (tcp & WEIR_TCP_FIN)
+		flags |= reply ? WEIR_CT_F_FIN_REPLY : WEIR_CT_F_FIN_ORIG;
+	return flags;
 }
 
-/* Accounts one packet of len bytes to the entry's direction and extends it. */
-WEIR_INLINE void weir_ct_account(struct weir_ct_entry *e, __u8 proto, __u8 tcp, __u32 len, __u32 now)
+/* The lifetime after a transition from old to flags at now: closed flows
+ * keep the timer set when they closed. */
+WEIR_INLINE __u32 weir_ct_next_lifetime(__u16 old, __u16 flags, __u8 proto, __u32 now, __u32 lifetime)
 {
+	if (proto == IPPROTO_TCP && weir_ct_closed(old) && weir_ct_closed(flags) &&
+	    ((old ^ flags) & WEIR_CT_F_RST) == 0)
+		return lifetime;
+	return now + weir_ct_timeout(proto, flags);
+}
+
+/* Copies a changed state and lifetime into the flow's other entry. */
+WEIR_INLINE void weir_ct_mirror(const struct weir_ct_key *key, const struct weir_ct_entry *e, __u8 proto)
+{
+	struct weir_ct_key twin;
+	struct weir_ct_entry *t;
+
+	weir_ct_twin_key(&twin, e, proto);
+	t = bpf_map_lookup_elem(&weir_ct, &twin);
+	if (!t || t->dir == e->dir || !weir_ct_is_twin(t, key))
+		return;
+	if (t->flags != e->flags)
+		t->flags = e->flags;
+	if (t->lifetime != e->lifetime)
+		t->lifetime = e->lifetime;
+}
+
+/*
+ * Accounts one packet of len bytes to entry e (keyed by key), folds its
+ * TCP flags into the flow's state and extends the lifetime. The twin is
+ * written only when the state or the lifetime (in whole seconds) changed,
+ * so a steady flow touches the other entry at most once a second.
+ */
+WEIR_INLINE void weir_ct_touch(const struct weir_ct_key *key, struct weir_ct_entry *e, __u8 tcp, __u32 len,
+			       __u32 now)
+{
+	__u16 flags = weir_ct_next_flags(e->flags, key->proto, e->dir, tcp, now, e->lifetime);
+	__u32 lifetime = weir_ct_next_lifetime(e->flags, flags, key->proto, now, e->lifetime);
+
 	__sync_fetch_and_add(&e->packets, 1);
 	__sync_fetch_and_add(&e->bytes, len);
-	weir_ct_extend(e, proto, tcp, now);
+	if (flags == e->flags && lifetime == e->lifetime)
+		return;
+	e->flags = flags;
+	e->lifetime = lifetime;
+	weir_ct_mirror(key, e, key->proto);
 }
 
-/* Creates (or replaces) an entry. Returns the stored entry or NULL. */
-WEIR_INLINE struct weir_ct_entry *weir_ct_create(struct weir_ct_key *key, __u32 backend_id, __u16 rev_nat,
-						  __u8 proto, __u8 tcp, __u32 now)
+/* Deletes the entry at key and, when it is still the one pointing back,
+ * its twin: a flow being replaced leaves nothing that would claim its
+ * tuples. */
+WEIR_INLINE void weir_ct_delete_flow(const struct weir_ct_key *key, const struct weir_ct_entry *e)
 {
-	struct weir_ct_entry e = {
-		.created = now,
-		.backend_id = backend_id,
-		.rev_nat = rev_nat,
-		.flags = weir_ct_flags_of(proto, tcp),
-	};
+	struct weir_ct_key twin;
+	struct weir_ct_entry *t;
 
-	e.lifetime = now + weir_ct_timeout(proto, e.flags);
-	if (bpf_map_update_elem(&weir_ct, key, &e, BPF_ANY))
+	weir_ct_twin_key(&twin, e, key->proto);
+	t = bpf_map_lookup_elem(&weir_ct, &twin);
+	if (t && t->dir != e->dir && weir_ct_is_twin(t, key))
+		bpf_map_delete_elem(&weir_ct, &twin);
+	bpf_map_delete_elem(&weir_ct, key);
+}
+
+/* A random client port for a remapped flow. */
+WEIR_INLINE __be16 weir_ct_random_port(void)
+{
+	return bpf_htons(WEIR_CT_REMAP_MIN + bpf_get_prandom_u32() % (65536 - WEIR_CT_REMAP_MIN));
+}
+
+/*
+ * Creates the two entries of a new flow. okey is the tuple of its first
+ * packet (ORIG); o holds how ORIG packets leave (nat_*: the initiator's
+ * address and port, the destination after translation) and the lb fields.
+ * The REPLY entry is claimed first, atomically (BPF_NOEXIST): if another
+ * live flow holds that tuple on the wire, the initiator's port is changed
+ * on the wire (o->nat_sport) until a free one is found, as the kernel's NAT
+ * does; an expired holder is removed. Returns the ORIG entry in the map or
+ * NULL with *reason set.
+ */
+WEIR_INLINE struct weir_ct_entry *weir_ct_create(struct weir_ct_key *okey, struct weir_ct_entry *o, __u8 tcp,
+						  __u32 len, __u32 now, __u32 *reason)
+{
+	struct weir_ct_entry r = {};
+	struct weir_ct_key rkey;
+	struct weir_ct_entry *cur;
+	__u8 proto = okey->proto;
+	int claimed = 0;
+
+	o->dir = WEIR_CT_ORIG;
+	o->created = now;
+	o->flags = weir_ct_next_flags(0, proto, WEIR_CT_ORIG, tcp, now, 0);
+	o->lifetime = now + weir_ct_timeout(proto, o->flags);
+	o->packets = 1;
+	o->bytes = len;
+
+	r.dir = WEIR_CT_REPLY;
+	r.created = now;
+	r.flags = o->flags;
+	r.lifetime = o->lifetime;
+	r.backend_id = o->backend_id;
+	r.rev_nat = o->rev_nat;
+	/* Replies leave as the reverse of what the initiator sent. */
+	r.nat_saddr = okey->daddr;
+	r.nat_daddr = okey->saddr;
+	r.nat_sport = okey->dport;
+	r.nat_dport = okey->sport;
+
+	for (int i = 0; i < WEIR_CT_REMAP_TRIES; i++) {
+		long err;
+
+		weir_ct_twin_key(&rkey, o, proto);
+		err = bpf_map_update_elem(&weir_ct, &rkey, &r, BPF_NOEXIST);
+		if (!err) {
+			claimed = 1;
+			break;
+		}
+		if (err != -17 /* EEXIST */) {
+			*reason = WEIR_DROP_CT_CREATE;
+			return NULL;
+		}
+		cur = bpf_map_lookup_elem(&weir_ct, &rkey);
+		if (!cur)
+			continue; /* gone meanwhile: claim it on the next try */
+		if (weir_ct_expired(cur, now) || (cur->dir == WEIR_CT_REPLY && weir_ct_is_twin(cur, okey))) {
+			/* An expired flow, or this flow's own leftover. */
+			weir_ct_delete_flow(&rkey, cur);
+			continue;
+		}
+		o->nat_sport = weir_ct_random_port();
+		o->flags |= WEIR_CT_F_REMAPPED;
+		r.flags = o->flags;
+	}
+	if (!claimed) {
+		*reason = WEIR_DROP_NAT_NO_PORT;
 		return NULL;
-	return bpf_map_lookup_elem(&weir_ct, key);
+	}
+	if (bpf_map_update_elem(&weir_ct, okey, o, BPF_ANY)) {
+		bpf_map_delete_elem(&weir_ct, &rkey);
+		*reason = WEIR_DROP_CT_CREATE;
+		return NULL;
+	}
+	cur = bpf_map_lookup_elem(&weir_ct, okey);
+	if (!cur)
+		*reason = WEIR_DROP_CT_CREATE;
+	return cur;
+}
+
+/* Rewrites the packet in ctx to leave as entry e says. */
+WEIR_INLINE int weir_ct_apply(struct __sk_buff *skb, struct weir_ctx *ctx, const struct weir_ct_entry *e)
+{
+	if ((e->nat_saddr != ctx->saddr || e->nat_sport != ctx->sport) &&
+	    weir_nat4(skb, ctx, 1, e->nat_saddr, e->nat_sport))
+		return -1;
+	if ((e->nat_daddr != ctx->daddr || e->nat_dport != ctx->dport) &&
+	    weir_nat4(skb, ctx, 0, e->nat_daddr, e->nat_dport))
+		return -1;
+	return 0;
 }

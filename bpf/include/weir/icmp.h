@@ -2,10 +2,13 @@
 /* ICMP errors built from the packet that caused them. */
 #pragma once
 
+#include "nat.h"
 #include "parse.h"
 #include "stage.h"
 
-#define WEIR_ICMP_QUOTE_MAX (WEIR_MAX_IP_HLEN + 8)
+/* The quote: the IP header and 8 bytes of L4, or the 20-byte TCP header
+ * (see weir_icmp_frag_needed). */
+#define WEIR_ICMP_QUOTE_MAX (WEIR_MAX_IP_HLEN + 20)
 #define WEIR_ICMP_DEST_UNREACH 3
 #define WEIR_ICMP_FRAG_NEEDED 4
 
@@ -44,7 +47,11 @@ WEIR_INLINE int weir_icmp_frag_needed(struct __sk_buff *skb, struct weir_ctx *ct
 	__u32 qlen, csum;
 	__u8 mac[ETH_ALEN];
 
-	qlen = (ctx->l4_off - ETH_HLEN) + 8;
+	/* A TCP segment whose checksum the stack left to offload
+	 * (CHECKSUM_PARTIAL) cannot be cut short of its checksum field: the
+	 * kernel refuses to shrink it below. Quote the whole basic TCP
+	 * header; more than 8 bytes is allowed (RFC 1812 asks for more). */
+	qlen = (ctx->l4_off - ETH_HLEN) + (ctx->proto == IPPROTO_TCP ? 20 : 8);
 	if (qlen < sizeof(struct iphdr) + 8 || qlen > WEIR_ICMP_QUOTE_MAX)
 		return weir_drop_ctx(skb, ctx, WEIR_DROP_FRAG_NEEDED);
 	if (bpf_skb_load_bytes(skb, 0, &eth, sizeof(eth)) || bpf_skb_load_bytes(skb, ETH_HLEN, quote, qlen))
@@ -76,4 +83,128 @@ WEIR_INLINE int weir_icmp_frag_needed(struct __sk_buff *skb, struct weir_ctx *ct
 		return weir_drop_ctx(skb, ctx, WEIR_DROP_FRAG_NEEDED);
 	weir_count(ctx->hook, WEIR_DROP_FRAG_NEEDED, skb->len);
 	return bpf_redirect(ctx->ifindex, 0);
+}
+
+#define WEIR_ICMP_TIME_EXCEEDED 11
+#define WEIR_ICMP_PARAMETER_PROBLEM 12
+
+/* The start of the packet an ICMP error quotes: its IPv4 header (without
+ * options) and the first 8 bytes of its L4 header (ports, and the UDP
+ * checksum). */
+struct weir_icmp_quote {
+	struct iphdr ip;
+	__be16 sport;
+	__be16 dport;
+	__be16 l4_word2; /* UDP length, or half of the TCP sequence number */
+	__be16 l4_word3; /* UDP checksum, or the other half */
+};
+
+/* Offsets in an ICMP error packet (no outer IP options: l4_off is
+ * checked by the caller). */
+#define WEIR_ICMP_QUOTE_OFF(l4_off) ((l4_off) + sizeof(struct weir_icmp_unreach))
+
+/*
+ * Loads the quoted packet of an ICMP error (destination unreachable, time
+ * exceeded, parameter problem) into q. Returns 0, or -1 when the packet is
+ * no such error or quotes something other than the start of a TCP or UDP
+ * packet with a plain IPv4 header.
+ */
+WEIR_INLINE int weir_icmp_error_quote(struct __sk_buff *skb, struct weir_ctx *ctx, struct weir_icmp_quote *q)
+{
+	__u8 type;
+	__u32 off = ctx->l4_off & 0x7f;
+
+	if (ctx->proto != IPPROTO_ICMP || (ctx->flags & WEIR_CTX_FRAGMENT))
+		return -1;
+	if (bpf_skb_load_bytes(skb, off, &type, 1))
+		return -1;
+	if (type != WEIR_ICMP_DEST_UNREACH && type != WEIR_ICMP_TIME_EXCEEDED && type != WEIR_ICMP_PARAMETER_PROBLEM)
+		return -1;
+	if (bpf_skb_load_bytes(skb, WEIR_ICMP_QUOTE_OFF(off), q, sizeof(*q)))
+		return -1;
+	if (q->ip.version != 4 || q->ip.ihl != 5 || (q->ip.protocol != IPPROTO_TCP && q->ip.protocol != IPPROTO_UDP))
+		return -1;
+	/* Only a first fragment (or a whole packet) quotes ports. */
+	if (q->ip.frag_off & bpf_htons(IP_OFFSET))
+		return -1;
+	return 0;
+}
+
+/* The checksum field old after data whose one's-complement sum changed by
+ * diff (a bpf_csum_diff result). */
+WEIR_INLINE __sum16 weir_csum_update(__sum16 old, __u32 diff)
+{
+	__u32 sum = (__u16)~old;
+
+	sum += diff & 0xffff;
+	sum += diff >> 16;
+	return weir_csum_fold(sum);
+}
+
+/*
+ * Rewrites an ICMP error so that it describes the packet as its sender
+ * knows it: the quoted addresses and ports become saddr:sport ->
+ * daddr:dport, the quoted IP checksum is recomputed, the quoted UDP or TCP
+ * checksum (when present) and the ICMP checksum follow. The outer header
+ * gets outer_saddr and outer_daddr. ctx follows the outer header.
+ */
+WEIR_INLINE int weir_icmp_rewrite(struct __sk_buff *skb, struct weir_ctx *ctx, const struct weir_icmp_quote *old,
+				  __be32 saddr, __be32 daddr, __be16 sport, __be16 dport, __be32 outer_saddr,
+				  __be32 outer_daddr)
+{
+	__u32 off = ctx->l4_off & 0x7f;
+	__u32 qoff = WEIR_ICMP_QUOTE_OFF(off);
+	__u32 icmp_csum = off + offsetof(struct weir_icmp_unreach, checksum);
+	struct weir_icmp_quote q = *old;
+	__be32 from[3], to[3];
+	__u32 l4diff, diff;
+
+	q.ip.saddr = saddr;
+	q.ip.daddr = daddr;
+	q.sport = sport;
+	q.dport = dport;
+	q.ip.check = 0;
+	q.ip.check = weir_csum_fold(bpf_csum_diff(NULL, 0, (__be32 *)&q.ip, sizeof(q.ip), 0));
+
+	/* What the quoted L4 checksum covers that changed: pseudo header
+	 * addresses and both ports. */
+	from[0] = old->ip.saddr;
+	from[1] = old->ip.daddr;
+	from[2] = ((__u32)old->dport << 16) | old->sport;
+	to[0] = saddr;
+	to[1] = daddr;
+	to[2] = ((__u32)dport << 16) | sport;
+	l4diff = (__u32)bpf_csum_diff(from, sizeof(from), to, sizeof(to), 0);
+	if (q.ip.protocol == IPPROTO_UDP && old->l4_word3) {
+		q.l4_word3 = weir_csum_update(old->l4_word3, l4diff);
+		if (!q.l4_word3)
+			q.l4_word3 = 0xffff;
+	}
+	diff = (__u32)bpf_csum_diff((__be32 *)old, sizeof(*old), (__be32 *)&q, sizeof(q), 0);
+	if (q.ip.protocol == IPPROTO_TCP) {
+		__u32 tcp_csum = qoff + sizeof(struct iphdr) + offsetof(struct tcphdr, check);
+		__be32 oldc = 0, newc = 0;
+
+		/* Quoted beyond the 8 bytes ICMP promises: keep it right. */
+		if (tcp_csum + 2 <= skb->len && !bpf_skb_load_bytes(skb, tcp_csum, &oldc, 2)) {
+			newc = weir_csum_update((__sum16)oldc, l4diff);
+			diff = (__u32)bpf_csum_diff(&oldc, 4, &newc, 4, diff);
+			if (bpf_skb_store_bytes(skb, tcp_csum, &newc, 2, 0))
+				return -1;
+		}
+	}
+	if (bpf_l4_csum_replace(skb, icmp_csum, 0, diff, 0))
+		return -1;
+	if (bpf_skb_store_bytes(skb, qoff, &q, sizeof(q), 0))
+		return -1;
+	if (weir_l3_addr(skb, ETH_HLEN + offsetof(struct iphdr, saddr), WEIR_IP_CSUM_OFF, ctx->saddr, outer_saddr) ||
+	    weir_l3_addr(skb, ETH_HLEN + offsetof(struct iphdr, daddr), WEIR_IP_CSUM_OFF, ctx->daddr, outer_daddr))
+		return -1;
+	if (outer_saddr != ctx->saddr)
+		ctx->flags |= WEIR_CTX_SNAT;
+	if (outer_daddr != ctx->daddr)
+		ctx->flags |= WEIR_CTX_DNAT;
+	ctx->saddr = outer_saddr;
+	ctx->daddr = outer_daddr;
+	return 0;
 }

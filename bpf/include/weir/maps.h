@@ -49,6 +49,10 @@ enum weir_reason {
 	WEIR_DROP_ENCAP = 16,
 	WEIR_DROP_DECAP = 17,
 	WEIR_DROP_FRAG_NEEDED = 18,
+	WEIR_DROP_CT_CREATE = 19,       /* conntrack entries could not be written */
+	WEIR_DROP_NAT_NO_PORT = 20,     /* no free client port to keep a wire tuple unique */
+	WEIR_DROP_MISSED_TAIL_CALL = 21, /* a filled slot could not be entered */
+	WEIR_DROP_FRAG_STATE = 22,      /* a fragment's translation could not be remembered */
 	WEIR_REASON_MAX = 32,
 };
 
@@ -65,6 +69,7 @@ enum weir_l3 {
 #define WEIR_CTX_AT_INGRESS 0x04   /* the entry ran at tc ingress (redirect_peer allowed) */
 #define WEIR_CTX_DNAT 0x08         /* a stage translated the destination */
 #define WEIR_CTX_SNAT 0x10         /* a stage translated the source */
+#define WEIR_CTX_ICMP_ERROR 0x20   /* an ICMP error: inner_* hold the quoted packet */
 
 /*
  * Per-packet state, written by the hook's entry program after it parsed the
@@ -87,7 +92,7 @@ struct weir_ctx {
 	__u8 proto;        /* IPPROTO_* */
 	__u8 tcp_flags;    /* the TCP flags byte, 0 for other protocols */
 	__u8 flags;        /* WEIR_CTX_* */
-	__u8 pad[2];
+	__be16 ip_id;      /* IPv4 identification, which ties fragments together */
 };
 
 /* weir_services: frontend (+ slot) -> master entry or backend slot.
@@ -123,11 +128,10 @@ enum weir_svc_type {
 
 struct weir_svc_val {
 	__u32 backend_id;       /* slots 1..count */
+	__u32 rev_nat;          /* reverse NAT id of this frontend */
 	__u16 count;            /* master entry: number of backend slots */
-	__u16 rev_nat;          /* reverse NAT id of this frontend */
 	__u8 type;              /* enum weir_svc_type */
 	__u8 flags2;            /* WEIR_SVC_F2_* */
-	__u16 pad;
 	__u32 affinity_timeout; /* seconds, with WEIR_SVC_F2_AFFINITY */
 };
 
@@ -145,6 +149,16 @@ struct weir_backend {
 	__u8 state; /* enum weir_backend_state */
 };
 
+/* weir_backend_addrs: which addresses are backends of some service (to
+ * the backend id), so that untranslated UDP to them is tracked too: a
+ * translated flow must never take the wire tuple a direct flow uses. */
+struct weir_backend_addr_key {
+	__be32 addr;
+	__be16 port;
+	__u8 proto;
+	__u8 pad;
+};
+
 /* weir_revnat: reverse NAT id -> the frontend replies appear to come from. */
 struct weir_revnat_entry {
 	__be32 addr;
@@ -152,12 +166,19 @@ struct weir_revnat_entry {
 	__u16 pad;
 };
 
-/* weir_ct: connection tracking. Two kinds of entry per translated flow:
- * SERVICE keyed by the tuple the client sent (client -> frontend) holds the
- * chosen backend; REPLY keyed by the tuple replies carry (backend ->
- * client) holds the reverse NAT id. */
-enum weir_ct_kind {
-	WEIR_CT_SERVICE = 1,
+/*
+ * weir_ct: connection tracking, as the kernel's conntrack does it. A flow
+ * has two entries: ORIG, keyed by the tuple its first packet carried (as
+ * the initiator sent it), and REPLY, keyed by the tuple its replies carry
+ * on the wire. Each entry says how packets matching its key leave: the
+ * nat_* tuple (equal to the key when nothing is translated). The other
+ * entry of the flow is keyed by the reverse of that tuple. Every tracked
+ * flow owns its REPLY key, so no two flows ever share a tuple on the wire:
+ * a new flow whose tuple is taken gets another client port (as the
+ * kernel's NAT does). Both entries carry the flow's state in flags.
+ */
+enum weir_ct_dir {
+	WEIR_CT_ORIG = 1,
 	WEIR_CT_REPLY = 2,
 };
 
@@ -167,24 +188,48 @@ struct weir_ct_key {
 	__be16 sport;
 	__be16 dport;
 	__u8 proto;
-	__u8 kind; /* enum weir_ct_kind */
-	__u16 pad;
+	__u8 pad[3];
 };
 
-/* weir_ct_entry.flags */
-#define WEIR_CT_F_SYN 0x01
-#define WEIR_CT_F_FIN 0x02
-#define WEIR_CT_F_RST 0x04
-#define WEIR_CT_F_ESTABLISHED 0x08
+/* weir_ct_entry.flags: the flow's state (ct.h has the transitions). */
+#define WEIR_CT_F_SEEN_REPLY 0x0001  /* the responder has answered */
+#define WEIR_CT_F_ESTABLISHED 0x0002 /* TCP: handshake done */
+#define WEIR_CT_F_FIN_ORIG 0x0004    /* TCP: the initiator sent FIN */
+#define WEIR_CT_F_FIN_REPLY 0x0008   /* TCP: the responder sent FIN */
+#define WEIR_CT_F_RST 0x0010         /* TCP: reset */
+#define WEIR_CT_F_RST_REPLY 0x0020   /* ... by the responder (else the initiator) */
+#define WEIR_CT_F_REMAPPED 0x0040    /* the client port was changed on the wire */
 
 struct weir_ct_entry {
-	__u64 packets;
+	__u64 packets;    /* of this entry's direction */
 	__u64 bytes;
-	__u32 created;   /* boot-clock seconds */
-	__u32 lifetime;  /* boot-clock seconds at which the entry expires */
-	__u32 backend_id;
-	__u16 rev_nat;
-	__u16 flags;     /* WEIR_CT_F_* */
+	__u32 created;    /* boot-clock seconds */
+	__u32 lifetime;   /* boot-clock seconds at which the flow expires */
+	__be32 nat_saddr; /* packets matching the key leave with this tuple */
+	__be32 nat_daddr;
+	__be16 nat_sport;
+	__be16 nat_dport;
+	__u32 backend_id; /* translated by lb: the backend chosen, else 0 */
+	__u32 rev_nat;    /* translated by lb: the frontend, else 0 */
+	__u16 flags;      /* WEIR_CT_F_* */
+	__u8 dir;         /* enum weir_ct_dir */
+	__u8 pad;
+};
+
+/* weir_frags: the ports of a fragmented datagram, from its first fragment
+ * (the only one with an L4 header), so later fragments find the flow. */
+struct weir_frag_key {
+	__be32 saddr;
+	__be32 daddr;
+	__be16 id;
+	__u8 proto;
+	__u8 pad;
+};
+
+struct weir_frag_entry {
+	__be16 sport;
+	__be16 dport;
+	__u32 created; /* boot-clock seconds */
 };
 
 /* weir_endpoints: local pod address -> where and how to deliver. */
@@ -222,8 +267,7 @@ struct weir_ipcache_entry {
  * from a frontend (by reverse NAT id) and when. */
 struct weir_affinity_key {
 	__be32 client;
-	__u16 rev_nat;
-	__u16 pad;
+	__u32 rev_nat;
 };
 
 struct weir_affinity_entry {
@@ -263,6 +307,17 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } weir_calls SEC(".maps");
 
+/* Which slots hold a program: one bit per slot of a hook (WEIR_SLOTS_PER_HOOK
+ * bits), written by core around every slot change, so the stage loop only
+ * enters filled slots and a failed entry into one is a counted drop. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, WEIR_HOOK_MAX);
+	__type(key, __u32);
+	__type(value, __u32);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} weir_slot_mask SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, 1);
@@ -292,7 +347,16 @@ struct {
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 65536);
-	__type(key, __u16);
+	__type(key, struct weir_backend_addr_key);
+	__type(value, __u32);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} weir_backend_addrs SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, __u32);
 	__type(value, struct weir_revnat_entry);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
@@ -306,6 +370,14 @@ struct {
 	__type(value, struct weir_ct_entry);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } weir_ct SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 8192);
+	__type(key, struct weir_frag_key);
+	__type(value, struct weir_frag_entry);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} weir_frags SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LPM_TRIE);

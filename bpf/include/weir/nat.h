@@ -29,7 +29,8 @@ WEIR_INLINE __u32 weir_l4_csum_off(struct weir_ctx *ctx, __u64 *flags)
 /*
  * Rewrites the source (src != 0) or destination address and port of the
  * IPv4/TCP-or-UDP packet described by ctx, fixing the IP header checksum and
- * the L4 checksum (pseudo header included), and keeps ctx in step.
+ * the L4 checksum (pseudo header included), and keeps ctx in step. Later
+ * fragments get their address rewritten only.
  * Returns 0 or a negative error from a helper.
  */
 WEIR_INLINE int weir_nat4(struct __sk_buff *skb, struct weir_ctx *ctx, int src, __be32 addr, __be16 port)
@@ -40,7 +41,12 @@ WEIR_INLINE int weir_nat4(struct __sk_buff *skb, struct weir_ctx *ctx, int src, 
 	__be16 old_port = src ? ctx->sport : ctx->dport;
 	__u64 l4flags = 0;
 	__u32 csum_off = weir_l4_csum_off(ctx, &l4flags);
+	/* A later fragment has no L4 header: its checksum, in the first
+	 * fragment, was fixed there for the whole datagram. */
+	int l3_only = ctx->flags & WEIR_CTX_LATER_FRAGMENT;
 
+	if (l3_only)
+		csum_off = 0;
 	if (old_addr != addr) {
 		if (csum_off && bpf_l4_csum_replace(skb, csum_off, old_addr, addr,
 						    l4flags | BPF_F_PSEUDO_HDR | sizeof(addr)))
@@ -50,7 +56,7 @@ WEIR_INLINE int weir_nat4(struct __sk_buff *skb, struct weir_ctx *ctx, int src, 
 		if (bpf_skb_store_bytes(skb, addr_off, &addr, sizeof(addr), 0))
 			return -1;
 	}
-	if (old_port != port) {
+	if (old_port != port && !l3_only) {
 		if (csum_off && bpf_l4_csum_replace(skb, csum_off, old_port, port, l4flags | sizeof(port)))
 			return -1;
 		if (bpf_skb_store_bytes(skb, port_off, &port, sizeof(port), 0))
@@ -66,6 +72,18 @@ WEIR_INLINE int weir_nat4(struct __sk_buff *skb, struct weir_ctx *ctx, int src, 
 		ctx->flags |= WEIR_CTX_DNAT;
 	}
 	return 0;
+}
+
+/* Rewrites the 4-byte address at off (an IPv4 header's source or
+ * destination) fixing only the header checksum at csum_off: for headers
+ * whose L4 checksum covers no pseudo header (ICMP). */
+WEIR_INLINE int weir_l3_addr(struct __sk_buff *skb, __u32 off, __u32 csum_off, __be32 old, __be32 new)
+{
+	if (old == new)
+		return 0;
+	if (bpf_l3_csum_replace(skb, csum_off, old, new, sizeof(new)))
+		return -1;
+	return bpf_skb_store_bytes(skb, off, &new, sizeof(new), 0) ? -1 : 0;
 }
 
 /* Decrements the IPv4 TTL of a packet we route. Returns -1 when the TTL is

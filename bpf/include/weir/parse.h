@@ -151,6 +151,7 @@ WEIR_INLINE __u32 weir_parse_ipv4(struct __sk_buff *skb, struct weir_ctx *ctx)
 	ctx->daddr = ip->daddr;
 	ctx->proto = ip->protocol;
 	ctx->l4_off = ETH_HLEN + ihl;
+	ctx->ip_id = ip->id;
 
 	frag = bpf_ntohs(ip->frag_off);
 	if (frag & (IP_MF | IP_OFFSET)) {
@@ -196,6 +197,7 @@ WEIR_INLINE __u32 weir_reparse(struct __sk_buff *skb, struct weir_ctx *ctx)
 	ctx->sport = ctx->dport = 0;
 	ctx->proto = ctx->tcp_flags = 0;
 	ctx->l4_off = 0;
+	ctx->ip_id = 0;
 	ctx->flags &= WEIR_CTX_AT_INGRESS;
 	ctx->len = skb->len;
 	return weir_parse(skb, ctx);

@@ -61,20 +61,36 @@ WEIR_INLINE int weir_drop_ctx(struct __sk_buff *skb, struct weir_ctx *ctx, __u32
 }
 
 /*
- * Runs the next filled slot of the current hook. A tail call only returns
- * when its slot is empty, so an empty slot falls through to the following
- * one; when the hook has no more slots the packet continues to the kernel
- * (TC_ACT_OK), which is what an absent optional module must mean.
+ * Runs the next filled slot of the current hook. Only slots that hold a
+ * program (weir_slot_mask) are entered, so an absent optional module costs
+ * nothing and every tail call of a chain is one that does work: the kernel
+ * counts failed calls against its limit of 33 too. When the hook has no
+ * more filled slots the packet continues to the kernel (TC_ACT_OK). A tail
+ * call only returns when it failed: into a filled slot that is a counted
+ * drop, never a silent pass (unless core emptied the slot meanwhile).
  */
 WEIR_INLINE int weir_next(struct __sk_buff *skb, struct weir_ctx *ctx)
 {
+	__u32 hook = ctx->hook & (WEIR_HOOK_MAX - 1);
+	__u32 base = hook * WEIR_SLOTS_PER_HOOK;
+	__u32 *mask = bpf_map_lookup_elem(&weir_slot_mask, &hook);
+
+	if (!mask)
+		return weir_drop_ctx(skb, ctx, WEIR_DROP_SCRATCH);
 	for (int n = 0; n < WEIR_SLOTS_PER_HOOK; n++) {
 		__u32 slot = ctx->next;
+		__u32 bit;
 
-		if (slot > ctx->last || slot >= WEIR_MAX_SLOTS)
+		if (slot > ctx->last || slot >= WEIR_MAX_SLOTS || slot < base)
 			break;
 		ctx->next = slot + 1;
+		bit = 1u << ((slot - base) & (WEIR_SLOTS_PER_HOOK - 1));
+		if (!(*mask & bit))
+			continue;
 		bpf_tail_call(skb, &weir_calls, slot);
+		if (!(*mask & bit))
+			continue;
+		return weir_drop_ctx(skb, ctx, WEIR_DROP_MISSED_TAIL_CALL);
 	}
 	weir_count(ctx->hook, WEIR_REASON_PASS, skb->len);
 	return TC_ACT_OK;

@@ -5,6 +5,7 @@ package dptest
 
 import (
 	"crypto/rand"
+	"encoding/binary"
 	"encoding/hex"
 	"fmt"
 	"net"
@@ -42,6 +43,12 @@ func UniqueName(t testing.TB) string {
 // object when the test ends, also when it fails.
 func Open(t testing.TB) *datapath.Datapath {
 	t.Helper()
+	return OpenWith(t, datapath.Options{CTMaxEntries: 4096})
+}
+
+// OpenWith is Open with options (PinDir is chosen here).
+func OpenWith(t testing.TB, opts datapath.Options) *datapath.Datapath {
+	t.Helper()
 	dir := filepath.Join(TestPinRoot, UniqueName(t))
 	// Registered first: a load that fails part-way has pinned some maps.
 	t.Cleanup(func() {
@@ -50,7 +57,8 @@ func Open(t testing.TB) *datapath.Datapath {
 		}
 		_ = os.Remove(TestPinRoot) // only succeeds once no other test uses it
 	})
-	dp, err := datapath.Open(datapath.Options{PinDir: dir, CTMaxEntries: 4096})
+	opts.PinDir = dir
+	dp, err := datapath.Open(opts)
 	if err != nil {
 		t.Fatalf("opening datapath: %v", err)
 	}
@@ -256,4 +264,137 @@ func IPChecksum(h []byte) uint16 {
 		s = s&0xffff + s>>16
 	}
 	return ^uint16(s)
+}
+
+// Fragment cuts an Ethernet/IPv4 frame into fragments whose IP payloads
+// hold at most size bytes (a multiple of 8), as a host would send them.
+func Fragment(t testing.TB, frame []byte, size int) [][]byte {
+	t.Helper()
+	if size%8 != 0 || len(frame) < 34 {
+		t.Fatalf("dptest: cannot fragment by %d", size)
+	}
+	hdr := frame[:34]
+	payload := frame[34:]
+	var out [][]byte
+	for off := 0; off < len(payload); off += size {
+		end := min(off+size, len(payload))
+		f := append(append([]byte{}, hdr...), payload[off:end]...)
+		binary.BigEndian.PutUint16(f[16:], uint16(20+end-off))
+		flags := uint16(off / 8)
+		if end < len(payload) {
+			flags |= 0x2000 // more fragments
+		}
+		binary.BigEndian.PutUint16(f[20:], flags)
+		f[24], f[25] = 0, 0
+		binary.BigEndian.PutUint16(f[24:], IPChecksum(f[14:34]))
+		out = append(out, f)
+	}
+	return out
+}
+
+// Reassemble puts fragments (in order, as Fragment made them and a
+// program left them) back into one frame, checking that every fragment's
+// header checksum is right and that they agree on addresses.
+func Reassemble(t testing.TB, frags [][]byte) []byte {
+	t.Helper()
+	var out []byte
+	for i, f := range frags {
+		if IPChecksum(f[14:34]) != 0 {
+			t.Fatalf("fragment %d: IPv4 header checksum is wrong", i)
+		}
+		n := int(binary.BigEndian.Uint16(f[16:])) - 20
+		if i == 0 {
+			out = append(out, f[:34]...)
+		} else if !bytesEqual(f[26:34], out[26:34]) {
+			t.Fatalf("fragment %d: addresses %v differ from the first fragment's %v", i, f[26:34], out[26:34])
+		}
+		out = append(out, f[34:34+n]...)
+	}
+	binary.BigEndian.PutUint16(out[16:], uint16(len(out)-14))
+	binary.BigEndian.PutUint16(out[20:], 0)
+	out[24], out[25] = 0, 0
+	binary.BigEndian.PutUint16(out[24:], IPChecksum(out[14:34]))
+	return out
+}
+
+func bytesEqual(a, b []byte) bool { return string(a) == string(b) }
+
+// ICMPError builds an ICMP error (type, code, and for "fragmentation
+// needed" the next-hop MTU) from src to dst quoting quoted, an IPv4 packet
+// (a frame without its Ethernet header).
+func ICMPError(t testing.TB, src, dst netip.Addr, typ, code uint8, mtu uint16, quoted []byte) []byte {
+	t.Helper()
+	eth := &layers.Ethernet{SrcMAC: PodMAC, DstMAC: HostMAC, EthernetType: layers.EthernetTypeIPv4}
+	ip := &layers.IPv4{Version: 4, IHL: 5, TTL: 64, Protocol: layers.IPProtocolICMPv4, Id: 0x4321,
+		SrcIP: src.AsSlice(), DstIP: dst.AsSlice()}
+	icmp := &layers.ICMPv4{TypeCode: layers.CreateICMPv4TypeCode(typ, code), Seq: mtu}
+	buf := gopacket.NewSerializeBuffer()
+	if err := gopacket.SerializeLayers(buf, gopacket.SerializeOptions{FixLengths: true, ComputeChecksums: true},
+		eth, ip, icmp, gopacket.Payload(quoted)); err != nil {
+		t.Fatal(err)
+	}
+	return buf.Bytes()
+}
+
+// ICMPDecoded is an ICMP error taken apart.
+type ICMPDecoded struct {
+	Src, Dst netip.Addr
+	Type     uint8
+	Code     uint8
+	// Inner is the quoted packet (its checksums verified when it is
+	// quoted whole).
+	Inner Decoded
+}
+
+// DecodeICMP takes an ICMP error apart, verifying the outer IPv4 and ICMP
+// checksums, the quoted IPv4 header checksum and, when the quote holds the
+// whole packet, its TCP or UDP checksum.
+func DecodeICMP(t testing.TB, frame []byte) ICMPDecoded {
+	t.Helper()
+	pkt := gopacket.NewPacket(frame, layers.LayerTypeEthernet, gopacket.Default)
+	ip, _ := pkt.Layer(layers.LayerTypeIPv4).(*layers.IPv4)
+	icmp, _ := pkt.Layer(layers.LayerTypeICMPv4).(*layers.ICMPv4)
+	if ip == nil || icmp == nil {
+		t.Fatalf("not an ICMP packet: %v", pkt)
+	}
+	if IPChecksum(frame[14:34]) != 0 {
+		t.Fatal("outer IPv4 header checksum is wrong")
+	}
+	body := frame[34 : 14+int(ip.Length)]
+	if IPChecksum(body) != 0 {
+		t.Fatalf("ICMP checksum is wrong (%#04x)", icmp.Checksum)
+	}
+	var d ICMPDecoded
+	d.Src, _ = netip.AddrFromSlice(ip.SrcIP)
+	d.Dst, _ = netip.AddrFromSlice(ip.DstIP)
+	d.Type, d.Code = icmp.TypeCode.Type(), icmp.TypeCode.Code()
+	quoted := body[8:]
+	if IPChecksum(quoted[:20]) != 0 {
+		t.Fatal("quoted IPv4 header checksum is wrong")
+	}
+	// Decode the quote as a frame of its own.
+	inner := append(append([]byte{}, frame[:14]...), quoted...)
+	if n := int(binary.BigEndian.Uint16(quoted[2:])); n <= len(quoted) {
+		d.Inner = Decode(t, inner[:14+n])
+	} else {
+		p := gopacket.NewPacket(inner, layers.LayerTypeEthernet, gopacket.Default)
+		d.Inner.IP, _ = p.Layer(layers.LayerTypeIPv4).(*layers.IPv4)
+		src, _ := netip.AddrFromSlice(d.Inner.IP.SrcIP)
+		dst, _ := netip.AddrFromSlice(d.Inner.IP.DstIP)
+		d.Inner.Src = netip.AddrPortFrom(src, binary.BigEndian.Uint16(quoted[20:]))
+		d.Inner.Dst = netip.AddrPortFrom(dst, binary.BigEndian.Uint16(quoted[22:]))
+	}
+	return d
+}
+
+// StageObject is a test object whose programs fill the named slots:
+// "stage_pass" runs the next stage, "stage_reenter" re-enters its hook
+// from the first slot, forever.
+func StageObject(t testing.TB, fill map[string]string) datapath.Object {
+	t.Helper()
+	spec, err := loadStages()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return datapath.Object{Module: "stages", Spec: spec, Slots: fill}
 }
