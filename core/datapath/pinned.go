@@ -80,7 +80,33 @@ type ServiceRow struct {
 	Proto    string         `json:"proto"`
 	Type     string         `json:"type"`
 	Scope    string         `json:"scope"`
-	Backends []BackendRow   `json:"backends"`
+	// Served says who reaches the frontend on this node: "yes" (a
+	// ClusterIP, from pods), "from pods only" (LoadBalancer and external
+	// IPs: in-cluster traffic is translated, traffic from outside is the
+	// north-south modules' and none is loaded), "not served on this node"
+	// (NodePort, until a north-south module serves it).
+	Served   string       `json:"served"`
+	Backends []BackendRow `json:"backends"`
+}
+
+// Reach of frontends the north-south modules would serve.
+const (
+	ServedYes      = "yes"
+	ServedPodsOnly = "from pods only (no north-south module on this node)"
+	ServedNo       = "not served on this node (no north-south module)"
+)
+
+// served says who reaches a frontend of type typ on this node: the stages
+// that serve traffic from outside (netdev-ingress, beyond decapsulation
+// and local delivery) do not exist yet.
+func served(typ string) string {
+	switch typ {
+	case "ClusterIP":
+		return ServedYes
+	case "NodePort":
+		return ServedNo
+	}
+	return ServedPodsOnly
 }
 
 func typeName(t uint8) string {
@@ -192,7 +218,7 @@ func (p *Pinned) Services() ([]ServiceRow, error) {
 	count := 0
 	for _, e := range entries {
 		if e.Slot == 0 {
-			out = append(out, ServiceRow{ID: e.RevNAT, Frontend: e.Frontend, Proto: e.Proto, Type: e.Type, Scope: e.Scope, Backends: []BackendRow{}})
+			out = append(out, ServiceRow{ID: e.RevNAT, Frontend: e.Frontend, Proto: e.Proto, Type: e.Type, Scope: e.Scope, Served: served(e.Type), Backends: []BackendRow{}})
 			count = int(e.Count)
 			continue
 		}
