@@ -310,6 +310,9 @@ func compose(p composeParams) error {
 				}
 				started = append(started, m)
 			}
+			// Every hook runs this agent's entry programs now: a load
+			// that replaced maps can let the old ones go.
+			p.DP.FinishMigration()
 			done.ok.Store(true)
 			names := make([]string, len(ordered))
 			for i, m := range ordered {

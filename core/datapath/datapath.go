@@ -64,6 +64,9 @@ type Datapath struct {
 
 	mu     sync.Mutex
 	maskMu sync.Mutex
+	// migration is set between a Load that replaced pinned maps and
+	// FinishMigration.
+	migration *migration
 }
 
 // New checks the options and returns a datapath that is not loaded yet:
@@ -107,11 +110,47 @@ func (d *Datapath) Load() error {
 	if err := d.prepare(spec); err != nil {
 		return err
 	}
-	if err := spec.LoadAndAssign(&d.core, d.collectionOptions()); err != nil {
+	mig, err := planMigration(d.opts.PinDir, spec, d.log)
+	if err != nil {
+		return err
+	}
+	opts := d.collectionOptions()
+	if mig != nil {
+		mig.prefill()
+		opts.MapReplacements = mig.replaced
+	}
+	if err := spec.LoadAndAssign(&d.core, opts); err != nil {
+		if mig != nil {
+			mig.closeReplaced()
+			mig.close()
+		}
 		return fmt.Errorf("loading the core BPF object into %s: %w", d.opts.PinDir, verifierDetail(err))
 	}
-	return nil
+	if mig != nil {
+		if err := mig.commit(); err != nil {
+			mig.close()
+			return err
+		}
+		d.migration = mig
+	}
+	return writeVersion(d.opts.PinDir)
 }
+
+// FinishMigration ends a load that replaced pinned maps (another
+// ctMaxEntries, an earlier layout), once every hook runs the new entry
+// programs: what the old programs wrote to conntrack since the load is
+// carried over, and the old maps are let go. Nothing happens otherwise.
+func (d *Datapath) FinishMigration() {
+	if d.migration == nil {
+		return
+	}
+	d.migration.finish()
+	d.migration = nil
+}
+
+// CoreSpec is the core object as the agent loads it (for tools and tests
+// that need its map specs).
+func CoreSpec() (*ebpf.CollectionSpec, error) { return loadCore() }
 
 // PinDir is where this datapath pins its objects.
 func (d *Datapath) PinDir() string { return d.opts.PinDir }
@@ -406,6 +445,7 @@ func (d *Datapath) Detach(ifname string, h slots.Hook) error {
 // Close releases the agent's descriptors. Pinned objects stay: the datapath
 // keeps running.
 func (d *Datapath) Close() error {
+	d.FinishMigration()
 	return d.core.Close()
 }
 
@@ -413,6 +453,7 @@ func (d *Datapath) Close() error {
 // detached, and maps disappear once no program uses them. For tearing a node
 // down, never for an agent restart.
 func (d *Datapath) Remove() error {
+	d.FinishMigration()
 	var errs []error
 	links, _ := filepath.Glob(filepath.Join(d.opts.PinDir, "links", "*"))
 	for _, p := range links {

@@ -17,6 +17,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/cilium/ebpf"
 	"golang.org/x/sys/unix"
 
 	"github.com/weirnet/weir/core/api"
@@ -604,5 +605,51 @@ func TestConfigFileChangeRestartsAgent(t *testing.T) {
 	ep, err := n.Client().CreateEndpoint(ctx, api.EndpointRequest{ID: "extra", Netns: path, Address: "10.244.1.60"})
 	if err != nil || ep.MTU != 1400 || linkMTU(t, path, "eth0") != 1400 {
 		t.Fatalf("endpoint in pool rack1: %+v %v", ep, err)
+	}
+}
+
+// Changing datapath.ctMaxEntries under live connections: the agent
+// restarts into a conntrack map of the new size, carrying the entries
+// over, and the connection keeps its backend (and replies their
+// frontend) throughout.
+func TestCTMaxEntriesChangeUnderALiveConnection(t *testing.T) {
+	l := up(t, oneNode())
+	apply(t, l, webServices, 3)
+	n := l.Nodes[0]
+	conn := echoConn(t, l.Pod("client"), "10.96.0.10")
+	defer conn.close()
+	conn.say("before")
+	ctMax := func() uint32 {
+		m, err := ebpf.LoadPinnedMap(filepath.Join(n.PinDir, datapath.MapCT), &ebpf.LoadPinOptions{ReadOnly: true})
+		if err != nil {
+			return 0
+		}
+		defer m.Close()
+		info, err := m.Info()
+		if err != nil {
+			return 0
+		}
+		return info.MaxEntries
+	}
+	if got := ctMax(); got != 65536 {
+		t.Fatalf("conntrack holds %d entries before the change, want 65536", got)
+	}
+	for _, size := range []uint32{131072, 16384} {
+		cfg := fmt.Sprintf("modules: [endpoints, lb]\ndatapath: {ctMaxEntries: %d}\n", size)
+		if err := os.WriteFile(n.Config, []byte(cfg), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		waitFor(t, 30*time.Second, fmt.Sprintf("conntrack to hold %d entries", size), func() bool {
+			st, err := n.Client().Status(context.Background())
+			return ctMax() == size && err == nil && st.Ready
+		})
+		for i := range 5 {
+			conn.say(fmt.Sprintf("after %d, line %d", size, i))
+		}
+		if !strings.Contains(proc.Tail(n.Log, 80), "map carried over") {
+			t.Fatalf("no carry-over logged:\n%s", proc.Tail(n.Log, 30))
+		}
+		// New connections too.
+		get(t, l.Pod("client"), "http://10.96.0.10/", 20)
 	}
 }
