@@ -24,6 +24,7 @@ import (
 
 	"github.com/weirnet/weir/core/api"
 	"github.com/weirnet/weir/core/config"
+	"github.com/weirnet/weir/core/ctgc"
 	"github.com/weirnet/weir/core/datapath"
 	"github.com/weirnet/weir/core/filesource"
 	"github.com/weirnet/weir/core/ipcache"
@@ -153,7 +154,7 @@ func New(opts Options, cat module.Catalog) (*Agent, error) {
 		fx.StartTimeout(2*time.Minute),
 		fx.StopTimeout(30*time.Second),
 		fx.Supply(info, log, eff, &opts, &installed{}, ns, w),
-		fx.Provide(newDatapath, model.NewStore, newAPI, newReconciler, newIPCache),
+		fx.Provide(newDatapath, model.NewStore, newAPI, newReconciler, newIPCache, newCTGC),
 		fx.Options(mods...),
 		// Invoke order is start order: datapath and modules, then the
 		// API (so no request reaches a module before it started), then
@@ -179,6 +180,17 @@ func newDatapath(lc fx.Lifecycle, info *node.Info, eff *config.Effective, log *s
 	}
 	lc.Append(fx.Hook{OnStart: func(context.Context) error { return dp.Load() }, OnStop: func(context.Context) error { return dp.Close() }})
 	return dp, nil
+}
+
+// newCTGC collects expired conntrack entries from start to stop.
+func newCTGC(lc fx.Lifecycle, dp *datapath.Datapath, eff *config.Effective, log *slog.Logger) (*ctgc.GC, error) {
+	interval, lo, hi, field, err := eff.Datapath.GCIntervals()
+	if err != nil {
+		return nil, fmt.Errorf("datapath.%s: %w", field, err)
+	}
+	g := ctgc.New(ctgc.Options{Map: dp.CT, Interval: interval, MinInterval: lo, MaxInterval: hi, Log: log.With("component", "ctgc")})
+	background(lc, g.Run)
+	return g, nil
 }
 
 func newAPI(opts *Options, log *slog.Logger) *api.Server {
@@ -366,6 +378,7 @@ type serveParams struct {
 	Store     *model.Store
 	Installed *installed
 	Node      *nodeState
+	GC        *ctgc.GC
 }
 
 func serveAPI(p serveParams) {
@@ -377,10 +390,14 @@ func serveAPI(p serveParams) {
 		_, cidrs := p.Node.get()
 		var ms runtime.MemStats
 		runtime.ReadMemStats(&ms)
-		api.WriteJSON(w, http.StatusOK, api.Status{
+		st := api.Status{
 			Node: p.Info.Name, Pool: p.Eff.Pool, Modules: names, PinDir: p.Info.PinDir,
 			Ready: p.Installed.ok.Load() && p.Store.Ready(), PodCIDRs: cidrs, HeapBytes: ms.HeapInuse,
-		})
+		}
+		if gc := p.GC.Stats(); gc.Passes > 0 {
+			st.Conntrack = &gc
+		}
+		api.WriteJSON(w, http.StatusOK, st)
 	})
 	p.LC.Append(fx.Hook{OnStart: func(context.Context) error { return p.API.Start() }, OnStop: p.API.Stop})
 }

@@ -16,6 +16,8 @@ import (
 	"os"
 	"path/filepath"
 	"time"
+
+	"github.com/weirnet/weir/core/ctgc"
 )
 
 // EndpointRequest asks the agent to wire a pod into the node.
@@ -63,6 +65,9 @@ type Status struct {
 	PodCIDRs []string `json:"podCIDRs"`
 	// HeapBytes is the Go heap in use by the agent.
 	HeapBytes uint64 `json:"heapBytes"`
+	// Conntrack is the last pass of the conntrack collector: fill level,
+	// pressure, what it removed, when it runs next.
+	Conntrack *ctgc.Stats `json:"conntrack,omitempty"`
 }
 
 // Error is the body of every non-2xx response.

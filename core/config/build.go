@@ -43,6 +43,9 @@ func (b *builder) build() (*Effective, []*Effective, error) {
 		return nil, nil, b.fail(fieldPath{"datapath", "ctMaxEntries"}, "%d is out of range; allowed %d to %d (default %d)",
 			dp.CTMaxEntries, MinCTMaxEntries, MaxCTMaxEntries, DefaultCTMaxEntries)
 	}
+	if _, _, _, field, err := dp.GCIntervals(); err != nil {
+		return nil, nil, b.fail(fieldPath{"datapath", field}, "%v", err)
+	}
 	top, err := b.topLevel()
 	if err != nil {
 		return nil, nil, err

@@ -13,6 +13,7 @@ import (
 	"maps"
 	"os"
 	"slices"
+	"time"
 
 	"gopkg.in/yaml.v3"
 
@@ -39,11 +40,55 @@ type File struct {
 	NodePools []NodePool           `yaml:"nodePools"`
 }
 
-// Datapath sizes the shared BPF maps.
+// Datapath sizes the shared BPF maps and paces their upkeep.
 type Datapath struct {
 	// CTMaxEntries is the conntrack map size, DefaultCTMaxEntries when
 	// not set.
 	CTMaxEntries uint32 `yaml:"ctMaxEntries"`
+	// CTGCInterval is the conntrack collector's first interval (a Go
+	// duration, default 5m); it adapts between CTGCMinInterval (default
+	// 10s) and CTGCMaxInterval (default 12h) to how much each pass finds.
+	CTGCInterval    string `yaml:"ctGCInterval"`
+	CTGCMinInterval string `yaml:"ctGCMinInterval"`
+	CTGCMaxInterval string `yaml:"ctGCMaxInterval"`
+}
+
+// Defaults of the conntrack collector's intervals.
+const (
+	DefaultCTGCInterval    = 5 * time.Minute
+	DefaultCTGCMinInterval = 10 * time.Second
+	DefaultCTGCMaxInterval = 12 * time.Hour
+)
+
+// GCIntervals returns the collector's intervals with their defaults, or
+// which field is wrong.
+func (d Datapath) GCIntervals() (interval, lo, hi time.Duration, field string, err error) {
+	parse := func(s string, def time.Duration) (time.Duration, error) {
+		if s == "" {
+			return def, nil
+		}
+		v, err := time.ParseDuration(s)
+		if err != nil {
+			return 0, fmt.Errorf("%q is not a duration (such as 30s, 5m, 1h)", s)
+		}
+		if v < time.Second {
+			return 0, fmt.Errorf("%s is shorter than the allowed 1s", v)
+		}
+		return v, nil
+	}
+	if interval, err = parse(d.CTGCInterval, DefaultCTGCInterval); err != nil {
+		return 0, 0, 0, "ctGCInterval", err
+	}
+	if lo, err = parse(d.CTGCMinInterval, min(DefaultCTGCMinInterval, interval)); err != nil {
+		return 0, 0, 0, "ctGCMinInterval", err
+	}
+	if hi, err = parse(d.CTGCMaxInterval, max(DefaultCTGCMaxInterval, interval)); err != nil {
+		return 0, 0, 0, "ctGCMaxInterval", err
+	}
+	if lo > interval || interval > hi {
+		return 0, 0, 0, "ctGCInterval", fmt.Errorf("%s is not between ctGCMinInterval %s and ctGCMaxInterval %s", interval, lo, hi)
+	}
+	return interval, lo, hi, "", nil
 }
 
 // NodePool changes the module set and settings for the nodes its selector

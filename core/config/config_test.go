@@ -10,6 +10,7 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/weirnet/weir/core/module"
 	"github.com/weirnet/weir/core/strictyaml"
@@ -650,5 +651,28 @@ func TestPoolsMustTunnelAlike(t *testing.T) {
 	}
 	if _, err := Parse("weir.yaml", []byte(base+"    settings: {tunnel: {protocol: vxlan}}\n"), testCatalog(t)); err != nil {
 		t.Fatalf("a pool that tunnels alike: %v", err)
+	}
+}
+
+func TestConntrackGCIntervals(t *testing.T) {
+	for _, c := range []struct {
+		doc, want string
+	}{
+		{"datapath: {ctGCInterval: soon}", `datapath.ctGCInterval: "soon" is not a duration (such as 30s, 5m, 1h)`},
+		{"datapath: {ctGCMinInterval: 100ms}", "datapath.ctGCMinInterval: 100ms is shorter than the allowed 1s"},
+		{"datapath: {ctGCInterval: 1m, ctGCMinInterval: 2m}", "datapath.ctGCInterval: 1m0s is not between ctGCMinInterval 2m0s and ctGCMaxInterval 12h0m0s"},
+	} {
+		_, err := Parse("agent.yaml", []byte("modules: [endpoints]\n"+c.doc+"\n"), testCatalog(t))
+		if err == nil || !strings.Contains(err.Error(), c.want) {
+			t.Errorf("%s: error %v, want %q", c.doc, err, c.want)
+		}
+	}
+	cfg, err := Parse("agent.yaml", []byte("modules: [endpoints]\ndatapath: {ctGCInterval: 1s}\n"), testCatalog(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	iv, lo, hi, _, err := cfg.File.Datapath.GCIntervals()
+	if err != nil || iv != time.Second || lo != time.Second || hi != 12*time.Hour {
+		t.Fatalf("intervals %v %v %v (%v), want 1s 1s 12h", iv, lo, hi, err)
 	}
 }

@@ -1,0 +1,128 @@
+package ctgc
+
+import (
+	"errors"
+	"testing"
+	"time"
+
+	"github.com/cilium/ebpf"
+
+	"github.com/weirnet/weir/core/datapath"
+	"github.com/weirnet/weir/core/datapath/dptest"
+)
+
+// flow writes the two entries of a flow client:port -> 10.0.0.2:80 with
+// the given lifetimes (relative to now) and returns their keys.
+func flow(t *testing.T, m *ebpf.Map, now int64, port uint16, orig, reply int64) (datapath.CTKey, datapath.CTKey) {
+	t.Helper()
+	c, s := uint32(0x0a000001), uint32(0x0a000002)
+	ok := datapath.CTKey{Saddr: c, Daddr: s, Sport: port, Dport: 80, Proto: 6}
+	rk := datapath.CTKey{Saddr: s, Daddr: c, Sport: 80, Dport: port, Proto: 6}
+	if orig != 0 {
+		if err := m.Put(ok, datapath.CTEntry{Dir: datapath.CTOrig, Lifetime: uint32(now + orig), NatSaddr: c, NatDaddr: s, NatSport: port, NatDport: 80}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if reply != 0 {
+		if err := m.Put(rk, datapath.CTEntry{Dir: datapath.CTReply, Lifetime: uint32(now + reply), NatSaddr: s, NatDaddr: c, NatSport: 80, NatDport: port}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return ok, rk
+}
+
+func present(t *testing.T, m *ebpf.Map, k datapath.CTKey) bool {
+	t.Helper()
+	var v datapath.CTEntry
+	err := m.Lookup(k, &v)
+	if errors.Is(err, ebpf.ErrKeyNotExist) {
+		return false
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	return true
+}
+
+// A pass removes expired flows and orphans and nothing of a live flow:
+// not an entry that expired a moment before its twin was refreshed.
+func TestPassRemovesOnlyWhatNoLiveFlowHolds(t *testing.T) {
+	dp := dptest.Open(t)
+	m := dp.CT()
+	now, err := datapath.BootSeconds()
+	if err != nil {
+		t.Fatal(err)
+	}
+	type want struct{ orig, reply bool }
+	cases := []struct {
+		name        string
+		orig, reply int64 // lifetime relative to now; 0: absent
+		want        want
+	}{
+		{"live", 100, 100, want{true, true}},
+		{"both expired", -5, -5, want{false, false}},
+		{"orig expired, reply live", -1, 60, want{true, true}},
+		{"reply expired, orig live", 60, -1, want{true, true}},
+		{"expired orphan orig", -5, 0, want{false, false}},
+		{"expired orphan reply", 0, -5, want{false, false}},
+		{"live orphan", 30, 0, want{true, false}},
+	}
+	keys := make([][2]datapath.CTKey, len(cases))
+	for i, c := range cases {
+		o, r := flow(t, m, now, uint16(1000+i), c.orig, c.reply)
+		keys[i] = [2]datapath.CTKey{o, r}
+	}
+	g := New(Options{Map: dp.CT, Interval: time.Minute})
+	st, err := g.Pass()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i, c := range cases {
+		if got := (want{present(t, m, keys[i][0]), present(t, m, keys[i][1])}); got != c.want {
+			t.Errorf("%s: entries present %+v, want %+v", c.name, got, c.want)
+		}
+	}
+	if st.Deleted != 4 || st.Entries != 7 || st.MaxEntries != 4096 || st.Passes != 1 {
+		t.Errorf("stats %+v, want 4 deleted, 7 left of 4096", st)
+	}
+}
+
+// The interval shortens while passes find much to collect, lengthens while
+// they find little, and drops to the minimum under pressure.
+func TestIntervalAdapts(t *testing.T) {
+	g := New(Options{Map: func() *ebpf.Map { return nil }, Interval: time.Minute, MinInterval: 10 * time.Second, MaxInterval: 10 * time.Minute})
+	if d := g.adapt(100, 50, false); d != 30*time.Second {
+		t.Fatalf("half collected: next in %v, want 30s", d)
+	}
+	if d := g.adapt(100, 90, false); d != 10*time.Second {
+		t.Fatalf("90%% collected: next in %v, want the 10s floor", d)
+	}
+	for range 20 {
+		g.adapt(100, 0, false)
+	}
+	if d := g.adapt(100, 1, false); d != 10*time.Minute {
+		t.Fatalf("nothing collected for long: next in %v, want the 10m cap", d)
+	}
+	if d := g.adapt(100, 10, false); d != 10*time.Minute {
+		t.Fatalf("10%% collected: next in %v, want it kept", d)
+	}
+	if d := g.adapt(100, 0, true); d != 10*time.Second {
+		t.Fatalf("under pressure: next in %v, want 10s", d)
+	}
+}
+
+// A nearly full map is reported as under pressure.
+func TestPressure(t *testing.T) {
+	dp := dptest.Open(t)
+	now, _ := datapath.BootSeconds()
+	for i := range 1700 { // 3400 of 4096 entries: 83%
+		flow(t, dp.CT(), now, uint16(2000+i), 600, 600)
+	}
+	st, err := New(Options{Map: dp.CT}).Pass()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !st.Pressure || st.Deleted != 0 || st.Next != DefaultMinInterval {
+		t.Fatalf("stats %+v: want pressure, nothing deleted, next pass at the minimum", st)
+	}
+}
