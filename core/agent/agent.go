@@ -254,6 +254,7 @@ func newIPCache(lc fx.Lifecycle, dp *datapath.Datapath, store *model.Store, info
 		Routes:  true,
 		Log:     log.With("component", "ipcache"),
 	})
+	w.OnConfig(r.Refresh)
 	background(lc, func(ctx context.Context) { r.Run(ctx, store) })
 	return r
 }

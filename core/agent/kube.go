@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"reflect"
+	"slices"
 	"sync"
 	"time"
 
@@ -232,6 +233,8 @@ type watcher struct {
 	log     *slog.Logger
 	catalog module.Catalog
 	path    string
+	// onConfig run after each accepted configuration change.
+	onConfig []func()
 }
 
 // encapsulationOf is the encapsulation key of a node with these labels
@@ -274,8 +277,21 @@ func (w *watcher) reload() {
 	}
 	w.mu.Lock()
 	w.cfg = cfg
+	refresh := slices.Clone(w.onConfig)
 	w.mu.Unlock()
 	w.check("the configuration file " + w.path + " changed")
+	// This node may run on as it is while another pool changed how it
+	// is reached: what depends on the peers' pools follows.
+	for _, f := range refresh {
+		f()
+	}
+}
+
+// OnConfig registers f to run after every accepted configuration change.
+func (w *watcher) OnConfig(f func()) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	w.onConfig = append(w.onConfig, f)
 }
 
 // watchConfig follows the configuration file (its directory, so that

@@ -53,6 +53,7 @@ type Options struct {
 // Reconciler writes the ipcache and routes.
 type Reconciler struct {
 	o       Options
+	kick    chan struct{}
 	m       Map
 	applied map[datapath.IPCacheKey]datapath.IPCacheEntry
 }
@@ -62,7 +63,7 @@ func New(o Options) *Reconciler {
 	if o.Log == nil {
 		o.Log = slog.Default()
 	}
-	return &Reconciler{o: o}
+	return &Reconciler{o: o, kick: make(chan struct{}, 1)}
 }
 
 func key(p netip.Prefix) datapath.IPCacheKey {
@@ -195,10 +196,19 @@ func prefixNet(p netip.Prefix) *net.IPNet {
 	return &net.IPNet{IP: p.Addr().AsSlice(), Mask: net.CIDRMask(p.Bits(), 32)}
 }
 
+// Refresh writes the ipcache again from the current nodes: how peers are
+// reached (PeerKey) may have changed with the configuration.
+func (r *Reconciler) Refresh() {
+	select {
+	case r.kick <- struct{}{}:
+	default:
+	}
+}
+
 // Run applies the store's nodes whenever they change, once the store is
 // authoritative, retrying failures with backoff until ctx ends.
 func (r *Reconciler) Run(ctx context.Context, store *model.Store) {
-	model.Follow(ctx, store, r.o.Log, "writing the ipcache", func(snap *model.Snapshot) error {
+	model.FollowKicked(ctx, store, r.kick, r.o.Log, "writing the ipcache", func(snap *model.Snapshot) error {
 		err := r.Apply(snap.Nodes)
 		if err != nil {
 			r.applied = nil // read the map again before the next try

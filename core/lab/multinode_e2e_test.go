@@ -20,6 +20,7 @@ import (
 
 	"github.com/weirnet/weir/core/datapath"
 	"github.com/weirnet/weir/core/netns"
+	"github.com/weirnet/weir/core/proc"
 )
 
 var serverWork = Workload{HTTP: 8080, UDP: 5353, Echo: 9000, Sink: 7000}
@@ -445,5 +446,64 @@ func TestPoolsThatTunnelDifferentlyAreRefused(t *testing.T) {
 	want := `pool "g" tunnels with geneve/6081/vni=1 but the top-level modules tunnel with vxlan/8472/vni=1`
 	if err == nil || !strings.Contains(err.Error(), want) {
 		t.Fatalf("lab with pools tunnelling differently: %v", fmt.Sprint(err))
+	}
+}
+
+// A configuration change that moves another node into a pool that routes
+// natively rewrites how this node reaches it, though this node itself
+// runs on unchanged: no stale encapsulation toward a node that no longer
+// decapsulates.
+func TestAnotherPoolsForwardingChange(t *testing.T) {
+	l := upMulti(t, modes[0]) // every node tunnels (VXLAN)
+	ctx := context.Background()
+	client := l.Pod("client")
+	reach := func(what string) {
+		t.Helper()
+		for _, to := range []string{"web-2", "web-3"} {
+			var who string
+			var err error
+			waitFor(t, 20*time.Second, what+": client -> "+to, func() bool {
+				who, err = Get(ctx, HTTPClient(client.NetnsPath(), time.Second), "http://"+l.Pod(to).IP+":8080/")
+				return err == nil && who == to
+			})
+		}
+	}
+	via := func(node, prefix string) string {
+		p, err := datapath.OpenPinned(l.Node(node).PinDir)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer p.Close()
+		rows, err := p.IPCache()
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, r := range rows {
+			if r.Prefix.String() == prefix {
+				return r.Via
+			}
+		}
+		return ""
+	}
+	reach("all tunnel")
+	if v := via("n1", "10.244.3.0/24"); v != "tunnel" {
+		t.Fatalf("n1 reaches n3's pods via %q, want tunnel", v)
+	}
+	for _, n := range l.Nodes {
+		if err := os.WriteFile(n.Config, []byte(modes[3].config), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	waitFor(t, 30*time.Second, "n3 to run the native pool", func() bool {
+		st, err := l.Node("n3").Client().Status(ctx)
+		return err == nil && st.Ready && st.Pool == "native"
+	})
+	waitFor(t, 10*time.Second, "n1 to reach n3 natively", func() bool { return via("n1", "10.244.3.0/24") == "native" })
+	if via("n1", "10.244.2.0/24") != "tunnel" {
+		t.Fatal("n1 stopped tunnelling to n2")
+	}
+	reach("n3 native")
+	if strings.Contains(proc.Tail(l.Node("n1").Log, 200), "restarting with the new module set") {
+		t.Fatal("n1 restarted; it should have run on unchanged and only rewritten its ipcache")
 	}
 }

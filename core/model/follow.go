@@ -11,6 +11,13 @@ import (
 // exponential backoff (100 ms to 30 s); a snapshot already applied is not
 // applied again. what names the work in logs.
 func Follow(ctx context.Context, store *Store, log *slog.Logger, what string, apply func(*Snapshot) error) {
+	FollowKicked(ctx, store, nil, log, what, apply)
+}
+
+// FollowKicked is Follow that also applies the current snapshot again
+// whenever kick fires: for appliers whose result depends on more than the
+// snapshot (the configuration, say).
+func FollowKicked(ctx context.Context, store *Store, kick <-chan struct{}, log *slog.Logger, what string, apply func(*Snapshot) error) {
 	changed := store.Subscribe()
 	backoff := time.Duration(0)
 	var retry <-chan time.Time
@@ -22,6 +29,8 @@ func Follow(ctx context.Context, store *Store, log *slog.Logger, what string, ap
 			return
 		case <-changed:
 		case <-retry:
+		case <-kick:
+			haveApplied = false
 		}
 		retry = nil
 		snap, version, ready := store.Snapshot()
