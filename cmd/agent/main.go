@@ -44,6 +44,7 @@ func run(args []string) error {
 	fs.StringVar(&opts.APISocket, "api-socket", "/run/weir/agent.sock", "unix socket of the local API")
 	fs.StringVar(&opts.Cgroup, "cgroup", "", "cgroup v2 directory whose sockets this node's socket hooks see")
 	fs.StringVar(&opts.Kubeconfig, "kubeconfig", "", "Kubernetes client configuration (default: in-cluster when available, else standalone)")
+	fs.BoolVar(&opts.Standalone, "standalone", false, "never use Kubernetes, even with an in-cluster configuration in the environment (services and nodes from --services-file)")
 	fs.StringVar(&opts.NodeIP, "node-ip", "", "the node's IPv4 address toward other nodes (default: the Node's InternalIP, else the uplink's)")
 	fs.StringVar(&opts.Uplink, "uplink", "", "the device toward other nodes (default: the one holding the node address, else the default route's)")
 	var podCIDRs string

@@ -49,6 +49,9 @@ type Options struct {
 	// in-cluster configuration when there is one, and otherwise the agent
 	// runs standalone.
 	Kubeconfig string
+	// Standalone never talks to Kubernetes, whatever the environment
+	// says (an in-cluster service account inherited by a test or lab).
+	Standalone bool
 	// PodCIDRs are the node's pod ranges in standalone mode; with
 	// Kubernetes they come from the Node.
 	PodCIDRs []string
@@ -106,7 +109,7 @@ func New(opts Options, cat module.Catalog) (*Agent, error) {
 	if err != nil {
 		return nil, err
 	}
-	client, err := kubeClient(opts.Kubeconfig)
+	client, err := kubeClient(opts.Kubeconfig, opts.Standalone)
 	if err != nil {
 		return nil, err
 	}

@@ -45,7 +45,27 @@ func opts(t *testing.T, config string) Options {
 	if err := os.WriteFile(p, []byte(config), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	return Options{ConfigPath: p, NodeName: "n1", PinDir: filepath.Join(dir, "never-created"), StateDir: dir, APISocket: filepath.Join(dir, "s")}
+	return Options{ConfigPath: p, NodeName: "n1", PinDir: filepath.Join(dir, "never-created"), StateDir: dir, APISocket: filepath.Join(dir, "s"), Standalone: true}
+}
+
+// Standalone is explicit: an in-cluster environment the agent inherits
+// (a test or lab run inside a pod) is not used, and asking for both a
+// kubeconfig and standalone is refused.
+func TestStandaloneIgnoresAnInClusterEnvironment(t *testing.T) {
+	t.Setenv("KUBERNETES_SERVICE_HOST", "10.0.0.1")
+	t.Setenv("KUBERNETES_SERVICE_PORT", "443")
+	if _, err := New(opts(t, "modules: [endpoints]\n"), catalog(t)); err != nil {
+		t.Fatalf("standalone agent in an in-cluster environment: %v", err)
+	}
+	o := opts(t, "modules: [endpoints]\n")
+	o.Standalone = false
+	if _, err := New(o, catalog(t)); err == nil || !strings.Contains(err.Error(), "in-cluster Kubernetes configuration") {
+		t.Fatalf("without --standalone the environment is used: %v", err)
+	}
+	o.Standalone, o.Kubeconfig = true, "/some/kubeconfig"
+	if _, err := New(o, catalog(t)); err == nil || !strings.Contains(err.Error(), "--standalone and --kubeconfig exclude each other") {
+		t.Fatalf("standalone with a kubeconfig: %v", err)
+	}
 }
 
 // The agent refuses to start on a bad module set, before touching the

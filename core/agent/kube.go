@@ -3,6 +3,7 @@ package agent
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"log/slog"
 	"maps"
@@ -32,11 +33,16 @@ import (
 
 // kubeClient builds a client from a kubeconfig file, or from the pod's
 // service account when running in a cluster with no file given. It returns
-// nil when neither applies: the agent runs standalone.
-func kubeClient(kubeconfig string) (kubernetes.Interface, error) {
+// nil when neither applies, or standalone is asked for: the agent runs
+// standalone.
+func kubeClient(kubeconfig string, standalone bool) (kubernetes.Interface, error) {
 	var cfg *rest.Config
 	var err error
 	switch {
+	case standalone && kubeconfig != "":
+		return nil, errors.New("--standalone and --kubeconfig exclude each other")
+	case standalone:
+		return nil, nil
 	case kubeconfig != "":
 		cfg, err = clientcmd.BuildConfigFromFlags("", kubeconfig)
 		if err != nil {

@@ -501,7 +501,9 @@ func (l *Lab) StartAgent(ctx context.Context, node string) error {
 	if l.Spec.Kubernetes {
 		args = append(args, "--kubeconfig", l.Kubeconfig)
 	} else {
-		args = append(args, "--node-labels", joinLabels(n.Labels), "--pod-cidr", n.PodCIDR, "--services-file", n.ServicesFile)
+		// Standalone, said so: an inherited in-cluster environment (a lab
+		// run inside a pod) must not turn the agent to that cluster.
+		args = append(args, "--standalone", "--node-labels", joinLabels(n.Labels), "--pod-cidr", n.PodCIDR, "--services-file", n.ServicesFile)
 	}
 	args = append(args, l.Options.AgentArgs...)
 	pid, err := proc.Start(proc.Spec{Path: l.Binaries.Agent, Args: args, Netns: n.NetnsPath(), LogFile: n.Log, Cgroup: filepath.Join(n.Cgroup, "agent")})

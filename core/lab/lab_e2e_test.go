@@ -653,3 +653,13 @@ func TestCTMaxEntriesChangeUnderALiveConnection(t *testing.T) {
 		get(t, l.Pod("client"), "http://10.96.0.10/", 20)
 	}
 }
+
+// Agents the lab starts are standalone by flag: a lab run inside a pod
+// (where the environment names a Kubernetes API) does not turn them to it.
+func TestLabAgentsIgnoreAnInClusterEnvironment(t *testing.T) {
+	t.Setenv("KUBERNETES_SERVICE_HOST", "10.0.0.1")
+	t.Setenv("KUBERNETES_SERVICE_PORT", "443")
+	l := up(t, oneNode())
+	apply(t, l, webServices, 3)
+	get(t, l.Pod("client"), "http://10.96.0.10/", 10)
+}
