@@ -260,7 +260,9 @@ func BenchmarkPerPacket(b *testing.B) {
 		}
 		cases := []perPacket{
 			{name: "non-service (pod to local pod)", prog: egress, input: func(int) []byte { return pod },
-				check: func(v uint32, _, out []byte) error { return delivered(v, out, netip.AddrPortFrom(bClient, 40000), backend) }},
+				check: func(v uint32, _, out []byte) error {
+					return delivered(v, out, netip.AddrPortFrom(bClient, 40000), backend)
+				}},
 			{name: "service, first packet (CT miss)", prog: egress,
 				input: func(i int) []byte { return tcpFrame(b, missSrc(i), bVIP, true) },
 				check: func(v uint32, in, out []byte) error {
