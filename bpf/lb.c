@@ -45,6 +45,23 @@ WEIR_INLINE int lb_rewrites(const struct weir_ct_entry *e, const struct weir_ct_
 	       e->nat_dport != k->dport;
 }
 
+/* The packet leaves as its flow's entry e (keyed by key) says; a first
+ * fragment leaves its ports for the later ones. */
+WEIR_INLINE int lb_leave(struct __sk_buff *skb, struct weir_ctx *ctx, const struct weir_ct_entry *e,
+			 const struct weir_ct_key *key, __u32 now)
+{
+	__u32 reason;
+
+	if (!lb_rewrites(e, key))
+		return weir_next(skb, ctx);
+	reason = lb_frag_remember(ctx, now);
+	if (reason)
+		return weir_drop_ctx(skb, ctx, reason);
+	if (weir_ct_apply(skb, ctx, e))
+		return weir_drop_ctx(skb, ctx, WEIR_DROP_CSUM_REWRITE);
+	return weir_next(skb, ctx);
+}
+
 /* Whether the translated flow of e still matches the service the packet
  * is addressed to (svc, possibly gone) and a backend that keeps flows. */
 WEIR_INLINE int lb_flow_current(const struct weir_ct_entry *e, const struct weir_svc_val *svc)
@@ -175,14 +192,7 @@ int lb_pod_egress(struct __sk_buff *skb)
 		if (!e)
 			return weir_drop_ctx(skb, ctx, reason);
 	}
-	if (!lb_rewrites(e, &key))
-		return weir_next(skb, ctx);
-	reason = lb_frag_remember(ctx, now);
-	if (reason)
-		return weir_drop_ctx(skb, ctx, reason);
-	if (weir_ct_apply(skb, ctx, e))
-		return weir_drop_ctx(skb, ctx, WEIR_DROP_CSUM_REWRITE);
-	return weir_next(skb, ctx);
+	return lb_leave(skb, ctx, e, &key, now);
 }
 
 /* pod-ingress/lb-revnat: replies of tracked flows leave as their flow
@@ -194,7 +204,7 @@ int lb_pod_ingress(struct __sk_buff *skb)
 	WEIR_STAGE_CTX(skb, ctx);
 	struct weir_ct_entry *e;
 	struct weir_ct_key key;
-	__u32 now, reason;
+	__u32 now;
 
 	if (ctx->l3 != WEIR_L3_IPV4)
 		return weir_next(skb, ctx);
@@ -211,14 +221,7 @@ int lb_pod_ingress(struct __sk_buff *skb)
 		return weir_next(skb, ctx);
 	if (!(ctx->flags & WEIR_CTX_LATER_FRAGMENT))
 		weir_ct_touch(&key, e, ctx->tcp_flags, skb->len, now);
-	if (!lb_rewrites(e, &key))
-		return weir_next(skb, ctx);
-	reason = lb_frag_remember(ctx, now);
-	if (reason)
-		return weir_drop_ctx(skb, ctx, reason);
-	if (weir_ct_apply(skb, ctx, e))
-		return weir_drop_ctx(skb, ctx, WEIR_DROP_CSUM_REWRITE);
-	return weir_next(skb, ctx);
+	return lb_leave(skb, ctx, e, &key, now);
 }
 
 char __license[] SEC("license") = "Dual BSD/GPL";

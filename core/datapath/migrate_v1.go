@@ -44,50 +44,37 @@ type ctEntryV1 struct {
 	Flags             uint16 // 1 SYN, 2 FIN, 4 RST, 8 ESTABLISHED
 }
 
-func convertServicesV1(_ *migration, old *ebpf.Map, put func(k, v any) error) (int, error) {
+// convertEach puts every entry of old, converted by conv, counting those
+// that could not be written.
+func convertEach[K, V any](old *ebpf.Map, put func(k, v any) error, conv func(K, V) (any, any)) (int, error) {
 	var (
-		k ServiceKey
-		v svcValV1
+		k K
+		v V
 	)
 	lost := 0
 	it := old.Iterate()
 	for it.Next(&k, &v) {
-		nv := ServiceValue{BackendId: v.BackendID, RevNat: uint32(v.RevNat), Count: v.Count, Type: v.Type, Flags2: v.Flags2, AffinityTimeout: v.AffinityTimeout}
-		if err := put(k, nv); err != nil {
+		if err := put(conv(k, v)); err != nil {
 			lost++
 		}
 	}
 	return lost, it.Err()
+}
+
+func convertServicesV1(_ *migration, old *ebpf.Map, put func(k, v any) error) (int, error) {
+	return convertEach(old, put, func(k ServiceKey, v svcValV1) (any, any) {
+		return k, ServiceValue{BackendId: v.BackendID, RevNat: uint32(v.RevNat), Count: v.Count, Type: v.Type, Flags2: v.Flags2, AffinityTimeout: v.AffinityTimeout}
+	})
 }
 
 func convertRevNATV1(_ *migration, old *ebpf.Map, put func(k, v any) error) (int, error) {
-	var (
-		k uint16
-		v RevNAT
-	)
-	lost := 0
-	it := old.Iterate()
-	for it.Next(&k, &v) {
-		if err := put(uint32(k), v); err != nil {
-			lost++
-		}
-	}
-	return lost, it.Err()
+	return convertEach(old, put, func(k uint16, v RevNAT) (any, any) { return uint32(k), v })
 }
 
 func convertAffinityV1(_ *migration, old *ebpf.Map, put func(k, v any) error) (int, error) {
-	var (
-		k affinityKeyV1
-		v Affinity
-	)
-	lost := 0
-	it := old.Iterate()
-	for it.Next(&k, &v) {
-		if err := put(AffinityKey{Client: k.Client, RevNat: uint32(k.RevNat)}, v); err != nil {
-			lost++
-		}
-	}
-	return lost, it.Err()
+	return convertEach(old, put, func(k affinityKeyV1, v Affinity) (any, any) {
+		return AffinityKey{Client: k.Client, RevNat: uint32(k.RevNat)}, v
+	})
 }
 
 // convertCTV1 turns each translated flow's two entries into the ORIG and

@@ -460,3 +460,20 @@ func (p *Pinned) IPCache() ([]IPCacheRow, error) {
 	})
 	return out, it.Err()
 }
+
+// CountEntries counts a map's entries (for hash maps: what takes room,
+// expired conntrack entries included).
+func CountEntries(m *ebpf.Map) (int, error) {
+	info, err := m.Info()
+	if err != nil {
+		return 0, err
+	}
+	k := make([]byte, info.KeySize)
+	v := make([]byte, info.ValueSize)
+	n := 0
+	it := m.Iterate()
+	for it.Next(&k, &v) {
+		n++
+	}
+	return n, it.Err()
+}

@@ -38,16 +38,8 @@ func ctCount(t *testing.T, n *Node) int {
 		t.Fatal(err)
 	}
 	defer m.Close()
-	var (
-		k     datapath.CTKey
-		v     datapath.CTEntry
-		count int
-	)
-	it := m.Iterate()
-	for it.Next(&k, &v) {
-		count++
-	}
-	if err := it.Err(); err != nil {
+	count, err := datapath.CountEntries(m)
+	if err != nil {
 		t.Fatal(err)
 	}
 	return count

@@ -413,22 +413,9 @@ func TestConntrackCreateFailureIsACountedDrop(t *testing.T) {
 			if n := f.metric(slots.PodEgress, datapath.DropCTCreate); n != 1 {
 				t.Fatalf("conntrack-create drops counted: %d, want 1", n)
 			}
-			if n, err := countEntries(dp.CT()); err != nil || n != 2 {
+			if n, err := datapath.CountEntries(dp.CT()); err != nil || n != 2 {
 				t.Fatalf("conntrack holds %d entries (%v), want the first flow's 2", n, err)
 			}
 		})
 	}
-}
-
-func countEntries(m *ebpf.Map) (int, error) {
-	var (
-		k datapath.CTKey
-		v datapath.CTEntry
-		n int
-	)
-	it := m.Iterate()
-	for it.Next(&k, &v) {
-		n++
-	}
-	return n, it.Err()
 }

@@ -5,6 +5,7 @@ import (
 	"os"
 	"path/filepath"
 	"testing"
+	"time"
 
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -29,10 +30,18 @@ func TestControlPlaneServesTheAPI(t *testing.T) {
 	if _, err := c.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "probe"}}, metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	// The kubernetes service exists and points at the advertised address.
-	svc, err := c.CoreV1().Services("default").Get(ctx, "kubernetes", metav1.GetOptions{})
-	if err != nil || svc.Spec.ClusterIP != "10.96.0.1" {
-		t.Fatalf("kubernetes service: %v %v", svc, err)
+	// The kubernetes service exists and points at the advertised address
+	// (the API server's bootstrap controller creates it shortly after it
+	// serves).
+	var svc *corev1.Service
+	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(100 * time.Millisecond) {
+		svc, err = c.CoreV1().Services("default").Get(ctx, "kubernetes", metav1.GetOptions{})
+		if err == nil && svc.Spec.ClusterIP == "10.96.0.1" {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("kubernetes service: %v %v", svc, err)
+		}
 	}
 
 	// A kubeconfig for agents carries the CA and the token.
