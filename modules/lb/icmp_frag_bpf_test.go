@@ -89,19 +89,25 @@ func TestICMPErrorsAreTranslated(t *testing.T) {
 		fromPeer  bool // the backend itself sends the error (else a node on the path)
 		code      uint8
 		wantOuter func(front netip.AddrPort) netip.Addr
+		noSum     bool // the client's UDP datagram carries no checksum
 	}{
 		{"port unreachable from a UDP backend", layers.IPProtocolUDP, netip.AddrPortFrom(dnsVIP, 53), true, portUnreach,
-			func(fr netip.AddrPort) netip.Addr { return fr.Addr() }},
+			func(fr netip.AddrPort) netip.Addr { return fr.Addr() }, false},
 		{"fragmentation needed from a node, TCP", layers.IPProtocolTCP, netip.AddrPortFrom(vip, 80), false, fragNeeded,
-			func(netip.AddrPort) netip.Addr { return node }},
+			func(netip.AddrPort) netip.Addr { return node }, false},
 		{"fragmentation needed from a node, UDP", layers.IPProtocolUDP, netip.AddrPortFrom(dnsVIP, 53), false, fragNeeded,
-			func(netip.AddrPort) netip.Addr { return node }},
+			func(netip.AddrPort) netip.Addr { return node }, false},
+		{"port unreachable quoting a datagram without checksum", layers.IPProtocolUDP, netip.AddrPortFrom(dnsVIP, 53), true, portUnreach,
+			func(fr netip.AddrPort) netip.Addr { return fr.Addr() }, true},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			f := newFixture(t, false)
 			f.web()
 			src := netip.AddrPortFrom(client, 35000)
 			sent := dptest.Build(t, dptest.Flow{Src: src, Dst: c.front, Proto: c.proto, SYN: true, Payload: []byte("data")})
+			if c.noSum {
+				sent[14+20+6], sent[14+20+7] = 0, 0
+			}
 			onWire := dptest.Run(t, f.egress, sent).Packet[:len(sent)]
 			backend := dptest.Decode(t, onWire).Dst
 			from := node
@@ -123,6 +129,9 @@ func TestICMPErrorsAreTranslated(t *testing.T) {
 			}
 			if !bytes.Equal(d.Inner.Payload, []byte("data")) {
 				t.Fatalf("quoted payload %q", d.Inner.Payload)
+			}
+			if c.noSum && d.Inner.UDP.Checksum != 0 {
+				t.Fatalf("quoted UDP checksum %#x, want 0 kept", d.Inner.UDP.Checksum)
 			}
 		})
 	}
