@@ -7,7 +7,6 @@ import (
 	"net"
 	"net/netip"
 	"testing"
-	"time"
 
 	"github.com/cilium/ebpf"
 	"github.com/gopacket/gopacket/layers"
@@ -278,24 +277,39 @@ func TestSessionAffinity(t *testing.T) {
 	if len(seen) != 3 {
 		t.Fatalf("30 clients reached only %v", seen)
 	}
-	// After the timeout a client may land anywhere: over 60 new flows
-	// spaced past the timeout it must not always get the same backend.
+	// After the timeout a client may land anywhere. Time passes by
+	// moving the client's affinity entry into the past (lifetimes count
+	// whole seconds): over 30 such new flows it must not always get the
+	// backend it had ((1/3)^30 by chance); within the timeout it always
+	// does.
 	cl := netip.MustParseAddr("10.244.2.1")
-	moved := false
-	for i := range 3 {
-		// Lifetimes count whole seconds: wait past the next boundary.
-		time.Sleep(2100 * time.Millisecond)
-		for port := uint16(41000 + 20*i); port < uint16(41020+20*i); port++ {
-			d := dptest.Decode(t, dptest.Run(t, f.egress, dptest.Build(t, tcp(netip.AddrPortFrom(cl, port), netip.AddrPortFrom(vip, 80)))).Packet)
-			if d.Dst.Addr() != first[cl] {
-				moved = true
-			}
-			if port == uint16(41000+20*i) {
-				first[cl] = d.Dst.Addr()
-			}
+	var rn datapath.ServiceValue
+	if err := f.dp.Services().Lookup(datapath.ServiceKey{Addr: datapath.AddrToBE(vip), Port: datapath.PortToBE(80), Proto: 6}, &rn); err != nil {
+		t.Fatal(err)
+	}
+	key := datapath.AffinityKey{Client: datapath.AddrToBE(cl), RevNat: rn.RevNat}
+	age := func(by uint32) {
+		var a datapath.Affinity
+		if err := f.dp.Affinity().Lookup(key, &a); err != nil {
+			t.Fatal(err)
 		}
-		if moved {
-			break
+		a.LastUsed -= by
+		if err := f.dp.Affinity().Put(key, a); err != nil {
+			t.Fatal(err)
+		}
+	}
+	moved := false
+	for i := range 30 {
+		age(2)
+		d := dptest.Decode(t, dptest.Run(t, f.egress, dptest.Build(t, tcp(netip.AddrPortFrom(cl, uint16(41000+i)), netip.AddrPortFrom(vip, 80)))).Packet)
+		if d.Dst.Addr() != first[cl] {
+			moved = true
+		}
+		first[cl] = d.Dst.Addr()
+		// Within the timeout, the next flow sticks.
+		again := dptest.Decode(t, dptest.Run(t, f.egress, dptest.Build(t, tcp(netip.AddrPortFrom(cl, uint16(42000+i)), netip.AddrPortFrom(vip, 80)))).Packet)
+		if again.Dst.Addr() != first[cl] {
+			t.Fatalf("within the timeout, client %v moved from %v to %v", cl, first[cl], again.Dst.Addr())
 		}
 	}
 	if !moved {
