@@ -13,6 +13,11 @@
 #include "weir/lb.h"
 #include "weir/stage.h"
 
+/* How long the ports of a first fragment are kept for later ones, as
+ * long as the kernel waits to reassemble (ipfrag_time): beyond, the IP id
+ * may belong to another datagram. */
+#define LB_FRAG_LIFETIME 30
+
 /* Later fragments carry no ports: those of their datagram's first
  * fragment, if it was translated. Returns 0 when unknown. */
 WEIR_INLINE int lb_frag_ports(struct weir_ctx *ctx, __u32 now)
@@ -20,7 +25,7 @@ WEIR_INLINE int lb_frag_ports(struct weir_ctx *ctx, __u32 now)
 	struct weir_frag_key k = {.saddr = ctx->saddr, .daddr = ctx->daddr, .id = ctx->ip_id, .proto = ctx->proto};
 	struct weir_frag_entry *f = bpf_map_lookup_elem(&weir_frags, &k);
 
-	if (!f || now - f->created > WEIR_CT_LIFETIME_NONTCP)
+	if (!f || now - f->created > LB_FRAG_LIFETIME)
 		return 0;
 	ctx->sport = f->sport;
 	ctx->dport = f->dport;
@@ -158,6 +163,9 @@ int lb_pod_egress(struct __sk_buff *skb)
 	/* A reply leaving a local server: translated on delivery. */
 	if (e && e->dir != WEIR_CT_ORIG)
 		return weir_next(skb, ctx);
+	/* A later fragment never revives or starts a flow. */
+	if (later && (!e || weir_ct_expired(e, now)))
+		return weir_next(skb, ctx);
 	if (e && !later &&
 	    (weir_ct_expired(e, now) || weir_ct_reopens(e, ctx->proto, ctx->tcp_flags) || !lb_flow_current(e, svc))) {
 		weir_ct_delete_flow(&key, e);
@@ -165,8 +173,6 @@ int lb_pod_egress(struct __sk_buff *skb)
 	}
 	if (e) {
 		weir_ct_touch(&key, e, ctx->tcp_flags, skb->len, now);
-	} else if (later) {
-		return weir_next(skb, ctx);
 	} else {
 		o.nat_saddr = ctx->saddr;
 		o.nat_sport = ctx->sport;

@@ -314,6 +314,9 @@ func compose(p composeParams) error {
 			if inst, err = p.DP.Install(objs); err != nil {
 				return err
 			}
+			// The new stages run (for hooks that moved); what old ones
+			// wrote meanwhile follows before the hooks move.
+			p.DP.CatchUp()
 			if err := attachUplink(p.DP, p.Info, p.Eff); err != nil {
 				return err
 			}
@@ -328,7 +331,9 @@ func compose(p composeParams) error {
 			}
 			// Every hook runs this agent's entry programs now: a load
 			// that replaced maps can let the old ones go.
-			p.DP.FinishMigration()
+			if err := p.DP.FinishMigration(); err != nil {
+				p.Log.Warn("releasing the datapath of the previous agent", "err", err)
+			}
 			done.ok.Store(true)
 			names := make([]string, len(ordered))
 			for i, m := range ordered {

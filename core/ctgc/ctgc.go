@@ -156,6 +156,12 @@ func (g *GC) Pass() (Stats, error) {
 		if live, err := twinLive(m, e, now); err != nil || live {
 			continue
 		}
+		// The datapath may have made a new flow on the key since the
+		// map was read: only the entry that was read goes.
+		var cur datapath.CTEntry
+		if err := m.Lookup(e.key, &cur); err != nil || cur.Created != e.val.Created || cur.Lifetime != e.val.Lifetime {
+			continue
+		}
 		err := m.Delete(e.key)
 		if err == nil {
 			deleted++

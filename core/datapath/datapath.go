@@ -67,6 +67,7 @@ type Datapath struct {
 	// migration is set between a Load that replaced pinned maps and
 	// FinishMigration.
 	migration *migration
+	spec      *ebpf.CollectionSpec
 }
 
 // New checks the options and returns a datapath that is not loaded yet:
@@ -126,6 +127,7 @@ func (d *Datapath) Load() error {
 		}
 		return fmt.Errorf("loading the core BPF object into %s: %w", d.opts.PinDir, verifierDetail(err))
 	}
+	d.spec = spec
 	if mig != nil {
 		if err := mig.commit(); err != nil {
 			mig.close()
@@ -133,19 +135,34 @@ func (d *Datapath) Load() error {
 		}
 		d.migration = mig
 	}
-	return writeVersion(d.opts.PinDir)
+	return recordLayouts(d.opts.PinDir, spec, false)
 }
 
-// FinishMigration ends a load that replaced pinned maps (another
-// ctMaxEntries, an earlier layout), once every hook runs the new entry
-// programs: what the old programs wrote to conntrack since the load is
-// carried over, and the old maps are let go. Nothing happens otherwise.
-func (d *Datapath) FinishMigration() {
-	if d.migration == nil {
-		return
+// CatchUp carries over what the programs that ran before this load wrote
+// to conntrack since it (when it replaced the conntrack map): call it once
+// the new stages are in place, before hooks move to the new entry
+// programs, to keep the window in which a flow is known to one side only
+// short.
+func (d *Datapath) CatchUp() {
+	if d.migration != nil {
+		d.migration.catchUp()
 	}
-	d.migration.finish()
-	d.migration = nil
+}
+
+// FinishMigration ends a load once every hook runs this datapath's entry
+// programs. When the load replaced pinned maps (another ctMaxEntries, an
+// earlier layout), what the old programs wrote to conntrack since is
+// carried over and the old maps are let go; the prog arrays earlier
+// programs ran on are released in any case.
+func (d *Datapath) FinishMigration() error {
+	if d.migration != nil {
+		d.migration.finish()
+		d.migration = nil
+	}
+	if d.spec == nil {
+		return nil
+	}
+	return recordLayouts(d.opts.PinDir, d.spec, true)
 }
 
 // CoreSpec is the core object as the agent loads it (for tools and tests
@@ -444,8 +461,14 @@ func (d *Datapath) Detach(ifname string, h slots.Hook) error {
 
 // Close releases the agent's descriptors. Pinned objects stay: the datapath
 // keeps running.
+// A load that replaced maps and did not finish leaves the old prog array
+// pinned: the hooks still run the old programs on it.
 func (d *Datapath) Close() error {
-	d.FinishMigration()
+	if d.migration != nil {
+		d.migration.close()
+		d.migration.closeReplaced()
+		d.migration = nil
+	}
 	return d.core.Close()
 }
 
@@ -453,8 +476,8 @@ func (d *Datapath) Close() error {
 // detached, and maps disappear once no program uses them. For tearing a node
 // down, never for an agent restart.
 func (d *Datapath) Remove() error {
-	d.FinishMigration()
 	var errs []error
+	errs = append(errs, d.FinishMigration())
 	links, _ := filepath.Glob(filepath.Join(d.opts.PinDir, "links", "*"))
 	for _, p := range links {
 		if l, err := link.LoadPinnedLink(p, nil); err == nil {

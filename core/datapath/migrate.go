@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"time"
 
 	"github.com/cilium/ebpf"
 )
@@ -18,9 +19,81 @@ import (
 // done.
 const LayoutVersion = 2
 
-// layoutPin holds the LayoutVersion of the maps pinned beside it. Pin
-// directories of agents from before it existed hold version 1.
+// layoutPin is a hash map beside the pinned maps: map name -> the
+// LayoutVersion its entries have. Pin directories of agents from before it
+// existed hold layout 1 throughout. A map whose version is missing or
+// transitionVersion (a swap was under way when an agent stopped) has an
+// unknown layout and is recreated.
 const layoutPin = "weir_layout"
+
+const transitionVersion = ^uint32(0)
+
+// prevCallsPrefix names the pins that keep a replaced prog array alive
+// until this agent's entry programs run on every hook: the kernel empties
+// a prog array whose last user reference goes, and old entry programs
+// still tail-call into it. A crash in between leaves the pin, so the
+// datapath keeps forwarding on the old programs; the next start that
+// completes removes it.
+const prevCallsPrefix = MapCalls + "_prev_"
+
+func layoutKey(name string) [16]byte {
+	var k [16]byte
+	copy(k[:], name)
+	return k
+}
+
+// layouts reads and writes the per-map layout versions of a pin
+// directory.
+type layouts struct {
+	m      *ebpf.Map
+	legacy bool // no layout map: everything pinned is layout 1
+}
+
+func openLayouts(dir string, create bool) (*layouts, error) {
+	path := filepath.Join(dir, layoutPin)
+	m, err := ebpf.LoadPinnedMap(path, nil)
+	if errors.Is(err, os.ErrNotExist) {
+		if !create {
+			return &layouts{legacy: true}, nil
+		}
+		m, err = ebpf.NewMap(&ebpf.MapSpec{Name: layoutPin, Type: ebpf.Hash, KeySize: 16, ValueSize: 4, MaxEntries: 64})
+		if err == nil {
+			if perr := m.Pin(path); perr != nil {
+				m.Close()
+				return nil, fmt.Errorf("pinning the layout versions: %w", perr)
+			}
+		}
+	}
+	if err != nil {
+		return nil, fmt.Errorf("opening the layout versions in %s: %w", dir, err)
+	}
+	return &layouts{m: m}, nil
+}
+
+func (l *layouts) close() {
+	if l.m != nil {
+		l.m.Close()
+	}
+}
+
+// of is the layout of a pinned map: its version, or 0 when unknown.
+func (l *layouts) of(name string) uint32 {
+	if l.legacy {
+		return 1
+	}
+	var v uint32
+	if err := l.m.Lookup(layoutKey(name), &v); err != nil || v == transitionVersion {
+		return 0
+	}
+	return v
+}
+
+func (l *layouts) set(name string, v uint32) error {
+	if err := l.m.Put(layoutKey(name), v); err != nil {
+		return fmt.Errorf("recording the layout of %s: %w", name, err)
+	}
+	return nil
+}
 
 // A converter moves the entries of a pinned map of the previous layout
 // into a map of the current one, through put. It returns how many entries
@@ -47,9 +120,9 @@ var layoutChanges = map[uint32]map[string]converter{
 // until core moves each hook to the new entry programs, and then a last
 // pass (Finish) carries over what the old programs wrote in between.
 type migration struct {
-	dir  string
-	from uint32
-	log  *slog.Logger
+	dir     string
+	layouts *layouts
+	log     *slog.Logger
 	// old holds every pinned map, opened, for converters that read one
 	// map to convert another.
 	old map[string]*ebpf.Map
@@ -63,57 +136,51 @@ func (m *migration) close() {
 		mp.Close()
 	}
 	m.old = nil
+	if m.layouts != nil {
+		m.layouts.close()
+		m.layouts = nil
+	}
 }
 
-// pinnedVersion is the layout of the maps in dir: 0 when it holds none.
-func pinnedVersion(dir string) (uint32, error) {
-	if _, err := os.Stat(filepath.Join(dir, MapServices)); errors.Is(err, os.ErrNotExist) {
-		return 0, nil
-	}
-	mp, err := ebpf.LoadPinnedMap(filepath.Join(dir, layoutPin), nil)
-	if errors.Is(err, os.ErrNotExist) {
-		return 1, nil
-	}
+// recordLayouts marks every pinned map of spec as of LayoutVersion (the
+// load created or carried over each of them in that layout) and removes
+// the pins that kept earlier prog arrays alive.
+func recordLayouts(dir string, spec *ebpf.CollectionSpec, finished bool) error {
+	l, err := openLayouts(dir, true)
 	if err != nil {
-		return 0, fmt.Errorf("reading the layout version in %s: %w", dir, err)
+		return err
 	}
-	defer mp.Close()
-	var v uint32
-	if err := mp.Lookup(uint32(0), &v); err != nil {
-		return 0, fmt.Errorf("reading the layout version in %s: %w", dir, err)
-	}
-	return v, nil
-}
-
-// writeVersion records LayoutVersion in dir.
-func writeVersion(dir string) error {
-	path := filepath.Join(dir, layoutPin)
-	mp, err := ebpf.LoadPinnedMap(path, nil)
-	if errors.Is(err, os.ErrNotExist) {
-		mp, err = ebpf.NewMap(&ebpf.MapSpec{Name: layoutPin, Type: ebpf.Array, KeySize: 4, ValueSize: 4, MaxEntries: 1})
-		if err == nil {
-			if perr := mp.Pin(path); perr != nil {
-				mp.Close()
-				return fmt.Errorf("pinning the layout version: %w", perr)
+	defer l.close()
+	for name, ms := range spec.Maps {
+		if ms.Pinning == ebpf.PinByName {
+			if err := l.set(name, LayoutVersion); err != nil {
+				return err
 			}
 		}
 	}
-	if err != nil {
-		return fmt.Errorf("recording the layout version: %w", err)
+	if finished {
+		olds, _ := filepath.Glob(filepath.Join(dir, prevCallsPrefix+"*"))
+		for _, p := range olds {
+			if err := os.Remove(p); err != nil {
+				return fmt.Errorf("releasing an earlier prog array: %w", err)
+			}
+		}
 	}
-	defer mp.Close()
-	return mp.Put(uint32(0), uint32(LayoutVersion))
+	return nil
 }
 
 // planMigration compares the pinned maps of dir with the spec about to be
 // loaded and prepares a replacement for every map that does not fit.
 // It returns nil when everything fits (or nothing is pinned yet).
 func planMigration(dir string, spec *ebpf.CollectionSpec, log *slog.Logger) (*migration, error) {
-	from, err := pinnedVersion(dir)
-	if err != nil || from == 0 {
+	if _, err := os.Stat(filepath.Join(dir, MapServices)); errors.Is(err, os.ErrNotExist) {
+		return nil, nil // nothing pinned yet
+	}
+	l, err := openLayouts(dir, false)
+	if err != nil {
 		return nil, err
 	}
-	m := &migration{dir: dir, from: from, log: log, old: map[string]*ebpf.Map{}, replaced: map[string]*ebpf.Map{}, fill: map[string]converter{}}
+	m := &migration{dir: dir, layouts: l, log: log, old: map[string]*ebpf.Map{}, replaced: map[string]*ebpf.Map{}, fill: map[string]converter{}}
 	names := make([]string, 0, len(spec.Maps))
 	for name, ms := range spec.Maps {
 		if ms.Pinning == ebpf.PinByName {
@@ -148,6 +215,7 @@ func planMigration(dir string, spec *ebpf.CollectionSpec, log *slog.Logger) (*mi
 	}
 	if len(m.fill) == 0 {
 		m.close()
+		l.close()
 		return nil, nil
 	}
 	// A new world of stages: the prog array and its mask start empty and
@@ -173,18 +241,19 @@ func planMigration(dir string, spec *ebpf.CollectionSpec, log *slog.Logger) (*mi
 	return m, nil
 }
 
-// layoutChange says whether the map's layout changed since the pinned
-// version, and how to carry its entries over.
+// layoutChange says whether the map's layout changed since it was
+// pinned, and how to carry its entries over.
 func (m *migration) layoutChange(name string) (converter, bool) {
-	if m.from == LayoutVersion {
+	switch m.layouts.of(name) {
+	case LayoutVersion:
 		return nil, false
-	}
-	if m.from == LayoutVersion-1 {
+	case LayoutVersion - 1:
 		conv, ok := layoutChanges[LayoutVersion][name]
 		return conv, ok
 	}
-	// A layout this agent does not know (a newer agent's, or an older
-	// one's without a path here): nothing can be read safely.
+	// A layout this agent does not know (a newer agent's, an older one's
+	// without a path here, or a swap that did not finish): nothing can
+	// be read safely.
 	return nil, true
 }
 
@@ -208,7 +277,7 @@ func (m *migration) carry(name string, catchUp bool) {
 	conv, old, nw := m.fill[name], m.old[name], m.replaced[name]
 	if conv == nil || old == nil || nw == nil {
 		if old != nil && !catchUp && name != MapCalls && name != MapSlotMask {
-			m.log.Warn("map recreated empty: its layout cannot be carried over", "map", name, "from_layout", m.from, "to_layout", LayoutVersion)
+			m.log.Warn("map recreated empty: its layout cannot be carried over", "map", name, "to_layout", LayoutVersion)
 		}
 		return
 	}
@@ -234,18 +303,40 @@ func (m *migration) carry(name string, catchUp bool) {
 		if kept > 0 || lost > 0 {
 			m.log.Info("entries written meanwhile carried over", "map", name, "kept", kept, "lost", lost)
 		}
-	case lost > 0:
-		m.log.Warn("map carried over; some entries could not be", "map", name, "kept", kept, "lost", lost, "from_layout", m.from)
 	default:
-		m.log.Info("map carried over", "map", name, "kept", kept, "from_layout", m.from)
+		// A smaller LRU map evicts while it is filled: count what stayed.
+		if n, err := CountEntries(nw); err == nil && n < kept {
+			lost += kept - n
+			kept = n
+		}
+		if lost > 0 {
+			m.log.Warn("map carried over; some entries could not be", "map", name, "kept", kept, "lost", lost)
+		} else {
+			m.log.Info("map carried over", "map", name, "kept", kept)
+		}
 	}
 }
 
 // commit gives the pins to the replacements (the programs loaded with
-// them already). The old maps stay open: old programs still use them,
-// and a prog array whose last user reference goes is emptied.
+// them already). The old prog array gets a pin of its own first: old
+// programs still run on it. Each swap is bracketed by layout records, so
+// an agent stopped half-way leaves maps whose layout says unknown, never
+// a wrong one.
 func (m *migration) commit() error {
+	if old := m.old[MapCalls]; old != nil && m.replaced[MapCalls] != nil {
+		if err := old.Pin(filepath.Join(m.dir, fmt.Sprintf("%s%d", prevCallsPrefix, time.Now().UnixNano()))); err != nil {
+			return fmt.Errorf("keeping the old prog array: %w", err)
+		}
+	}
+	l, err := openLayouts(m.dir, true)
+	if err != nil {
+		return err
+	}
+	defer l.close()
 	for _, name := range sortedKeys(m.replaced) {
+		if err := l.set(name, transitionVersion); err != nil {
+			return err
+		}
 		path := filepath.Join(m.dir, name)
 		if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
 			return fmt.Errorf("unpinning the old %s: %w", name, err)
@@ -253,18 +344,25 @@ func (m *migration) commit() error {
 		if err := m.replaced[name].Pin(path); err != nil {
 			return fmt.Errorf("pinning the new %s: %w", name, err)
 		}
+		if err := l.set(name, LayoutVersion); err != nil {
+			return err
+		}
 	}
 	return nil
 }
 
-// finish carries over what old programs wrote since prefill and lets the
-// old maps go.
-func (m *migration) finish() {
-	for _, name := range sortedKeys(m.fill) {
-		if name == MapCT {
-			m.carry(name, true)
-		}
+// catchUp carries over what old programs wrote to conntrack since the
+// replacements were filled.
+func (m *migration) catchUp() {
+	if _, ok := m.fill[MapCT]; ok {
+		m.carry(MapCT, true)
 	}
+}
+
+// finish catches up a last time and lets the old maps go (the old prog
+// array's pin goes with recordLayouts).
+func (m *migration) finish() {
+	m.catchUp()
 	m.close()
 	m.closeReplaced()
 }

@@ -82,6 +82,11 @@ func TestCTMaxEntriesChangeKeepsEntries(t *testing.T) {
 		if got := ctEntries(t, dp.CT()); !reflect.DeepEqual(got, want) {
 			t.Fatalf("ctMaxEntries %d: %d entries carried over, want %d", size, len(got), len(want))
 		}
+		// The old prog array is kept alive (old entry programs still run
+		// on it) until the load finishes.
+		if prev, _ := filepath.Glob(filepath.Join(dir, "weir_calls_prev_*")); len(prev) != 1 {
+			t.Fatalf("pins of the old prog array: %v, want one", prev)
+		}
 		// The pin is the new map.
 		pinned, err := ebpf.LoadPinnedMap(filepath.Join(dir, datapath.MapCT), nil)
 		if err != nil {
@@ -92,7 +97,12 @@ func TestCTMaxEntriesChangeKeepsEntries(t *testing.T) {
 		if pi.MaxEntries != size {
 			t.Fatalf("the pinned conntrack map has %d entries max, want %d", pi.MaxEntries, size)
 		}
-		dp.FinishMigration()
+		if err := dp.FinishMigration(); err != nil {
+			t.Fatal(err)
+		}
+		if prev, _ := filepath.Glob(filepath.Join(dir, "weir_calls_prev_*")); len(prev) != 0 {
+			t.Fatalf("pins of the old prog array after the load finished: %v", prev)
+		}
 		dp.Close()
 	}
 	dp, err = datapath.Open(datapath.Options{PinDir: dir, CTMaxEntries: 2048})
@@ -272,3 +282,107 @@ func putU32(b []byte, v uint32) {
 	b[0], b[1], b[2], b[3] = byte(v), byte(v>>8), byte(v>>16), byte(v>>24)
 }
 func putU16(b []byte, v uint16) { b[0], b[1] = byte(v), byte(v>>8) }
+
+// An agent that stops after a load replaced maps but before every hook
+// moved (it crashed, or a module failed to start) leaves the old prog
+// array pinned: the old entry programs go on forwarding through their
+// stages. The next start that completes releases it.
+func TestUnfinishedMigrationKeepsTheOldStages(t *testing.T) {
+	dir := pinDir(t)
+	dp, err := datapath.Open(datapath.Options{PinDir: dir, CTMaxEntries: 4096})
+	if err != nil {
+		t.Fatal(err)
+	}
+	objs := dptest.StageObject(t, map[string]string{"pod-egress/arp": "stage_pass"})
+	in, err := dp.Install([]datapath.Object{objs})
+	if err != nil {
+		t.Fatal(err)
+	}
+	in.Close()
+	oldEntry, _ := dp.Entry(slots.PodEgress)
+	oldEntry, err = oldEntry.Clone() // what a TCX link would hold
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer oldEntry.Close()
+	dp.Close()
+
+	dp, err = datapath.Open(datapath.Options{PinDir: dir, CTMaxEntries: 8192})
+	if err != nil {
+		t.Fatal(err)
+	}
+	dp.Close() // stopped before FinishMigration
+
+	// The old entry still runs, and its prog array still holds its
+	// stage.
+	if res := dptest.Run(t, oldEntry, packet(t)); res.Verdict != dptest.ActOK {
+		t.Fatalf("old entry program: verdict %d", res.Verdict)
+	}
+	if prev, _ := filepath.Glob(filepath.Join(dir, "weir_calls_prev_*")); len(prev) != 1 {
+		t.Fatalf("pins of the old prog array: %v, want one", prev)
+	}
+	var calls *ebpf.Map
+	if calls, err = ebpf.LoadPinnedMap(mustGlob(t, filepath.Join(dir, "weir_calls_prev_*")), nil); err != nil {
+		t.Fatal(err)
+	}
+	var id uint32
+	if err := calls.Lookup(uint32(0), &id); err != nil {
+		t.Fatalf("the old prog array lost its stage: %v", err)
+	}
+	calls.Close()
+
+	dp, err = datapath.Open(datapath.Options{PinDir: dir, CTMaxEntries: 8192})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := dp.FinishMigration(); err != nil {
+		t.Fatal(err)
+	}
+	if prev, _ := filepath.Glob(filepath.Join(dir, "weir_calls_prev_*")); len(prev) != 0 {
+		t.Fatalf("a completed start left %v", prev)
+	}
+	if err := dp.Remove(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func mustGlob(t *testing.T, pattern string) string {
+	t.Helper()
+	m, _ := filepath.Glob(pattern)
+	if len(m) != 1 {
+		t.Fatalf("%s matches %v", pattern, m)
+	}
+	return m[0]
+}
+
+// A map whose layout record says a swap was under way (an agent stopped
+// in the middle of one) is recreated, never read as some layout.
+func TestUnknownLayoutIsRecreated(t *testing.T) {
+	dir := pinDir(t)
+	dp, err := datapath.Open(datapath.Options{PinDir: dir, CTMaxEntries: 4096})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := dp.CT().Put(datapath.CTKey{Saddr: 1, Proto: 6}, datapath.CTEntry{Lifetime: 99}); err != nil {
+		t.Fatal(err)
+	}
+	dp.Close()
+	lm, err := ebpf.LoadPinnedMap(filepath.Join(dir, "weir_layout"), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var k [16]byte
+	copy(k[:], datapath.MapCT)
+	if err := lm.Put(k, ^uint32(0)); err != nil {
+		t.Fatal(err)
+	}
+	lm.Close()
+	dp, err = datapath.Open(datapath.Options{PinDir: dir, CTMaxEntries: 4096})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = dp.Remove() }()
+	if n, err := datapath.CountEntries(dp.CT()); err != nil || n != 0 {
+		t.Fatalf("conntrack of an unknown layout kept %d entries (%v)", n, err)
+	}
+}

@@ -310,7 +310,9 @@ func (r *Reconciler) apply(snap *model.Snapshot) error {
 	slices.SortFunc(stale, compareFrontendKeys)
 	slices.SortFunc(staleScopes, compareFrontendKeys)
 	for _, fk := range stale {
-		gone[r.frontends[fk].master.RevNat] = true
+		if sib := r.sibling(fk); sib == nil || sib.master.RevNat != r.frontends[fk].master.RevNat {
+			gone[r.frontends[fk].master.RevNat] = true
+		}
 		if err := r.deleteFrontend(fk); err != nil {
 			return err
 		}
@@ -380,7 +382,6 @@ func (r *Reconciler) apply(snap *model.Snapshot) error {
 	// 3b. Internal scopes their external entry (now without the flag) no
 	// longer points to.
 	for _, fk := range staleScopes {
-		gone[r.frontends[fk].master.RevNat] = true
 		if err := r.deleteFrontend(fk); err != nil {
 			return err
 		}
@@ -424,12 +425,31 @@ func (r *Reconciler) apply(snap *model.Snapshot) error {
 	return nil
 }
 
+// sibling is the frontend's entry in the other scope, if any.
+func (r *Reconciler) sibling(fk frontendKey) *frontendState {
+	other := fk
+	other.scope = datapath.ScopeExternal
+	if fk.scope == datapath.ScopeExternal {
+		other.scope = datapath.ScopeInternal
+	}
+	return r.frontends[other]
+}
+
 func (r *Reconciler) writeFrontend(fk frontendKey, df *desiredFrontend) error {
 	st := r.frontends[fk]
 	if st == nil {
-		id, err := r.allocRevNAT()
-		if err != nil {
-			return err
+		// Both scopes of a frontend are one frontend to its flows: they
+		// share its reverse NAT id, so a flow does not lose its backend
+		// when a scope appears or goes (a backend starting on another
+		// node under externalTrafficPolicy Local).
+		var id uint32
+		if sib := r.sibling(fk); sib != nil && sib.master.RevNat != 0 {
+			id = sib.master.RevNat
+		} else {
+			var err error
+			if id, err = r.allocRevNAT(); err != nil {
+				return err
+			}
 		}
 		st = &frontendState{master: datapath.ServiceValue{RevNat: id}}
 	}
@@ -497,6 +517,10 @@ func (r *Reconciler) deleteFrontend(fk frontendKey) error {
 		if err := r.services.Delete(fk.svcKey(uint16(i))); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 			return fmt.Errorf("deleting slot %d of %s: %w", i, fk.addr, err)
 		}
+	}
+	if sib := r.sibling(fk); sib != nil && sib.master.RevNat == st.master.RevNat {
+		delete(r.frontends, fk) // the other scope keeps the id
+		return nil
 	}
 	if rid := st.master.RevNat; rid != 0 {
 		if err := r.revnat.Delete(rid); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {

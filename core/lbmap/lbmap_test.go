@@ -537,6 +537,13 @@ func TestScopeChangesAreMakeBeforeBreak(t *testing.T) {
 		if !internal() || m.frontendMaster("192.0.2.10:80", model.TCP).Flags2&datapath.SvcFlagTwoScopes == 0 {
 			t.Fatalf("round %d: two scopes expected with remote backends", round)
 		}
+		// One frontend to its flows: both scopes share the reverse NAT id.
+		a := ap("192.0.2.10:80")
+		var iv datapath.ServiceValue
+		if err := m.services.Lookup(datapath.ServiceKey{Addr: datapath.AddrToBE(a.Addr()), Port: datapath.PortToBE(80), Proto: 6, Scope: datapath.ScopeInternal}, &iv); err != nil ||
+			iv.RevNat != m.frontendMaster("192.0.2.10:80", model.TCP).RevNat {
+			t.Fatalf("round %d: internal scope has reverse NAT %d, external %d", round, iv.RevNat, m.frontendMaster("192.0.2.10:80", model.TCP).RevNat)
+		}
 		apply(t, r, snap(svc(local)))
 		if internal() || m.frontendMaster("192.0.2.10:80", model.TCP).Flags2&datapath.SvcFlagTwoScopes != 0 {
 			t.Fatalf("round %d: back to one scope expected", round)

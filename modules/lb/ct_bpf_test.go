@@ -419,3 +419,70 @@ func TestConntrackCreateFailureIsACountedDrop(t *testing.T) {
 		})
 	}
 }
+
+// A flow whose reply entry was evicted (the LRU may take one half of a
+// pair) gets it back from its next packet that moves the state or the
+// lifetime, instead of translating one way only.
+func TestEvictedReplyEntryIsWrittenAgain(t *testing.T) {
+	O := func(p func(*dptest.Flow)) step { return step{false, p} }
+	R := func(p func(*dptest.Flow)) step { return step{true, p} }
+	f := newFixture(t, false)
+	f.web()
+	src := netip.AddrPortFrom(client, 40700)
+	front := netip.AddrPortFrom(vip, 80)
+	backend := f.converse(src, O(pSYN), R(pSYNACK), O(pACK))
+	if err := f.dp.CT().Delete(ctKey(backend, src, layers.IPProtocolTCP)); err != nil {
+		t.Fatal(err)
+	}
+	f.shiftLifetime2(src, front, -5) // a second later: the lifetime moves
+	f.converse(src, O(pACK))
+	r, ok := f.entry(backend, src, layers.IPProtocolTCP)
+	if !ok || r.Dir != datapath.CTReply || datapath.CTState(6, r.Flags) != "established" {
+		t.Fatalf("reply entry after the next packet: %+v present=%v", r, ok)
+	}
+	// And replies are translated again.
+	fl := dptest.Flow{Src: backend, Dst: src, Proto: layers.IPProtocolTCP, ACK: true}
+	if d := dptest.Decode(t, dptest.Run(t, f.ingress, dptest.Build(t, fl)).Packet); d.Src != front {
+		t.Fatalf("reply arrived from %v, want %v", d.Src, front)
+	}
+}
+
+// shiftLifetime2 moves one entry's lifetime (the other may be gone).
+func (f *fixture) shiftLifetime2(src, dst netip.AddrPort, by int64) {
+	f.t.Helper()
+	k := ctKey(src, dst, layers.IPProtocolTCP)
+	e := f.mustEntry(src, dst, layers.IPProtocolTCP)
+	e.Lifetime = uint32(int64(e.Lifetime) + by)
+	if err := f.dp.CT().Put(k, e); err != nil {
+		f.t.Fatal(err)
+	}
+}
+
+// A frontend that gains a second scope (externalTrafficPolicy Local, a
+// backend starting on another node) keeps the flows pods have to it.
+func TestScopeChangeKeepsFlows(t *testing.T) {
+	f := newFixture(t, false)
+	f.rec.SetNode("n1")
+	lbIP := netip.MustParseAddrPort("192.0.2.10:80")
+	svc := func(bes ...model.Backend) *model.Service {
+		return &model.Service{Name: model.ServiceName{Namespace: "default", Name: "web"}, Frontends: []model.Frontend{
+			{Addr: lbIP, Proto: model.TCP, Type: model.LoadBalancer, Backends: bes, ExternalLocal: true}}}
+	}
+	local := model.Backend{Addr: netip.AddrPortFrom(be1, 8080), NodeName: "n1"}
+	f.services(svc(local))
+	src := netip.AddrPortFrom(client, 40800)
+	dptest.Run(t, f.egress, dptest.Build(t, tcp(src, lbIP)))
+	ack := tcp(src, lbIP)
+	ack.SYN, ack.ACK = false, true
+	for round, bes := range [][]model.Backend{
+		{local, {Addr: netip.AddrPortFrom(be2, 8080), NodeName: "n2"}, {Addr: netip.AddrPortFrom(be3, 8080), NodeName: "n2"}},
+		{local},
+	} {
+		f.services(svc(bes...))
+		for range 5 {
+			if d := dptest.Decode(t, dptest.Run(t, f.egress, dptest.Build(t, ack)).Packet); d.Dst != netip.AddrPortFrom(be1, 8080) {
+				t.Fatalf("round %d: the flow moved to %v", round, d.Dst)
+			}
+		}
+	}
+}

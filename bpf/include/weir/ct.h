@@ -153,20 +153,66 @@ WEIR_INLINE __u32 weir_ct_next_lifetime(__u16 old, __u16 flags, __u8 proto, __u3
 	return now + weir_ct_timeout(proto, flags);
 }
 
-/* Copies a changed state and lifetime into the flow's other entry. */
-WEIR_INLINE void weir_ct_mirror(const struct weir_ct_key *key, const struct weir_ct_entry *e, __u8 proto)
+/* The 32-bit word holding an entry's flags (with dir and pad), for atomic
+ * bit changes: BPF atomics work on 32 and 64 bits. */
+WEIR_INLINE __u32 *weir_ct_flags_word(struct weir_ct_entry *e)
+{
+	return (__u32 *)&e->flags;
+}
+
+/*
+ * Applies a state change (bits set, bits cleared) to an entry atomically,
+ * so that changes from both directions on different CPUs (a FIN each way)
+ * add up instead of overwriting each other, and sets the lifetime the
+ * entry's resulting state gives it. Returns the new flags.
+ */
+WEIR_INLINE __u16 weir_ct_change(struct weir_ct_entry *e, __u16 set, __u16 clear, __u8 proto, __u32 now)
+{
+	__u16 before = e->flags, after;
+
+	if (set)
+		__sync_fetch_and_or(weir_ct_flags_word(e), (__u32)set);
+	if (clear)
+		__sync_fetch_and_and(weir_ct_flags_word(e), ~(__u32)clear);
+	after = e->flags;
+	e->lifetime = weir_ct_next_lifetime(before, after, proto, now, e->lifetime);
+	return after;
+}
+
+/*
+ * Carries a state change of the entry at key into the flow's other entry
+ * (which the other direction's packets read), or writes that entry again
+ * when it is gone (the LRU may evict one half of a pair): replies would
+ * otherwise pass untranslated while the original direction is.
+ */
+WEIR_INLINE void weir_ct_mirror(const struct weir_ct_key *key, const struct weir_ct_entry *e, __u16 set, __u16 clear,
+				__u32 now)
 {
 	struct weir_ct_key twin;
 	struct weir_ct_entry *t;
 
-	weir_ct_twin_key(&twin, e, proto);
+	weir_ct_twin_key(&twin, e, key->proto);
 	t = bpf_map_lookup_elem(&weir_ct, &twin);
-	if (!t || t->dir == e->dir || !weir_ct_is_twin(t, key))
+	if (!t) {
+		struct weir_ct_entry r = {
+			.created = now,
+			.lifetime = e->lifetime,
+			.nat_saddr = key->daddr,
+			.nat_daddr = key->saddr,
+			.nat_sport = key->dport,
+			.nat_dport = key->sport,
+			.backend_id = e->backend_id,
+			.rev_nat = e->rev_nat,
+			.flags = e->flags,
+			.dir = e->dir == WEIR_CT_ORIG ? WEIR_CT_REPLY : WEIR_CT_ORIG,
+		};
+		/* Not over another flow that took the tuple meanwhile. */
+		bpf_map_update_elem(&weir_ct, &twin, &r, BPF_NOEXIST);
 		return;
-	if (t->flags != e->flags)
-		t->flags = e->flags;
-	if (t->lifetime != e->lifetime)
-		t->lifetime = e->lifetime;
+	}
+	if (t->dir == e->dir || !weir_ct_is_twin(t, key))
+		return;
+	weir_ct_change(t, set, clear, key->proto, now);
 }
 
 /*
@@ -178,16 +224,17 @@ WEIR_INLINE void weir_ct_mirror(const struct weir_ct_key *key, const struct weir
 WEIR_INLINE void weir_ct_touch(const struct weir_ct_key *key, struct weir_ct_entry *e, __u8 tcp, __u32 len,
 			       __u32 now)
 {
-	__u16 flags = weir_ct_next_flags(e->flags, key->proto, e->dir, tcp, now, e->lifetime);
-	__u32 lifetime = weir_ct_next_lifetime(e->flags, flags, key->proto, now, e->lifetime);
+	__u16 old = e->flags;
+	__u16 flags = weir_ct_next_flags(old, key->proto, e->dir, tcp, now, e->lifetime);
+	__u32 lifetime = weir_ct_next_lifetime(old, flags, key->proto, now, e->lifetime);
+	__u16 set = flags & ~old, clear = old & ~flags;
 
 	__sync_fetch_and_add(&e->packets, 1);
 	__sync_fetch_and_add(&e->bytes, len);
-	if (flags == e->flags && lifetime == e->lifetime)
+	if (!set && !clear && lifetime == e->lifetime)
 		return;
-	e->flags = flags;
-	e->lifetime = lifetime;
-	weir_ct_mirror(key, e, key->proto);
+	weir_ct_change(e, set, clear, key->proto, now);
+	weir_ct_mirror(key, e, set, clear, now);
 }
 
 /* Deletes the entry at key and, when it is still the one pointing back,
@@ -265,8 +312,28 @@ WEIR_INLINE struct weir_ct_entry *weir_ct_create(struct weir_ct_key *okey, struc
 		cur = bpf_map_lookup_elem(&weir_ct, &rkey);
 		if (!cur)
 			continue; /* gone meanwhile: claim it on the next try */
+		if (!weir_ct_expired(cur, now) && cur->dir == WEIR_CT_REPLY && weir_ct_is_twin(cur, okey)) {
+			struct weir_ct_entry *won = bpf_map_lookup_elem(&weir_ct, okey);
+			struct weir_ct_key back;
+
+			/* Another CPU is creating this very flow: its entries
+			 * stand (a packet never uses one that was deleted). */
+			if (won) {
+				weir_ct_twin_key(&back, won, proto);
+				if (back.saddr == rkey.saddr && back.daddr == rkey.daddr && back.sport == rkey.sport &&
+				    back.dport == rkey.dport)
+					return won;
+			}
+			/* The other CPU has not written the original entry
+			 * yet: it will, with this reply tuple. */
+			if (!won && cur->created == now) {
+				*reason = WEIR_DROP_CT_CREATE;
+				return NULL;
+			}
+		}
 		if (weir_ct_expired(cur, now) || (cur->dir == WEIR_CT_REPLY && weir_ct_is_twin(cur, okey))) {
-			/* An expired flow, or this flow's own leftover. */
+			/* An expired flow, or a leftover of this flow whose
+			 * original entry is gone. */
 			weir_ct_delete_flow(&rkey, cur);
 			continue;
 		}
