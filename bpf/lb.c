@@ -74,9 +74,7 @@ WEIR_INLINE int lb_flow_current(const struct weir_ct_entry *e, const struct weir
 	struct weir_backend *be;
 	__u32 id = e->backend_id;
 
-	if (!svc)
-		return e->rev_nat == 0;
-	if (e->rev_nat != svc->rev_nat)
+	if (!svc || e->rev_nat != svc->rev_nat)
 		return 0;
 	be = bpf_map_lookup_elem(&weir_backends, &id);
 	/* A removed (or quarantined) backend loses its flows; a terminating
@@ -126,7 +124,6 @@ WEIR_INLINE int lb_icmp_error(struct __sk_buff *skb, struct weir_ctx *ctx, __u8 
 	/* An error the peer itself sent speaks for the address it now has;
 	 * one from a router or a node on the path keeps its source. */
 	outer_saddr = ctx->saddr == key.saddr ? e->nat_saddr : ctx->saddr;
-	ctx->flags |= WEIR_CTX_ICMP_ERROR;
 	if (weir_icmp_rewrite(skb, ctx, &q, e->nat_daddr, e->nat_saddr, e->nat_dport, e->nat_sport, outer_saddr,
 			      e->nat_daddr))
 		return weir_drop_ctx(skb, ctx, WEIR_DROP_CSUM_REWRITE);
@@ -157,7 +154,6 @@ int lb_pod_egress(struct __sk_buff *skb)
 	if (later && !lb_frag_ports(ctx, now))
 		return weir_next(skb, ctx);
 
-	svc = weir_lb_lookup(&skey, ctx->daddr, ctx->dport, ctx->proto, 1);
 	weir_ct_key_set(&key, ctx->saddr, ctx->daddr, ctx->sport, ctx->dport, ctx->proto);
 	e = bpf_map_lookup_elem(&weir_ct, &key);
 	/* A reply leaving a local server: translated on delivery. */
@@ -166,10 +162,18 @@ int lb_pod_egress(struct __sk_buff *skb)
 	/* A later fragment never revives or starts a flow. */
 	if (later && (!e || weir_ct_expired(e, now)))
 		return weir_next(skb, ctx);
+	/* Only a new flow or a translated one needs its frontend: an
+	 * established untranslated flow stays so (as with the kernel's
+	 * conntrack), and pod-to-pod packets pay no service lookup. */
+	svc = NULL;
+	if (!e || e->rev_nat)
+		svc = weir_lb_lookup(&skey, ctx->daddr, ctx->dport, ctx->proto, 1);
 	if (e && !later &&
-	    (weir_ct_expired(e, now) || weir_ct_reopens(e, ctx->proto, ctx->tcp_flags) || !lb_flow_current(e, svc))) {
+	    (weir_ct_expired(e, now) || weir_ct_reopens(e, ctx->proto, ctx->tcp_flags) ||
+	     (e->rev_nat && !lb_flow_current(e, svc)))) {
 		weir_ct_delete_flow(&key, e);
 		e = NULL;
+		svc = weir_lb_lookup(&skey, ctx->daddr, ctx->dport, ctx->proto, 1);
 	}
 	if (e) {
 		weir_ct_touch(&key, e, ctx->tcp_flags, skb->len, now);

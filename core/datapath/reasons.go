@@ -43,7 +43,7 @@ var reasonNames = map[Reason]string{
 	DropARPMalformed:      "malformed ARP",
 	DropUnsupportedL3:     "unsupported L3 protocol",
 	DropNoBackend:         "service has no backend",
-	DropFragmentToService: "IP fragment to a service (not supported)",
+	DropFragmentToService: "IP fragment to a service (retired: earlier agents dropped them)",
 	DropCTCreate:          "conntrack entry could not be created",
 	DropNATNoPort:         "no free client port for a colliding tuple",
 	DropMissedTailCall:    "missed tail call into a filled slot",

@@ -40,7 +40,7 @@ enum weir_reason {
 	WEIR_DROP_ARP_MALFORMED = 7,
 	WEIR_DROP_UNSUPPORTED_L3 = 8,
 	WEIR_DROP_NO_BACKEND = 9,
-	WEIR_DROP_FRAGMENT_TO_SERVICE = 10,
+	WEIR_DROP_FRAGMENT_TO_SERVICE = 10, /* retired: fragments are translated */
 	WEIR_DROP_CSUM_REWRITE = 11,
 	WEIR_DROP_TTL_EXCEEDED = 12,
 	WEIR_DROP_SCRATCH = 13,
@@ -69,7 +69,6 @@ enum weir_l3 {
 #define WEIR_CTX_AT_INGRESS 0x04   /* the entry ran at tc ingress (redirect_peer allowed) */
 #define WEIR_CTX_DNAT 0x08         /* a stage translated the destination */
 #define WEIR_CTX_SNAT 0x10         /* a stage translated the source */
-#define WEIR_CTX_ICMP_ERROR 0x20   /* an ICMP error: inner_* hold the quoted packet */
 
 /*
  * Per-packet state, written by the hook's entry program after it parsed the
