@@ -43,22 +43,23 @@ func (f *fixture) mustEntry(src, dst netip.AddrPort, proto layers.IPProtocol) da
 	return e
 }
 
-// setLifetime moves the lifetime of both entries of the flow whose ORIG
+// shiftLifetime moves the lifetime of both entries of the flow whose ORIG
 // key is given, as if time had passed.
 func (f *fixture) shiftLifetime(src, dst netip.AddrPort, proto layers.IPProtocol, by int64) {
 	f.t.Helper()
 	o := f.mustEntry(src, dst, proto)
-	rsrc := netip.AddrPortFrom(datapath.AddrFromBE(o.NatDaddr), datapath.PortFromBE(o.NatDport))
-	rdst := netip.AddrPortFrom(datapath.AddrFromBE(o.NatSaddr), datapath.PortFromBE(o.NatSport))
-	for _, k := range []datapath.CTKey{ctKey(src, dst, proto), ctKey(rsrc, rdst, proto)} {
-		var e datapath.CTEntry
-		if err := f.dp.CT().Lookup(k, &e); err != nil {
-			f.t.Fatal(err)
-		}
-		e.Lifetime = uint32(int64(e.Lifetime) + by)
-		if err := f.dp.CT().Put(k, e); err != nil {
-			f.t.Fatal(err)
-		}
+	f.shiftOne(src, dst, proto, by)
+	f.shiftOne(netip.AddrPortFrom(datapath.AddrFromBE(o.NatDaddr), datapath.PortFromBE(o.NatDport)),
+		netip.AddrPortFrom(datapath.AddrFromBE(o.NatSaddr), datapath.PortFromBE(o.NatSport)), proto, by)
+}
+
+// shiftOne moves the lifetime of one entry (its twin may be gone).
+func (f *fixture) shiftOne(src, dst netip.AddrPort, proto layers.IPProtocol, by int64) {
+	f.t.Helper()
+	e := f.mustEntry(src, dst, proto)
+	e.Lifetime = uint32(int64(e.Lifetime) + by)
+	if err := f.dp.CT().Put(ctKey(src, dst, proto), e); err != nil {
+		f.t.Fatal(err)
 	}
 }
 
@@ -434,7 +435,7 @@ func TestEvictedReplyEntryIsWrittenAgain(t *testing.T) {
 	if err := f.dp.CT().Delete(ctKey(backend, src, layers.IPProtocolTCP)); err != nil {
 		t.Fatal(err)
 	}
-	f.shiftLifetime2(src, front, -5) // a second later: the lifetime moves
+	f.shiftOne(src, front, layers.IPProtocolTCP, -5) // a second later: the lifetime moves
 	f.converse(src, O(pACK))
 	r, ok := f.entry(backend, src, layers.IPProtocolTCP)
 	if !ok || r.Dir != datapath.CTReply || datapath.CTState(6, r.Flags) != "established" {
@@ -444,45 +445,5 @@ func TestEvictedReplyEntryIsWrittenAgain(t *testing.T) {
 	fl := dptest.Flow{Src: backend, Dst: src, Proto: layers.IPProtocolTCP, ACK: true}
 	if d := dptest.Decode(t, dptest.Run(t, f.ingress, dptest.Build(t, fl)).Packet); d.Src != front {
 		t.Fatalf("reply arrived from %v, want %v", d.Src, front)
-	}
-}
-
-// shiftLifetime2 moves one entry's lifetime (the other may be gone).
-func (f *fixture) shiftLifetime2(src, dst netip.AddrPort, by int64) {
-	f.t.Helper()
-	k := ctKey(src, dst, layers.IPProtocolTCP)
-	e := f.mustEntry(src, dst, layers.IPProtocolTCP)
-	e.Lifetime = uint32(int64(e.Lifetime) + by)
-	if err := f.dp.CT().Put(k, e); err != nil {
-		f.t.Fatal(err)
-	}
-}
-
-// A frontend that gains a second scope (externalTrafficPolicy Local, a
-// backend starting on another node) keeps the flows pods have to it.
-func TestScopeChangeKeepsFlows(t *testing.T) {
-	f := newFixture(t, false)
-	f.rec.SetNode("n1")
-	lbIP := netip.MustParseAddrPort("192.0.2.10:80")
-	svc := func(bes ...model.Backend) *model.Service {
-		return &model.Service{Name: model.ServiceName{Namespace: "default", Name: "web"}, Frontends: []model.Frontend{
-			{Addr: lbIP, Proto: model.TCP, Type: model.LoadBalancer, Backends: bes, ExternalLocal: true}}}
-	}
-	local := model.Backend{Addr: netip.AddrPortFrom(be1, 8080), NodeName: "n1"}
-	f.services(svc(local))
-	src := netip.AddrPortFrom(client, 40800)
-	dptest.Run(t, f.egress, dptest.Build(t, tcp(src, lbIP)))
-	ack := tcp(src, lbIP)
-	ack.SYN, ack.ACK = false, true
-	for round, bes := range [][]model.Backend{
-		{local, {Addr: netip.AddrPortFrom(be2, 8080), NodeName: "n2"}, {Addr: netip.AddrPortFrom(be3, 8080), NodeName: "n2"}},
-		{local},
-	} {
-		f.services(svc(bes...))
-		for range 5 {
-			if d := dptest.Decode(t, dptest.Run(t, f.egress, dptest.Build(t, ack)).Packet); d.Dst != netip.AddrPortFrom(be1, 8080) {
-				t.Fatalf("round %d: the flow moved to %v", round, d.Dst)
-			}
-		}
 	}
 }
