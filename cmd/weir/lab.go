@@ -2,11 +2,12 @@ package main
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"flag"
 	"fmt"
 	"io"
-	"maps"
 	"os"
 	"os/signal"
 	"path/filepath"
@@ -16,11 +17,9 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/weirnet/weir/core/datapath"
 	"github.com/weirnet/weir/core/filesource"
 	"github.com/weirnet/weir/core/lab"
 	"github.com/weirnet/weir/core/lab/kubelet"
-	"github.com/weirnet/weir/core/model"
 )
 
 func runLab(args []string, out io.Writer) error {
@@ -90,7 +89,7 @@ func runLab(args []string, out io.Writer) error {
 			if err := l.Apply(n.Name, data); err != nil {
 				return err
 			}
-			if err := waitApplied(n, svcs, 15*time.Second); err != nil {
+			if err := waitApplied(ctx, n, time.Minute); err != nil {
 				return err
 			}
 			fmt.Fprintf(out, "node %s: services of %s applied (%d services)\n", n.Name, *file, len(svcs))
@@ -126,36 +125,40 @@ func runLab(args []string, out io.Writer) error {
 	return fmt.Errorf("unknown lab command %q; %w", sub, errUsage)
 }
 
-// waitApplied waits until the node's maps hold exactly the frontends of svcs.
-func waitApplied(n *lab.Node, svcs []*model.Service, timeout time.Duration) error {
-	want := map[string]bool{}
-	for _, svc := range svcs {
-		for _, f := range svc.Frontends {
-			want[f.Addr.String()+"/"+f.Proto.String()] = true
-		}
+// waitApplied waits until the node's agent reports the file it was just
+// given as applied and its services written to the datapath, or as
+// refused (with the agent's reason).
+func waitApplied(ctx context.Context, n *lab.Node, timeout time.Duration) error {
+	data, err := os.ReadFile(n.ServicesFile)
+	if err != nil {
+		return err
 	}
+	sum := sha256.Sum256(data)
+	want := hex.EncodeToString(sum[:])
 	deadline := time.Now().Add(timeout)
 	for {
-		p, err := datapath.OpenPinned(n.PinDir)
-		if err != nil {
-			return err
-		}
-		rows, err := p.Services()
-		p.Close()
-		if err != nil {
-			return err
-		}
-		got := map[string]bool{}
-		for _, r := range rows {
-			got[r.Frontend.String()+"/"+r.Proto] = true
-		}
-		if maps.Equal(got, want) {
-			return nil
+		cctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+		st, err := n.Client().Status(cctx)
+		cancel()
+		if err == nil && st.File != nil {
+			switch {
+			case st.File.Rejected == want:
+				return fmt.Errorf("node %s refused the services: %s", n.Name, st.File.Error)
+			case st.File.Applied == want && st.Services == nil:
+				return nil
+			case st.File.Applied == want && st.Services.AppliedVersion >= st.File.Version:
+				return nil
+			case st.File.Applied == want && st.Services.Error != "":
+				err = fmt.Errorf("writing them to the datapath failed: %s", st.Services.Error)
+			}
 		}
 		if time.Now().After(deadline) {
-			return fmt.Errorf("node %s did not apply the services within %s; see its log %s", n.Name, timeout, n.Log)
+			if err == nil {
+				err = errors.New("no answer from the agent yet")
+			}
+			return fmt.Errorf("node %s did not apply the services within %s (%v); see its log %s", n.Name, timeout, err, n.Log)
 		}
-		time.Sleep(50 * time.Millisecond)
+		time.Sleep(20 * time.Millisecond)
 	}
 }
 

@@ -27,6 +27,9 @@ Lab (namespaces on this machine):
   lab kube apply|delete NAME -f FILE     create or delete Namespaces, Pods, Services
                                          in a lab with kubernetes: true
 
+Agent of a node (--lab NAME --node N, or --api-socket PATH):
+  status [-o json]                       readiness, sources, work done, how full each map is
+
 Datapath of a node (--lab NAME --node N, or --pin-dir DIR):
   service list [-o json]                 frontends and their backends
   bpf lb list [-o json]                  raw services map entries
@@ -56,6 +59,8 @@ func run(args []string, out io.Writer) error {
 		return nil
 	case "lab":
 		return runLab(args[1:], out)
+	case "status":
+		return runStatus(args[1:], out)
 	case "service":
 		if len(args) >= 2 && args[1] == "list" {
 			return runMaps("service", args[2:], out)

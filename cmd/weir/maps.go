@@ -123,15 +123,24 @@ func resolvePinDir(pinDir, labName, nodeName string) (string, error) {
 	if err != nil {
 		return "", err
 	}
+	n, err := labNode(l, labName, nodeName)
+	if err != nil {
+		return "", err
+	}
+	return n.PinDir, nil
+}
+
+// labNode picks a lab's node: the one named, or the only one.
+func labNode(l *lab.Lab, labName, nodeName string) (*lab.Node, error) {
 	if nodeName == "" {
 		if len(l.Nodes) != 1 {
-			return "", fmt.Errorf("lab %s has %d nodes: pick one with --node", labName, len(l.Nodes))
+			return nil, fmt.Errorf("lab %s has %d nodes: pick one with --node", labName, len(l.Nodes))
 		}
-		return l.Nodes[0].PinDir, nil
+		return l.Nodes[0], nil
 	}
 	n := l.Node(nodeName)
 	if n == nil {
-		return "", fmt.Errorf("lab %s has no node %q", labName, nodeName)
+		return nil, fmt.Errorf("lab %s has no node %q", labName, nodeName)
 	}
-	return n.PinDir, nil
+	return n, nil
 }

@@ -28,6 +28,7 @@ import (
 	"github.com/weirnet/weir/core/datapath"
 	"github.com/weirnet/weir/core/filesource"
 	"github.com/weirnet/weir/core/ipcache"
+	"github.com/weirnet/weir/core/k8ssource"
 	"github.com/weirnet/weir/core/lbmap"
 	"github.com/weirnet/weir/core/model"
 	"github.com/weirnet/weir/core/module"
@@ -156,7 +157,7 @@ func New(opts Options, cat module.Catalog) (*Agent, error) {
 		// Loading BPF objects runs the verifier inside OnStart.
 		fx.StartTimeout(2*time.Minute),
 		fx.StopTimeout(30*time.Second),
-		fx.Supply(info, log, eff, &opts, &installed{}, ns, w),
+		fx.Supply(info, log, eff, &opts, &installed{}, ns, w, &reports{}),
 		fx.Provide(newDatapath, model.NewStore, newAPI, newReconciler, newIPCache, newCTGC),
 		fx.Options(mods...),
 		// Invoke order is start order: datapath and modules, then the
@@ -177,7 +178,7 @@ func New(opts Options, cat module.Catalog) (*Agent, error) {
 // newDatapath loads nothing until the agent starts: composing an agent
 // (fx.New) never touches the node.
 func newDatapath(lc fx.Lifecycle, info *node.Info, eff *config.Effective, log *slog.Logger) (*datapath.Datapath, error) {
-	dp, err := datapath.New(datapath.Options{PinDir: info.PinDir, CTMaxEntries: eff.Datapath.CTMaxEntries, Logger: log})
+	dp, err := datapath.New(datapath.Options{PinDir: info.PinDir, MaxEntries: eff.Datapath.MaxEntries(), Logger: log})
 	if err != nil {
 		return nil, err
 	}
@@ -202,9 +203,15 @@ func newAPI(opts *Options, log *slog.Logger) *api.Server {
 
 // newReconciler is constructed only when a module asks for it (lb today):
 // nodes that translate no services leave the service maps alone.
-func newReconciler(lc fx.Lifecycle, dp *datapath.Datapath, store *model.Store, info *node.Info, log *slog.Logger) *lbmap.Reconciler {
+func newReconciler(lc fx.Lifecycle, dp *datapath.Datapath, store *model.Store, info *node.Info, eff *config.Effective, rep *reports, log *slog.Logger) *lbmap.Reconciler {
 	r := lbmap.NewFromDatapath(dp, log.With("component", "lbmap"))
+	rep.set(func(rp *reports) { rp.lb = r })
 	r.SetNode(info.Name)
+	// Updates that would not fit the maps are refused by the store, before
+	// anything is written: the previous state keeps serving.
+	d := eff.Datapath
+	store.SetAdmitter(lbmap.NewAdmission(info.Name, lbmap.Limits{
+		Services: int(d.ServicesMaxEntries), Backends: int(d.BackendsMaxEntries), RevNAT: int(d.RevNATMaxEntries)}))
 	background(lc, func(ctx context.Context) { r.Run(ctx, store) })
 	return r
 }
@@ -260,6 +267,42 @@ func newIPCache(lc fx.Lifecycle, dp *datapath.Datapath, store *model.Store, info
 	w.OnConfig(r.Refresh)
 	background(lc, func(ctx context.Context) { r.Run(ctx, store) })
 	return r
+}
+
+// reports are the parts of the agent that say what they did, for its
+// status; each registers itself once built (a node without lb has no
+// reconciler).
+type reports struct {
+	mu   sync.Mutex
+	lb   *lbmap.Reconciler
+	file *filesource.Source
+	kube *k8ssource.Source
+}
+
+func (r *reports) set(f func(*reports)) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	f(r)
+}
+
+// fill adds what the parts report to a status.
+func (r *reports) fill(st *api.Status) {
+	r.mu.Lock()
+	lb, file, kube := r.lb, r.file, r.kube
+	r.mu.Unlock()
+	if lb != nil {
+		s := lb.Status()
+		st.Services = &s
+		st.Maps = append(st.Maps, s.Maps...)
+	}
+	if file != nil {
+		f := file.Status()
+		st.File = &f
+	}
+	if kube != nil {
+		k := kube.Stats()
+		st.Kubernetes = &k
+	}
 }
 
 // installed is set once the datapath and modules run.
@@ -388,6 +431,8 @@ type serveParams struct {
 	Installed *installed
 	Node      *nodeState
 	GC        *ctgc.GC
+	DP        *datapath.Datapath
+	Reports   *reports
 }
 
 func serveAPI(p serveParams) {
@@ -406,17 +451,43 @@ func serveAPI(p serveParams) {
 		if gc := p.GC.Stats(); gc.Passes > 0 {
 			st.Conntrack = &gc
 		}
+		p.Reports.fill(&st)
+		if p.Installed.ok.Load() {
+			st.Maps = append(st.Maps, countedMaps(p.DP, st.Conntrack)...)
+		}
 		api.WriteJSON(w, http.StatusOK, st)
 	})
 	p.LC.Append(fx.Hook{OnStart: func(context.Context) error { return p.API.Start() }, OnStop: p.API.Stop})
 }
 
+// countedMaps says how full the maps the reconcilers do not count are:
+// conntrack from the collector's last pass, the others counted now (they
+// are small, or bounded).
+func countedMaps(dp *datapath.Datapath, ct *ctgc.Stats) []lbmap.MapFill {
+	var out []lbmap.MapFill
+	for _, name := range []string{datapath.MapCT, datapath.MapAffinity, datapath.MapFrags, datapath.MapEndpoints, datapath.MapIPCache} {
+		m, err := dp.Map(name)
+		if err != nil || m == nil {
+			continue
+		}
+		f := lbmap.MapFill{Name: name, MaxEntries: int(m.MaxEntries())}
+		if name == datapath.MapCT && ct != nil {
+			f.Entries = ct.Entries
+		} else if n, err := datapath.CountEntries(m); err == nil {
+			f.Entries = n
+		}
+		out = append(out, f)
+	}
+	return out
+}
+
 type sourceParams struct {
 	fx.In
-	LC    fx.Lifecycle
-	Opts  *Options
-	Store *model.Store
-	Log   *slog.Logger
+	LC      fx.Lifecycle
+	Opts    *Options
+	Store   *model.Store
+	Log     *slog.Logger
+	Reports *reports
 }
 
 func startSources(p sourceParams) error {
@@ -424,6 +495,7 @@ func startSources(p sourceParams) error {
 		return nil
 	}
 	src := filesource.New(p.Opts.ServicesFile, p.Store, p.Log.With("source", "file"))
+	p.Reports.set(func(r *reports) { r.file = src })
 	p.Store.Expect(filesource.Name)
 	background(p.LC, func(ctx context.Context) {
 		if err := src.Load(); err != nil {

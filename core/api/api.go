@@ -13,11 +13,14 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/http/pprof"
 	"os"
 	"path/filepath"
 	"time"
 
 	"github.com/weirnet/weir/core/ctgc"
+	"github.com/weirnet/weir/core/filesource"
+	"github.com/weirnet/weir/core/lbmap"
 )
 
 // EndpointRequest asks the agent to wire a pod into the node.
@@ -68,6 +71,30 @@ type Status struct {
 	// Conntrack is the last pass of the conntrack collector: fill level,
 	// pressure, what it removed, when it runs next.
 	Conntrack *ctgc.Stats `json:"conntrack,omitempty"`
+	// Maps says how full each shared map is.
+	Maps []lbmap.MapFill `json:"maps,omitempty"`
+	// Services is what the service maps hold (the store version applied,
+	// the last error) and the work spent writing them; absent on nodes
+	// that translate no services.
+	Services *lbmap.Status `json:"services,omitempty"`
+	// File is what became of the services file (standalone mode).
+	File *filesource.Status `json:"file,omitempty"`
+	// Kubernetes is what the Kubernetes source did.
+	Kubernetes *KubeStatus `json:"kubernetes,omitempty"`
+}
+
+// KubeStatus is what the Kubernetes source did: whether and how fast its
+// caches synced, the rounds of changes it handed on and their time, and
+// the services the datapath refused (full maps).
+type KubeStatus struct {
+	Synced     bool   `json:"synced"`
+	SyncMillis int64  `json:"syncMillis"`
+	Services   int    `json:"services"`
+	Rounds     uint64 `json:"rounds"`
+	Changed    uint64 `json:"servicesChanged"`
+	WorkMicros uint64 `json:"workMicros"`
+	Refused    int    `json:"refused"`
+	LastError  string `json:"lastError,omitempty"`
 }
 
 // Error is the body of every non-2xx response.
@@ -90,6 +117,15 @@ func NewServer(socket string, log *slog.Logger) *Server {
 		log = slog.Default()
 	}
 	mux := http.NewServeMux()
+	// Profiles of the running agent (curl --unix-socket SOCKET
+	// http://agent/debug/pprof/profile?seconds=10 > cpu.pb): only root
+	// reaches the socket, and finding where time and memory go at scale
+	// needs the agent as it runs, not a reproduction.
+	mux.HandleFunc("/debug/pprof/", pprof.Index)
+	mux.HandleFunc("/debug/pprof/cmdline", pprof.Cmdline)
+	mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
+	mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
+	mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
 	return &Server{socket: socket, mux: mux, log: log,
 		srv: &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}}
 }

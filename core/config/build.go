@@ -39,9 +39,11 @@ type scope struct {
 
 func (b *builder) build() (*Effective, []*Effective, error) {
 	dp := b.f.Datapath
-	if dp.CTMaxEntries < MinCTMaxEntries || dp.CTMaxEntries > MaxCTMaxEntries {
-		return nil, nil, b.fail(fieldPath{"datapath", "ctMaxEntries"}, "%d is out of range; allowed %d to %d (default %d)",
-			dp.CTMaxEntries, MinCTMaxEntries, MaxCTMaxEntries, DefaultCTMaxEntries)
+	for _, sz := range dp.MapSizes() {
+		if sz.Value < sz.Min || sz.Value > MaxMapEntries {
+			return nil, nil, b.fail(fieldPath{"datapath", sz.Field}, "%d is out of range; allowed %d to %d (default %d)",
+				sz.Value, sz.Min, MaxMapEntries, sz.Default)
+		}
 	}
 	if _, _, _, field, err := dp.GCIntervals(); err != nil {
 		return nil, nil, b.fail(fieldPath{"datapath", field}, "%v", err)

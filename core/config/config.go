@@ -25,7 +25,20 @@ import (
 const (
 	DefaultCTMaxEntries = 262144
 	MinCTMaxEntries     = 1024
-	MaxCTMaxEntries     = 16777216
+)
+
+// Default sizes of the service maps: enough for 100,000 services of 10
+// endpoints each (a master entry and 10 slots per service, a million
+// backends). The hash maps allocate entries as they are used; the kernel
+// reserves their bucket arrays (16 bytes per power-of-two bucket) up front.
+const (
+	DefaultServicesMaxEntries = 1200000
+	DefaultBackendsMaxEntries = 1048576
+	DefaultRevNATMaxEntries   = 262144
+	DefaultAffinityMaxEntries = 65536
+	// MinMapEntries and MaxMapEntries bound every map size setting.
+	MinMapEntries = 1024
+	MaxMapEntries = 16777216
 )
 
 // File is the configuration file as written.
@@ -40,17 +53,62 @@ type File struct {
 	NodePools []NodePool           `yaml:"nodePools"`
 }
 
-// Datapath sizes the shared BPF maps and paces their upkeep.
+// Datapath sizes the shared BPF maps and paces their upkeep. A size
+// changed under a running node carries the map's entries over into a map
+// of the new size.
 type Datapath struct {
 	// CTMaxEntries is the conntrack map size, DefaultCTMaxEntries when
 	// not set.
 	CTMaxEntries uint32 `yaml:"ctMaxEntries"`
+	// ServicesMaxEntries sizes weir_services: a master entry per frontend
+	// (two for external frontends with externalTrafficPolicy Local) and a
+	// slot per backend of each.
+	ServicesMaxEntries uint32 `yaml:"servicesMaxEntries"`
+	// BackendsMaxEntries sizes weir_backends and weir_backend_addrs: one
+	// entry per backend address and port.
+	BackendsMaxEntries uint32 `yaml:"backendsMaxEntries"`
+	// RevNATMaxEntries sizes weir_revnat: one entry per frontend.
+	RevNATMaxEntries uint32 `yaml:"revNATMaxEntries"`
+	// AffinityMaxEntries sizes weir_affinity (LRU): one entry per client
+	// and frontend with sessionAffinity ClientIP.
+	AffinityMaxEntries uint32 `yaml:"affinityMaxEntries"`
 	// CTGCInterval is the conntrack collector's first interval (a Go
 	// duration, default 5m); it adapts between CTGCMinInterval (default
 	// 10s) and CTGCMaxInterval (default 12h) to how much each pass finds.
 	CTGCInterval    string `yaml:"ctGCInterval"`
 	CTGCMinInterval string `yaml:"ctGCMinInterval"`
 	CTGCMaxInterval string `yaml:"ctGCMaxInterval"`
+}
+
+// MapSize is one map size setting.
+type MapSize struct {
+	Field   string   // the setting, under datapath
+	Maps    []string // the maps it sizes
+	Value   uint32
+	Default uint32
+	Min     uint32
+}
+
+// MapSizes lists the map size settings with their values.
+func (d Datapath) MapSizes() []MapSize {
+	return []MapSize{
+		{"ctMaxEntries", []string{"weir_ct"}, d.CTMaxEntries, DefaultCTMaxEntries, MinCTMaxEntries},
+		{"servicesMaxEntries", []string{"weir_services"}, d.ServicesMaxEntries, DefaultServicesMaxEntries, MinMapEntries},
+		{"backendsMaxEntries", []string{"weir_backends", "weir_backend_addrs"}, d.BackendsMaxEntries, DefaultBackendsMaxEntries, MinMapEntries},
+		{"revNATMaxEntries", []string{"weir_revnat"}, d.RevNATMaxEntries, DefaultRevNATMaxEntries, MinMapEntries},
+		{"affinityMaxEntries", []string{"weir_affinity"}, d.AffinityMaxEntries, DefaultAffinityMaxEntries, MinMapEntries},
+	}
+}
+
+// MaxEntries are the sizes of the maps, by map name.
+func (d Datapath) MaxEntries() map[string]uint32 {
+	out := map[string]uint32{}
+	for _, s := range d.MapSizes() {
+		for _, m := range s.Maps {
+			out[m] = s.Value
+		}
+	}
+	return out
 }
 
 // Defaults of the conntrack collector's intervals.
@@ -154,7 +212,8 @@ func Parse(path string, data []byte, cat module.Catalog) (*Config, error) {
 	if err != nil {
 		return nil, err
 	}
-	f := File{Datapath: Datapath{CTMaxEntries: DefaultCTMaxEntries}}
+	f := File{Datapath: Datapath{CTMaxEntries: DefaultCTMaxEntries, ServicesMaxEntries: DefaultServicesMaxEntries,
+		BackendsMaxEntries: DefaultBackendsMaxEntries, RevNATMaxEntries: DefaultRevNATMaxEntries, AffinityMaxEntries: DefaultAffinityMaxEntries}}
 	if err := strictyaml.DecodeNode(path, root, "", &f); err != nil {
 		return nil, err
 	}

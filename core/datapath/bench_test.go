@@ -234,7 +234,7 @@ func BenchmarkPerPacket(b *testing.B) {
 				Frontends: []model.Frontend{{Addr: addr, Proto: model.TCP, Type: model.ClusterIP, Backends: []model.Backend{{Addr: backend}}}}})
 		}
 		start := time.Now()
-		if err := rec.Apply(&model.Snapshot{Services: svcs}); err != nil {
+		if err := rec.ApplySnapshot(&model.Snapshot{Services: svcs}); err != nil {
 			b.Fatal(err)
 		}
 		b.Logf("%d services written in %v", count, time.Since(start).Round(time.Millisecond))

@@ -22,7 +22,7 @@ func TestServiceListSaysWhatIsServed(t *testing.T) {
 		{Addr: netip.MustParseAddrPort("192.0.2.10:80"), Proto: model.TCP, Type: model.LoadBalancer, Backends: be},
 		{Addr: netip.MustParseAddrPort("192.0.2.11:80"), Proto: model.TCP, Type: model.ExternalIP, Backends: be},
 	}}
-	if err := lbmap.NewFromDatapath(dp, nil).Apply(&model.Snapshot{Services: []*model.Service{svc}}); err != nil {
+	if err := lbmap.NewFromDatapath(dp, nil).ApplySnapshot(&model.Snapshot{Services: []*model.Service{svc}}); err != nil {
 		t.Fatal(err)
 	}
 	p, err := datapath.OpenPinned(dp.PinDir())

@@ -7,6 +7,7 @@ package filesource
 import (
 	"context"
 	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -14,6 +15,7 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"sync"
 	"time"
 
 	"github.com/fsnotify/fsnotify"
@@ -248,6 +250,43 @@ type Source struct {
 	// rejected is the content last refused, so a periodic check does not
 	// report the same mistake again.
 	rejected [32]byte
+
+	mu     sync.Mutex
+	status Status
+}
+
+// Status says what became of the file's content: the last content
+// applied, and the last refused with why, each by its SHA-256 (hex), so a
+// writer of the file can tell whether its content took.
+type Status struct {
+	File string `json:"file"`
+	// Applied is the digest of the content the store holds, Services
+	// its number of services, and Version the store's ServicesVersion
+	// once it held them: the datapath holds the file once its reconciler
+	// applied that version.
+	Applied  string `json:"applied,omitempty"`
+	Services int    `json:"services"`
+	Version  uint64 `json:"version"`
+	// Rejected is the digest of the content last refused and Error why;
+	// both clear when a later content is applied.
+	Rejected string `json:"rejected,omitempty"`
+	Error    string `json:"error,omitempty"`
+}
+
+// Status returns what became of the file's content.
+func (s *Source) Status() Status {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	st := s.status
+	st.File = s.path
+	return st
+}
+
+func (s *Source) reject(sum [32]byte, err error) error {
+	s.mu.Lock()
+	s.status.Rejected, s.status.Error = hex.EncodeToString(sum[:]), err.Error()
+	s.mu.Unlock()
+	return err
 }
 
 // New returns a source for the file at path.
@@ -278,19 +317,23 @@ func (s *Source) Load() error {
 	if err != nil {
 		// The content itself is wrong: only an edit can fix it.
 		s.rejected = sum
-		return err
+		return s.reject(sum, err)
 	}
-	// A refusal by the store (a frontend or node another source holds) may
-	// go away when the other source changes, so it is retried next time.
+	// A refusal by the store (a frontend or node another source holds,
+	// more than the datapath holds) may go away when the other source
+	// changes, so it is retried next time.
 	if err := s.store.ReplaceNodes(Name, c.Nodes); err != nil {
-		return fmt.Errorf("%s: %w", s.path, err)
+		return s.reject(sum, fmt.Errorf("%s: %w", s.path, err))
 	}
 	if err := s.store.Replace(Name, c.Services); err != nil {
-		return fmt.Errorf("%s: %w", s.path, err)
+		return s.reject(sum, fmt.Errorf("%s: %w", s.path, err))
 	}
 	svcs := c.Services
 	s.rejected = [32]byte{}
 	s.last, s.have = sum, true
+	s.mu.Lock()
+	s.status = Status{Applied: hex.EncodeToString(sum[:]), Services: len(svcs), Version: s.store.ServicesVersion()}
+	s.mu.Unlock()
 	s.log.Info("services file applied", "file", s.path, "services", len(svcs))
 	return nil
 }

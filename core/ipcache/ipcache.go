@@ -208,8 +208,8 @@ func (r *Reconciler) Refresh() {
 // Run applies the store's nodes whenever they change, once the store is
 // authoritative, retrying failures with backoff until ctx ends.
 func (r *Reconciler) Run(ctx context.Context, store *model.Store) {
-	model.FollowKicked(ctx, store, r.kick, r.o.Log, "writing the ipcache", func(snap *model.Snapshot) error {
-		err := r.Apply(snap.Nodes)
+	model.FollowNodes(ctx, store, r.kick, r.o.Log, "writing the ipcache", func(nodes []*model.Node) error {
+		err := r.Apply(nodes)
 		if err != nil {
 			r.applied = nil // read the map again before the next try
 		}

@@ -3,10 +3,13 @@
 // Pods, filtered as kube-proxy filters them. Nothing reaches the model
 // before every cache has synced, so a restarting agent never writes a
 // partial state over live services.
+//
+// A change costs in proportion to the services it touches: slices are
+// indexed by their service, frontends two services claim are settled
+// among their claimants only, and only changed services reach the store.
 package k8ssource
 
 import (
-	"cmp"
 	"context"
 	"log/slog"
 	"slices"
@@ -23,9 +26,9 @@ import (
 	"k8s.io/client-go/informers"
 	"k8s.io/client-go/kubernetes"
 	corelisters "k8s.io/client-go/listers/core/v1"
-	discoverylisters "k8s.io/client-go/listers/discovery/v1"
 	"k8s.io/client-go/tools/cache"
 
+	"github.com/weirnet/weir/core/api"
 	"github.com/weirnet/weir/core/model"
 )
 
@@ -39,6 +42,9 @@ const (
 	labelHeadless         = "service.kubernetes.io/headless"
 )
 
+// byService indexes EndpointSlices by "namespace/service".
+const byService = "weir/service"
+
 // Source watches the API and keeps the model's Kubernetes services.
 type Source struct {
 	client kubernetes.Interface
@@ -47,7 +53,7 @@ type Source struct {
 	log    *slog.Logger
 
 	services  corelisters.ServiceLister
-	slices    discoverylisters.EndpointSliceLister
+	slices    cache.Indexer
 	nodes     corelisters.NodeLister
 	pods      corelisters.PodLister
 	podSynced cache.InformerSynced
@@ -59,12 +65,35 @@ type Source struct {
 	all        bool
 	nodesDirty bool
 	wake       chan struct{}
-	current    map[model.ServiceName]*model.Service
 	onNode     []func(*corev1.Node)
 	lastNode   *corev1.Node
+	stats      Stats
+
+	// Owned by the processing goroutine.
+	//
+	// built are the services as converted, with every frontend;
+	// claims who claims each frontend, oldest first; emitted what the
+	// store holds of each (the frontends it won); refused the services
+	// the store refused, by why, tried again each round.
+	built   map[model.ServiceName]*built
+	claims  map[model.FrontendKey][]model.ServiceName
+	emitted map[model.ServiceName]*model.Service
+	refused map[model.ServiceName]string
 	// unserved is what was last reported as not served, by service.
 	unserved map[model.ServiceName]string
 }
+
+// built is a converted service and its age, which settles frontends two
+// services claim (the API allows overlapping external IPs).
+type built struct {
+	svc     *model.Service
+	created time.Time
+}
+
+// Stats say what the source did: whether and how fast its caches synced,
+// the rounds of changes it handed on and their time, and the services the
+// store refused.
+type Stats = api.KubeStatus
 
 // New builds the source and registers its handlers; nothing talks to the
 // API until Run. The store expects this source from now on: its snapshot
@@ -74,7 +103,9 @@ func New(client kubernetes.Interface, nodeName string, store *model.Store, log *
 		log = slog.Default()
 	}
 	s := &Source{client: client, node: nodeName, store: store, log: log,
-		dirty: map[model.ServiceName]bool{}, wake: make(chan struct{}, 1), current: map[model.ServiceName]*model.Service{}}
+		dirty: map[model.ServiceName]bool{}, wake: make(chan struct{}, 1),
+		built: map[model.ServiceName]*built{}, claims: map[model.FrontendKey][]model.ServiceName{},
+		emitted: map[model.ServiceName]*model.Service{}, refused: map[model.ServiceName]string{}}
 	store.Expect(Name)
 
 	noProxyName, _ := labels.NewRequirement(labelServiceProxyName, selection.DoesNotExist, nil)
@@ -82,15 +113,21 @@ func New(client kubernetes.Interface, nodeName string, store *model.Store, log *
 	svcSel := labels.NewSelector().Add(*noProxyName).String()
 	sliceSel := labels.NewSelector().Add(*noProxyName, *noHeadless).String()
 
+	// Caches keep only what conversion reads (see trim.go): at tens of
+	// thousands of services the objects as served dominate the agent's
+	// memory.
 	svcFactory := informers.NewSharedInformerFactoryWithOptions(client, 0,
-		informers.WithTweakListOptions(func(o *metav1.ListOptions) { o.LabelSelector = svcSel }))
+		informers.WithTweakListOptions(func(o *metav1.ListOptions) { o.LabelSelector = svcSel }),
+		informers.WithTransform(trimService))
 	sliceFactory := informers.NewSharedInformerFactoryWithOptions(client, 0,
-		informers.WithTweakListOptions(func(o *metav1.ListOptions) { o.LabelSelector = sliceSel }))
-	nodeFactory := informers.NewSharedInformerFactory(client, 0)
+		informers.WithTweakListOptions(func(o *metav1.ListOptions) { o.LabelSelector = sliceSel }),
+		informers.WithTransform(trimSlice))
+	nodeFactory := informers.NewSharedInformerFactoryWithOptions(client, 0, informers.WithTransform(trimNode))
 	podFactory := informers.NewSharedInformerFactoryWithOptions(client, 0,
 		informers.WithTweakListOptions(func(o *metav1.ListOptions) {
 			o.FieldSelector = fields.OneTermEqualSelector("spec.nodeName", nodeName).String()
-		}))
+		}),
+		informers.WithTransform(trimPod))
 	s.factories = []informers.SharedInformerFactory{svcFactory, sliceFactory, nodeFactory, podFactory}
 
 	svcInf := svcFactory.Core().V1().Services()
@@ -99,7 +136,18 @@ func New(client kubernetes.Interface, nodeName string, store *model.Store, log *
 	// The node's own pods: endpoints whose pod is gone (a CNI DEL that never
 	// came) are collected against them.
 	podInf := podFactory.Core().V1().Pods()
-	s.services, s.slices, s.nodes, s.pods = svcInf.Lister(), sliceInf.Lister(), nodeInf.Lister(), podInf.Lister()
+	_ = sliceInf.Informer().AddIndexers(cache.Indexers{byService: func(o any) ([]string, error) {
+		m, ok := o.(metav1.Object)
+		if !ok {
+			return nil, nil
+		}
+		name := m.GetLabels()[discoveryv1.LabelServiceName]
+		if name == "" {
+			return nil, nil
+		}
+		return []string{m.GetNamespace() + "/" + name}, nil
+	}})
+	s.services, s.slices, s.nodes, s.pods = svcInf.Lister(), sliceInf.Informer().GetIndexer(), nodeInf.Lister(), podInf.Lister()
 	s.podSynced = podInf.Informer().HasSynced
 
 	// Handlers go in before the factories start, so no event is missed.
@@ -136,6 +184,13 @@ func (s *Source) Node() *corev1.Node {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.lastNode
+}
+
+// Stats returns what the source did so far.
+func (s *Source) Stats() Stats {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.stats
 }
 
 // PodOnNode implements node.Pods.
@@ -217,7 +272,11 @@ func (s *Source) Run(ctx context.Context) {
 	s.all = true
 	s.mu.Unlock()
 	s.process()
-	s.log.Info("Kubernetes caches synced; services follow the API", "took", time.Since(start).Round(time.Millisecond), "services", len(s.current))
+	took := time.Since(start)
+	s.mu.Lock()
+	s.stats.Synced, s.stats.SyncMillis = true, took.Milliseconds()
+	s.mu.Unlock()
+	s.log.Info("Kubernetes caches synced; services follow the API", "took", took.Round(time.Millisecond), "services", len(s.emitted))
 	for {
 		select {
 		case <-ctx.Done():
@@ -248,9 +307,10 @@ func (s *Source) waitForAPI(ctx context.Context) bool {
 	}
 }
 
-// process recomputes the changed services and hands the source's whole
-// state to the store.
+// process converts the changed services and hands what changed to the
+// store: on the first round every service, as the source's full state.
 func (s *Source) process() {
+	start := time.Now()
 	s.mu.Lock()
 	dirty, all, nodes := s.dirty, s.all, s.nodesDirty || s.all
 	s.dirty, s.all, s.nodesDirty = map[model.ServiceName]bool{}, false, false
@@ -264,26 +324,165 @@ func (s *Source) process() {
 			s.log.Error("listing services", "err", err)
 			return
 		}
-		s.current = map[model.ServiceName]*model.Service{}
 		for _, svc := range svcs {
 			dirty[model.ServiceName{Namespace: svc.Namespace, Name: svc.Name}] = true
 		}
 	}
-	if len(dirty) == 0 {
-		return
+	// Services whose frontends' owners may have changed, and those the
+	// store refused before (room may have been made since).
+	out := map[model.ServiceName]bool{}
+	for name := range s.refused {
+		out[name] = true
 	}
 	for name := range dirty {
-		if m := s.build(name); m != nil {
-			s.current[name] = m
-		} else {
-			delete(s.current, name)
+		s.rebuild(name, out)
+	}
+	var upserts []*model.Service
+	var deletes []model.ServiceName
+	for name := range out {
+		next := s.resolve(name)
+		prev := s.emitted[name]
+		_, wasRefused := s.refused[name]
+		switch {
+		case next == nil && prev == nil:
+			delete(s.refused, name)
+		case next == nil:
+			deletes = append(deletes, name)
+		case prev == nil || wasRefused || !prev.Equal(next):
+			upserts = append(upserts, next)
 		}
 	}
-	if err := s.store.Replace(Name, s.resolve()); err != nil {
-		// resolve removed what the store checks for; an error here is a
-		// bug, and the previous state stays.
-		s.log.Error("services not applied", "err", err)
+	if len(upserts) > 0 || len(deletes) > 0 || all {
+		s.hand(upserts, deletes, all)
 	}
+	took := time.Since(start)
+	s.mu.Lock()
+	s.stats.Rounds++
+	s.stats.Changed += uint64(len(upserts) + len(deletes))
+	s.stats.WorkMicros += uint64(took.Microseconds())
+	s.stats.Services = len(s.emitted)
+	s.stats.Refused = len(s.refused)
+	s.mu.Unlock()
+}
+
+// hand gives the store a round's changes: together when it takes them
+// all, else one service at a time, so that one service the store refuses
+// (the datapath is full) does not hold back the others.
+func (s *Source) hand(upserts []*model.Service, deletes []model.ServiceName, sync bool) {
+	done := func(svc *model.Service, name model.ServiceName) {
+		if svc == nil {
+			delete(s.emitted, name)
+		} else {
+			s.emitted[name] = svc
+		}
+		delete(s.refused, name)
+	}
+	err := s.store.Update(Name, upserts, deletes)
+	if err == nil {
+		for _, name := range deletes {
+			done(nil, name)
+		}
+		for _, svc := range upserts {
+			done(svc, svc.Name)
+		}
+	} else {
+		for _, name := range deletes {
+			s.store.Delete(Name, name)
+			done(nil, name)
+		}
+		for _, svc := range upserts {
+			if err := s.store.Upsert(Name, svc); err != nil {
+				if s.refused[svc.Name] != err.Error() {
+					s.log.Warn("service not applied; the datapath keeps its previous state for it", "service", svc.Name.String(), "err", err)
+				}
+				s.refused[svc.Name] = err.Error()
+				s.mu.Lock()
+				s.stats.LastError = svc.Name.String() + ": " + err.Error()
+				s.mu.Unlock()
+				continue
+			}
+			done(svc, svc.Name)
+		}
+	}
+	if sync {
+		s.store.MarkSynced(Name)
+	}
+}
+
+// rebuild converts one service again and updates the claims on its
+// frontends; out collects every service whose result may have changed.
+func (s *Source) rebuild(name model.ServiceName, out map[model.ServiceName]bool) {
+	out[name] = true
+	var old []model.FrontendKey
+	if b := s.built[name]; b != nil {
+		for _, f := range b.svc.Frontends {
+			old = append(old, f.Key())
+		}
+	}
+	b := s.build(name)
+	if b == nil {
+		delete(s.built, name)
+	} else {
+		s.built[name] = b
+	}
+	var now []model.FrontendKey
+	if b != nil {
+		for _, f := range b.svc.Frontends {
+			now = append(now, f.Key())
+		}
+	}
+	for _, k := range old {
+		s.claims[k] = slices.DeleteFunc(s.claims[k], func(n model.ServiceName) bool { return n == name })
+		if len(s.claims[k]) == 0 {
+			delete(s.claims, k)
+		}
+	}
+	for _, k := range now {
+		c := s.claims[k]
+		i, _ := slices.BinarySearchFunc(c, name, s.older)
+		s.claims[k] = slices.Insert(c, i, name)
+	}
+	for _, k := range slices.Concat(old, now) {
+		for _, n := range s.claims[k] {
+			out[n] = true
+		}
+	}
+}
+
+// older orders claimants of a frontend: the older service first, then by
+// name.
+func (s *Source) older(a, b model.ServiceName) int {
+	ba, bb := s.built[a], s.built[b]
+	if c := ba.created.Compare(bb.created); c != 0 {
+		return c
+	}
+	return strings.Compare(a.String(), b.String())
+}
+
+// resolve returns a service with the frontends it won: a frontend two
+// services claim belongs to the older one; the younger loses it, with a
+// warning.
+func (s *Source) resolve(name model.ServiceName) *model.Service {
+	b := s.built[name]
+	if b == nil {
+		return nil
+	}
+	m := b.svc
+	keep := make([]model.Frontend, 0, len(m.Frontends))
+	for _, f := range m.Frontends {
+		if owner := s.claims[f.Key()][0]; owner != name {
+			s.log.Warn("frontend already used by an older service; ignored", "service", name.String(), "frontend", f.Key().String(), "owner", owner.String())
+			continue
+		}
+		keep = append(keep, f)
+	}
+	if len(keep) == len(m.Frontends) {
+		return m
+	}
+	c := *m
+	c.Frontends = keep
+	c.Unserved = slices.Clone(m.Unserved)
+	return &c
 }
 
 // processNodes hands every Node with an IPv4 InternalIP to the store.
@@ -309,15 +508,20 @@ func (s *Source) processNodes() {
 
 // build converts one service from the caches, or returns nil when it is
 // gone, filtered, or has nothing Weir serves.
-func (s *Source) build(name model.ServiceName) *model.Service {
+func (s *Source) build(name model.ServiceName) *built {
 	svc, err := s.services.Services(name.Namespace).Get(name.Name)
 	if err != nil {
 		return nil
 	}
-	sel := labels.SelectorFromSet(labels.Set{discoveryv1.LabelServiceName: name.Name})
-	eps, err := s.slices.EndpointSlices(name.Namespace).List(sel)
+	objs, err := s.slices.ByIndex(byService, name.Namespace+"/"+name.Name)
 	if err != nil {
 		return nil
+	}
+	eps := make([]*discoveryv1.EndpointSlice, 0, len(objs))
+	for _, o := range objs {
+		if es, ok := o.(*discoveryv1.EndpointSlice); ok {
+			eps = append(eps, es)
+		}
 	}
 	m := Convert(svc, eps)
 	s.reportUnserved(name, m)
@@ -328,7 +532,7 @@ func (s *Source) build(name model.ServiceName) *model.Service {
 		s.log.Warn("service skipped", "service", name.String(), "err", err)
 		return nil
 	}
-	return m
+	return &built{svc: m, created: svc.CreationTimestamp.Time}
 }
 
 // reportUnserved warns, once per change, about what of a service the
@@ -350,46 +554,4 @@ func (s *Source) reportUnserved(name model.ServiceName, m *model.Service) {
 	}
 	s.unserved[name] = now
 	s.log.Warn("part of a service is not served", "service", name.String(), "not served", now)
-}
-
-// resolve returns the current services with frontends that two services
-// share given to the older service (the API allows overlapping external
-// IPs); the younger one loses the frontend, with a warning.
-func (s *Source) resolve() []*model.Service {
-	type aged struct {
-		m       *model.Service
-		created time.Time
-	}
-	var list []aged
-	for name, m := range s.current {
-		var created time.Time
-		if svc, err := s.services.Services(name.Namespace).Get(name.Name); err == nil {
-			created = svc.CreationTimestamp.Time
-		}
-		list = append(list, aged{m, created})
-	}
-	slices.SortFunc(list, func(a, b aged) int {
-		return cmp.Or(a.created.Compare(b.created), cmp.Compare(a.m.Name.String(), b.m.Name.String()))
-	})
-	owner := map[model.FrontendKey]model.ServiceName{}
-	out := make([]*model.Service, 0, len(list))
-	for _, a := range list {
-		m := a.m
-		keep := make([]model.Frontend, 0, len(m.Frontends))
-		for _, f := range m.Frontends {
-			if o, taken := owner[f.Key()]; taken {
-				s.log.Warn("frontend already used by an older service; ignored", "service", m.Name.String(), "frontend", f.Key().String(), "owner", o.String())
-				continue
-			}
-			owner[f.Key()] = m.Name
-			keep = append(keep, f)
-		}
-		if len(keep) != len(m.Frontends) {
-			c := *m
-			c.Frontends = keep
-			m = &c
-		}
-		out = append(out, m)
-	}
-	return out
 }

@@ -4,15 +4,23 @@
 // last, so a packet never finds a slot count larger than the filled slots
 // or a slot pointing at a missing backend. IDs are restored from the pinned
 // maps at start, so a restarted agent keeps the IDs live connections use.
+//
+// Changes arrive as deltas (the services that changed): their cost follows
+// the size of the change, not the number of services the node holds. A
+// full pass, which compares everything, runs only at start and after a
+// failed write.
 package lbmap
 
 import (
+	"cmp"
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"log/slog"
 	"net/netip"
 	"slices"
+	"sync"
 	"time"
 
 	"github.com/cilium/ebpf"
@@ -21,44 +29,101 @@ import (
 	"github.com/weirnet/weir/core/model"
 )
 
-type frontendKey struct {
-	addr  netip.AddrPort
-	proto model.Proto
-	scope uint8
+// frontendKey is a map frontend (address, port, protocol, scope) packed
+// into an integer, ordered as its fields: the reconciler's maps are keyed
+// by it, and integer keys keep them fast at a million entries.
+type frontendKey uint64
+
+func mkFrontendKey(a netip.AddrPort, proto model.Proto, scope uint8) frontendKey {
+	b := a.Addr().As4()
+	return frontendKey(uint64(binary.BigEndian.Uint32(b[:]))<<32 | uint64(a.Port())<<16 | uint64(proto)<<8 | uint64(scope))
 }
 
+func (k frontendKey) addr() netip.AddrPort {
+	var b [4]byte
+	binary.BigEndian.PutUint32(b[:], uint32(k>>32))
+	return netip.AddrPortFrom(netip.AddrFrom4(b), uint16(k>>16))
+}
+
+func (k frontendKey) proto() model.Proto { return model.Proto(k >> 8) }
+func (k frontendKey) scope() uint8       { return uint8(k) }
+
+// withScope is the same frontend in another scope.
+func (k frontendKey) withScope(scope uint8) frontendKey { return k&^0xff | frontendKey(scope) }
+
 func (k frontendKey) svcKey(slot uint16) datapath.ServiceKey {
+	a := k.addr()
 	return datapath.ServiceKey{
-		Addr:  datapath.AddrToBE(k.addr.Addr()),
-		Port:  datapath.PortToBE(k.addr.Port()),
+		Addr:  datapath.AddrToBE(a.Addr()),
+		Port:  datapath.PortToBE(a.Port()),
 		Slot:  slot,
-		Proto: uint8(k.proto),
-		Scope: k.scope,
+		Proto: uint8(k.proto()),
+		Scope: k.scope(),
 	}
 }
 
-type backendKey struct {
-	addr  netip.AddrPort
-	proto model.Proto
+// backendKey is a backend address, port and protocol packed into an
+// integer, ordered as its fields.
+type backendKey uint64
+
+func mkBackendKey(a netip.AddrPort, proto model.Proto) backendKey {
+	b := a.Addr().As4()
+	return backendKey(uint64(binary.BigEndian.Uint32(b[:]))<<24 | uint64(a.Port())<<8 | uint64(proto))
 }
 
+func (k backendKey) addr() netip.AddrPort {
+	var b [4]byte
+	binary.BigEndian.PutUint32(b[:], uint32(k>>24))
+	return netip.AddrPortFrom(netip.AddrFrom4(b), uint16(k>>8))
+}
+
+func (k backendKey) proto() model.Proto { return model.Proto(k) }
+
 func (k backendKey) addrKey() datapath.BackendAddrKey {
-	return datapath.BackendAddrKey{Addr: datapath.AddrToBE(k.addr.Addr()), Port: datapath.PortToBE(k.addr.Port()), Proto: uint8(k.proto)}
+	a := k.addr()
+	return datapath.BackendAddrKey{Addr: datapath.AddrToBE(a.Addr()), Port: datapath.PortToBE(a.Port()), Proto: uint8(k.proto())}
+}
+
+func backendKeyOf(be datapath.Backend) backendKey {
+	return mkBackendKey(netip.AddrPortFrom(datapath.AddrFromBE(be.Addr), datapath.PortFromBE(be.Port)), model.Proto(be.Proto))
 }
 
 // frontendState is what the maps hold for one frontend.
 type frontendState struct {
-	master datapath.ServiceValue
+	master    datapath.ServiceValue
+	hasMaster bool
 	// slots[i] is the backend id in slot i+1; it may be longer than
 	// master.Count when leftovers of an interrupted write remain.
 	slots []uint32
+	// want are the backends the frontend was last written with,
+	// terminating ones included (nil for entries restored from the maps
+	// and not written since).
+	want []scopedBackend
 }
+
+func (st *frontendState) entries() int {
+	n := len(st.slots)
+	if st.hasMaster {
+		n++
+	}
+	return n
+}
+
+// refs counts the frontends that use a backend address, by the state they
+// list it in: a backend takes new flows when any frontend lists it as
+// active.
+type refs struct{ active, terminating int }
+
+func (r refs) zero() bool { return r.active == 0 && r.terminating == 0 }
 
 // Map is the part of *ebpf.Map the reconciler uses.
 type Map interface {
-	Put(key, value any) error
+	BatchLookup(cursor *ebpf.MapBatchCursor, keysOut, valuesOut any, opts *ebpf.BatchOptions) (int, error)
+	BatchUpdate(keys, values any, opts *ebpf.BatchOptions) (int, error)
+	BatchDelete(keys any, opts *ebpf.BatchOptions) (int, error)
 	Delete(key any) error
 	Iterate() *ebpf.MapIterator
+	MaxEntries() uint32
 }
 
 // Maps are the maps a reconciler writes. BackendAddrs indexes backends by
@@ -80,13 +145,22 @@ type Reconciler struct {
 	// indexed are the backends in the BackendAddrs map, by the id there.
 	indexed    map[backendKey]uint32
 	revnatUsed map[uint32]netip.AddrPort
-	nextBE     uint32
-	nextRevNAT uint32
-	node       string
-	// dirty forces a read of the maps before the next apply: at first, to
-	// restore what a previous agent wrote, and after a write failed
-	// part-way.
+	// byService are the map frontends each service was last written
+	// with; beRefs who uses each backend address.
+	byService map[model.ServiceName][]frontendKey
+	beRefs    map[backendKey]refs
+	// serviceEntries counts the services map's entries.
+	serviceEntries int
+	nextBE         uint32
+	nextRevNAT     uint32
+	node           string
+	// dirty forces a read of the maps and a full pass before the next
+	// apply: at first, to restore what a previous agent wrote, and after
+	// a write failed part-way.
 	dirty bool
+
+	mu     sync.Mutex // guards status
+	status Status
 }
 
 // New returns a reconciler over the maps. It reads them (restoring the IDs
@@ -122,81 +196,65 @@ func (r *Reconciler) restore() error {
 	r.backendsBy = map[uint32]datapath.Backend{}
 	r.indexed = map[backendKey]uint32{}
 	r.revnatUsed = map[uint32]netip.AddrPort{}
+	r.byService = map[model.ServiceName][]frontendKey{}
+	r.beRefs = map[backendKey]refs{}
+	r.serviceEntries = 0
 	r.nextBE, r.nextRevNAT = 1, 1
 
-	var (
-		k datapath.ServiceKey
-		v datapath.ServiceValue
-	)
-	it := r.services.Iterate()
-	for it.Next(&k, &v) {
-		fk := frontendKey{
-			addr:  netip.AddrPortFrom(datapath.AddrFromBE(k.Addr), datapath.PortFromBE(k.Port)),
-			proto: model.Proto(k.Proto),
-			scope: k.Scope,
-		}
+	err := datapath.ReadAll(r.services, func(k *datapath.ServiceKey, v *datapath.ServiceValue) {
+		fk := mkFrontendKey(netip.AddrPortFrom(datapath.AddrFromBE(k.Addr), datapath.PortFromBE(k.Port)), model.Proto(k.Proto), k.Scope)
 		st := r.frontends[fk]
 		if st == nil {
 			st = &frontendState{}
 			r.frontends[fk] = st
 		}
 		if k.Slot == 0 {
-			st.master = v
-			continue
+			st.master, st.hasMaster = *v, true
+			return
 		}
 		for len(st.slots) < int(k.Slot) {
 			st.slots = append(st.slots, 0)
 		}
 		st.slots[k.Slot-1] = v.BackendId
-	}
-	if err := it.Err(); err != nil {
+	})
+	if err != nil {
 		return fmt.Errorf("reading services map: %w", err)
 	}
-
-	var (
-		id uint32
-		be datapath.Backend
-	)
-	bit := r.backends.Iterate()
-	for bit.Next(&id, &be) {
-		r.backendsBy[id] = be
-		bk := backendKey{
-			addr:  netip.AddrPortFrom(datapath.AddrFromBE(be.Addr), datapath.PortFromBE(be.Port)),
-			proto: model.Proto(be.Proto),
-		}
-		if prev, ok := r.backendIDs[bk]; !ok || id < prev {
-			r.backendIDs[bk] = id
-		}
-		if id >= r.nextBE {
-			r.nextBE = id + 1
-		}
+	// A hole below a leftover slot (a write interrupted) counts as an
+	// entry until it is deleted with its frontend's other slots.
+	r.serviceEntries = 0
+	for _, st := range r.frontends {
+		r.serviceEntries += st.entries()
 	}
-	if err := bit.Err(); err != nil {
+
+	err = datapath.ReadAll(r.backends, func(id *uint32, be *datapath.Backend) {
+		r.backendsBy[*id] = *be
+		bk := backendKeyOf(*be)
+		if prev, ok := r.backendIDs[bk]; !ok || *id < prev {
+			r.backendIDs[bk] = *id
+		}
+		if *id >= r.nextBE {
+			r.nextBE = *id + 1
+		}
+	})
+	if err != nil {
 		return fmt.Errorf("reading backends map: %w", err)
 	}
 	if r.backendAddrs != nil {
-		var ak datapath.BackendAddrKey
-		ait := r.backendAddrs.Iterate()
-		for ait.Next(&ak, &id) {
-			r.indexed[backendKey{addr: netip.AddrPortFrom(datapath.AddrFromBE(ak.Addr), datapath.PortFromBE(ak.Port)), proto: model.Proto(ak.Proto)}] = id
-		}
-		if err := ait.Err(); err != nil {
+		err := datapath.ReadAll(r.backendAddrs, func(ak *datapath.BackendAddrKey, id *uint32) {
+			r.indexed[mkBackendKey(netip.AddrPortFrom(datapath.AddrFromBE(ak.Addr), datapath.PortFromBE(ak.Port)), model.Proto(ak.Proto))] = *id
+		})
+		if err != nil {
 			return fmt.Errorf("reading backend address map: %w", err)
 		}
 	}
-
-	var (
-		rid uint32
-		rn  datapath.RevNAT
-	)
-	rit := r.revnat.Iterate()
-	for rit.Next(&rid, &rn) {
-		r.revnatUsed[rid] = netip.AddrPortFrom(datapath.AddrFromBE(rn.Addr), datapath.PortFromBE(rn.Port))
-		if rid >= r.nextRevNAT {
-			r.nextRevNAT = rid + 1
+	err = datapath.ReadAll(r.revnat, func(rid *uint32, rn *datapath.RevNAT) {
+		r.revnatUsed[*rid] = netip.AddrPortFrom(datapath.AddrFromBE(rn.Addr), datapath.PortFromBE(rn.Port))
+		if *rid >= r.nextRevNAT {
+			r.nextRevNAT = *rid + 1
 		}
-	}
-	if err := rit.Err(); err != nil {
+	})
+	if err != nil {
 		return fmt.Errorf("reading reverse NAT map: %w", err)
 	}
 	if r.nextRevNAT == 0 {
@@ -243,21 +301,39 @@ type desiredFrontend struct {
 	slots    []backendKey
 }
 
-// Apply makes the maps hold exactly the frontends of snap. On error the
-// maps are still consistent for packets (within a frontend every step is
-// make-before-break);
-// the next Apply re-reads them and finishes the job.
-func (r *Reconciler) Apply(snap *model.Snapshot) error {
+// errNeedFull asks for a full pass: the maps must be read again, and only
+// a full state says what they must hold.
+var errNeedFull = errors.New("the service maps must be read again: a full state is needed")
+
+// Apply makes the maps hold what the delta says: in a full delta exactly
+// its services, otherwise its services changed and every other as it was.
+// On error the maps are still consistent for packets (within a frontend
+// every step is make-before-break), and the next Apply must be full: it
+// reads the maps again and finishes the job.
+func (r *Reconciler) Apply(d model.Delta) error {
 	if r.dirty {
+		if !d.Full {
+			return errNeedFull
+		}
 		if err := r.restore(); err != nil {
 			return err
 		}
 	}
-	err := r.apply(snap)
-	if err != nil {
+	err := r.apply(d)
+	if err != nil && !errors.As(err, new(*CapacityError)) {
 		r.dirty = true
 	}
 	return err
+}
+
+// ApplySnapshot makes the maps hold exactly the services of snap (a full
+// pass).
+func (r *Reconciler) ApplySnapshot(snap *model.Snapshot) error {
+	d := model.Delta{Full: true, Services: make(map[model.ServiceName]*model.Service, len(snap.Services))}
+	for _, svc := range snap.Services {
+		d.Services[svc.Name] = svc
+	}
+	return r.Apply(d)
 }
 
 // affinityKey is a (reverse NAT id, backend id) pair whose affinity
@@ -267,71 +343,238 @@ type affinityKey struct {
 	backend uint32
 }
 
-func (r *Reconciler) apply(snap *model.Snapshot) error {
+// plan is one pass: the frontends to write and to delete, and the
+// backends whose use changed.
+type plan struct {
+	full    bool
+	changed []model.ServiceName
+	// desired are the map frontends of the changed services, written in
+	// order (internal scopes before external ones).
+	desired map[frontendKey]*scopedFrontend
+	order   []frontendKey
+	// owner says which service each desired frontend belongs to.
+	owner map[frontendKey]model.ServiceName
+	// stale frontends go first; staleScopes (internal scopes whose
+	// external entry stays) after the external entry stopped pointing
+	// to them.
+	stale, staleScopes []frontendKey
+}
+
+func (r *Reconciler) plan(d model.Delta) *plan {
+	p := &plan{full: d.Full, desired: map[frontendKey]*scopedFrontend{}, owner: map[frontendKey]model.ServiceName{}}
+	for name := range d.Services {
+		p.changed = append(p.changed, name)
+	}
+	slices.SortFunc(p.changed, func(a, b model.ServiceName) int {
+		return cmp.Or(cmp.Compare(a.Namespace, b.Namespace), cmp.Compare(a.Name, b.Name))
+	})
+	for _, name := range p.changed {
+		svc := d.Services[name]
+		if svc == nil {
+			continue
+		}
+		for i := range svc.Frontends {
+			for _, sf := range r.scoped(svc, &svc.Frontends[i]) {
+				p.desired[sf.key] = &sf
+				p.owner[sf.key] = name
+				p.order = append(p.order, sf.key)
+			}
+		}
+	}
+	// Internal scopes before external ones: an external master flagged
+	// with two scopes sends in-cluster lookups to its internal entry,
+	// which must be there first.
+	slices.SortStableFunc(p.order, func(a, b frontendKey) int { return int(b.scope()) - int(a.scope()) })
+
+	// Frontends nobody wants any more: in a full pass every one not
+	// desired, otherwise those the changed services had and lost.
+	var candidates []frontendKey
+	if d.Full {
+		for fk := range r.frontends {
+			candidates = append(candidates, fk)
+		}
+	} else {
+		for _, name := range p.changed {
+			candidates = append(candidates, r.byService[name]...)
+		}
+	}
+	for _, fk := range candidates {
+		if _, ok := p.desired[fk]; ok {
+			continue
+		}
+		if _, ok := r.frontends[fk]; !ok {
+			continue
+		}
+		ext := fk.withScope(datapath.ScopeExternal)
+		if _, stays := p.desired[ext]; fk.scope() == datapath.ScopeInternal && stays {
+			p.staleScopes = append(p.staleScopes, fk)
+			continue
+		}
+		p.stale = append(p.stale, fk)
+	}
+	slices.SortFunc(p.stale, compareFrontendKeys)
+	slices.SortFunc(p.staleScopes, compareFrontendKeys)
+	return p
+}
+
+func (r *Reconciler) apply(d model.Delta) error {
+	start := time.Now()
+	p := r.plan(d)
+	if err := r.checkRoom(p); err != nil {
+		if d.Full || len(p.changed) < 2 {
+			return err
+		}
+		// Too big at once, though its final state fits (the store's
+		// admission saw to that): one service at a time, those that
+		// free room first, so no point of the way needs more.
+		return r.applyInSteps(d)
+	}
+	if err := r.write(p); err != nil {
+		return err
+	}
+	r.record(p, time.Since(start))
+	return nil
+}
+
+// applyInSteps applies a delta one service at a time, the services that
+// shrink first.
+func (r *Reconciler) applyInSteps(d model.Delta) error {
+	type step struct {
+		name   model.ServiceName
+		growth int
+	}
+	var steps []step
+	for name, svc := range d.Services {
+		have := 0
+		for _, fk := range r.byService[name] {
+			if st := r.frontends[fk]; st != nil {
+				have += st.entries()
+			}
+		}
+		want := 0
+		if svc != nil {
+			want = serviceEntries(r.scopedAll(svc))
+		}
+		steps = append(steps, step{name, want - have})
+	}
+	slices.SortFunc(steps, func(a, b step) int {
+		return cmp.Or(cmp.Compare(a.growth, b.growth), cmp.Compare(a.name.String(), b.name.String()))
+	})
+	for _, s := range steps {
+		one := model.Delta{Version: d.Version, Services: map[model.ServiceName]*model.Service{s.name: d.Services[s.name]}}
+		start := time.Now()
+		p := r.plan(one)
+		if err := r.checkRoom(p); err != nil {
+			return fmt.Errorf("service %s: %w", s.name, err)
+		}
+		if err := r.write(p); err != nil {
+			return err
+		}
+		r.record(p, time.Since(start))
+	}
+	return nil
+}
+
+// write carries out a plan, make-before-break. Writes are queued by
+// phase and each phase goes to the kernel in batches, in the order a
+// reader needs: stale frontends (master before slots, reverse NAT last),
+// backends and their index, reverse NAT, slots, masters (internal scopes
+// first), leftover slots, internal scopes no longer pointed to, unused
+// backends. Within a batch the kernel writes in order, so every point of
+// the way is what one write at a time would give.
+func (r *Reconciler) write(p *plan) error {
 	// Affinity entries pointing where a client may no longer go.
 	lost := map[affinityKey]bool{}
 	gone := map[uint32]bool{}
 	defer func() { r.pruneAffinity(lost, gone) }()
-	desired := map[frontendKey]*desiredFrontend{}
-	// A backend address used by several frontends is one backend; it takes
-	// new flows when any frontend lists it as active.
-	wantBE := map[backendKey]model.BackendState{}
-	var order []frontendKey
-	for _, fo := range snap.Frontends() {
-		for _, sf := range r.scoped(fo) {
-			for _, bk := range sf.all {
-				if st, ok := wantBE[bk.key]; !ok || st == model.Terminating {
-					wantBE[bk.key] = bk.state
+	q := &queue{}
+
+	// Who uses which backend once the plan is done. Backends whose use
+	// changes are the only ones to write or delete (every one in a full
+	// pass).
+	touched := map[backendKey]bool{}
+	if p.full {
+		for bk := range r.backendIDs {
+			touched[bk] = true
+		}
+		for bk := range r.indexed {
+			touched[bk] = true
+		}
+		clear(r.beRefs)
+	} else {
+		drop := func(fk frontendKey) {
+			st := r.frontends[fk]
+			if st == nil {
+				return
+			}
+			for _, b := range st.want {
+				touched[b.key] = true
+				rf := r.beRefs[b.key]
+				if b.state == model.Active {
+					rf.active--
+				} else {
+					rf.terminating--
+				}
+				if rf.zero() {
+					delete(r.beRefs, b.key)
+				} else {
+					r.beRefs[b.key] = rf
 				}
 			}
-			desired[sf.key] = sf.df
-			order = append(order, sf.key)
+		}
+		for _, fk := range p.stale {
+			drop(fk)
+		}
+		for _, fk := range p.staleScopes {
+			drop(fk)
+		}
+		for _, fk := range p.order {
+			drop(fk)
+		}
+	}
+	for _, fk := range p.order {
+		for _, b := range p.desired[fk].all {
+			touched[b.key] = true
+			rf := r.beRefs[b.key]
+			if b.state == model.Active {
+				rf.active++
+			} else {
+				rf.terminating++
+			}
+			r.beRefs[b.key] = rf
 		}
 	}
 
 	// 1. Frontends nobody wants any more go first: they share nothing with
 	// the others, and their room may be needed. Master first, so no new
-	// flow picks a slot that is about to go. An internal scope whose
-	// external entry stays waits until that entry no longer sends
-	// in-cluster lookups to it (step 3b).
-	var stale, staleScopes []frontendKey
-	for fk := range r.frontends {
-		if _, ok := desired[fk]; ok {
-			continue
+	// flow picks a slot that is about to go.
+	for _, fk := range p.stale {
+		st := r.frontends[fk]
+		if sib := r.sibling(fk); (sib == nil || sib.master.RevNat != st.master.RevNat) && st.master.Flags2&datapath.SvcFlagAffinity != 0 {
+			gone[st.master.RevNat] = true
 		}
-		ext := fk
-		ext.scope = datapath.ScopeExternal
-		if _, stays := desired[ext]; fk.scope == datapath.ScopeInternal && stays {
-			staleScopes = append(staleScopes, fk)
-			continue
-		}
-		stale = append(stale, fk)
+		r.deleteFrontend(fk, &q.stale)
 	}
-	slices.SortFunc(stale, compareFrontendKeys)
-	slices.SortFunc(staleScopes, compareFrontendKeys)
-	for _, fk := range stale {
-		if sib := r.sibling(fk); sib == nil || sib.master.RevNat != r.frontends[fk].master.RevNat {
-			gone[r.frontends[fk].master.RevNat] = true
-		}
-		if err := r.deleteFrontend(fk); err != nil {
-			return err
-		}
+	if err := q.stale.flush(r); err != nil {
+		return err
 	}
 
 	// 2. Backends before the slots that point at them.
-	beKeys := make([]backendKey, 0, len(wantBE))
-	for bk := range wantBE {
-		beKeys = append(beKeys, bk)
+	beKeys := make([]backendKey, 0, len(touched))
+	for bk := range touched {
+		if !r.beRefs[bk].zero() {
+			beKeys = append(beKeys, bk)
+		}
 	}
 	slices.SortFunc(beKeys, compareBackendKeys)
 	for _, bk := range beKeys {
 		val := datapath.Backend{
-			Addr:  datapath.AddrToBE(bk.addr.Addr()),
-			Port:  datapath.PortToBE(bk.addr.Port()),
-			Proto: uint8(bk.proto),
+			Addr:  datapath.AddrToBE(bk.addr().Addr()),
+			Port:  datapath.PortToBE(bk.addr().Port()),
+			Proto: uint8(bk.proto()),
 			State: datapath.BackendActive,
 		}
-		if wantBE[bk] == model.Terminating {
+		if r.beRefs[bk].active == 0 {
 			val.State = datapath.BackendTerminating
 		}
 		id, ok := r.backendIDs[bk]
@@ -342,31 +585,32 @@ func (r *Reconciler) apply(snap *model.Snapshot) error {
 					return err
 				}
 			}
-			if err := r.backends.Put(id, val); err != nil {
-				return fmt.Errorf("writing backend %d (%s): %w", id, bk.addr, err)
-			}
+			q.backendIDs = append(q.backendIDs, id)
+			q.backendVals = append(q.backendVals, val)
 			r.backendIDs[bk] = id
 			r.backendsBy[id] = val
 		}
 		if r.backendAddrs != nil {
 			if cur, ok := r.indexed[bk]; !ok || cur != id {
-				if err := r.backendAddrs.Put(bk.addrKey(), id); err != nil {
-					return fmt.Errorf("indexing backend %d (%s): %w", id, bk.addr, err)
-				}
+				q.addrKeys = append(q.addrKeys, bk.addrKey())
+				q.addrIDs = append(q.addrIDs, id)
 				r.indexed[bk] = id
 			}
 		}
 	}
+	if err := batchPut(r.backends, q.backendIDs, q.backendVals, "writing backends"); err != nil {
+		return err
+	}
+	if err := batchPut(r.backendAddrs, q.addrKeys, q.addrIDs, "indexing backends"); err != nil {
+		return err
+	}
 
-	// 3. Frontends: reverse NAT, slots, master, then leftover slots.
-	// Internal scopes before external ones: an external master flagged
-	// with two scopes sends in-cluster lookups to its internal entry,
-	// which must be there first.
-	slices.SortStableFunc(order, func(a, b frontendKey) int { return int(b.scope) - int(a.scope) })
-	for _, fk := range order {
-		if st := r.frontends[fk]; st != nil {
+	// 3. Frontends: reverse NAT, slots, masters, then leftover slots.
+	for _, fk := range p.order {
+		df := p.desired[fk].df
+		if st := r.frontends[fk]; st != nil && (df.affinity > 0 || st.master.Flags2&datapath.SvcFlagAffinity != 0) {
 			keep := map[uint32]bool{}
-			for _, bk := range desired[fk].slots {
+			for _, bk := range df.slots {
 				keep[r.backendIDs[bk]] = true
 			}
 			for _, id := range st.slots {
@@ -375,67 +619,169 @@ func (r *Reconciler) apply(snap *model.Snapshot) error {
 				}
 			}
 		}
-		if err := r.writeFrontend(fk, desired[fk]); err != nil {
+		if err := r.writeFrontend(fk, p.desired[fk], q); err != nil {
 			return err
 		}
 	}
+	if err := batchPut(r.revnat, q.revnatIDs, q.revnatVals, "writing reverse NAT"); err != nil {
+		return err
+	}
+	if err := batchPut(r.services, q.slotKeys, q.slotVals, "writing backend slots"); err != nil {
+		return err
+	}
+	if err := batchPut(r.services, q.masterKeys, q.masterVals, "writing services"); err != nil {
+		return err
+	}
+	if err := batchDelete(r.services, q.leftovers, "deleting leftover slots"); err != nil {
+		return err
+	}
 	// 3b. Internal scopes their external entry (now without the flag) no
 	// longer points to.
-	for _, fk := range staleScopes {
-		if err := r.deleteFrontend(fk); err != nil {
-			return err
-		}
+	for _, fk := range p.staleScopes {
+		r.deleteFrontend(fk, &q.scopes)
+	}
+	if err := q.scopes.flush(r); err != nil {
+		return err
+	}
+	// Which service has which frontends now.
+	if p.full {
+		clear(r.byService)
+	}
+	for _, name := range p.changed {
+		delete(r.byService, name)
+	}
+	for _, fk := range p.order {
+		name := p.owner[fk]
+		r.byService[name] = append(r.byService[name], fk)
 	}
 
 	// 4. Backends nobody references.
 	var unused []uint32
-	for id, be := range r.backendsBy {
-		bk := backendKey{addr: netip.AddrPortFrom(datapath.AddrFromBE(be.Addr), datapath.PortFromBE(be.Port)), proto: model.Proto(be.Proto)}
-		if _, ok := wantBE[bk]; ok && r.backendIDs[bk] == id {
-			continue
+	if p.full {
+		// Every id but the one each used address keeps (a restore may
+		// find two for one address).
+		for id, be := range r.backendsBy {
+			bk := backendKeyOf(be)
+			if !r.beRefs[bk].zero() && r.backendIDs[bk] == id {
+				continue
+			}
+			unused = append(unused, id)
 		}
-		unused = append(unused, id)
+	} else {
+		for bk := range touched {
+			if id, ok := r.backendIDs[bk]; ok && r.beRefs[bk].zero() {
+				unused = append(unused, id)
+			}
+		}
 	}
 	slices.Sort(unused)
 	for _, id := range unused {
-		if err := r.backends.Delete(id); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
-			return fmt.Errorf("deleting backend %d: %w", id, err)
-		}
-		be := r.backendsBy[id]
-		bk := backendKey{addr: netip.AddrPortFrom(datapath.AddrFromBE(be.Addr), datapath.PortFromBE(be.Port)), proto: model.Proto(be.Proto)}
+		bk := backendKeyOf(r.backendsBy[id])
 		if r.backendIDs[bk] == id {
 			delete(r.backendIDs, bk)
 		}
 		delete(r.backendsBy, id)
 	}
+	if err := batchDelete(r.backends, unused, "deleting backends"); err != nil {
+		return err
+	}
 	// The index only says which addresses are backends: it follows them.
-	var unindex []backendKey
-	for bk := range r.indexed {
-		if _, ok := wantBE[bk]; !ok {
-			unindex = append(unindex, bk)
+	var unindex []datapath.BackendAddrKey
+	for bk := range touched {
+		if _, ok := r.indexed[bk]; ok && r.beRefs[bk].zero() {
+			unindex = append(unindex, bk.addrKey())
+			delete(r.indexed, bk)
 		}
 	}
-	slices.SortFunc(unindex, compareBackendKeys)
-	for _, bk := range unindex {
-		if err := r.backendAddrs.Delete(bk.addrKey()); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
-			return fmt.Errorf("unindexing backend %s: %w", bk.addr, err)
+	slices.SortFunc(unindex, func(a, b datapath.BackendAddrKey) int {
+		return cmp.Or(cmp.Compare(a.Addr, b.Addr), cmp.Compare(a.Port, b.Port), cmp.Compare(a.Proto, b.Proto))
+	})
+	return batchDelete(r.backendAddrs, unindex, "unindexing backends")
+}
+
+// queue holds a pass's writes by phase.
+type queue struct {
+	stale, scopes removal
+	backendIDs    []uint32
+	backendVals   []datapath.Backend
+	addrKeys      []datapath.BackendAddrKey
+	addrIDs       []uint32
+	revnatIDs     []uint32
+	revnatVals    []datapath.RevNAT
+	slotKeys      []datapath.ServiceKey
+	slotVals      []datapath.ServiceValue
+	masterKeys    []datapath.ServiceKey
+	masterVals    []datapath.ServiceValue
+	leftovers     []datapath.ServiceKey
+}
+
+// removal deletes frontends: masters, then their slots, then their
+// reverse NAT.
+type removal struct {
+	masters, slots []datapath.ServiceKey
+	revnat         []uint32
+}
+
+func (rm *removal) flush(r *Reconciler) error {
+	if err := batchDelete(r.services, rm.masters, "deleting services"); err != nil {
+		return err
+	}
+	if err := batchDelete(r.services, rm.slots, "deleting backend slots"); err != nil {
+		return err
+	}
+	return batchDelete(r.revnat, rm.revnat, "deleting reverse NAT")
+}
+
+// batchPut writes keys[i] = vals[i] in order, in as few calls as the
+// kernel allows.
+func batchPut[K, V any](m Map, keys []K, vals []V, what string) error {
+	if len(keys) == 0 {
+		return nil
+	}
+	for len(keys) > 0 {
+		n := min(len(keys), maxBatch)
+		done, err := m.BatchUpdate(keys[:n], vals[:n], nil)
+		if err != nil {
+			return fmt.Errorf("%s (%d of %d written): %w", what, done, len(keys), err)
 		}
-		delete(r.indexed, bk)
+		keys, vals = keys[n:], vals[n:]
 	}
 	return nil
 }
 
+// batchDelete deletes keys in order; keys already absent are passed over
+// (the kernel stops a batch at the first one).
+func batchDelete[K any](m Map, keys []K, what string) error {
+	for len(keys) > 0 {
+		n := min(len(keys), maxBatch)
+		done, err := m.BatchDelete(keys[:n], nil)
+		switch {
+		case errors.Is(err, ebpf.ErrKeyNotExist):
+			keys = keys[done+1:]
+			continue
+		case err != nil:
+			return fmt.Errorf("%s: %w", what, err)
+		}
+		keys = keys[n:]
+	}
+	return nil
+}
+
+// maxBatch bounds one batch call (the kernel copies it in whole).
+const maxBatch = 4096
+
 // sibling is the frontend's entry in the other scope, if any.
 func (r *Reconciler) sibling(fk frontendKey) *frontendState {
-	other := fk
-	other.scope = datapath.ScopeExternal
-	if fk.scope == datapath.ScopeExternal {
-		other.scope = datapath.ScopeInternal
+	other := fk.withScope(datapath.ScopeExternal)
+	if fk.scope() == datapath.ScopeExternal {
+		other = fk.withScope(datapath.ScopeInternal)
 	}
 	return r.frontends[other]
 }
 
-func (r *Reconciler) writeFrontend(fk frontendKey, df *desiredFrontend) error {
+// writeFrontend queues what the maps need for one frontend to say df.
+func (r *Reconciler) writeFrontend(fk frontendKey, sf *scopedFrontend, q *queue) error {
+	df := sf.df
 	st := r.frontends[fk]
 	if st == nil {
 		// Both scopes of a frontend are one frontend to its flows: they
@@ -461,75 +807,72 @@ func (r *Reconciler) writeFrontend(fk frontendKey, df *desiredFrontend) error {
 		st.master.RevNat = id
 	}
 	r.frontends[fk] = st
+	st.want = sf.all
 	rid := st.master.RevNat
-	if r.revnatUsed[rid] != fk.addr {
-		val := datapath.RevNAT{Addr: datapath.AddrToBE(fk.addr.Addr()), Port: datapath.PortToBE(fk.addr.Port())}
-		if err := r.revnat.Put(rid, val); err != nil {
-			return fmt.Errorf("writing reverse NAT %d for %s: %w", rid, fk.addr, err)
-		}
-		r.revnatUsed[rid] = fk.addr
+	if a := fk.addr(); r.revnatUsed[rid] != a {
+		q.revnatIDs = append(q.revnatIDs, rid)
+		q.revnatVals = append(q.revnatVals, datapath.RevNAT{Addr: datapath.AddrToBE(a.Addr()), Port: datapath.PortToBE(a.Port())})
+		r.revnatUsed[rid] = a
 	}
 
-	ids := make([]uint32, len(df.slots))
 	for i, bk := range df.slots {
-		ids[i] = r.backendIDs[bk]
-	}
-	for i, id := range ids {
+		id := r.backendIDs[bk]
 		if i < len(st.slots) && st.slots[i] == id {
 			continue
 		}
-		if err := r.services.Put(fk.svcKey(uint16(i+1)), datapath.ServiceValue{BackendId: id, RevNat: rid}); err != nil {
-			return fmt.Errorf("writing slot %d of %s: %w", i+1, fk.addr, err)
-		}
+		q.slotKeys = append(q.slotKeys, fk.svcKey(uint16(i+1)))
+		q.slotVals = append(q.slotVals, datapath.ServiceValue{BackendId: id, RevNat: rid})
 		if i < len(st.slots) {
 			st.slots[i] = id
 		} else {
 			st.slots = append(st.slots, id)
+			r.serviceEntries++
 		}
 	}
 
-	master := datapath.ServiceValue{Count: uint16(len(ids)), RevNat: rid, Type: uint8(df.typ), Flags2: df.flags2}
+	master := datapath.ServiceValue{Count: uint16(len(df.slots)), RevNat: rid, Type: uint8(df.typ), Flags2: df.flags2}
 	if df.affinity > 0 {
 		master.AffinityTimeout = df.affinity
 	}
-	if st.master != master {
-		if err := r.services.Put(fk.svcKey(0), master); err != nil {
-			return fmt.Errorf("writing service %s: %w", fk.addr, err)
+	if !st.hasMaster || st.master != master {
+		q.masterKeys = append(q.masterKeys, fk.svcKey(0))
+		q.masterVals = append(q.masterVals, master)
+		if !st.hasMaster {
+			r.serviceEntries++
 		}
-		st.master = master
+		st.master, st.hasMaster = master, true
 	}
 
-	for i := len(st.slots) - 1; i >= len(ids); i-- {
-		if err := r.services.Delete(fk.svcKey(uint16(i + 1))); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
-			return fmt.Errorf("deleting slot %d of %s: %w", i+1, fk.addr, err)
-		}
+	for i := len(st.slots) - 1; i >= len(df.slots); i-- {
+		q.leftovers = append(q.leftovers, fk.svcKey(uint16(i+1)))
 		st.slots = st.slots[:i]
+		r.serviceEntries--
 	}
 	return nil
 }
 
-func (r *Reconciler) deleteFrontend(fk frontendKey) error {
+// deleteFrontend queues the removal of a frontend.
+func (r *Reconciler) deleteFrontend(fk frontendKey, rm *removal) {
 	st := r.frontends[fk]
-	if err := r.services.Delete(fk.svcKey(0)); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
-		return fmt.Errorf("deleting service %s: %w", fk.addr, err)
+	if st.hasMaster {
+		rm.masters = append(rm.masters, fk.svcKey(0))
+		st.hasMaster = false
+		r.serviceEntries--
 	}
 	for i := len(st.slots); i >= 1; i-- {
-		if err := r.services.Delete(fk.svcKey(uint16(i))); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
-			return fmt.Errorf("deleting slot %d of %s: %w", i, fk.addr, err)
-		}
+		rm.slots = append(rm.slots, fk.svcKey(uint16(i)))
+		r.serviceEntries--
 	}
+	st.slots = nil
 	if sib := r.sibling(fk); sib != nil && sib.master.RevNat == st.master.RevNat {
 		delete(r.frontends, fk) // the other scope keeps the id
-		return nil
+		return
 	}
 	if rid := st.master.RevNat; rid != 0 {
-		if err := r.revnat.Delete(rid); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
-			return fmt.Errorf("deleting reverse NAT %d: %w", rid, err)
-		}
+		rm.revnat = append(rm.revnat, rid)
 		delete(r.revnatUsed, rid)
 	}
 	delete(r.frontends, fk)
-	return nil
 }
 
 type scopedBackend struct {
@@ -547,37 +890,57 @@ type scopedFrontend struct {
 	all []scopedBackend
 }
 
+// scopedAll is scoped for every frontend of a service.
+func (r *Reconciler) scopedAll(svc *model.Service) []scopedFrontend {
+	var out []scopedFrontend
+	for i := range svc.Frontends {
+		out = append(out, r.scoped(svc, &svc.Frontends[i])...)
+	}
+	return out
+}
+
 // scoped turns a model frontend into the map frontends this node needs.
 // A ClusterIP serves in-cluster traffic only: one entry, with the node's
 // own backends under internalTrafficPolicy Local. An external-facing
 // frontend with externalTrafficPolicy Local gets two: the external scope
 // with the node's own backends (flagged, so in-cluster lookups move on)
 // and the internal scope with every backend.
-func (r *Reconciler) scoped(fo model.FrontendOf) []scopedFrontend {
-	f := fo.Frontend
+func (r *Reconciler) scoped(svc *model.Service, f *model.Frontend) []scopedFrontend {
+	return scopeFrontend(r.node, svc, f)
+}
+
+func scopeFrontend(node string, svc *model.Service, f *model.Frontend) []scopedFrontend {
 	all := f.Backends
-	local := make([]model.Backend, 0, len(all))
+	nlocal := 0
 	for _, b := range all {
-		if b.NodeName == r.node {
-			local = append(local, b)
+		if b.NodeName == node {
+			nlocal++
 		}
+	}
+	local := func() []model.Backend {
+		out := make([]model.Backend, 0, nlocal)
+		for _, b := range all {
+			if b.NodeName == node {
+				out = append(out, b)
+			}
+		}
+		return out
 	}
 	mk := func(scope uint8, bes []model.Backend, flags2 uint8) scopedFrontend {
 		sf := scopedFrontend{
-			key: frontendKey{addr: f.Addr, proto: f.Proto, scope: scope},
-			df:  &desiredFrontend{typ: f.Type, affinity: fo.Service.AffinityTimeout, flags2: flags2},
+			key: mkFrontendKey(f.Addr, f.Proto, scope),
+			df:  &desiredFrontend{typ: f.Type, affinity: svc.AffinityTimeout, flags2: flags2},
+			all: make([]scopedBackend, 0, len(bes)),
 		}
 		if sf.df.affinity > 0 {
 			sf.df.flags2 |= datapath.SvcFlagAffinity
 		}
 		var active, terminating []backendKey
-		seen := map[backendKey]bool{}
 		for _, b := range bes {
-			bk := backendKey{addr: b.Addr, proto: f.Proto}
-			if seen[bk] {
+			bk := mkBackendKey(b.Addr, f.Proto)
+			if slices.ContainsFunc(sf.all, func(s scopedBackend) bool { return s.key == bk }) {
 				continue
 			}
-			seen[bk] = true
 			sf.all = append(sf.all, scopedBackend{bk, b.State})
 			if b.State == model.Active {
 				active = append(active, bk)
@@ -596,18 +959,18 @@ func (r *Reconciler) scoped(fo model.FrontendOf) []scopedFrontend {
 	}
 	if f.Type == model.ClusterIP {
 		if f.InternalLocal {
-			return []scopedFrontend{mk(datapath.ScopeExternal, local, 0)}
+			return []scopedFrontend{mk(datapath.ScopeExternal, local(), 0)}
 		}
 		return []scopedFrontend{mk(datapath.ScopeExternal, all, 0)}
 	}
-	if f.ExternalLocal && len(local) != len(all) {
+	if f.ExternalLocal && nlocal != len(all) {
 		return []scopedFrontend{
-			mk(datapath.ScopeExternal, local, datapath.SvcFlagTwoScopes),
+			mk(datapath.ScopeExternal, local(), datapath.SvcFlagTwoScopes),
 			mk(datapath.ScopeInternal, all, 0),
 		}
 	}
 	if f.ExternalLocal {
-		return []scopedFrontend{mk(datapath.ScopeExternal, local, 0)}
+		return []scopedFrontend{mk(datapath.ScopeExternal, local(), 0)}
 	}
 	return []scopedFrontend{mk(datapath.ScopeExternal, all, 0)}
 }
@@ -640,33 +1003,27 @@ func (r *Reconciler) pruneAffinity(lost map[affinityKey]bool, gone map[uint32]bo
 	}
 }
 
-func compareBackendKeys(a, b backendKey) int {
-	if c := a.addr.Addr().Compare(b.addr.Addr()); c != 0 {
-		return c
-	}
-	if a.addr.Port() != b.addr.Port() {
-		return int(a.addr.Port()) - int(b.addr.Port())
-	}
-	return int(a.proto) - int(b.proto)
-}
+func compareBackendKeys(a, b backendKey) int { return cmp.Compare(a, b) }
 
-func compareFrontendKeys(a, b frontendKey) int {
-	if c := compareBackendKeys(backendKey{a.addr, a.proto}, backendKey{b.addr, b.proto}); c != 0 {
-		return c
-	}
-	return int(a.scope) - int(b.scope)
-}
+func compareFrontendKeys(a, b frontendKey) int { return cmp.Compare(a, b) }
 
-// Run applies the store's snapshot whenever it changes, once every
-// expected source has synced, retrying failures with backoff until ctx
-// ends.
+// Run applies the store's changes as they come, once every expected
+// source has synced, retrying failures with backoff until ctx ends.
 func (r *Reconciler) Run(ctx context.Context, store *model.Store) {
-	model.Follow(ctx, store, r.log, "writing services to the datapath", func(snap *model.Snapshot) error {
-		start := time.Now()
-		if err := r.Apply(snap); err != nil {
-			return err
+	model.FollowServices(ctx, store, r.log, "writing services to the datapath", func(d model.Delta) error {
+		err := r.Apply(d)
+		r.mu.Lock()
+		if err != nil {
+			r.status.Error = err.Error()
+		} else {
+			r.status.Error = ""
+			r.status.AppliedVersion = d.Version
 		}
-		r.log.Info("services written to the datapath", "services", len(snap.Services), "took", time.Since(start).Round(time.Microsecond))
-		return nil
+		r.mu.Unlock()
+		if err == nil {
+			r.log.Info("services written to the datapath", "full", d.Full, "changed", len(d.Services), "version", d.Version,
+				"took", r.Status().LastTook)
+		}
+		return err
 	})
 }

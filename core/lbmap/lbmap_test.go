@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"reflect"
 	"testing"
 
 	"github.com/cilium/ebpf"
@@ -26,18 +27,32 @@ type checked struct {
 	m *maps
 }
 
-func (c checked) Put(k, v any) error {
-	err := c.Map.Put(k, v)
-	c.m.writes++
-	c.m.checkReaderView()
-	return err
+// BatchUpdate writes one entry at a time, as the kernel does within a
+// batch, checking the reader's view after each.
+func (c checked) BatchUpdate(keys, vals any, _ *ebpf.BatchOptions) (int, error) {
+	kv, vv := reflect.ValueOf(keys), reflect.ValueOf(vals)
+	for i := range kv.Len() {
+		if err := c.Map.Put(kv.Index(i).Interface(), vv.Index(i).Interface()); err != nil {
+			return i, err
+		}
+		c.m.writes++
+		c.m.checkReaderView()
+	}
+	return kv.Len(), nil
 }
 
-func (c checked) Delete(k any) error {
-	err := c.Map.Delete(k)
-	c.m.writes++
-	c.m.checkReaderView()
-	return err
+// BatchDelete deletes one entry at a time, stopping at the first missing
+// one as the kernel does.
+func (c checked) BatchDelete(keys any, _ *ebpf.BatchOptions) (int, error) {
+	kv := reflect.ValueOf(keys)
+	for i := range kv.Len() {
+		if err := c.Map.Delete(kv.Index(i).Interface()); err != nil {
+			return i, err
+		}
+		c.m.writes++
+		c.m.checkReaderView()
+	}
+	return kv.Len(), nil
 }
 
 // checkReaderView asserts the invariant the datapath relies on: every
@@ -170,7 +185,7 @@ func (m *maps) count(mp *ebpf.Map) int {
 
 func apply(t *testing.T, r *Reconciler, s *model.Snapshot) {
 	t.Helper()
-	if err := r.Apply(s); err != nil {
+	if err := r.ApplySnapshot(s); err != nil {
 		t.Fatalf("apply: %v", err)
 	}
 }
@@ -370,7 +385,7 @@ func TestFailedApplyRecovers(t *testing.T) {
 	for i := range 8 {
 		big = append(big, fmt.Sprintf("10.244.2.%d:8080", i+1))
 	}
-	err := r.Apply(snap(svc("web", "10.96.0.10:80", model.TCP, "10.244.1.11:8080", "10.244.1.12:8080"),
+	err := r.ApplySnapshot(snap(svc("web", "10.96.0.10:80", model.TCP, "10.244.1.11:8080", "10.244.1.12:8080"),
 		svc("big", "10.96.0.40:80", model.TCP, big...)))
 	if err == nil {
 		t.Fatal("apply into a full services map succeeded")

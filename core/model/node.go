@@ -88,16 +88,27 @@ func (s *Store) ReplaceNodes(source string, nodes []*Node) error {
 	}
 	s.nodes[source] = slices.Clone(nodes)
 	slices.SortFunc(all, func(a, b *Node) int { return strings.Compare(a.Name, b.Name) })
-	snap := *s.snap
-	snap.Nodes = all
-	s.snap = &snap
+	s.allNodes = all
 	s.version++
-	s.notify()
+	s.nodesVersion++
+	s.notify(false, true)
 	return nil
 }
 
 func sameNode(a, b *Node) bool {
 	return a.Name == b.Name && a.IP == b.IP && slices.Equal(a.PodCIDRs, b.PodCIDRs) && maps.Equal(a.Labels, b.Labels)
+}
+
+// Nodes returns every node, sorted by name, the store's version, and
+// whether the store is authoritative (as Snapshot).
+func (s *Store) Nodes() ([]*Node, uint64, bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.nodesStateLocked()
+}
+
+func (s *Store) nodesStateLocked() ([]*Node, uint64, bool) {
+	return s.allNodes, s.nodesVersion, s.authoritative()
 }
 
 // NodeNamed returns the node of that name in the snapshot, or nil.

@@ -82,7 +82,7 @@ func newFixture(t testing.TB, withEndpoints bool) *fixture {
 
 func (f *fixture) services(svcs ...*model.Service) {
 	f.t.Helper()
-	if err := f.rec.Apply(&model.Snapshot{Services: svcs}); err != nil {
+	if err := f.rec.ApplySnapshot(&model.Snapshot{Services: svcs}); err != nil {
 		f.t.Fatal(err)
 	}
 }

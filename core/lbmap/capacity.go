@@ -1,0 +1,278 @@
+package lbmap
+
+import (
+	"fmt"
+	"sync"
+	"time"
+
+	"github.com/weirnet/weir/core/datapath"
+	"github.com/weirnet/weir/core/model"
+)
+
+// Settings that size the maps this package writes (config.Datapath).
+const (
+	SettingServices = "datapath.servicesMaxEntries"
+	SettingBackends = "datapath.backendsMaxEntries"
+	SettingRevNAT   = "datapath.revNATMaxEntries"
+)
+
+// CapacityError says a map cannot hold what an update needs.
+type CapacityError struct {
+	Map     string // the map's name
+	Setting string // the setting that sizes it
+	Need    int    // entries needed, Reserve included
+	Reserve int    // of which room to rewrite a service in place
+	Max     int    // entries the map holds
+}
+
+func (e *CapacityError) Error() string {
+	room := ""
+	if e.Reserve > 0 {
+		room = fmt.Sprintf(" (%d of them room to rewrite a service make-before-break)", e.Reserve)
+	}
+	return fmt.Sprintf("%s would need %d entries%s, more than the %d it holds: raise %s", e.Map, e.Need, room, e.Max, e.Setting)
+}
+
+// Limits are the sizes of the maps the reconciler writes; zero means
+// unchecked.
+type Limits struct {
+	Services, Backends, RevNAT int
+}
+
+// Admission is the store's admitter for the service maps: it counts what
+// the accepted services need in each map (for this node: traffic policies
+// decide the backends of a scope) and refuses an update whose result would
+// not fit, before anything is written. The count leaves room to rewrite the
+// largest service of the update make-before-break (its new backends and
+// slots are written before its old ones go).
+type Admission struct {
+	node   string
+	limits Limits
+
+	mu       sync.Mutex
+	services int
+	revnat   int
+	backends map[backendKey]int
+}
+
+var _ model.Admitter = (*Admission)(nil)
+
+// NewAdmission returns an admission for the node's maps of those sizes.
+func NewAdmission(node string, limits Limits) *Admission {
+	return &Admission{node: node, limits: limits, backends: map[backendKey]int{}}
+}
+
+// serviceEntries is what scoped frontends take in the services map: a
+// master entry and a slot per backend each.
+func serviceEntries(sfs []scopedFrontend) int {
+	n := 0
+	for _, sf := range sfs {
+		n += 1 + len(sf.df.slots)
+	}
+	return n
+}
+
+// cost is what one service takes in each map.
+func (a *Admission) cost(svc *model.Service) (entries, revnat int, backends []backendKey) {
+	seen := map[backendKey]bool{}
+	fronts := map[model.FrontendKey]bool{}
+	for i := range svc.Frontends {
+		f := &svc.Frontends[i]
+		sfs := scopeFrontend(a.node, svc, f)
+		entries += serviceEntries(sfs)
+		if !fronts[f.Key()] {
+			fronts[f.Key()] = true
+			revnat++ // both scopes share one id
+		}
+		for _, sf := range sfs {
+			for _, b := range sf.all {
+				if !seen[b.key] {
+					seen[b.key] = true
+					backends = append(backends, b.key)
+				}
+			}
+		}
+	}
+	return entries, revnat, backends
+}
+
+// Admit implements model.Admitter.
+func (a *Admission) Admit(changes []model.Change) (func(), error) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	dEntries, dRevNAT := 0, 0
+	dBackends := map[backendKey]int{}
+	reserveEntries, reserveBackends := 0, 0
+	for _, c := range changes {
+		if c.Old != nil {
+			e, rn, bes := a.cost(c.Old)
+			dEntries -= e
+			dRevNAT -= rn
+			for _, bk := range bes {
+				dBackends[bk]--
+			}
+		}
+		if c.New != nil {
+			e, rn, bes := a.cost(c.New)
+			dEntries += e
+			dRevNAT += rn
+			for _, bk := range bes {
+				dBackends[bk]++
+			}
+			reserveEntries = max(reserveEntries, e)
+			reserveBackends = max(reserveBackends, len(bes))
+		}
+	}
+	backends := len(a.backends)
+	for bk, d := range dBackends {
+		before := a.backends[bk]
+		switch {
+		case before == 0 && before+d > 0:
+			backends++
+		case before > 0 && before+d == 0:
+			backends--
+		}
+	}
+	// An update that needs no more than the maps already hold is never
+	// refused: after the sizes shrank, removing services must still work.
+	check := func(m, setting string, cur, next, reserve, limit int) error {
+		if limit == 0 || next <= cur || next+reserve <= limit {
+			return nil
+		}
+		return &CapacityError{Map: m, Setting: setting, Need: next + reserve, Reserve: reserve, Max: limit}
+	}
+	if err := check(datapath.MapServices, SettingServices, a.services, a.services+dEntries, reserveEntries, a.limits.Services); err != nil {
+		return nil, err
+	}
+	if err := check(datapath.MapBackends, SettingBackends, len(a.backends), backends, reserveBackends, a.limits.Backends); err != nil {
+		return nil, err
+	}
+	if err := check(datapath.MapRevNAT, SettingRevNAT, a.revnat, a.revnat+dRevNAT, 0, a.limits.RevNAT); err != nil {
+		return nil, err
+	}
+	return func() {
+		a.mu.Lock()
+		defer a.mu.Unlock()
+		a.services += dEntries
+		a.revnat += dRevNAT
+		for bk, d := range dBackends {
+			if n := a.backends[bk] + d; n > 0 {
+				a.backends[bk] = n
+			} else {
+				delete(a.backends, bk)
+			}
+		}
+	}, nil
+}
+
+// checkRoom refuses a plan whose writes would, at some point, not fit
+// the maps: new backends are written before old ones go, and a frontend's
+// new slots before its leftovers.
+func (r *Reconciler) checkRoom(p *plan) error {
+	entries := r.serviceEntries
+	for _, fk := range p.stale {
+		entries -= r.frontends[fk].entries()
+	}
+	newFrontends := 0
+	newBackends := map[backendKey]bool{}
+	newIndexed := map[backendKey]bool{}
+	for _, fk := range p.order {
+		sf := p.desired[fk]
+		n := 1 + len(sf.df.slots)
+		if st := r.frontends[fk]; st != nil {
+			entries += max(0, n-st.entries())
+		} else {
+			entries += n
+			newFrontends++
+		}
+		for _, b := range sf.all {
+			if _, ok := r.backendIDs[b.key]; !ok {
+				newBackends[b.key] = true
+			}
+			if _, ok := r.indexed[b.key]; !ok {
+				newIndexed[b.key] = true
+			}
+		}
+	}
+	check := func(m Map, name, setting string, need int) error {
+		if m == nil {
+			return nil
+		}
+		if limit := int(m.MaxEntries()); need > limit {
+			return &CapacityError{Map: name, Setting: setting, Need: need, Max: limit}
+		}
+		return nil
+	}
+	if err := check(r.services, datapath.MapServices, SettingServices, entries); err != nil {
+		return err
+	}
+	if err := check(r.backends, datapath.MapBackends, SettingBackends, len(r.backendsBy)+len(newBackends)); err != nil {
+		return err
+	}
+	if err := check(r.backendAddrs, datapath.MapBackendAddrs, SettingBackends, len(r.indexed)+len(newIndexed)); err != nil {
+		return err
+	}
+	return check(r.revnat, datapath.MapRevNAT, SettingRevNAT, len(r.revnatUsed)+newFrontends)
+}
+
+// MapFill is how full one map is.
+type MapFill struct {
+	Name       string `json:"name"`
+	Entries    int    `json:"entries"`
+	MaxEntries int    `json:"maxEntries"`
+}
+
+// Status is what the reconciler did last and how full its maps are.
+type Status struct {
+	// AppliedVersion is the store version the maps hold.
+	AppliedVersion uint64 `json:"appliedVersion"`
+	// Error is why the last apply failed ("" when it did not).
+	Error string `json:"error,omitempty"`
+	// Passes counts applies, Full the full passes among them, Services
+	// the services they changed, and WorkMicros their time in all.
+	Passes     uint64 `json:"passes"`
+	Full       uint64 `json:"fullPasses"`
+	Services   uint64 `json:"servicesChanged"`
+	WorkMicros uint64 `json:"workMicros"`
+	// LastTook is the last apply's time.
+	LastTook time.Duration `json:"lastTookNanos"`
+	Maps     []MapFill     `json:"maps"`
+}
+
+// record counts a finished pass.
+func (r *Reconciler) record(p *plan, took time.Duration) {
+	fill := func(m Map, name string, n int) MapFill {
+		f := MapFill{Name: name, Entries: n}
+		if m != nil {
+			f.MaxEntries = int(m.MaxEntries())
+		}
+		return f
+	}
+	maps := []MapFill{
+		fill(r.services, datapath.MapServices, r.serviceEntries),
+		fill(r.backends, datapath.MapBackends, len(r.backendsBy)),
+		fill(r.revnat, datapath.MapRevNAT, len(r.revnatUsed)),
+	}
+	if r.backendAddrs != nil {
+		maps = append(maps, fill(r.backendAddrs, datapath.MapBackendAddrs, len(r.indexed)))
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.status.Passes++
+	if p.full {
+		r.status.Full++
+	}
+	r.status.Services += uint64(len(p.changed))
+	r.status.WorkMicros += uint64(took.Microseconds())
+	r.status.LastTook = took
+	r.status.Maps = maps
+}
+
+// Status returns what the reconciler did last and how full its maps are.
+func (r *Reconciler) Status() Status {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	st := r.status
+	st.Maps = append([]MapFill(nil), st.Maps...)
+	return st
+}
