@@ -2,6 +2,8 @@ package filesource_test
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -16,6 +18,7 @@ import (
 	"time"
 
 	"github.com/weirnet/weir/core/filesource"
+	"github.com/weirnet/weir/core/lbmap"
 	"github.com/weirnet/weir/core/model"
 )
 
@@ -697,6 +700,54 @@ func TestLoad(t *testing.T) {
 	if s, v, _ := store.Snapshot(); summary(s) != sumWebV1 || v != 3 {
 		t.Errorf("after going back: version %d, services:\n%s\nwant version 3, services:\n%s", v, summary(s), sumWebV1)
 	}
+}
+
+// A file the datapath cannot hold is refused whole, before anything is
+// written: the previous services keep serving, and the status says which
+// content was refused and why, by its digest.
+func TestLoadBeyondCapacityIsRefusedWhole(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "services.yaml")
+	write(t, path, webV1)
+	store := model.NewStore()
+	store.Expect(filesource.Name)
+	// web takes 2 entries (master and one slot); web and dns 4.
+	store.SetAdmitter(lbmap.NewAdmission("n1", lbmap.Limits{Services: 3}))
+	src := filesource.New(path, store, slog.New(slog.DiscardHandler))
+	if err := src.Load(); err != nil {
+		t.Fatal(err)
+	}
+	applied := src.Status()
+	if applied.Applied != digest(webV1) || applied.Services != 1 || applied.Version != store.ServicesVersion() || applied.Error != "" {
+		t.Fatalf("status after the first file: %+v", applied)
+	}
+	snap, ver, _ := store.Snapshot()
+
+	write(t, path, webAndDNS)
+	err := src.Load()
+	want := path + ": weir_services would need 4 entries, more than the 3 it holds: raise datapath.servicesMaxEntries"
+	if err == nil || err.Error() != want {
+		t.Fatalf("Load:\n got %v\nwant %s", err, want)
+	}
+	if s, v, _ := store.Snapshot(); summary(s) != summary(snap) || v != ver {
+		t.Fatalf("refused file changed the store: version %d -> %d, services:\n%s", ver, v, summary(s))
+	}
+	st := src.Status()
+	if st.Applied != digest(webV1) || st.Rejected != digest(webAndDNS) || st.Error != want {
+		t.Fatalf("status after the refusal: %+v", st)
+	}
+	// A file that fits clears the refusal.
+	write(t, path, webV1+"  - name: small\n    clusterIP: 10.96.0.11\n    ports:\n      - port: 80\n")
+	if err := src.Load(); err != nil {
+		t.Fatal(err)
+	}
+	if st := src.Status(); st.Rejected != "" || st.Error != "" || st.Services != 2 {
+		t.Fatalf("status after a file that fits: %+v", st)
+	}
+}
+
+func digest(s string) string {
+	sum := sha256.Sum256([]byte(s))
+	return hex.EncodeToString(sum[:])
 }
 
 func TestLoadMissingFile(t *testing.T) {

@@ -386,6 +386,7 @@ func (s *Source) hand(upserts []*model.Service, deletes []model.ServiceName, syn
 			done(svc, svc.Name)
 		}
 	} else {
+		slices.SortFunc(upserts, func(a, b *model.Service) int { return strings.Compare(a.Name.String(), b.Name.String()) })
 		for _, name := range deletes {
 			s.store.Delete(Name, name)
 			done(nil, name)

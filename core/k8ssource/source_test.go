@@ -1,6 +1,7 @@
 package k8ssource_test
 
 import (
+	"cmp"
 	"context"
 	"fmt"
 	"log/slog"
@@ -19,6 +20,7 @@ import (
 
 	"github.com/weirnet/weir/core/k8ssource"
 	"github.com/weirnet/weir/core/lab/controlplane/cptest"
+	"github.com/weirnet/weir/core/lbmap"
 	"github.com/weirnet/weir/core/model"
 )
 
@@ -218,6 +220,50 @@ func TestSourceAgainstAPIServer(t *testing.T) {
 		}
 	})
 
+	t.Run("a shared external IP belongs to the older service", func(t *testing.T) {
+		namespace(t, c, "shared")
+		ext := func(s *corev1.Service) { s.Spec.ExternalIPs = []string{"192.0.2.50"} }
+		// Created within one second the two have the same creation time:
+		// the names, in order, settle it the same way.
+		selectorless(t, c, "shared", "a-old", "10.96.6.10", ext)
+		selectorless(t, c, "shared", "b-young", "10.96.6.11", ext)
+		_, store := run(t, c, "n1")
+		waitSnapshot(t, store, "shared", "shared/a-old 10.96.6.10:80/TCP:\nshared/a-old 192.0.2.50:80/TCP:\nshared/b-young 10.96.6.11:80/TCP:\n")
+		// The owner goes: the other claimant takes the address over.
+		if err := c.CoreV1().Services("shared").Delete(context.Background(), "a-old", metav1.DeleteOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		waitSnapshot(t, store, "shared", "shared/b-young 10.96.6.11:80/TCP:\nshared/b-young 192.0.2.50:80/TCP:\n")
+	})
+
+	t.Run("a service the datapath cannot hold waits for room", func(t *testing.T) {
+		namespace(t, c, "full")
+		selectorless(t, c, "full", "big", "10.96.7.11")
+		slice(t, c, "full", "big", "big-1", ep{ip: "10.244.1.72"}, ep{ip: "10.244.1.73"}, ep{ip: "10.244.1.74"})
+		selectorless(t, c, "full", "small", "10.96.7.10")
+		slice(t, c, "full", "small", "small-1", ep{ip: "10.244.1.71"})
+		// big takes 4 entries, small 2: 6 of 5. Services refused one by
+		// one go in name order: big fits, small waits.
+		store := model.NewStore()
+		store.SetAdmitter(inNamespace{"full", lbmap.NewAdmission("n1", lbmap.Limits{Services: 5})})
+		src := k8ssource.New(c, "n1", store, slog.New(slog.DiscardHandler))
+		ctx, cancel := context.WithCancel(context.Background())
+		var wg sync.WaitGroup
+		wg.Go(func() { src.Run(ctx) })
+		defer func() { cancel(); wg.Wait() }()
+		waitSnapshot(t, store, "full", "full/big 10.96.7.11:80/TCP: 10.244.1.72:8080/active 10.244.1.73:8080/active 10.244.1.74:8080/active\n")
+		if st := src.Stats(); st.Refused != 1 || st.LastError != "full/small: weir_services would need 6 entries, more than the 5 it holds: raise datapath.servicesMaxEntries" {
+			t.Fatalf("stats %+v; want small refused for room", st)
+		}
+		if err := c.CoreV1().Services("full").Delete(context.Background(), "big", metav1.DeleteOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		waitSnapshot(t, store, "full", "full/small 10.96.7.10:80/TCP: 10.244.1.71:8080/active\n")
+		if st := src.Stats(); st.Refused != 0 {
+			t.Fatalf("stats %+v; want nothing refused once room was made", st)
+		}
+	})
+
 	t.Run("node labels reach the callback", func(t *testing.T) {
 		node := &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: "n-labels", Labels: map[string]string{"pool": "a"}},
 			Spec: corev1.NodeSpec{PodCIDR: "10.244.7.0/24", PodCIDRs: []string{"10.244.7.0/24"}}}
@@ -254,6 +300,26 @@ func TestSourceAgainstAPIServer(t *testing.T) {
 			t.Fatalf("Node() = %v", got)
 		}
 	})
+}
+
+// inNamespace admits the services of one namespace through a, and the
+// others (of the tests that share the cluster) without counting them.
+type inNamespace struct {
+	ns string
+	a  model.Admitter
+}
+
+func (f inNamespace) Admit(cs []model.Change) (func(), error) {
+	var mine []model.Change
+	for _, c := range cs {
+		if n := cmp.Or(c.Old, c.New); n.Name.Namespace == f.ns {
+			mine = append(mine, c)
+		}
+	}
+	if len(mine) == 0 {
+		return func() {}, nil
+	}
+	return f.a.Admit(mine)
 }
 
 func waitLines(t *testing.T, store *model.Store, ns, want string) {

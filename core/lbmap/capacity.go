@@ -42,9 +42,11 @@ type Limits struct {
 // Admission is the store's admitter for the service maps: it counts what
 // the accepted services need in each map (for this node: traffic policies
 // decide the backends of a scope) and refuses an update whose result would
-// not fit, before anything is written. The count leaves room to rewrite the
-// largest service of the update make-before-break (its new backends and
-// slots are written before its old ones go).
+// not fit, before anything is written. Rewriting a service needs room
+// beyond its result in one map only: its new backends are written before
+// the ones it drops are deleted, so the backends map keeps room for the
+// largest such drop of the update (slots are rewritten in place, frontends
+// that go are deleted first).
 type Admission struct {
 	node   string
 	limits Limits
@@ -102,14 +104,17 @@ func (a *Admission) Admit(changes []model.Change) (func(), error) {
 	defer a.mu.Unlock()
 	dEntries, dRevNAT := 0, 0
 	dBackends := map[backendKey]int{}
-	reserveEntries, reserveBackends := 0, 0
+	reserve := 0
 	for _, c := range changes {
+		var dropped map[backendKey]bool
 		if c.Old != nil {
 			e, rn, bes := a.cost(c.Old)
 			dEntries -= e
 			dRevNAT -= rn
+			dropped = make(map[backendKey]bool, len(bes))
 			for _, bk := range bes {
 				dBackends[bk]--
+				dropped[bk] = true
 			}
 		}
 		if c.New != nil {
@@ -118,9 +123,11 @@ func (a *Admission) Admit(changes []model.Change) (func(), error) {
 			dRevNAT += rn
 			for _, bk := range bes {
 				dBackends[bk]++
+				delete(dropped, bk)
 			}
-			reserveEntries = max(reserveEntries, e)
-			reserveBackends = max(reserveBackends, len(bes))
+		}
+		if c.New != nil {
+			reserve = max(reserve, len(dropped))
 		}
 	}
 	backends := len(a.backends)
@@ -133,18 +140,18 @@ func (a *Admission) Admit(changes []model.Change) (func(), error) {
 			backends--
 		}
 	}
-	// An update that needs no more than the maps already hold is never
-	// refused: after the sizes shrank, removing services must still work.
+	// An update that leaves a map emptier is never refused: after the
+	// sizes shrank, removing services must still work.
 	check := func(m, setting string, cur, next, reserve, limit int) error {
-		if limit == 0 || next <= cur || next+reserve <= limit {
+		if limit == 0 || next < cur || next+reserve <= limit {
 			return nil
 		}
 		return &CapacityError{Map: m, Setting: setting, Need: next + reserve, Reserve: reserve, Max: limit}
 	}
-	if err := check(datapath.MapServices, SettingServices, a.services, a.services+dEntries, reserveEntries, a.limits.Services); err != nil {
+	if err := check(datapath.MapServices, SettingServices, a.services, a.services+dEntries, 0, a.limits.Services); err != nil {
 		return nil, err
 	}
-	if err := check(datapath.MapBackends, SettingBackends, len(a.backends), backends, reserveBackends, a.limits.Backends); err != nil {
+	if err := check(datapath.MapBackends, SettingBackends, len(a.backends), backends, reserve, a.limits.Backends); err != nil {
 		return nil, err
 	}
 	if err := check(datapath.MapRevNAT, SettingRevNAT, a.revnat, a.revnat+dRevNAT, 0, a.limits.RevNAT); err != nil {
