@@ -20,7 +20,6 @@ import (
 
 	"go.uber.org/fx"
 	"go.uber.org/fx/fxevent"
-	"k8s.io/client-go/kubernetes"
 
 	"github.com/weirnet/weir/core/api"
 	"github.com/weirnet/weir/core/config"
@@ -146,7 +145,7 @@ func New(opts Options, cat module.Catalog) (*Agent, error) {
 	log := opts.Logger
 	var kube fx.Option = fx.Options()
 	if client != nil {
-		kube = fx.Options(fx.Supply(fx.Annotate(client, fx.As(new(kubernetes.Interface)))), fx.Provide(newKubeSource), fx.Invoke(startKube))
+		kube = fx.Options(fx.Supply(client), fx.Provide(newKubeSource), fx.Invoke(startKube))
 	}
 	app := fx.New(
 		fx.WithLogger(func() fxevent.Logger {
@@ -168,6 +167,7 @@ func New(opts Options, cat module.Catalog) (*Agent, error) {
 		fx.Invoke(startSources),
 		kube,
 		fx.Invoke(watchConfig),
+		fx.Invoke(settleMemory),
 	)
 	if err := app.Err(); err != nil {
 		return nil, fmt.Errorf("composing the agent: %w", err)

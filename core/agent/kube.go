@@ -3,7 +3,6 @@ package agent
 import (
 	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"log/slog"
 	"maps"
@@ -18,50 +17,24 @@ import (
 	"go.uber.org/fx"
 
 	corev1 "k8s.io/api/core/v1"
-	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/client-go/kubernetes"
-	"k8s.io/client-go/rest"
-	"k8s.io/client-go/tools/clientcmd"
 	"k8s.io/klog/v2"
 
 	"github.com/weirnet/weir/core/config"
 	"github.com/weirnet/weir/core/k8ssource"
+	"github.com/weirnet/weir/core/kube"
 	"github.com/weirnet/weir/core/model"
 	"github.com/weirnet/weir/core/module"
 	"github.com/weirnet/weir/core/node"
 )
 
-// kubeClient builds a client from a kubeconfig file, or from the pod's
-// service account when running in a cluster with no file given. It returns
-// nil when neither applies, or standalone is asked for: the agent runs
-// standalone.
-func kubeClient(kubeconfig string, standalone bool) (kubernetes.Interface, error) {
-	var cfg *rest.Config
-	var err error
-	switch {
-	case standalone && kubeconfig != "":
-		return nil, errors.New("--standalone and --kubeconfig exclude each other")
-	case standalone:
-		return nil, nil
-	case kubeconfig != "":
-		cfg, err = clientcmd.BuildConfigFromFlags("", kubeconfig)
-		if err != nil {
-			return nil, fmt.Errorf("--kubeconfig %s: %w", kubeconfig, err)
-		}
-	case os.Getenv("KUBERNETES_SERVICE_HOST") != "":
-		if cfg, err = rest.InClusterConfig(); err != nil {
-			return nil, fmt.Errorf("in-cluster Kubernetes configuration: %w", err)
-		}
-	default:
-		return nil, nil
+// kubeClient builds the agent's Kubernetes client, or returns nil to run
+// standalone (see kube.Config).
+func kubeClient(kubeconfig string, standalone bool) (*kube.Client, error) {
+	cfg, err := kube.Config(kubeconfig, standalone)
+	if err != nil || cfg == nil {
+		return nil, err
 	}
-	cfg.UserAgent = "weir-agent"
-	cfg.QPS, cfg.Burst = 50, 100
-	// Protobuf, as kube-proxy asks for: listing tens of thousands of
-	// services and slices decodes several times faster than JSON.
-	cfg.AcceptContentTypes = "application/vnd.kubernetes.protobuf,application/json"
-	cfg.ContentType = "application/vnd.kubernetes.protobuf"
-	return kubernetes.NewForConfig(cfg)
+	return kube.New(cfg)
 }
 
 // routeKlog sends client-go's logs through slog.
@@ -118,13 +91,13 @@ func factsOf(n *corev1.Node) *nodeFacts {
 // readNode fetches the agent's Node to learn its labels before composing
 // the modules. When the API does not answer in time, the facts of the last
 // run are used (the watcher restarts the agent if they turn out stale).
-func readNode(ctx context.Context, client kubernetes.Interface, opts *Options) (*nodeFacts, string) {
+func readNode(ctx context.Context, client *kube.Client, opts *Options) (*nodeFacts, string) {
 	ctx, cancel := context.WithTimeout(ctx, 15*time.Second)
 	defer cancel()
 	var err error
 	for backoff := 250 * time.Millisecond; ; backoff = min(2*backoff, 4*time.Second) {
 		var n *corev1.Node
-		n, err = client.CoreV1().Nodes().Get(ctx, opts.NodeName, metav1.GetOptions{})
+		n, err = client.Node(ctx, opts.NodeName)
 		if err == nil {
 			f := factsOf(n)
 			if serr := saveFacts(opts.StateDir, f); serr != nil {
@@ -212,7 +185,7 @@ type kubeParams struct {
 
 // newKubeSource builds the Kubernetes source; it also tells modules which
 // pods exist on the node.
-func newKubeSource(client kubernetes.Interface, opts *Options, store *model.Store, log *slog.Logger) (*k8ssource.Source, node.Pods) {
+func newKubeSource(client *kube.Client, opts *Options, store *model.Store, log *slog.Logger) (*k8ssource.Source, node.Pods) {
 	src := k8ssource.New(client, opts.NodeName, store, log.With("source", "kubernetes"))
 	return src, src
 }

@@ -11,63 +11,38 @@ import (
 	"github.com/weirnet/weir/core/model"
 )
 
-// defaultAffinityTimeout is Kubernetes' default for sessionAffinity
-// ClientIP (three hours).
-const defaultAffinityTimeout = 10800
-
-// proxied reports whether Weir serves the service at all: headless and
-// ExternalName services have no frontend to translate.
-func proxied(svc *corev1.Service) bool {
-	if svc.Spec.Type == corev1.ServiceTypeExternalName {
-		return false
-	}
-	return svc.Spec.ClusterIP != corev1.ClusterIPNone
-}
-
 // Convert turns a Service and its EndpointSlices into a model service: one
 // frontend per port and address (cluster IPs, external IPs, load-balancer
 // ingress IPs, and the node port), each with the endpoints serving that
 // port. It returns nil for a service with no IPv4 frontend. IPv6 addresses
 // are ignored (the datapath is IPv4-only for now).
 func Convert(svc *corev1.Service, slices_ []*discoveryv1.EndpointSlice) *model.Service {
-	if !proxied(svc) {
+	eps := make([]*endpointSlice, len(slices_))
+	for i, es := range slices_ {
+		eps[i] = compactSlice(es)
+	}
+	return convert(compactService(svc), eps)
+}
+
+// convert is Convert from what the caches keep.
+func convert(svc *service, eps []*endpointSlice) *model.Service {
+	if !svc.proxied {
 		return nil
 	}
 	out := &model.Service{
-		Name:   model.ServiceName{Namespace: svc.Namespace, Name: svc.Name},
-		Source: Name,
-	}
-	if svc.Spec.SessionAffinity == corev1.ServiceAffinityClientIP {
-		out.AffinityTimeout = defaultAffinityTimeout
-		if c := svc.Spec.SessionAffinityConfig; c != nil && c.ClientIP != nil && c.ClientIP.TimeoutSeconds != nil && *c.ClientIP.TimeoutSeconds > 0 {
-			out.AffinityTimeout = uint32(*c.ClientIP.TimeoutSeconds)
-		}
-	}
-	internalLocal := svc.Spec.InternalTrafficPolicy != nil && *svc.Spec.InternalTrafficPolicy == corev1.ServiceInternalTrafficPolicyLocal
-	externalLocal := svc.Spec.ExternalTrafficPolicy == corev1.ServiceExternalTrafficPolicyLocal
-
-	clusterIPs := svc.Spec.ClusterIPs
-	if len(clusterIPs) == 0 && svc.Spec.ClusterIP != "" {
-		clusterIPs = []string{svc.Spec.ClusterIP}
+		Name:            model.ServiceName{Namespace: svc.Namespace, Name: svc.Name},
+		Source:          Name,
+		AffinityTimeout: svc.affinity,
 	}
 	// A service whose cluster IPs are all IPv6 belongs to an IPv6 proxy,
 	// as with kube-proxy's IPv4 proxier: none of its frontends are ours.
-	if !slices.ContainsFunc(clusterIPs, func(s string) bool {
+	if !slices.ContainsFunc(svc.clusterIPs, func(s string) bool {
 		a, err := netip.ParseAddr(s)
 		return err == nil && a.Is4()
 	}) {
 		return nil
 	}
-	var lbIPs []string
-	for _, in := range svc.Status.LoadBalancer.Ingress {
-		// An ingress in Proxy mode is reached through the load balancer
-		// (PROXY protocol, TLS termination), not short-circuited here.
-		if in.IPMode != nil && *in.IPMode != corev1.LoadBalancerIPModeVIP {
-			continue
-		}
-		lbIPs = append(lbIPs, in.IP)
-	}
-	for _, port := range svc.Spec.Ports {
+	for _, port := range svc.ports {
 		proto, err := model.ParseProto(string(port.Protocol))
 		if err != nil || port.Port <= 0 || port.Port > 65535 {
 			continue
@@ -76,12 +51,12 @@ func Convert(svc *corev1.Service, slices_ []*discoveryv1.EndpointSlice) *model.S
 			out.Unserved = append(out.Unserved, fmt.Sprintf("port %s (%d/%s): %v", port.Name, port.Port, port.Protocol, err))
 			continue
 		}
-		backends := backendsFor(port, slices_)
+		backends := backendsFor(port, eps)
 		add := func(a netip.Addr, p int32, typ model.FrontendType) {
 			out.Frontends = append(out.Frontends, model.Frontend{
 				Addr: netip.AddrPortFrom(a, uint16(p)), Proto: proto, Type: typ, PortName: port.Name,
-				Backends: backends, InternalLocal: internalLocal && typ == model.ClusterIP,
-				ExternalLocal: externalLocal && typ != model.ClusterIP,
+				Backends: backends, InternalLocal: svc.internalLocal && typ == model.ClusterIP,
+				ExternalLocal: svc.externalLocal && typ != model.ClusterIP,
 			})
 		}
 		addAll := func(addrs []string, typ model.FrontendType) {
@@ -97,12 +72,12 @@ func Convert(svc *corev1.Service, slices_ []*discoveryv1.EndpointSlice) *model.S
 				add(a, port.Port, typ)
 			}
 		}
-		addAll(clusterIPs, model.ClusterIP)
-		addAll(svc.Spec.ExternalIPs, model.ExternalIP)
-		if svc.Spec.Type == corev1.ServiceTypeLoadBalancer {
-			addAll(lbIPs, model.LoadBalancer)
+		addAll(svc.clusterIPs, model.ClusterIP)
+		addAll(svc.externalIPs, model.ExternalIP)
+		if svc.typ == corev1.ServiceTypeLoadBalancer {
+			addAll(svc.lbIPs, model.LoadBalancer)
 		}
-		if port.NodePort > 0 && port.NodePort <= 65535 && (svc.Spec.Type == corev1.ServiceTypeNodePort || svc.Spec.Type == corev1.ServiceTypeLoadBalancer) {
+		if port.NodePort > 0 && port.NodePort <= 65535 && (svc.typ == corev1.ServiceTypeNodePort || svc.typ == corev1.ServiceTypeLoadBalancer) {
 			// On any address of the node: the north-south modules serve it.
 			add(netip.IPv4Unspecified(), port.NodePort, model.NodePort)
 		}
@@ -127,45 +102,31 @@ func Convert(svc *corev1.Service, slices_ []*discoveryv1.EndpointSlice) *model.S
 // backendsFor collects the IPv4 endpoints that serve a service port, by
 // port name as EndpointSlices match them. Conditions follow Kubernetes:
 // ready endpoints take new flows; serving-but-terminating ones keep their
-// flows (and take new ones only when nothing else can); others are left
-// out.
-func backendsFor(port corev1.ServicePort, eps []*discoveryv1.EndpointSlice) []model.Backend {
-	byAddr := map[netip.AddrPort]int{}
-	var out []model.Backend
+// flows (and take new ones only when nothing else can); others were left
+// out of the cache already.
+func backendsFor(port corev1.ServicePort, eps []*endpointSlice) []model.Backend {
+	n := 0
 	for _, s := range eps {
-		if s.AddressType != discoveryv1.AddressTypeIPv4 {
-			continue
-		}
+		n += len(s.endpoints)
+	}
+	// Sized once: a hundred thousand backends are the model's bulk.
+	out := make([]model.Backend, 0, n)
+	byAddr := make(map[netip.AddrPort]int, n)
+	for _, s := range eps {
 		var num int32
-		for _, p := range s.Ports {
-			name := ""
-			if p.Name != nil {
-				name = *p.Name
-			}
-			proto := corev1.ProtocolTCP
-			if p.Protocol != nil {
-				proto = *p.Protocol
-			}
-			if name == port.Name && proto == port.Protocol && p.Port != nil {
-				num = *p.Port
+		for _, p := range s.ports {
+			if p.name == port.Name && p.proto == port.Protocol && p.port != 0 {
+				num = p.port
 				break
 			}
 		}
 		if num <= 0 || num > 65535 {
 			continue
 		}
-		for _, ep := range s.Endpoints {
-			st, ok := state(ep.Conditions)
-			if !ok || len(ep.Addresses) == 0 {
-				continue
-			}
-			a, err := netip.ParseAddr(ep.Addresses[0])
-			if err != nil || !a.Is4() {
-				continue
-			}
-			b := model.Backend{Addr: netip.AddrPortFrom(a, uint16(num)), State: st}
-			if ep.NodeName != nil {
-				b.NodeName = *ep.NodeName
+		for _, ep := range s.endpoints {
+			b := model.Backend{Addr: netip.AddrPortFrom(netip.AddrFrom4(ep.addr), uint16(num)), State: ep.state}
+			if ep.node != nil {
+				b.NodeName = *ep.node
 			}
 			// An endpoint moving between slices may show up twice for a
 			// moment; the more available state wins.
@@ -180,7 +141,10 @@ func backendsFor(port corev1.ServicePort, eps []*discoveryv1.EndpointSlice) []mo
 		}
 	}
 	slices.SortFunc(out, func(a, b model.Backend) int { return a.Addr.Compare(b.Addr) })
-	return out
+	if len(out) == 0 {
+		return nil
+	}
+	return slices.Clip(out)
 }
 
 // state reads endpoint conditions as kube-proxy does: a ready endpoint

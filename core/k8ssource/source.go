@@ -18,17 +18,15 @@ import (
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
-	discoveryv1 "k8s.io/api/discovery/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/fields"
 	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/apimachinery/pkg/selection"
-	"k8s.io/client-go/informers"
-	"k8s.io/client-go/kubernetes"
 	corelisters "k8s.io/client-go/listers/core/v1"
 	"k8s.io/client-go/tools/cache"
 
 	"github.com/weirnet/weir/core/api"
+	"github.com/weirnet/weir/core/kube"
 	"github.com/weirnet/weir/core/model"
 )
 
@@ -42,22 +40,22 @@ const (
 	labelHeadless         = "service.kubernetes.io/headless"
 )
 
-// byService indexes EndpointSlices by "namespace/service".
-const byService = "weir/service"
-
 // Source watches the API and keeps the model's Kubernetes services.
 type Source struct {
-	client kubernetes.Interface
+	client *kube.Client
 	node   string
 	store  *model.Store
 	log    *slog.Logger
 
-	services  corelisters.ServiceLister
-	slices    cache.Indexer
+	services cache.Indexer
+	// slicesOf are the cached slices of each service, kept by the
+	// slice handlers (an informer index costs a set per service).
+	sliceMu   sync.Mutex
+	slicesOf  map[model.ServiceName][]*endpointSlice
 	nodes     corelisters.NodeLister
 	pods      corelisters.PodLister
 	podSynced cache.InformerSynced
-	factories []informers.SharedInformerFactory
+	informers []cache.SharedIndexInformer
 	synced    []cache.InformerSynced
 
 	mu         sync.Mutex
@@ -98,7 +96,7 @@ type Stats = api.KubeStatus
 // New builds the source and registers its handlers; nothing talks to the
 // API until Run. The store expects this source from now on: its snapshot
 // is not authoritative until the first full sync.
-func New(client kubernetes.Interface, nodeName string, store *model.Store, log *slog.Logger) *Source {
+func New(client *kube.Client, nodeName string, store *model.Store, log *slog.Logger) *Source {
 	if log == nil {
 		log = slog.Default()
 	}
@@ -113,61 +111,44 @@ func New(client kubernetes.Interface, nodeName string, store *model.Store, log *
 	svcSel := labels.NewSelector().Add(*noProxyName).String()
 	sliceSel := labels.NewSelector().Add(*noProxyName, *noHeadless).String()
 
-	// Caches keep only what conversion reads (see trim.go): at tens of
-	// thousands of services the objects as served dominate the agent's
-	// memory.
-	svcFactory := informers.NewSharedInformerFactoryWithOptions(client, 0,
-		informers.WithTweakListOptions(func(o *metav1.ListOptions) { o.LabelSelector = svcSel }),
-		informers.WithTransform(trimService))
-	sliceFactory := informers.NewSharedInformerFactoryWithOptions(client, 0,
-		informers.WithTweakListOptions(func(o *metav1.ListOptions) { o.LabelSelector = sliceSel }),
-		informers.WithTransform(trimSlice))
-	nodeFactory := informers.NewSharedInformerFactoryWithOptions(client, 0, informers.WithTransform(trimNode))
-	podFactory := informers.NewSharedInformerFactoryWithOptions(client, 0,
-		informers.WithTweakListOptions(func(o *metav1.ListOptions) {
-			o.FieldSelector = fields.OneTermEqualSelector("spec.nodeName", nodeName).String()
-		}),
-		informers.WithTransform(trimPod))
-	s.factories = []informers.SharedInformerFactory{svcFactory, sliceFactory, nodeFactory, podFactory}
-
-	svcInf := svcFactory.Core().V1().Services()
-	sliceInf := sliceFactory.Discovery().V1().EndpointSlices()
-	nodeInf := nodeFactory.Core().V1().Nodes()
+	// Caches keep compact records of only what conversion reads (see
+	// trim.go): at tens of thousands of services the objects as served
+	// dominate the agent's memory.
+	svcInf := client.Informer(kube.Services, func(o *metav1.ListOptions) { o.LabelSelector = svcSel }, trimService)
+	sliceInf := client.Informer(kube.EndpointSlices, func(o *metav1.ListOptions) { o.LabelSelector = sliceSel }, trimSlice)
+	nodeInf := client.Informer(kube.Nodes, nil, trimNode)
 	// The node's own pods: endpoints whose pod is gone (a CNI DEL that never
 	// came) are collected against them.
-	podInf := podFactory.Core().V1().Pods()
-	_ = sliceInf.Informer().AddIndexers(cache.Indexers{byService: func(o any) ([]string, error) {
-		m, ok := o.(metav1.Object)
-		if !ok {
-			return nil, nil
-		}
-		name := m.GetLabels()[discoveryv1.LabelServiceName]
-		if name == "" {
-			return nil, nil
-		}
-		return []string{m.GetNamespace() + "/" + name}, nil
-	}})
-	s.services, s.slices, s.nodes, s.pods = svcInf.Lister(), sliceInf.Informer().GetIndexer(), nodeInf.Lister(), podInf.Lister()
-	s.podSynced = podInf.Informer().HasSynced
+	podInf := client.Informer(kube.Pods, func(o *metav1.ListOptions) {
+		o.FieldSelector = fields.OneTermEqualSelector("spec.nodeName", nodeName).String()
+	}, trimPod)
+	s.informers = []cache.SharedIndexInformer{svcInf, sliceInf, nodeInf, podInf}
+	s.services = svcInf.GetIndexer()
+	s.nodes = corelisters.NewNodeLister(nodeInf.GetIndexer())
+	s.pods = corelisters.NewPodLister(podInf.GetIndexer())
+	s.slicesOf = map[model.ServiceName][]*endpointSlice{}
+	s.podSynced = podInf.HasSynced
 
 	// Handlers go in before the factories start, so no event is missed.
-	_, _ = svcInf.Informer().AddEventHandler(cache.ResourceEventHandlerFuncs{
-		AddFunc:    func(o any) { s.touchObject(o, "") },
-		UpdateFunc: func(_, o any) { s.touchObject(o, "") },
-		DeleteFunc: func(o any) { s.touchObject(o, "") },
+	_, _ = svcInf.AddEventHandler(cache.ResourceEventHandlerFuncs{
+		AddFunc:    func(o any) { s.touchObject(o) },
+		UpdateFunc: func(_, o any) { s.touchObject(o) },
+		DeleteFunc: func(o any) { s.touchObject(o) },
 	})
-	_, _ = sliceInf.Informer().AddEventHandler(cache.ResourceEventHandlerFuncs{
-		AddFunc:    func(o any) { s.touchObject(o, discoveryv1.LabelServiceName) },
-		UpdateFunc: func(_, o any) { s.touchObject(o, discoveryv1.LabelServiceName) },
-		DeleteFunc: func(o any) { s.touchObject(o, discoveryv1.LabelServiceName) },
+	_, _ = sliceInf.AddEventHandler(cache.ResourceEventHandlerFuncs{
+		AddFunc: func(o any) { s.sliceChanged(nil, o) },
+		UpdateFunc: func(old, o any) {
+			s.sliceChanged(old, o)
+			s.touchObject(old) // a slice that moved to another service
+		},
+		DeleteFunc: func(o any) { s.sliceChanged(o, nil) },
 	})
-	_, _ = nodeInf.Informer().AddEventHandler(cache.ResourceEventHandlerFuncs{
+	_, _ = nodeInf.AddEventHandler(cache.ResourceEventHandlerFuncs{
 		AddFunc:    func(o any) { s.nodeChanged(o) },
 		UpdateFunc: func(_, o any) { s.nodeChanged(o) },
 		DeleteFunc: func(o any) { s.nodeChanged(o) },
 	})
-	s.synced = []cache.InformerSynced{svcInf.Informer().HasSynced, sliceInf.Informer().HasSynced,
-		nodeInf.Informer().HasSynced, podInf.Informer().HasSynced}
+	s.synced = []cache.InformerSynced{svcInf.HasSynced, sliceInf.HasSynced, nodeInf.HasSynced, podInf.HasSynced}
 	return s
 }
 
@@ -223,24 +204,59 @@ func (s *Source) nodeChanged(o any) {
 	}
 }
 
+// sliceChanged files a slice under its service (and out of the one it
+// was under), then marks the service changed.
+func (s *Source) sliceChanged(old, now any) {
+	unwrap := func(o any) *endpointSlice {
+		if d, ok := o.(cache.DeletedFinalStateUnknown); ok {
+			o = d.Obj
+		}
+		es, _ := o.(*endpointSlice)
+		return es
+	}
+	s.sliceMu.Lock()
+	if es := unwrap(old); es != nil && es.service != "" {
+		k := model.ServiceName{Namespace: es.Namespace, Name: es.service}
+		list := slices.DeleteFunc(s.slicesOf[k], func(o *endpointSlice) bool { return o.Name == es.Name })
+		if len(list) == 0 {
+			delete(s.slicesOf, k)
+		} else {
+			s.slicesOf[k] = list
+		}
+	}
+	if es := unwrap(now); es != nil && es.service != "" {
+		k := model.ServiceName{Namespace: es.Namespace, Name: es.service}
+		list := slices.DeleteFunc(s.slicesOf[k], func(o *endpointSlice) bool { return o.Name == es.Name })
+		s.slicesOf[k] = append(list, es)
+	}
+	s.sliceMu.Unlock()
+	if now != nil {
+		s.touchObject(now)
+	} else {
+		s.touchObject(old)
+	}
+}
+
 // touchObject marks the service an object belongs to as changed: the
-// object itself for a Service, the service named by label for a slice.
-func (s *Source) touchObject(o any, label string) {
+// object itself for a Service, the service it names for a slice.
+func (s *Source) touchObject(o any) {
 	if d, ok := o.(cache.DeletedFinalStateUnknown); ok {
 		o = d.Obj
 	}
-	m, ok := o.(metav1.Object)
-	if !ok {
-		return
-	}
-	name := m.GetName()
-	if label != "" {
-		if name = m.GetLabels()[label]; name == "" {
+	var name model.ServiceName
+	switch r := o.(type) {
+	case *service:
+		name = model.ServiceName{Namespace: r.Namespace, Name: r.Name}
+	case *endpointSlice:
+		if r.service == "" {
 			return
 		}
+		name = model.ServiceName{Namespace: r.Namespace, Name: r.service}
+	default:
+		return
 	}
 	s.mu.Lock()
-	s.dirty[model.ServiceName{Namespace: m.GetNamespace(), Name: name}] = true
+	s.dirty[name] = true
 	s.mu.Unlock()
 	select {
 	case s.wake <- struct{}{}:
@@ -256,14 +272,11 @@ func (s *Source) Run(ctx context.Context) {
 	if !s.waitForAPI(ctx) {
 		return
 	}
-	for _, f := range s.factories {
-		f.Start(ctx.Done())
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	for _, inf := range s.informers {
+		wg.Go(func() { inf.RunWithContext(ctx) })
 	}
-	defer func() {
-		for _, f := range s.factories {
-			f.Shutdown()
-		}
-	}()
 	start := time.Now()
 	if !cache.WaitForCacheSync(ctx.Done(), s.synced...) {
 		return
@@ -292,7 +305,7 @@ func (s *Source) Run(ctx context.Context) {
 func (s *Source) waitForAPI(ctx context.Context) bool {
 	backoff := 500 * time.Millisecond
 	for {
-		v, err := s.client.Discovery().ServerVersion()
+		v, err := s.client.ServerVersion(ctx)
 		if err == nil {
 			s.log.Info("connected to the Kubernetes API", "version", v.GitVersion)
 			return true
@@ -319,13 +332,10 @@ func (s *Source) process() {
 		s.processNodes()
 	}
 	if all {
-		svcs, err := s.services.List(labels.Everything())
-		if err != nil {
-			s.log.Error("listing services", "err", err)
-			return
-		}
-		for _, svc := range svcs {
-			dirty[model.ServiceName{Namespace: svc.Namespace, Name: svc.Name}] = true
+		for _, o := range s.services.List() {
+			if svc, ok := o.(*service); ok {
+				dirty[model.ServiceName{Namespace: svc.Namespace, Name: svc.Name}] = true
+			}
 		}
 	}
 	// Services whose frontends' owners may have changed, and those the
@@ -510,21 +520,16 @@ func (s *Source) processNodes() {
 // build converts one service from the caches, or returns nil when it is
 // gone, filtered, or has nothing Weir serves.
 func (s *Source) build(name model.ServiceName) *built {
-	svc, err := s.services.Services(name.Namespace).Get(name.Name)
-	if err != nil {
+	key := name.Namespace + "/" + name.Name
+	o, exists, err := s.services.GetByKey(key)
+	svc, ok := o.(*service)
+	if err != nil || !exists || !ok {
 		return nil
 	}
-	objs, err := s.slices.ByIndex(byService, name.Namespace+"/"+name.Name)
-	if err != nil {
-		return nil
-	}
-	eps := make([]*discoveryv1.EndpointSlice, 0, len(objs))
-	for _, o := range objs {
-		if es, ok := o.(*discoveryv1.EndpointSlice); ok {
-			eps = append(eps, es)
-		}
-	}
-	m := Convert(svc, eps)
+	s.sliceMu.Lock()
+	eps := slices.Clone(s.slicesOf[name])
+	s.sliceMu.Unlock()
+	m := convert(svc, eps)
 	s.reportUnserved(name, m)
 	if m == nil || len(m.Frontends) == 0 {
 		return nil
@@ -533,7 +538,7 @@ func (s *Source) build(name model.ServiceName) *built {
 		s.log.Warn("service skipped", "service", name.String(), "err", err)
 		return nil
 	}
-	return &built{svc: m, created: svc.CreationTimestamp.Time}
+	return &built{svc: m, created: svc.Created}
 }
 
 // reportUnserved warns, once per change, about what of a service the

@@ -19,6 +19,8 @@ import (
 	"k8s.io/utils/ptr"
 
 	"github.com/weirnet/weir/core/k8ssource"
+	"github.com/weirnet/weir/core/kube"
+	"github.com/weirnet/weir/core/lab/controlplane"
 	"github.com/weirnet/weir/core/lab/controlplane/cptest"
 	"github.com/weirnet/weir/core/lbmap"
 	"github.com/weirnet/weir/core/model"
@@ -119,7 +121,18 @@ func waitSnapshot(t *testing.T, store *model.Store, ns, want string) {
 	t.Fatalf("store never showed\n%s\nlast:\n%s", want, got)
 }
 
-func run(t *testing.T, c kubernetes.Interface, node string) (*k8ssource.Source, *model.Store) {
+// reader is the agent's client of a control plane (tests write with a
+// clientset).
+func reader(t *testing.T, cp *controlplane.ControlPlane) *kube.Client {
+	t.Helper()
+	rc, err := kube.New(cp.RestConfig())
+	if err != nil {
+		t.Fatal(err)
+	}
+	return rc
+}
+
+func run(t *testing.T, c *kube.Client, node string) (*k8ssource.Source, *model.Store) {
 	t.Helper()
 	store := model.NewStore()
 	src := k8ssource.New(c, node, store, slog.New(slog.DiscardHandler))
@@ -135,13 +148,14 @@ func run(t *testing.T, c kubernetes.Interface, node string) (*k8ssource.Source, 
 func TestSourceAgainstAPIServer(t *testing.T) {
 	cp := cptest.Start(t)
 	c := cptest.Client(t, cp)
+	r := reader(t, cp)
 
 	t.Run("follows services and endpoint conditions", func(t *testing.T) {
 		namespace(t, c, "follow")
 		// Created before the source starts: part of the first sync.
 		selectorless(t, c, "follow", "web", "10.96.1.10")
 		slice(t, c, "follow", "web", "web-1", ep{ip: "10.244.1.11"}, ep{ip: "10.244.1.12", ready: ptr.To(true)})
-		_, store := run(t, c, "n1")
+		_, store := run(t, r, "n1")
 		waitSnapshot(t, store, "follow", "follow/web 10.96.1.10:80/TCP: 10.244.1.11:8080/active 10.244.1.12:8080/active\n")
 
 		// Not ready: gone; serving and terminating: kept as terminating.
@@ -173,7 +187,7 @@ func TestSourceAgainstAPIServer(t *testing.T) {
 		// Headless: nothing to translate.
 		selectorless(t, c, "filter", "headless", "None")
 		slice(t, c, "filter", "headless", "headless-1", ep{ip: "10.244.1.23"})
-		_, store := run(t, c, "n1")
+		_, store := run(t, r, "n1")
 		waitSnapshot(t, store, "filter", "filter/mine 10.96.2.10:80/TCP: 10.244.1.21:8080/active\n")
 	})
 
@@ -194,7 +208,7 @@ func TestSourceAgainstAPIServer(t *testing.T) {
 		if _, err := c.CoreV1().Services("types").UpdateStatus(context.Background(), lb, metav1.UpdateOptions{}); err != nil {
 			t.Fatal(err)
 		}
-		_, store := run(t, c, "n1")
+		_, store := run(t, r, "n1")
 		nodePort := lb.Spec.Ports[0].NodePort
 		want := "types/lb 0.0.0.0:" + fmt.Sprint(nodePort) + "/TCP: 10.244.1.31:8080/active 10.244.2.31:8080/active\n" +
 			"types/lb 10.96.3.10:80/TCP: 10.244.1.31:8080/active 10.244.2.31:8080/active\n" +
@@ -227,7 +241,7 @@ func TestSourceAgainstAPIServer(t *testing.T) {
 		// the names, in order, settle it the same way.
 		selectorless(t, c, "shared", "a-old", "10.96.6.10", ext)
 		selectorless(t, c, "shared", "b-young", "10.96.6.11", ext)
-		_, store := run(t, c, "n1")
+		_, store := run(t, r, "n1")
 		waitSnapshot(t, store, "shared", "shared/a-old 10.96.6.10:80/TCP:\nshared/a-old 192.0.2.50:80/TCP:\nshared/b-young 10.96.6.11:80/TCP:\n")
 		// The owner goes: the other claimant takes the address over.
 		if err := c.CoreV1().Services("shared").Delete(context.Background(), "a-old", metav1.DeleteOptions{}); err != nil {
@@ -246,7 +260,7 @@ func TestSourceAgainstAPIServer(t *testing.T) {
 		// one go in name order: big fits, small waits.
 		store := model.NewStore()
 		store.SetAdmitter(inNamespace{"full", lbmap.NewAdmission("n1", lbmap.Limits{Services: 5})})
-		src := k8ssource.New(c, "n1", store, slog.New(slog.DiscardHandler))
+		src := k8ssource.New(r, "n1", store, slog.New(slog.DiscardHandler))
 		ctx, cancel := context.WithCancel(context.Background())
 		var wg sync.WaitGroup
 		wg.Go(func() { src.Run(ctx) })
@@ -271,7 +285,7 @@ func TestSourceAgainstAPIServer(t *testing.T) {
 			t.Fatal(err)
 		}
 		store := model.NewStore()
-		src := k8ssource.New(c, "n-labels", store, slog.New(slog.DiscardHandler))
+		src := k8ssource.New(r, "n-labels", store, slog.New(slog.DiscardHandler))
 		seen := make(chan string, 10)
 		src.OnNode(func(n *corev1.Node) { seen <- n.Labels["pool"] })
 		ctx, cancel := context.WithCancel(context.Background())
@@ -347,7 +361,7 @@ func waitLines(t *testing.T, store *model.Store, ns, want string) {
 // An API that does not answer leaves the store not authoritative (so the
 // datapath keeps what it has), and the source stops cleanly.
 func TestSourceWithUnreachableAPI(t *testing.T) {
-	c, err := kubernetes.NewForConfig(&rest.Config{Host: "https://127.0.0.1:1", Timeout: time.Second})
+	c, err := kube.New(&rest.Config{Host: "https://127.0.0.1:1", Timeout: time.Second})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -21,6 +21,7 @@ import (
 	"k8s.io/client-go/tools/cache"
 	"k8s.io/utils/ptr"
 
+	"github.com/weirnet/weir/core/api"
 	"github.com/weirnet/weir/core/datapath"
 )
 
@@ -303,4 +304,72 @@ func requestResponse(b *testing.B, nsPath, addr string) float64 {
 		}
 	}
 	return n / time.Since(start).Seconds()
+}
+
+// BenchmarkKubeScale grows one cluster to 1k, 10k and 30k services of 10
+// endpoints each (created straight through the API) and at each size
+// measures, beside the same figures with no services from the same run:
+// an agent restart until its caches synced and every service was
+// compared with the maps; the agent's work per changed service (its own
+// account: source and reconciler); the time from a Service and slice
+// created to the first connection through it; the agent's memory (RSS,
+// Go heap) and the BPF maps' memory.
+func BenchmarkKubeScale(b *testing.B) {
+	l, c, web := upScale(b)
+	n, client := l.Nodes[0], l.Pod("client")
+	const endpoints = 10
+	sizes := []int{0, 1000, 10000, 30000}
+	if s := os.Getenv("WEIR_SCALE_MAX"); s != "" {
+		limit, _ := strconv.Atoi(s)
+		sizes = slices.DeleteFunc(sizes, func(n int) bool { return n > limit })
+	}
+	type figures struct {
+		restart, sync, source, reconcile, changeLat, toConn, api, seen, programmed time.Duration
+		rss, heap, bpf                                                             uint64
+	}
+	var base figures
+	created, probes := 0, 0
+	for _, size := range sizes {
+		b.Run(fmt.Sprintf("services=%d", size), func(b *testing.B) {
+			took := createScale(b, c, created, size, endpoints, web.IP)
+			created = size
+			b.Logf("created %d services with their slices in %s", size, took.Round(time.Millisecond))
+			waitServices(b, n, size, 5*time.Minute)
+			var f figures
+			var st *api.Status
+			f.restart, st = restartAgent(b, l, n, nil)
+			f.sync = time.Duration(st.Kubernetes.SyncMillis) * time.Millisecond
+			waitServices(b, n, size, time.Minute)
+			f.source, f.reconcile, f.changeLat = changeCost(b, c, n, endpoints, 30, web.IP)
+			f.toConn, f.api, f.seen, f.programmed = createToConnection(b, c, n, client, 31000+probes, 10, web.IP)
+			probes += 10
+			time.Sleep(2 * time.Second) // let the agent settle before reading its memory
+			f.rss, f.heap = agentMemory(b, n)
+			f.bpf = bpfMapBytes(b, n.AgentPID)
+			if size == 0 {
+				base = f
+			}
+			ms := func(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
+			mib := func(v uint64) float64 { return float64(v) / (1 << 20) }
+			b.ReportMetric(ms(f.restart), "ms-restart-to-written")
+			b.ReportMetric(ms(f.sync), "ms-caches-synced")
+			b.ReportMetric(float64((f.source + f.reconcile).Microseconds()), "us-agent-work-per-change")
+			b.ReportMetric(float64(f.reconcile.Microseconds()), "us-reconciler-per-change")
+			b.ReportMetric(ms(f.changeLat), "ms-change-to-datapath-p50")
+			b.ReportMetric(ms(f.toConn), "ms-create-to-first-conn-p50")
+			b.ReportMetric(ms(f.seen), "ms-create-to-watch-seen-p50(control-plane)")
+			b.ReportMetric(ms(f.programmed), "ms-watch-seen-to-datapath-p50")
+			b.ReportMetric(mib(f.rss), "MiB-rss")
+			b.ReportMetric(mib(f.heap), "MiB-heap")
+			b.ReportMetric(mib(f.bpf), "MiB-bpf-maps")
+			if size > 0 && base.toConn > 0 {
+				b.ReportMetric(float64(f.toConn)/float64(base.toConn), "ratio-create-to-conn-vs-0")
+				b.ReportMetric(float64(f.programmed)/float64(max(base.programmed, time.Microsecond)), "ratio-watch-seen-to-datapath-vs-0")
+				b.ReportMetric(float64(f.source+f.reconcile)/float64(max(base.source+base.reconcile, time.Microsecond)), "ratio-work-per-change-vs-0")
+			}
+			b.Logf("%d services x %d endpoints: restart to written %s (caches synced in %s); agent work per change %s (source %s, reconciler %s), change to datapath p50 %s; create to first connection p50 %s (API answered both creates after %s, a watch saw the slice after %s, the datapath had it %s later); RSS %.1f MiB, heap %.1f MiB, BPF maps %.1f MiB",
+				size, endpoints, f.restart.Round(time.Millisecond), f.sync, f.source+f.reconcile, f.source, f.reconcile, f.changeLat.Round(time.Microsecond), f.toConn.Round(time.Microsecond), f.api.Round(time.Microsecond), f.seen.Round(time.Microsecond), f.programmed.Round(time.Microsecond),
+				mib(f.rss), mib(f.heap), mib(f.bpf))
+		})
+	}
 }

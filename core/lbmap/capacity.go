@@ -193,10 +193,11 @@ func (r *Reconciler) checkRoom(p *plan) error {
 			newFrontends++
 		}
 		for _, b := range sf.all {
-			if _, ok := r.backendIDs[b.key]; !ok {
+			e := r.bes[b.key]
+			if e.id == 0 {
 				newBackends[b.key] = true
 			}
-			if _, ok := r.indexed[b.key]; !ok {
+			if e.indexed == 0 {
 				newIndexed[b.key] = true
 			}
 		}
@@ -213,10 +214,10 @@ func (r *Reconciler) checkRoom(p *plan) error {
 	if err := check(r.services, datapath.MapServices, SettingServices, entries); err != nil {
 		return err
 	}
-	if err := check(r.backends, datapath.MapBackends, SettingBackends, len(r.backendsBy)+len(newBackends)); err != nil {
+	if err := check(r.backends, datapath.MapBackends, SettingBackends, len(r.ids)+len(newBackends)); err != nil {
 		return err
 	}
-	if err := check(r.backendAddrs, datapath.MapBackendAddrs, SettingBackends, len(r.indexed)+len(newIndexed)); err != nil {
+	if err := check(r.backendAddrs, datapath.MapBackendAddrs, SettingBackends, r.indexed+len(newIndexed)); err != nil {
 		return err
 	}
 	return check(r.revnat, datapath.MapRevNAT, SettingRevNAT, len(r.revnatUsed)+newFrontends)
@@ -257,11 +258,11 @@ func (r *Reconciler) record(p *plan, took time.Duration) {
 	}
 	maps := []MapFill{
 		fill(r.services, datapath.MapServices, r.serviceEntries),
-		fill(r.backends, datapath.MapBackends, len(r.backendsBy)),
+		fill(r.backends, datapath.MapBackends, len(r.ids)),
 		fill(r.revnat, datapath.MapRevNAT, len(r.revnatUsed)),
 	}
 	if r.backendAddrs != nil {
-		maps = append(maps, fill(r.backendAddrs, datapath.MapBackendAddrs, len(r.indexed)))
+		maps = append(maps, fill(r.backendAddrs, datapath.MapBackendAddrs, r.indexed))
 	}
 	r.mu.Lock()
 	defer r.mu.Unlock()

@@ -112,9 +112,19 @@ func (st *frontendState) entries() int {
 // refs counts the frontends that use a backend address, by the state they
 // list it in: a backend takes new flows when any frontend lists it as
 // active.
-type refs struct{ active, terminating int }
+type refs struct{ active, terminating int32 }
 
 func (r refs) zero() bool { return r.active == 0 && r.terminating == 0 }
+
+// backendEntry is what the reconciler knows of one backend address: one
+// map entry per address keeps a million backends within a few tens of
+// megabytes.
+type backendEntry struct {
+	id      uint32 // its id in weir_backends, 0 when not written
+	indexed uint32 // the id weir_backend_addrs says, 0 when not indexed
+	state   uint8  // as written
+	refs
+}
 
 // Map is the part of *ebpf.Map the reconciler uses.
 type Map interface {
@@ -139,16 +149,17 @@ type Reconciler struct {
 	services, backends, backendAddrs, revnat, affinity Map
 	log                                                *slog.Logger
 
-	frontends  map[frontendKey]*frontendState
-	backendIDs map[backendKey]uint32
-	backendsBy map[uint32]datapath.Backend
-	// indexed are the backends in the BackendAddrs map, by the id there.
-	indexed    map[backendKey]uint32
+	frontends map[frontendKey]*frontendState
+	// bes are the backend addresses known, ids every id weir_backends
+	// holds (a restore may find two for one address); indexed counts
+	// the addresses in weir_backend_addrs.
+	bes        map[backendKey]backendEntry
+	ids        map[uint32]backendKey
+	indexed    int
 	revnatUsed map[uint32]netip.AddrPort
 	// byService are the map frontends each service was last written
-	// with; beRefs who uses each backend address.
+	// with.
 	byService map[model.ServiceName][]frontendKey
-	beRefs    map[backendKey]refs
 	// serviceEntries counts the services map's entries.
 	serviceEntries int
 	nextBE         uint32
@@ -161,7 +172,13 @@ type Reconciler struct {
 
 	mu     sync.Mutex // guards status
 	status Status
+	// written is closed after the first pass that succeeded.
+	written     chan struct{}
+	writtenOnce sync.Once
 }
+
+// Written is closed once the maps hold a full state for the first time.
+func (r *Reconciler) Written() <-chan struct{} { return r.written }
 
 // New returns a reconciler over the maps. It reads them (restoring the IDs
 // in use) on its first Apply.
@@ -185,19 +202,18 @@ func newReconciler(maps func() Maps, log *slog.Logger) *Reconciler {
 	if log == nil {
 		log = slog.Default()
 	}
-	return &Reconciler{maps: maps, log: log, dirty: true}
+	return &Reconciler{maps: maps, log: log, dirty: true, written: make(chan struct{})}
 }
 
 func (r *Reconciler) restore() error {
 	m := r.maps()
 	r.services, r.backends, r.backendAddrs, r.revnat, r.affinity = m.Services, m.Backends, m.BackendAddrs, m.RevNAT, m.Affinity
 	r.frontends = map[frontendKey]*frontendState{}
-	r.backendIDs = map[backendKey]uint32{}
-	r.backendsBy = map[uint32]datapath.Backend{}
-	r.indexed = map[backendKey]uint32{}
+	r.bes = map[backendKey]backendEntry{}
+	r.ids = map[uint32]backendKey{}
+	r.indexed = 0
 	r.revnatUsed = map[uint32]netip.AddrPort{}
 	r.byService = map[model.ServiceName][]frontendKey{}
-	r.beRefs = map[backendKey]refs{}
 	r.serviceEntries = 0
 	r.nextBE, r.nextRevNAT = 1, 1
 
@@ -228,10 +244,11 @@ func (r *Reconciler) restore() error {
 	}
 
 	err = datapath.ReadAll(r.backends, func(id *uint32, be *datapath.Backend) {
-		r.backendsBy[*id] = *be
 		bk := backendKeyOf(*be)
-		if prev, ok := r.backendIDs[bk]; !ok || *id < prev {
-			r.backendIDs[bk] = *id
+		r.ids[*id] = bk
+		if e := r.bes[bk]; e.id == 0 || *id < e.id {
+			e.id, e.state = *id, be.State
+			r.bes[bk] = e
 		}
 		if *id >= r.nextBE {
 			r.nextBE = *id + 1
@@ -242,7 +259,13 @@ func (r *Reconciler) restore() error {
 	}
 	if r.backendAddrs != nil {
 		err := datapath.ReadAll(r.backendAddrs, func(ak *datapath.BackendAddrKey, id *uint32) {
-			r.indexed[mkBackendKey(netip.AddrPortFrom(datapath.AddrFromBE(ak.Addr), datapath.PortFromBE(ak.Port)), model.Proto(ak.Proto))] = *id
+			bk := mkBackendKey(netip.AddrPortFrom(datapath.AddrFromBE(ak.Addr), datapath.PortFromBE(ak.Port)), model.Proto(ak.Proto))
+			e := r.bes[bk]
+			if e.indexed == 0 {
+				r.indexed++
+			}
+			e.indexed = *id
+			r.bes[bk] = e
 		})
 		if err != nil {
 			return fmt.Errorf("reading backend address map: %w", err)
@@ -273,7 +296,7 @@ func (r *Reconciler) allocBackend() (uint32, error) {
 		if r.nextBE == 0 {
 			r.nextBE = 1
 		}
-		if _, used := r.backendsBy[id]; !used && id != 0 {
+		if _, used := r.ids[id]; !used && id != 0 {
 			return id, nil
 		}
 	}
@@ -494,13 +517,11 @@ func (r *Reconciler) write(p *plan) error {
 	// pass).
 	touched := map[backendKey]bool{}
 	if p.full {
-		for bk := range r.backendIDs {
+		for bk, e := range r.bes {
 			touched[bk] = true
+			e.refs = refs{}
+			r.bes[bk] = e
 		}
-		for bk := range r.indexed {
-			touched[bk] = true
-		}
-		clear(r.beRefs)
 	} else {
 		drop := func(fk frontendKey) {
 			st := r.frontends[fk]
@@ -509,17 +530,13 @@ func (r *Reconciler) write(p *plan) error {
 			}
 			for _, b := range st.want {
 				touched[b.key] = true
-				rf := r.beRefs[b.key]
+				e := r.bes[b.key]
 				if b.state == model.Active {
-					rf.active--
+					e.active--
 				} else {
-					rf.terminating--
+					e.terminating--
 				}
-				if rf.zero() {
-					delete(r.beRefs, b.key)
-				} else {
-					r.beRefs[b.key] = rf
-				}
+				r.bes[b.key] = e
 			}
 		}
 		for _, fk := range p.stale {
@@ -535,13 +552,13 @@ func (r *Reconciler) write(p *plan) error {
 	for _, fk := range p.order {
 		for _, b := range p.desired[fk].all {
 			touched[b.key] = true
-			rf := r.beRefs[b.key]
+			e := r.bes[b.key]
 			if b.state == model.Active {
-				rf.active++
+				e.active++
 			} else {
-				rf.terminating++
+				e.terminating++
 			}
-			r.beRefs[b.key] = rf
+			r.bes[b.key] = e
 		}
 	}
 
@@ -562,7 +579,7 @@ func (r *Reconciler) write(p *plan) error {
 	// 2. Backends before the slots that point at them.
 	beKeys := make([]backendKey, 0, len(touched))
 	for bk := range touched {
-		if !r.beRefs[bk].zero() {
+		if !r.bes[bk].zero() {
 			beKeys = append(beKeys, bk)
 		}
 	}
@@ -574,29 +591,31 @@ func (r *Reconciler) write(p *plan) error {
 			Proto: uint8(bk.proto()),
 			State: datapath.BackendActive,
 		}
-		if r.beRefs[bk].active == 0 {
+		e := r.bes[bk]
+		if e.active == 0 {
 			val.State = datapath.BackendTerminating
 		}
-		id, ok := r.backendIDs[bk]
-		if !ok || r.backendsBy[id] != val {
-			if !ok {
+		if e.id == 0 || e.state != val.State {
+			if e.id == 0 {
 				var err error
-				if id, err = r.allocBackend(); err != nil {
+				if e.id, err = r.allocBackend(); err != nil {
 					return err
 				}
+				r.ids[e.id] = bk
 			}
-			q.backendIDs = append(q.backendIDs, id)
+			q.backendIDs = append(q.backendIDs, e.id)
 			q.backendVals = append(q.backendVals, val)
-			r.backendIDs[bk] = id
-			r.backendsBy[id] = val
+			e.state = val.State
 		}
-		if r.backendAddrs != nil {
-			if cur, ok := r.indexed[bk]; !ok || cur != id {
-				q.addrKeys = append(q.addrKeys, bk.addrKey())
-				q.addrIDs = append(q.addrIDs, id)
-				r.indexed[bk] = id
+		if r.backendAddrs != nil && e.indexed != e.id {
+			q.addrKeys = append(q.addrKeys, bk.addrKey())
+			q.addrIDs = append(q.addrIDs, e.id)
+			if e.indexed == 0 {
+				r.indexed++
 			}
+			e.indexed = e.id
 		}
+		r.bes[bk] = e
 	}
 	if err := batchPut(r.backends, q.backendIDs, q.backendVals, "writing backends"); err != nil {
 		return err
@@ -611,7 +630,7 @@ func (r *Reconciler) write(p *plan) error {
 		if st := r.frontends[fk]; st != nil && (df.affinity > 0 || st.master.Flags2&datapath.SvcFlagAffinity != 0) {
 			keep := map[uint32]bool{}
 			for _, bk := range df.slots {
-				keep[r.backendIDs[bk]] = true
+				keep[r.bes[bk].id] = true
 			}
 			for _, id := range st.slots {
 				if !keep[id] {
@@ -660,27 +679,27 @@ func (r *Reconciler) write(p *plan) error {
 	if p.full {
 		// Every id but the one each used address keeps (a restore may
 		// find two for one address).
-		for id, be := range r.backendsBy {
-			bk := backendKeyOf(be)
-			if !r.beRefs[bk].zero() && r.backendIDs[bk] == id {
+		for id, bk := range r.ids {
+			if e := r.bes[bk]; !e.zero() && e.id == id {
 				continue
 			}
 			unused = append(unused, id)
 		}
 	} else {
 		for bk := range touched {
-			if id, ok := r.backendIDs[bk]; ok && r.beRefs[bk].zero() {
-				unused = append(unused, id)
+			if e := r.bes[bk]; e.id != 0 && e.zero() {
+				unused = append(unused, e.id)
 			}
 		}
 	}
 	slices.Sort(unused)
 	for _, id := range unused {
-		bk := backendKeyOf(r.backendsBy[id])
-		if r.backendIDs[bk] == id {
-			delete(r.backendIDs, bk)
+		bk := r.ids[id]
+		if e := r.bes[bk]; e.id == id {
+			e.id, e.state = 0, 0
+			r.bes[bk] = e
 		}
-		delete(r.backendsBy, id)
+		delete(r.ids, id)
 	}
 	if err := batchDelete(r.backends, unused, "deleting backends"); err != nil {
 		return err
@@ -688,9 +707,16 @@ func (r *Reconciler) write(p *plan) error {
 	// The index only says which addresses are backends: it follows them.
 	var unindex []datapath.BackendAddrKey
 	for bk := range touched {
-		if _, ok := r.indexed[bk]; ok && r.beRefs[bk].zero() {
+		e := r.bes[bk]
+		if e.indexed != 0 && e.zero() {
 			unindex = append(unindex, bk.addrKey())
-			delete(r.indexed, bk)
+			r.indexed--
+			e.indexed = 0
+		}
+		if e == (backendEntry{}) {
+			delete(r.bes, bk)
+		} else {
+			r.bes[bk] = e
 		}
 	}
 	slices.SortFunc(unindex, func(a, b datapath.BackendAddrKey) int {
@@ -815,8 +841,11 @@ func (r *Reconciler) writeFrontend(fk frontendKey, sf *scopedFrontend, q *queue)
 		r.revnatUsed[rid] = a
 	}
 
+	if n := len(df.slots) - len(st.slots); n > 0 {
+		st.slots = slices.Grow(st.slots, n)
+	}
 	for i, bk := range df.slots {
-		id := r.backendIDs[bk]
+		id := r.bes[bk].id
 		if i < len(st.slots) && st.slots[i] == id {
 			continue
 		}
@@ -1021,6 +1050,7 @@ func (r *Reconciler) Run(ctx context.Context, store *model.Store) {
 		}
 		r.mu.Unlock()
 		if err == nil {
+			r.writtenOnce.Do(func() { close(r.written) })
 			r.log.Info("services written to the datapath", "full", d.Full, "changed", len(d.Services), "version", d.Version,
 				"took", r.Status().LastTook)
 		}

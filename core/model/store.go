@@ -21,8 +21,6 @@ import (
 type Store struct {
 	mu       sync.Mutex
 	services map[ServiceName]*Service
-	// bySource names the services of each source.
-	bySource map[string]map[ServiceName]struct{}
 	// owners says which service holds each frontend.
 	owners   map[FrontendKey]ServiceName
 	nodes    map[string][]*Node
@@ -62,7 +60,6 @@ type Admitter interface {
 func NewStore() *Store {
 	return &Store{
 		services: map[ServiceName]*Service{},
-		bySource: map[string]map[ServiceName]struct{}{},
 		owners:   map[FrontendKey]ServiceName{},
 		nodes:    map[string][]*Node{},
 		synced:   map[string]bool{},
@@ -109,8 +106,10 @@ func (s *Store) Replace(source string, services []*Service) error {
 		return err
 	}
 	var deletes []ServiceName
-	for name := range s.bySource[source] {
-		if !seen[name] {
+	// Replace sees every service anyway: the source's are found among
+	// all rather than kept in an index of their own.
+	for name, svc := range s.services {
+		if svc.Source == source && !seen[name] {
 			deletes = append(deletes, name)
 		}
 	}
@@ -238,11 +237,6 @@ func (s *Store) update(source string, upserts []*Service, deletes []ServiceName,
 	if commit != nil {
 		commit()
 	}
-	names := s.bySource[source]
-	if names == nil {
-		names = map[ServiceName]struct{}{}
-		s.bySource[source] = names
-	}
 	release := func(name ServiceName) {
 		if old := s.services[name]; old != nil {
 			for _, f := range old.Frontends {
@@ -255,7 +249,6 @@ func (s *Store) update(source string, upserts []*Service, deletes []ServiceName,
 	for _, name := range gone {
 		release(name)
 		delete(s.services, name)
-		delete(names, name)
 	}
 	for _, svc := range upserts {
 		release(svc.Name)
@@ -263,7 +256,6 @@ func (s *Store) update(source string, upserts []*Service, deletes []ServiceName,
 	for _, svc := range upserts {
 		svc.Source = source
 		s.services[svc.Name] = svc
-		names[svc.Name] = struct{}{}
 		for _, f := range svc.Frontends {
 			s.owners[f.Key()] = svc.Name
 		}
