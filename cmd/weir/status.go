@@ -49,7 +49,7 @@ func runStatus(args []string, out io.Writer) error {
 	}
 	fmt.Fprintf(out, "node %s (pool %s): %s; modules %s\n", st.Node, pool, ready, strings.Join(st.Modules, ", "))
 	if s := st.Services; s != nil {
-		fmt.Fprintf(out, "services: version %d in the datapath (%d passes, %d full; %d service changes; %s of work, last pass %s)\n",
+		fmt.Fprintf(out, "services: version %d in the datapath (%d passes, %d full; %d service changes; %s of CPU, last pass %s)\n",
 			s.AppliedVersion, s.Passes, s.Full, s.Services, micros(s.WorkMicros), s.LastTook.Round(time.Microsecond))
 		if s.Error != "" {
 			fmt.Fprintf(out, "  last write failed: %s\n", s.Error)
@@ -66,7 +66,7 @@ func runStatus(args []string, out io.Writer) error {
 		if k.Synced {
 			synced = fmt.Sprintf("synced in %s", (time.Duration(k.SyncMillis) * time.Millisecond))
 		}
-		fmt.Fprintf(out, "kubernetes: %s; %d services; %d rounds, %d service changes, %s of work; %d refused\n",
+		fmt.Fprintf(out, "kubernetes: %s; %d services; %d rounds, %d service changes, %s of CPU; %d refused\n",
 			synced, k.Services, k.Rounds, k.Changed, micros(k.WorkMicros), k.Refused)
 		if k.LastError != "" {
 			fmt.Fprintf(out, "  last refusal: %s\n", k.LastError)

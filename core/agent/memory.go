@@ -17,7 +17,7 @@ import (
 // resident memory near what is live. Listing tens of thousands of objects
 // at start runs with Go's default (100), which is faster while most of
 // what is allocated is garbage.
-const settledGCPercent = 25
+const settledGCPercent = 50
 
 // settleMemory waits until every source synced and the service maps hold
 // their first full state, then hands the start's garbage back to the

@@ -84,8 +84,8 @@ type Status struct {
 }
 
 // KubeStatus is what the Kubernetes source did: whether and how fast its
-// caches synced, the rounds of changes it handed on and their time, and
-// the services the datapath refused (full maps).
+// caches synced, the rounds of changes it handed on and the CPU time they
+// took, and the services the datapath refused (full maps).
 type KubeStatus struct {
 	Synced     bool   `json:"synced"`
 	SyncMillis int64  `json:"syncMillis"`

@@ -368,7 +368,7 @@ func (s *Source) Watch(ctx context.Context) {
 		case ev := <-events:
 			if filepath.Base(ev.Name) == base || filepath.Base(ev.Name) == "..data" {
 				// Let a burst of writes settle before reading.
-				debounce = time.After(100 * time.Millisecond)
+				debounce = time.After(20 * time.Millisecond)
 			}
 		case err := <-errs:
 			s.log.Warn("watching services file", "err", err)

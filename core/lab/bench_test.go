@@ -3,6 +3,8 @@ package lab
 import (
 	"bufio"
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -370,6 +372,84 @@ func BenchmarkKubeScale(b *testing.B) {
 			b.Logf("%d services x %d endpoints: restart to written %s (caches synced in %s); agent work per change %s (source %s, reconciler %s), change to datapath p50 %s; create to first connection p50 %s (API answered both creates after %s, a watch saw the slice after %s, the datapath had it %s later); RSS %.1f MiB, heap %.1f MiB, BPF maps %.1f MiB",
 				size, endpoints, f.restart.Round(time.Millisecond), f.sync, f.source+f.reconcile, f.source, f.reconcile, f.changeLat.Round(time.Microsecond), f.toConn.Round(time.Microsecond), f.api.Round(time.Microsecond), f.seen.Round(time.Microsecond), f.programmed.Round(time.Microsecond),
 				mib(f.rss), mib(f.heap), mib(f.bpf))
+		})
+	}
+}
+
+// BenchmarkFileScale: a standalone node applies services files of 10,000
+// services (3 and 10 endpoints each) and of 100,000 services of 10
+// endpoints, each replacing the previous one (so every service changes).
+// The clock runs from the file's rename to the agent reporting it applied
+// and written to the datapath; the figures beside are the agent's memory
+// after it, and an empty file's apply as the baseline.
+func BenchmarkFileScale(b *testing.B) {
+	spec := &Spec{Name: newLabName(), AgentConfig: "", Nodes: []NodeSpec{{Name: "n1", PodCIDR: "10.244.1.0/24"}}}
+	cfg := filepath.Join(b.TempDir(), "agent.yaml")
+	if err := os.WriteFile(cfg, []byte(scaleConfig), 0o600); err != nil {
+		b.Fatal(err)
+	}
+	spec.AgentConfig = cfg
+	l := up(b, spec)
+	n := l.Nodes[0]
+	nodes := fmt.Sprintf("nodes:\n  - name: n1\n    ip: %s\n    podCIDRs: [%s]\n", n.IP, n.PodCIDR)
+	apply := func(services, endpoints int) time.Duration {
+		var sb strings.Builder
+		sb.WriteString("services:\n")
+		if services == 0 {
+			sb.Reset()
+			sb.WriteString("services: []\n")
+		}
+		for i := range services {
+			fmt.Fprintf(&sb, "  - name: s%d\n    clusterIP: 10.%d.%d.%d\n    ports:\n      - port: 80\n        targetPort: 8080\n    backends:\n",
+				i, 96+i/62500, i/250%250, 1+i%250)
+			for j := range endpoints {
+				k := i*endpoints + j + endpoints // +endpoints: each file's backends differ from the last's
+				fmt.Fprintf(&sb, "      - ip: 10.%d.%d.%d\n", 128+k/62500, k/250%250, 1+k%250)
+			}
+		}
+		sb.WriteString(nodes)
+		data := []byte(sb.String())
+		sum := sha256.Sum256(data)
+		want := hex.EncodeToString(sum[:])
+		tmp := n.ServicesFile + ".tmp"
+		if err := os.WriteFile(tmp, data, 0o600); err != nil {
+			b.Fatal(err)
+		}
+		start := time.Now()
+		if err := os.Rename(tmp, n.ServicesFile); err != nil {
+			b.Fatal(err)
+		}
+		for {
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			st, err := n.Client().Status(ctx)
+			cancel()
+			if err == nil && st.File != nil && st.File.Applied == want && st.Services != nil && st.Services.AppliedVersion >= st.File.Version {
+				return time.Since(start)
+			}
+			if err == nil && st.File != nil && st.File.Rejected == want {
+				b.Fatalf("file of %d services refused: %s", services, st.File.Error)
+			}
+			if time.Since(start) > 10*time.Minute {
+				b.Fatalf("file of %d services not applied: %+v %v", services, st, err)
+			}
+			time.Sleep(2 * time.Millisecond)
+		}
+	}
+	base := apply(0, 0)
+	for _, c := range []struct{ services, endpoints int }{{10000, 3}, {10000, 10}, {100000, 10}} {
+		b.Run(fmt.Sprintf("services=%d/endpoints=%d", c.services, c.endpoints), func(b *testing.B) {
+			took := apply(c.services, c.endpoints)
+			time.Sleep(2 * time.Second) // let the agent settle before reading its memory
+			rss, heap := agentMemory(b, n)
+			bpf := bpfMapBytes(b, n.AgentPID)
+			mib := func(v uint64) float64 { return float64(v) / (1 << 20) }
+			b.ReportMetric(float64(took.Milliseconds()), "ms-file-to-datapath")
+			b.ReportMetric(float64(base.Milliseconds()), "ms-empty-file(baseline)")
+			b.ReportMetric(mib(rss), "MiB-rss")
+			b.ReportMetric(mib(heap), "MiB-heap")
+			b.ReportMetric(mib(bpf), "MiB-bpf-maps")
+			b.Logf("%d services x %d endpoints: file to datapath %s (an empty file: %s); RSS %.1f MiB, heap %.1f MiB, BPF maps %.1f MiB",
+				c.services, c.endpoints, took.Round(time.Millisecond), base.Round(time.Millisecond), mib(rss), mib(heap), mib(bpf))
 		})
 	}
 }

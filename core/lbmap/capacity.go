@@ -103,7 +103,7 @@ func (a *Admission) Admit(changes []model.Change) (func(), error) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	dEntries, dRevNAT := 0, 0
-	dBackends := map[backendKey]int{}
+	dBackends := make(map[backendKey]int, 4*len(changes))
 	reserve := 0
 	for _, c := range changes {
 		var dropped map[backendKey]bool
@@ -237,7 +237,8 @@ type Status struct {
 	// Error is why the last apply failed ("" when it did not).
 	Error string `json:"error,omitempty"`
 	// Passes counts applies, Full the full passes among them, Services
-	// the services they changed, and WorkMicros their time in all.
+	// the services they changed, and WorkMicros the CPU time they took in
+	// all.
 	Passes     uint64 `json:"passes"`
 	Full       uint64 `json:"fullPasses"`
 	Services   uint64 `json:"servicesChanged"`
@@ -247,8 +248,9 @@ type Status struct {
 	Maps     []MapFill     `json:"maps"`
 }
 
-// record counts a finished pass.
-func (r *Reconciler) record(p *plan, took time.Duration) {
+// record counts a finished pass: took is its wall time, work its CPU
+// time.
+func (r *Reconciler) record(p *plan, took, work time.Duration) {
 	fill := func(m Map, name string, n int) MapFill {
 		f := MapFill{Name: name, Entries: n}
 		if m != nil {
@@ -271,7 +273,7 @@ func (r *Reconciler) record(p *plan, took time.Duration) {
 		r.status.Full++
 	}
 	r.status.Services += uint64(len(p.changed))
-	r.status.WorkMicros += uint64(took.Microseconds())
+	r.status.WorkMicros += uint64(work.Microseconds())
 	r.status.LastTook = took
 	r.status.Maps = maps
 }

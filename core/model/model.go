@@ -187,15 +187,14 @@ func (s *Service) Validate() error {
 	if s.Name.Name == "" {
 		return fmt.Errorf("service has no name")
 	}
-	seen := map[FrontendKey]bool{}
 	for i, f := range s.Frontends {
 		if err := f.validate(); err != nil {
 			return fmt.Errorf("service %s: frontend %d: %w", s.Name, i, err)
 		}
-		if seen[f.Key()] {
+		// A service has a few frontends: earlier ones are looked through.
+		if slices.ContainsFunc(s.Frontends[:i], func(o Frontend) bool { return o.Key() == f.Key() }) {
 			return fmt.Errorf("service %s: frontend %s is listed twice", s.Name, f.Key())
 		}
-		seen[f.Key()] = true
 	}
 	return nil
 }
@@ -215,8 +214,14 @@ func (f *Frontend) validate() error {
 	default:
 		return fmt.Errorf("%s: unknown frontend type %d", f.Addr, f.Type)
 	}
-	seen := map[netip.AddrPort]bool{}
-	for _, b := range f.Backends {
+	// Backends sorted by address (as the sources give them) are checked
+	// for duplicates against the previous one; others through a set.
+	sorted := slices.IsSortedFunc(f.Backends, func(a, b Backend) int { return a.Addr.Compare(b.Addr) })
+	var seen map[netip.AddrPort]bool
+	if !sorted {
+		seen = make(map[netip.AddrPort]bool, len(f.Backends))
+	}
+	for i, b := range f.Backends {
 		a := b.Addr.Addr()
 		if !a.Is4() {
 			return fmt.Errorf("%s: backend address %s is not IPv4", f.Addr, a)
@@ -227,10 +232,15 @@ func (f *Frontend) validate() error {
 		if b.Addr.Port() == 0 {
 			return fmt.Errorf("%s: backend %s: port 0 is not allowed (1-65535)", f.Addr, a)
 		}
-		if seen[b.Addr] {
+		dup := seen[b.Addr]
+		if sorted {
+			dup = i > 0 && f.Backends[i-1].Addr == b.Addr
+		} else {
+			seen[b.Addr] = true
+		}
+		if dup {
 			return fmt.Errorf("%s: backend %s is listed twice", f.Addr, b.Addr)
 		}
-		seen[b.Addr] = true
 	}
 	return nil
 }

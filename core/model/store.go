@@ -190,7 +190,7 @@ func (s *Store) update(source string, upserts []*Service, deletes []ServiceName,
 			gone = append(gone, name)
 		}
 	}
-	claimed := map[FrontendKey]ServiceName{}
+	claimed := make(map[FrontendKey]ServiceName, len(upserts))
 	for _, svc := range upserts {
 		for _, f := range svc.Frontends {
 			k := f.Key()

@@ -19,6 +19,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 
 	"gopkg.in/yaml.v3"
 )
@@ -275,7 +276,13 @@ func (d *decoder) pairs(n *yaml.Node, path string, fn func(k, v *yaml.Node) erro
 	if err := d.expect(n, path, yaml.MappingNode); err != nil {
 		return err
 	}
-	seen := map[string]*yaml.Node{}
+	// Mappings are small but many (one per service, port and backend):
+	// earlier keys are looked through rather than put in a map, unless
+	// there are many.
+	var seen map[string]*yaml.Node
+	if len(n.Content) > 32 {
+		seen = map[string]*yaml.Node{}
+	}
 	for i := 0; i+1 < len(n.Content); i += 2 {
 		k, v := n.Content[i], n.Content[i+1]
 		if k.Kind != yaml.ScalarNode {
@@ -284,10 +291,21 @@ func (d *decoder) pairs(n *yaml.Node, path string, fn func(k, v *yaml.Node) erro
 		if k.ShortTag() == "!!merge" {
 			return d.fail(k, path, "merge keys (<<) are not supported; write the fields out")
 		}
-		if first, dup := seen[k.Value]; dup {
+		var first *yaml.Node
+		if seen != nil {
+			first = seen[k.Value]
+			seen[k.Value] = k
+		} else {
+			for j := 0; j < i; j += 2 {
+				if n.Content[j].Value == k.Value {
+					first = n.Content[j]
+					break
+				}
+			}
+		}
+		if first != nil {
 			return d.fail(k, path, "duplicate key %q (first at line %d)", k.Value, first.Line)
 		}
-		seen[k.Value] = k
 		if err := fn(k, v); err != nil {
 			return err
 		}
@@ -309,8 +327,27 @@ func (d *decoder) decodeStruct(n *yaml.Node, path string, v reflect.Value) error
 	})
 }
 
-// structFields maps yaml names to field indexes and lists the names sorted.
+// fieldsOf caches structFields by type: a file of ten thousand services
+// decodes the same few structs a hundred thousand times.
+var fieldsOf sync.Map // reflect.Type -> structInfo
+
+type structInfo struct {
+	fields map[string]int
+	names  []string
+}
+
+// structFields maps a struct's YAML keys to field indexes, and lists the
+// keys sorted. The results are shared: callers must not change them.
 func structFields(t reflect.Type) (map[string]int, []string) {
+	if si, ok := fieldsOf.Load(t); ok {
+		return si.(structInfo).fields, si.(structInfo).names
+	}
+	fields, names := computeFields(t)
+	fieldsOf.Store(t, structInfo{fields, names})
+	return fields, names
+}
+
+func computeFields(t reflect.Type) (map[string]int, []string) {
 	fields := map[string]int{}
 	var names []string
 	for i := range t.NumField() {
