@@ -326,8 +326,8 @@ func BenchmarkKubeScale(b *testing.B) {
 		sizes = slices.DeleteFunc(sizes, func(n int) bool { return n > limit })
 	}
 	type figures struct {
-		restart, sync, source, reconcile, changeLat, toConn, api, seen, programmed time.Duration
-		rss, heap, bpf                                                             uint64
+		restart, sync, source, reconcile, changeLat, toConn, api, apiAlone, seen, programmed time.Duration
+		rss, heap, bpf                                                                       uint64
 	}
 	var base figures
 	created, probes := 0, 0
@@ -344,7 +344,8 @@ func BenchmarkKubeScale(b *testing.B) {
 			waitServices(b, n, size, time.Minute)
 			f.source, f.reconcile, f.changeLat = changeCost(b, c, n, endpoints, 30, web.IP)
 			f.toConn, f.api, f.seen, f.programmed = createToConnection(b, c, n, client, 31000+probes, 10, web.IP)
-			probes += 10
+			f.apiAlone = apiCreateLatency(b, c, n, 31000+probes+10, 10, web.IP)
+			probes += 20
 			time.Sleep(2 * time.Second) // let the agent settle before reading its memory
 			f.rss, f.heap = agentMemory(b, n)
 			f.bpf = bpfMapBytes(b, n.AgentPID)
@@ -359,6 +360,8 @@ func BenchmarkKubeScale(b *testing.B) {
 			b.ReportMetric(float64(f.reconcile.Microseconds()), "us-reconciler-per-change")
 			b.ReportMetric(ms(f.changeLat), "ms-change-to-datapath-p50")
 			b.ReportMetric(ms(f.toConn), "ms-create-to-first-conn-p50")
+			b.ReportMetric(ms(f.api), "ms-api-creates-p50")
+			b.ReportMetric(ms(f.apiAlone), "ms-api-creates-agent-frozen-p50")
 			b.ReportMetric(ms(f.seen), "ms-create-to-watch-seen-p50(control-plane)")
 			b.ReportMetric(ms(f.programmed), "ms-watch-seen-to-datapath-p50")
 			b.ReportMetric(mib(f.rss), "MiB-rss")
@@ -366,11 +369,13 @@ func BenchmarkKubeScale(b *testing.B) {
 			b.ReportMetric(mib(f.bpf), "MiB-bpf-maps")
 			if size > 0 && base.toConn > 0 {
 				b.ReportMetric(float64(f.toConn)/float64(base.toConn), "ratio-create-to-conn-vs-0")
+				b.ReportMetric(float64(f.apiAlone)/float64(base.apiAlone), "ratio-api-creates-agent-frozen-vs-0")
+				b.ReportMetric(float64(f.toConn-f.api)/float64(max(base.toConn-base.api, time.Microsecond)), "ratio-api-answered-to-conn-vs-0")
 				b.ReportMetric(float64(f.programmed)/float64(max(base.programmed, time.Microsecond)), "ratio-watch-seen-to-datapath-vs-0")
 				b.ReportMetric(float64(f.source+f.reconcile)/float64(max(base.source+base.reconcile, time.Microsecond)), "ratio-work-per-change-vs-0")
 			}
-			b.Logf("%d services x %d endpoints: restart to written %s (caches synced in %s); agent work per change %s (source %s, reconciler %s), change to datapath p50 %s; create to first connection p50 %s (API answered both creates after %s, a watch saw the slice after %s, the datapath had it %s later); RSS %.1f MiB, heap %.1f MiB, BPF maps %.1f MiB",
-				size, endpoints, f.restart.Round(time.Millisecond), f.sync, f.source+f.reconcile, f.source, f.reconcile, f.changeLat.Round(time.Microsecond), f.toConn.Round(time.Microsecond), f.api.Round(time.Microsecond), f.seen.Round(time.Microsecond), f.programmed.Round(time.Microsecond),
+			b.Logf("%d services x %d endpoints: restart to written %s (caches synced in %s); agent work per change %s (source %s, reconciler %s), change to datapath p50 %s; create to first connection p50 %s (API answered both creates after %s, %s with the agent frozen; a watch saw the slice after %s, the datapath had it %s later); RSS %.1f MiB, heap %.1f MiB, BPF maps %.1f MiB",
+				size, endpoints, f.restart.Round(time.Millisecond), f.sync, f.source+f.reconcile, f.source, f.reconcile, f.changeLat.Round(time.Microsecond), f.toConn.Round(time.Microsecond), f.api.Round(time.Microsecond), f.apiAlone.Round(time.Microsecond), f.seen.Round(time.Microsecond), f.programmed.Round(time.Microsecond),
 				mib(f.rss), mib(f.heap), mib(f.bpf))
 		})
 	}

@@ -13,6 +13,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -378,6 +379,31 @@ func createToConnection(tb testing.TB, c kubernetes.Interface, n *Node, client *
 		}
 	}
 	return median(conns), median(apis), median(seens), median(progs)
+}
+
+// apiCreateLatency is the median time the API server takes to create a
+// Service and its slice while the node's agent is frozen (SIGSTOP), so
+// that whatever the agent costs the machine is not in the figure: the
+// API server's own share of create -> first connection.
+func apiCreateLatency(tb testing.TB, c kubernetes.Interface, n *Node, first, count int, backend string) time.Duration {
+	tb.Helper()
+	ctx := context.Background()
+	if err := syscall.Kill(n.AgentPID, syscall.SIGSTOP); err != nil {
+		tb.Fatal(err)
+	}
+	defer syscall.Kill(n.AgentPID, syscall.SIGCONT) //nolint:errcheck // the process exists: it was just stopped
+	var took []time.Duration
+	for i := first; i < first+count; i++ {
+		start := time.Now()
+		if _, err := c.CoreV1().Services(scaleNS).Create(ctx, scaleService(i), metav1.CreateOptions{}); err != nil {
+			tb.Fatal(err)
+		}
+		if _, err := c.DiscoveryV1().EndpointSlices(scaleNS).Create(ctx, scaleSlice(i, 1, 0, backend), metav1.CreateOptions{}); err != nil {
+			tb.Fatal(err)
+		}
+		took = append(took, time.Since(start))
+	}
+	return median(took)
 }
 
 // connects reports whether a TCP connection from the pod to addr opens
