@@ -37,6 +37,11 @@ func TestREADMEsFollowTheCode(t *testing.T) {
 					t.Errorf("section Slots does not name slot `%s` filled by `%s`", c.Slot, c.Program)
 				}
 			}
+			for _, c := range f.Cgroup {
+				if !strings.Contains(sections["Slots"], "`"+c.Hook+"`") || !strings.Contains(sections["Slots"], "`"+c.Program) {
+					t.Errorf("section Slots does not name cgroup hook `%s` taken by `%s`", c.Hook, c.Program)
+				}
+			}
 			for _, r := range f.Requires {
 				if !strings.Contains(sections["Slots"]+sections["What it does"], "`"+r+"`") {
 					t.Errorf("README does not say the module requires `%s`", r)

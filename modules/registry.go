@@ -7,6 +7,7 @@ import (
 	"github.com/weirnet/weir/modules/endpoints"
 	"github.com/weirnet/weir/modules/lb"
 	"github.com/weirnet/weir/modules/nativerouting"
+	"github.com/weirnet/weir/modules/socketlb"
 	"github.com/weirnet/weir/modules/tunnel"
 )
 
@@ -16,6 +17,7 @@ var Factories = []module.Factory{
 	lb.Factory,
 	tunnel.Factory,
 	nativerouting.Factory,
+	socketlb.Factory,
 }
 
 // Compile-time guards: each in-tree module satisfies the contract.
@@ -24,6 +26,7 @@ var (
 	_ module.Module = (*lb.Module)(nil)
 	_ module.Module = (*tunnel.Module)(nil)
 	_ module.Module = (*nativerouting.Module)(nil)
+	_ module.Module = (*socketlb.Module)(nil)
 )
 
 // Registry returns the catalog of in-tree modules.

@@ -42,7 +42,7 @@ func run(args []string) error {
 	fs.StringVar(&opts.StateDir, "state-dir", "/var/lib/weir", "directory for state that survives restarts")
 	fs.StringVar(&opts.ServicesFile, "services-file", "", "YAML file of services to serve (standalone mode), watched for changes")
 	fs.StringVar(&opts.APISocket, "api-socket", "/run/weir/agent.sock", "unix socket of the local API")
-	fs.StringVar(&opts.Cgroup, "cgroup", "", "cgroup v2 directory whose sockets this node's socket hooks see")
+	fs.StringVar(&opts.Cgroup, "cgroup", "", "cgroup v2 directory whose sockets this node's socket hooks see (default: the cgroup v2 root)")
 	fs.StringVar(&opts.Kubeconfig, "kubeconfig", "", "Kubernetes client configuration (default: in-cluster when available, else standalone)")
 	fs.BoolVar(&opts.Standalone, "standalone", false, "never use Kubernetes, even with an in-cluster configuration in the environment (services and nodes from --services-file)")
 	fs.StringVar(&opts.NodeIP, "node-ip", "", "the node's IPv4 address toward other nodes (default: the Node's InternalIP, else the uplink's)")

@@ -31,6 +31,7 @@ import (
 	"github.com/weirnet/weir/core/lbmap"
 	"github.com/weirnet/weir/core/model"
 	"github.com/weirnet/weir/core/module"
+	"github.com/weirnet/weir/core/mounts"
 	"github.com/weirnet/weir/core/node"
 	"github.com/weirnet/weir/core/slots"
 )
@@ -178,7 +179,13 @@ func New(opts Options, cat module.Catalog) (*Agent, error) {
 // newDatapath loads nothing until the agent starts: composing an agent
 // (fx.New) never touches the node.
 func newDatapath(lc fx.Lifecycle, info *node.Info, eff *config.Effective, log *slog.Logger) (*datapath.Datapath, error) {
-	dp, err := datapath.New(datapath.Options{PinDir: info.PinDir, MaxEntries: eff.Datapath.MaxEntries(), Logger: log})
+	cgroup := info.Cgroup
+	if cgroup == "" {
+		// Socket hooks default to every socket of the machine; only a
+		// module that claims one needs it, and says so if it is missing.
+		cgroup, _ = mounts.Cgroup2Root()
+	}
+	dp, err := datapath.New(datapath.Options{PinDir: info.PinDir, Cgroup: cgroup, MaxEntries: eff.Datapath.MaxEntries(), Logger: log})
 	if err != nil {
 		return nil, err
 	}
@@ -351,7 +358,11 @@ func compose(p composeParams) error {
 				for _, c := range p.Eff.Modules[i].Slots {
 					claims[c.Slot] = c.Program
 				}
-				objs = append(objs, datapath.Object{Module: m.Name(), Spec: spec, Slots: claims})
+				hooks := map[string]string{}
+				for _, c := range p.Eff.Modules[i].Cgroup {
+					hooks[c.Hook] = c.Program
+				}
+				objs = append(objs, datapath.Object{Module: m.Name(), Spec: spec, Slots: claims, Cgroup: hooks})
 			}
 			var err error
 			if inst, err = p.DP.Install(objs); err != nil {

@@ -227,6 +227,29 @@ const (
 	coreWeirScopeWEIR_SCOPE_INTERNAL coreWeirScope = 1
 )
 
+type coreWeirSockAffinityKey struct {
+	_           structs.HostLayout
+	NetnsCookie uint64
+	RevNat      uint32
+	Pad         uint32
+}
+
+type coreWeirSockRevEntry struct {
+	_           structs.HostLayout
+	BackendAddr uint32
+	SvcAddr     uint32
+	BackendPort uint16
+	SvcPort     uint16
+	RevNat      uint32
+}
+
+type coreWeirSockRevState struct {
+	_    structs.HostLayout
+	E    [4]coreWeirSockRevEntry
+	Next uint32
+	Pad  uint32
+}
+
 type coreWeirSvcKey struct {
 	_     structs.HostLayout
 	Addr  uint32
@@ -274,6 +297,8 @@ const (
 	coreMapWeirScratch           = "weir_scratch"
 	coreMapWeirServices          = "weir_services"
 	coreMapWeirSlotMask          = "weir_slot_mask"
+	coreMapWeirSockAffinity      = "weir_sock_affinity"
+	coreMapWeirSockRev           = "weir_sock_rev"
 	coreProgWeirNetdevIngress    = "weir_netdev_ingress"
 	coreProgWeirPodEgress        = "weir_pod_egress"
 	coreProgWeirPodIngress       = "weir_pod_ingress"
@@ -371,6 +396,8 @@ type coreMapSpecs struct {
 	WeirScratch      *ebpf.MapSpec `ebpf:"weir_scratch"`
 	WeirServices     *ebpf.MapSpec `ebpf:"weir_services"`
 	WeirSlotMask     *ebpf.MapSpec `ebpf:"weir_slot_mask"`
+	WeirSockAffinity *ebpf.MapSpec `ebpf:"weir_sock_affinity"`
+	WeirSockRev      *ebpf.MapSpec `ebpf:"weir_sock_rev"`
 }
 
 // coreVariableSpecs contains global variables before they are loaded into the kernel.
@@ -440,6 +467,8 @@ type coreMaps struct {
 	WeirScratch      *ebpf.Map `ebpf:"weir_scratch"`
 	WeirServices     *ebpf.Map `ebpf:"weir_services"`
 	WeirSlotMask     *ebpf.Map `ebpf:"weir_slot_mask"`
+	WeirSockAffinity *ebpf.Map `ebpf:"weir_sock_affinity"`
+	WeirSockRev      *ebpf.Map `ebpf:"weir_sock_rev"`
 }
 
 func (m *coreMaps) Close() error {
@@ -458,6 +487,8 @@ func (m *coreMaps) Close() error {
 		m.WeirScratch,
 		m.WeirServices,
 		m.WeirSlotMask,
+		m.WeirSockAffinity,
+		m.WeirSockRev,
 	)
 }
 

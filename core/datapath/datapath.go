@@ -37,6 +37,8 @@ const (
 	MapIPCache      = "weir_ipcache"
 	MapMetrics      = "weir_metrics"
 	MapEvents       = "weir_events"
+	MapSockRev      = "weir_sock_rev"
+	MapSockAffinity = "weir_sock_affinity"
 )
 
 // Options configure a node's datapath.
@@ -44,6 +46,9 @@ type Options struct {
 	// PinDir is the node's directory on bpffs; maps and links are pinned
 	// there. Required.
 	PinDir string
+	// Cgroup is the cgroup v2 directory whose sockets the socket hooks
+	// see; needed only when a module claims one.
+	Cgroup string
 	// CTMaxEntries sizes the conntrack map; 0 keeps the object's default.
 	CTMaxEntries uint32
 	// MaxEntries sizes other shared maps by name; absent ones keep the
@@ -441,7 +446,14 @@ func (d *Datapath) Attach(ifindex int, ifname string, h slots.Hook) error {
 func (d *Datapath) Detach(ifname string, h slots.Hook) error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	pin := d.linkPin(ifname, h)
+	if err := removeLink(d.linkPin(ifname, h)); err != nil {
+		return fmt.Errorf("%s link of %s: %w", h, ifname, err)
+	}
+	return nil
+}
+
+// removeLink unpins and detaches the link pinned at pin, if any.
+func removeLink(pin string) error {
 	l, err := link.LoadPinnedLink(pin, nil)
 	if errors.Is(err, os.ErrNotExist) {
 		return nil
@@ -451,7 +463,7 @@ func (d *Datapath) Detach(ifname string, h slots.Hook) error {
 	}
 	defer l.Close()
 	if err := l.Unpin(); err != nil {
-		return fmt.Errorf("unpinning %s link of %s: %w", h, ifname, err)
+		return fmt.Errorf("unpinning: %w", err)
 	}
 	// Detach now rather than when the last descriptor closes; a link whose
 	// device is already gone has nothing to detach.

@@ -17,6 +17,8 @@ type Object struct {
 	Spec   *ebpf.CollectionSpec
 	// Slots maps slot name to program name in Spec.
 	Slots map[string]string
+	// Cgroup maps socket hook name to program name in Spec.
+	Cgroup map[string]string
 }
 
 // Installation holds the loaded objects of one install; closing it releases
@@ -33,12 +35,26 @@ func (in *Installation) Close() {
 }
 
 // Install loads every object, and only when all of them passed the verifier
-// fills their slots and then empties every slot nobody claims. A failure
-// while loading leaves the running datapath exactly as it was; slots are
-// replaced one by one, each atomically, so packets always see either the
-// old or the new stage.
+// fills their slots and socket hooks and then empties every slot and hook
+// nobody claims. A failure while loading (or a cgroup that cannot take
+// socket hooks) leaves the running datapath exactly as it was; slots and
+// hooks are replaced one by one, each atomically, so packets and sockets
+// always see either the old or the new program.
 func (d *Datapath) Install(objs []Object) (*Installation, error) {
 	in := &Installation{Collections: map[string]*ebpf.Collection{}}
+	var cgroupID uint64
+	if slices.ContainsFunc(objs, func(o Object) bool { return len(o.Cgroup) > 0 }) {
+		id, err := CheckCgroup(d.opts.Cgroup)
+		if err != nil {
+			return nil, err
+		}
+		cgroupID = id
+	}
+	type hookFill struct {
+		hook slots.CgroupHook
+		prog *ebpf.Program
+	}
+	var hookFills []hookFill
 	type fill struct {
 		slot string
 		prog *ebpf.Program
@@ -69,6 +85,28 @@ func (d *Datapath) Install(objs []Object) (*Installation, error) {
 			}
 			fills = append(fills, fill{slot, prog})
 		}
+		for name, progName := range o.Cgroup {
+			h, ok := slots.LookupCgroupHook(name)
+			if !ok {
+				in.Close()
+				return nil, fmt.Errorf("module %s claims unknown cgroup hook %q", o.Module, name)
+			}
+			if owner, dup := claimed[name]; dup {
+				in.Close()
+				return nil, fmt.Errorf("modules %s and %s both claim cgroup hook %s", owner, o.Module, name)
+			}
+			claimed[name] = o.Module
+			prog := coll.Programs[progName]
+			if prog == nil {
+				in.Close()
+				return nil, fmt.Errorf("module %s: cgroup hook %s names program %q, which its object does not have", o.Module, name, progName)
+			}
+			if prog.Type() != h.Program {
+				in.Close()
+				return nil, fmt.Errorf("module %s: program %s is %s; %s takes %s programs", o.Module, progName, prog.Type(), name, h.Program)
+			}
+			hookFills = append(hookFills, hookFill{h, prog})
+		}
 	}
 	slices.SortFunc(fills, func(a, b fill) int {
 		sa, _ := slots.Lookup(a.slot)
@@ -88,6 +126,20 @@ func (d *Datapath) Install(objs []Object) (*Installation, error) {
 			}
 		}
 	}
+	d.mu.Lock()
+	for _, f := range hookFills {
+		if err := d.attachCgroup(f.hook, f.prog, cgroupID); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	for _, h := range slots.CgroupHooks() {
+		if _, ok := claimed[h.Name]; !ok {
+			if err := d.detachCgroup(h); err != nil {
+				errs = append(errs, err)
+			}
+		}
+	}
+	d.mu.Unlock()
 	if err := errors.Join(errs...); err != nil {
 		in.Close()
 		return nil, err

@@ -45,6 +45,13 @@ type (
 	Metric = coreWeirMetric
 	// Event is one weir_events record.
 	Event = coreWeirEvent
+	// SockRev is a socket's weir_sock_rev storage: the frontends socket
+	// LB translated on it.
+	SockRev = coreWeirSockRevState
+	// SockRevEntry is one frontend of a SockRev.
+	SockRevEntry = coreWeirSockRevEntry
+	// SockAffinityKey keys weir_sock_affinity.
+	SockAffinityKey = coreWeirSockAffinityKey
 )
 
 // Frontend types stored in ServiceValue.Type.

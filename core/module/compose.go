@@ -59,6 +59,12 @@ func Check(cat Catalog, where string, set []Enabled) ([]Factory, error) {
 			}
 			claimed[c.Slot] = f.Name
 		}
+		for _, c := range f.Cgroup {
+			if other, ok := claimed[c.Hook]; ok {
+				return nil, fmt.Errorf("%s: modules %q (%s) and %q (%s) both claim cgroup hook %s; enable only one", where, other, byName[other].Field, f.Name, byName[f.Name].Field, c.Hook)
+			}
+			claimed[c.Hook] = f.Name
+		}
 	}
 	return startOrder(facs), nil
 }

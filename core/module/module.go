@@ -22,6 +22,13 @@ type SlotClaim struct {
 	Program string
 }
 
+// CgroupClaim says that the module's program Program is attached to the
+// node's cgroup at the socket hook Hook ("cgroup/connect4", ...).
+type CgroupClaim struct {
+	Hook    string
+	Program string
+}
+
 // Settings is a module's typed configuration section. Implementations are
 // pointers to structs with yaml tags; Validate reports the first invalid
 // field by its yaml name (the caller prefixes the section path).
@@ -79,6 +86,8 @@ type Descriptor struct {
 	Requires []string
 	Excludes []string
 	Slots    []SlotClaim
+	// Cgroup are the socket hooks of the node's cgroup the module claims.
+	Cgroup []CgroupClaim
 	// NewSettings returns the module's settings with defaults filled in,
 	// or is nil when the module has no settings section.
 	NewSettings func() Settings
@@ -101,6 +110,19 @@ func (d Descriptor) Validate() error {
 		seen[c.Slot] = true
 		if c.Program == "" {
 			return fmt.Errorf("module %s claims slot %s without naming a program", d.Name, c.Slot)
+		}
+	}
+	hooks := map[string]bool{}
+	for _, c := range d.Cgroup {
+		if _, ok := slots.LookupCgroupHook(c.Hook); !ok {
+			return fmt.Errorf("module %s claims unknown cgroup hook %q; cgroup hooks: %s", d.Name, c.Hook, strings.Join(slots.CgroupHookNames(), ", "))
+		}
+		if hooks[c.Hook] {
+			return fmt.Errorf("module %s claims cgroup hook %s twice", d.Name, c.Hook)
+		}
+		hooks[c.Hook] = true
+		if c.Program == "" {
+			return fmt.Errorf("module %s claims cgroup hook %s without naming a program", d.Name, c.Hook)
 		}
 	}
 	if slices.Contains(d.Requires, d.Name) || slices.Contains(d.Excludes, d.Name) {

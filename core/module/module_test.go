@@ -71,6 +71,23 @@ func TestDescriptorValidate(t *testing.T) {
 			want: "module lb claims slot pod-egress/lb without naming a program",
 		},
 		{
+			name: "unknown cgroup hook",
+			d:    module.Descriptor{Name: "socketlb", Cgroup: []module.CgroupClaim{{Hook: "cgroup/connect6", Program: "sock_connect6"}}},
+			want: `module socketlb claims unknown cgroup hook "cgroup/connect6"; cgroup hooks: ` + strings.Join(slots.CgroupHookNames(), ", "),
+		},
+		{
+			name: "cgroup hook claimed twice",
+			d: module.Descriptor{Name: "socketlb", Cgroup: []module.CgroupClaim{
+				{Hook: "cgroup/connect4", Program: "a"}, {Hook: "cgroup/connect4", Program: "b"},
+			}},
+			want: "module socketlb claims cgroup hook cgroup/connect4 twice",
+		},
+		{
+			name: "cgroup claim without program",
+			d:    module.Descriptor{Name: "socketlb", Cgroup: []module.CgroupClaim{{Hook: "cgroup/sendmsg4"}}},
+			want: "module socketlb claims cgroup hook cgroup/sendmsg4 without naming a program",
+		},
+		{
 			name: "requires itself",
 			d:    module.Descriptor{Name: "lb", Requires: []string{"endpoints", "lb"}},
 			want: "module lb requires or excludes itself",
@@ -149,6 +166,10 @@ func catalog(t *testing.T) *module.Registry {
 		factory(module.Descriptor{Name: "tunnel", Requires: []string{"endpoints"}, Slots: []module.SlotClaim{claim("pod-egress/forward", "tunnel_fwd")}}),
 		factory(module.Descriptor{Name: "firewall", Excludes: []string{"bypass"}}),
 		factory(module.Descriptor{Name: "bypass"}),
+		factory(module.Descriptor{Name: "socketlb", Cgroup: []module.CgroupClaim{{Hook: "cgroup/connect4", Program: "sock4_connect"}}}),
+		factory(module.Descriptor{Name: "sockfilter", Cgroup: []module.CgroupClaim{
+			{Hook: "cgroup/post_bind4", Program: "bind_check"}, {Hook: "cgroup/connect4", Program: "connect_check"},
+		}}),
 	)
 	if err != nil {
 		t.Fatal(err)
@@ -185,7 +206,7 @@ func TestCheckErrors(t *testing.T) {
 			name:  "unknown module",
 			where: "modules",
 			set:   enable("endpoints", "lb", "loadbalancer"),
-			want:  `modules[2]: unknown module "loadbalancer"; known modules: bypass, endpoints, firewall, lb, native, tunnel`,
+			want:  `modules[2]: unknown module "loadbalancer"; known modules: bypass, endpoints, firewall, lb, native, socketlb, sockfilter, tunnel`,
 		},
 		{
 			name:  "module enabled twice",
@@ -233,6 +254,12 @@ func TestCheckErrors(t *testing.T) {
 			where: `nodePools[0] ("gpu")`,
 			set:   enable("native", "endpoints", "tunnel"),
 			want:  `nodePools[0] ("gpu"): modules "native" (modules[0]) and "tunnel" (modules[2]) both claim slot pod-egress/forward (forwarding mode); enable only one`,
+		},
+		{
+			name:  "two modules claim one cgroup hook",
+			where: "modules",
+			set:   enable("socketlb", "endpoints", "sockfilter"),
+			want:  `modules: modules "socketlb" (modules[0]) and "sockfilter" (modules[2]) both claim cgroup hook cgroup/connect4; enable only one`,
 		},
 	}
 	for _, tc := range cases {

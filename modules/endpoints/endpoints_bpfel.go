@@ -30,6 +30,8 @@ const (
 	endpointsMapWeirScratch        = "weir_scratch"
 	endpointsMapWeirServices       = "weir_services"
 	endpointsMapWeirSlotMask       = "weir_slot_mask"
+	endpointsMapWeirSockAffinity   = "weir_sock_affinity"
+	endpointsMapWeirSockRev        = "weir_sock_rev"
 	endpointsProgEndpointsArp      = "endpoints_arp"
 	endpointsProgEndpointsDeliver  = "endpoints_deliver"
 	endpointsProgEndpointsLocal    = "endpoints_local"
@@ -103,6 +105,8 @@ type endpointsMapSpecs struct {
 	WeirScratch      *ebpf.MapSpec `ebpf:"weir_scratch"`
 	WeirServices     *ebpf.MapSpec `ebpf:"weir_services"`
 	WeirSlotMask     *ebpf.MapSpec `ebpf:"weir_slot_mask"`
+	WeirSockAffinity *ebpf.MapSpec `ebpf:"weir_sock_affinity"`
+	WeirSockRev      *ebpf.MapSpec `ebpf:"weir_sock_rev"`
 }
 
 // endpointsVariableSpecs contains global variables before they are loaded into the kernel.
@@ -148,6 +152,8 @@ type endpointsMaps struct {
 	WeirScratch      *ebpf.Map `ebpf:"weir_scratch"`
 	WeirServices     *ebpf.Map `ebpf:"weir_services"`
 	WeirSlotMask     *ebpf.Map `ebpf:"weir_slot_mask"`
+	WeirSockAffinity *ebpf.Map `ebpf:"weir_sock_affinity"`
+	WeirSockRev      *ebpf.Map `ebpf:"weir_sock_rev"`
 }
 
 func (m *endpointsMaps) Close() error {
@@ -166,6 +172,8 @@ func (m *endpointsMaps) Close() error {
 		m.WeirScratch,
 		m.WeirServices,
 		m.WeirSlotMask,
+		m.WeirSockAffinity,
+		m.WeirSockRev,
 	)
 }
 

@@ -30,6 +30,8 @@ const (
 	lbMapWeirScratch      = "weir_scratch"
 	lbMapWeirServices     = "weir_services"
 	lbMapWeirSlotMask     = "weir_slot_mask"
+	lbMapWeirSockAffinity = "weir_sock_affinity"
+	lbMapWeirSockRev      = "weir_sock_rev"
 	lbProgLbPodEgress     = "lb_pod_egress"
 	lbProgLbPodIngress    = "lb_pod_ingress"
 	lbVarWeirHookFirst    = "weir_hook_first"
@@ -100,6 +102,8 @@ type lbMapSpecs struct {
 	WeirScratch      *ebpf.MapSpec `ebpf:"weir_scratch"`
 	WeirServices     *ebpf.MapSpec `ebpf:"weir_services"`
 	WeirSlotMask     *ebpf.MapSpec `ebpf:"weir_slot_mask"`
+	WeirSockAffinity *ebpf.MapSpec `ebpf:"weir_sock_affinity"`
+	WeirSockRev      *ebpf.MapSpec `ebpf:"weir_sock_rev"`
 }
 
 // lbVariableSpecs contains global variables before they are loaded into the kernel.
@@ -144,6 +148,8 @@ type lbMaps struct {
 	WeirScratch      *ebpf.Map `ebpf:"weir_scratch"`
 	WeirServices     *ebpf.Map `ebpf:"weir_services"`
 	WeirSlotMask     *ebpf.Map `ebpf:"weir_slot_mask"`
+	WeirSockAffinity *ebpf.Map `ebpf:"weir_sock_affinity"`
+	WeirSockRev      *ebpf.Map `ebpf:"weir_sock_rev"`
 }
 
 func (m *lbMaps) Close() error {
@@ -162,6 +168,8 @@ func (m *lbMaps) Close() error {
 		m.WeirScratch,
 		m.WeirServices,
 		m.WeirSlotMask,
+		m.WeirSockAffinity,
+		m.WeirSockRev,
 	)
 }
 

@@ -30,6 +30,8 @@ const (
 	nativeroutingMapWeirScratch           = "weir_scratch"
 	nativeroutingMapWeirServices          = "weir_services"
 	nativeroutingMapWeirSlotMask          = "weir_slot_mask"
+	nativeroutingMapWeirSockAffinity      = "weir_sock_affinity"
+	nativeroutingMapWeirSockRev           = "weir_sock_rev"
 	nativeroutingProgNativeroutingForward = "nativerouting_forward"
 	nativeroutingVarWeirHookFirst         = "weir_hook_first"
 	nativeroutingVarWeirHookLast          = "weir_hook_last"
@@ -98,6 +100,8 @@ type nativeroutingMapSpecs struct {
 	WeirScratch      *ebpf.MapSpec `ebpf:"weir_scratch"`
 	WeirServices     *ebpf.MapSpec `ebpf:"weir_services"`
 	WeirSlotMask     *ebpf.MapSpec `ebpf:"weir_slot_mask"`
+	WeirSockAffinity *ebpf.MapSpec `ebpf:"weir_sock_affinity"`
+	WeirSockRev      *ebpf.MapSpec `ebpf:"weir_sock_rev"`
 }
 
 // nativeroutingVariableSpecs contains global variables before they are loaded into the kernel.
@@ -142,6 +146,8 @@ type nativeroutingMaps struct {
 	WeirScratch      *ebpf.Map `ebpf:"weir_scratch"`
 	WeirServices     *ebpf.Map `ebpf:"weir_services"`
 	WeirSlotMask     *ebpf.Map `ebpf:"weir_slot_mask"`
+	WeirSockAffinity *ebpf.Map `ebpf:"weir_sock_affinity"`
+	WeirSockRev      *ebpf.Map `ebpf:"weir_sock_rev"`
 }
 
 func (m *nativeroutingMaps) Close() error {
@@ -160,6 +166,8 @@ func (m *nativeroutingMaps) Close() error {
 		m.WeirScratch,
 		m.WeirServices,
 		m.WeirSlotMask,
+		m.WeirSockAffinity,
+		m.WeirSockRev,
 	)
 }
 

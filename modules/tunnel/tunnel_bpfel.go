@@ -30,6 +30,8 @@ const (
 	tunnelMapWeirScratch      = "weir_scratch"
 	tunnelMapWeirServices     = "weir_services"
 	tunnelMapWeirSlotMask     = "weir_slot_mask"
+	tunnelMapWeirSockAffinity = "weir_sock_affinity"
+	tunnelMapWeirSockRev      = "weir_sock_rev"
 	tunnelProgTunnelDecap     = "tunnel_decap"
 	tunnelProgTunnelForward   = "tunnel_forward"
 	tunnelVarTunnelGeneve     = "tunnel_geneve"
@@ -105,6 +107,8 @@ type tunnelMapSpecs struct {
 	WeirScratch      *ebpf.MapSpec `ebpf:"weir_scratch"`
 	WeirServices     *ebpf.MapSpec `ebpf:"weir_services"`
 	WeirSlotMask     *ebpf.MapSpec `ebpf:"weir_slot_mask"`
+	WeirSockAffinity *ebpf.MapSpec `ebpf:"weir_sock_affinity"`
+	WeirSockRev      *ebpf.MapSpec `ebpf:"weir_sock_rev"`
 }
 
 // tunnelVariableSpecs contains global variables before they are loaded into the kernel.
@@ -154,6 +158,8 @@ type tunnelMaps struct {
 	WeirScratch      *ebpf.Map `ebpf:"weir_scratch"`
 	WeirServices     *ebpf.Map `ebpf:"weir_services"`
 	WeirSlotMask     *ebpf.Map `ebpf:"weir_slot_mask"`
+	WeirSockAffinity *ebpf.Map `ebpf:"weir_sock_affinity"`
+	WeirSockRev      *ebpf.Map `ebpf:"weir_sock_rev"`
 }
 
 func (m *tunnelMaps) Close() error {
@@ -172,6 +178,8 @@ func (m *tunnelMaps) Close() error {
 		m.WeirScratch,
 		m.WeirServices,
 		m.WeirSlotMask,
+		m.WeirSockAffinity,
+		m.WeirSockRev,
 	)
 }
 

@@ -25,23 +25,47 @@ WEIR_INLINE struct weir_svc_val *weir_lb_lookup(struct weir_svc_key *key, __be32
 	return svc;
 }
 
-/* Picks a backend of the frontend in key (as left by weir_lb_lookup) with
- * uniform random choice over its slots. Returns the backend or NULL when the
- * frontend has none. */
-WEIR_INLINE struct weir_backend *weir_lb_pick(struct weir_svc_key *key, const struct weir_svc_val *svc,
-					      __u32 *backend_id)
+/* Picks the backend of the frontend in key (as left by weir_lb_lookup) in
+ * slot hash % count. Returns the backend or NULL when the frontend has
+ * none. */
+WEIR_INLINE struct weir_backend *weir_lb_pick_by(struct weir_svc_key *key, const struct weir_svc_val *svc, __u32 hash,
+						 __u32 *backend_id)
 {
 	struct weir_svc_key slot_key = *key;
 	struct weir_svc_val *slot;
 
 	if (svc->count == 0)
 		return NULL;
-	slot_key.slot = (bpf_get_prandom_u32() % svc->count) + 1;
+	slot_key.slot = (hash % svc->count) + 1;
 	slot = bpf_map_lookup_elem(&weir_services, &slot_key);
 	if (!slot)
 		return NULL;
 	*backend_id = slot->backend_id;
 	return bpf_map_lookup_elem(&weir_backends, backend_id);
+}
+
+/* Picks a backend with uniform random choice over the frontend's slots. */
+WEIR_INLINE struct weir_backend *weir_lb_pick(struct weir_svc_key *key, const struct weir_svc_val *svc,
+					      __u32 *backend_id)
+{
+	return weir_lb_pick_by(key, svc, bpf_get_prandom_u32(), backend_id);
+}
+
+/* Whether an affinity record still holds: recent enough and its backend
+ * still active. Returns the backend or NULL. */
+WEIR_INLINE struct weir_backend *weir_lb_affinity_check(const struct weir_svc_val *svc,
+							 const struct weir_affinity_entry *a, __u32 now,
+							 __u32 *backend_id)
+{
+	struct weir_backend *be;
+
+	if (!a || now - a->last_used > svc->affinity_timeout)
+		return NULL;
+	be = bpf_map_lookup_elem(&weir_backends, &a->backend_id);
+	if (!be || be->state != WEIR_BACKEND_ACTIVE)
+		return NULL;
+	*backend_id = a->backend_id;
+	return be;
 }
 
 /* Session affinity (sessionAffinity: ClientIP): a new flow of a client
@@ -51,19 +75,10 @@ WEIR_INLINE struct weir_backend *weir_lb_affinity(const struct weir_svc_val *svc
 						  __u32 *backend_id)
 {
 	struct weir_affinity_key key = {.client = client, .rev_nat = svc->rev_nat};
-	struct weir_affinity_entry *a;
-	struct weir_backend *be;
 
 	if (!(svc->flags2 & WEIR_SVC_F2_AFFINITY))
 		return NULL;
-	a = bpf_map_lookup_elem(&weir_affinity, &key);
-	if (!a || now - a->last_used > svc->affinity_timeout)
-		return NULL;
-	be = bpf_map_lookup_elem(&weir_backends, &a->backend_id);
-	if (!be || be->state != WEIR_BACKEND_ACTIVE)
-		return NULL;
-	*backend_id = a->backend_id;
-	return be;
+	return weir_lb_affinity_check(svc, bpf_map_lookup_elem(&weir_affinity, &key), now, backend_id);
 }
 
 /* Remembers the backend a client got, for session affinity. */

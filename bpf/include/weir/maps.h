@@ -274,6 +274,36 @@ struct weir_affinity_entry {
 	__u32 last_used; /* boot-clock seconds */
 };
 
+/* weir_sock_rev: socket-local storage of the translations socket LB made
+ * on one socket, so recvmsg and getpeername answer with the service
+ * address. The kernel frees it with the socket: nothing to collect and
+ * nothing to leak. A socket keeps its last WEIR_SOCK_REV_SLOTS services
+ * (one backend each: UDP picks by socket cookie). */
+#define WEIR_SOCK_REV_SLOTS 4
+
+struct weir_sock_rev_entry {
+	__be32 backend_addr;
+	__be32 svc_addr;
+	__be16 backend_port;
+	__be16 svc_port;
+	__u32 rev_nat; /* the frontend, 0 for an empty slot */
+};
+
+struct weir_sock_rev_state {
+	struct weir_sock_rev_entry e[WEIR_SOCK_REV_SLOTS];
+	__u32 next; /* the slot the next new service takes */
+	__u32 pad;
+};
+
+/* weir_sock_affinity: sessionAffinity for socket LB. A socket's source
+ * address is not known at connect, so the client is its network
+ * namespace (a pod; the node): the backend it last got from a frontend. */
+struct weir_sock_affinity_key {
+	__u64 netns_cookie;
+	__u32 rev_nat;
+	__u32 pad;
+};
+
 /* weir_metrics: per-CPU counters, index = hook * WEIR_REASON_MAX + reason. */
 struct weir_metric {
 	__u64 packets;
@@ -394,6 +424,22 @@ struct {
 	__type(value, struct weir_affinity_entry);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } weir_affinity SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, struct weir_sock_rev_state);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} weir_sock_rev SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct weir_sock_affinity_key);
+	__type(value, struct weir_affinity_entry);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} weir_sock_affinity SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);

@@ -30,6 +30,8 @@ const (
 	stagesMapWeirScratch        = "weir_scratch"
 	stagesMapWeirServices       = "weir_services"
 	stagesMapWeirSlotMask       = "weir_slot_mask"
+	stagesMapWeirSockAffinity   = "weir_sock_affinity"
+	stagesMapWeirSockRev        = "weir_sock_rev"
 	stagesProgStagePass         = "stage_pass"
 	stagesProgStageReenter      = "stage_reenter"
 	stagesProgStageToPodIngress = "stage_to_pod_ingress"
@@ -102,6 +104,8 @@ type stagesMapSpecs struct {
 	WeirScratch      *ebpf.MapSpec `ebpf:"weir_scratch"`
 	WeirServices     *ebpf.MapSpec `ebpf:"weir_services"`
 	WeirSlotMask     *ebpf.MapSpec `ebpf:"weir_slot_mask"`
+	WeirSockAffinity *ebpf.MapSpec `ebpf:"weir_sock_affinity"`
+	WeirSockRev      *ebpf.MapSpec `ebpf:"weir_sock_rev"`
 }
 
 // stagesVariableSpecs contains global variables before they are loaded into the kernel.
@@ -146,6 +150,8 @@ type stagesMaps struct {
 	WeirScratch      *ebpf.Map `ebpf:"weir_scratch"`
 	WeirServices     *ebpf.Map `ebpf:"weir_services"`
 	WeirSlotMask     *ebpf.Map `ebpf:"weir_slot_mask"`
+	WeirSockAffinity *ebpf.Map `ebpf:"weir_sock_affinity"`
+	WeirSockRev      *ebpf.Map `ebpf:"weir_sock_rev"`
 }
 
 func (m *stagesMaps) Close() error {
@@ -164,6 +170,8 @@ func (m *stagesMaps) Close() error {
 		m.WeirScratch,
 		m.WeirServices,
 		m.WeirSlotMask,
+		m.WeirSockAffinity,
+		m.WeirSockRev,
 	)
 }
 

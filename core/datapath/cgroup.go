@@ -1,0 +1,123 @@
+package datapath
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"syscall"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
+	"golang.org/x/sys/unix"
+
+	"github.com/weirnet/weir/core/slots"
+)
+
+// CheckCgroup says whether path is a directory of a cgroup v2 hierarchy,
+// the only place socket programs attach. It returns the cgroup's id (the
+// directory's inode), which is how the kernel names it in link info.
+func CheckCgroup(path string) (uint64, error) {
+	if path == "" {
+		return 0, errors.New("no cgroup given: socket hooks attach to a cgroup v2 directory (--cgroup)")
+	}
+	var fs unix.Statfs_t
+	if err := unix.Statfs(path, &fs); err != nil {
+		return 0, fmt.Errorf("cgroup %s: %w", path, err)
+	}
+	if fs.Type != unix.CGROUP2_SUPER_MAGIC {
+		return 0, fmt.Errorf("cgroup %s is not on a cgroup v2 file system (type %#x): socket hooks need cgroup v2", path, fs.Type)
+	}
+	var st unix.Stat_t
+	if err := unix.Stat(path, &st); err != nil {
+		return 0, fmt.Errorf("cgroup %s: %w", path, err)
+	}
+	if st.Mode&syscall.S_IFMT != syscall.S_IFDIR {
+		return 0, fmt.Errorf("cgroup %s is not a directory", path)
+	}
+	return st.Ino, nil
+}
+
+// cgroupPin is where the link of a socket hook is pinned.
+func (d *Datapath) cgroupPin(h slots.CgroupHook) string {
+	return filepath.Join(d.opts.PinDir, "links", strings.ReplaceAll(h.Name, "/", "_"))
+}
+
+// attachCgroup runs prog at the socket hook of the node's cgroup through a
+// pinned link. A live pinned link on the same cgroup is moved to prog in
+// one step, so sockets never meet a moment without the hook (an agent
+// restart or upgrade); a link left on another cgroup is replaced.
+func (d *Datapath) attachCgroup(h slots.CgroupHook, prog *ebpf.Program, cgroupID uint64) error {
+	pin := d.cgroupPin(h)
+	if l, err := link.LoadPinnedLink(pin, nil); err == nil {
+		alive := false
+		if info, ierr := l.Info(); ierr == nil {
+			if cg := info.Cgroup(); cg != nil && cg.CgroupId == cgroupID && ebpf.AttachType(cg.AttachType) == h.Attach {
+				alive = true
+			}
+		}
+		if alive {
+			err := l.Update(prog)
+			l.Close()
+			if err != nil {
+				return fmt.Errorf("updating the program at %s: %w", h.Name, err)
+			}
+			return nil
+		}
+		_ = l.Unpin()
+		_ = l.Detach()
+		l.Close()
+	} else if !errors.Is(err, os.ErrNotExist) {
+		_ = os.Remove(pin)
+	}
+	l, err := link.AttachCgroup(link.CgroupOptions{Path: d.opts.Cgroup, Attach: h.Attach, Program: prog})
+	if err != nil {
+		return fmt.Errorf("attaching %s to cgroup %s: %w", h.Name, d.opts.Cgroup, err)
+	}
+	defer l.Close()
+	if err := l.Pin(pin); err != nil {
+		_ = l.Detach()
+		return fmt.Errorf("pinning the link of %s: %w", h.Name, err)
+	}
+	return nil
+}
+
+// detachCgroup removes whatever program runs at the socket hook.
+func (d *Datapath) detachCgroup(h slots.CgroupHook) error {
+	if err := removeLink(d.cgroupPin(h)); err != nil {
+		return fmt.Errorf("the link of %s: %w", h.Name, err)
+	}
+	return nil
+}
+
+// CgroupAttached says which program (by name) runs at a socket hook of the
+// node, or "" when none does.
+func (d *Datapath) CgroupAttached(name string) (string, error) {
+	h, ok := slots.LookupCgroupHook(name)
+	if !ok {
+		return "", fmt.Errorf("unknown cgroup hook %q", name)
+	}
+	l, err := link.LoadPinnedLink(d.cgroupPin(h), nil)
+	if errors.Is(err, os.ErrNotExist) {
+		return "", nil
+	}
+	if err != nil {
+		return "", err
+	}
+	defer l.Close()
+	info, err := l.Info()
+	if err != nil {
+		return "", err
+	}
+	prog, err := ebpf.NewProgramFromID(info.Program)
+	if err != nil {
+		return "", err
+	}
+	defer prog.Close()
+	pi, err := prog.Info()
+	if err != nil {
+		return "", err
+	}
+	return pi.Name, nil
+}

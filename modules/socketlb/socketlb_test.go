@@ -1,0 +1,286 @@
+package socketlb
+
+import (
+	"net"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+
+	"github.com/weirnet/weir/core/datapath"
+	"github.com/weirnet/weir/core/datapath/dptest"
+	"github.com/weirnet/weir/core/lbmap"
+	"github.com/weirnet/weir/core/model"
+	"github.com/weirnet/weir/core/mounts"
+	"github.com/weirnet/weir/core/netns"
+)
+
+var (
+	vip     = netip.MustParseAddr("10.96.0.10")
+	dnsVIP  = netip.MustParseAddr("10.96.0.53")
+	emptyIP = netip.MustParseAddr("10.96.0.99")
+	be1     = netip.MustParseAddr("10.244.1.11")
+	be2     = netip.MustParseAddr("10.244.1.12")
+)
+
+// lab is a network namespace holding two backends (TCP :8080 and UDP :5353
+// on each, answering with their own address), a cgroup for clients, and a
+// datapath whose socket hooks are on that cgroup.
+type lab struct {
+	ns     string
+	cgroup string
+	dp     *datapath.Datapath
+	rec    *lbmap.Reconciler
+}
+
+// newLab builds the lab; nodeIsLab makes the lab's namespace the node's
+// own (its cookie is the one hostNamespaceOnly lets through), else the
+// test's namespace is.
+func newLab(t *testing.T, s *Settings, nodeIsLab bool) *lab {
+	t.Helper()
+	name := dptest.UniqueName(t)
+	nsName := "sl-" + name[len(name)-8:]
+	path, err := netns.Create(nsName)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = netns.Delete(nsName) })
+	h, err := netns.Handle(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer h.Close()
+	lo, err := h.LinkByName("lo")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := h.LinkSetUp(lo); err != nil {
+		t.Fatal(err)
+	}
+	for _, a := range []netip.Addr{be1, be2} {
+		if err := h.AddrAdd(lo, &netlink.Addr{IPNet: &net.IPNet{IP: a.AsSlice(), Mask: net.CIDRMask(32, 32)}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, a := range []netip.Addr{be1, be2} {
+		serve(t, path, a)
+	}
+	root, err := mounts.Cgroup2Root()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cg := filepath.Join(root, "weir-test-"+name)
+	if err := os.Mkdir(cg, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := os.Remove(cg); err != nil {
+			t.Errorf("removing cgroup: %v", err)
+		}
+	})
+	dp := dptest.OpenWith(t, datapath.Options{CTMaxEntries: 4096, Cgroup: cg})
+	obj := datapath.Object{Module: Name, Cgroup: claims()}
+	spec := func() error {
+		var err error
+		obj.Spec, err = ObjectSpec(s)
+		return err
+	}
+	if nodeIsLab {
+		err = netns.Do(path, spec)
+	} else {
+		err = spec()
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	dptest.Install(t, dp, obj)
+	l := &lab{ns: path, cgroup: cg, dp: dp, rec: lbmap.NewFromDatapath(dp, nil)}
+	l.services(
+		service("web", netip.AddrPortFrom(vip, 80), model.TCP, 8080, be1, be2),
+		service("dns", netip.AddrPortFrom(dnsVIP, 53), model.UDP, 5353, be1, be2),
+		service("empty", netip.AddrPortFrom(emptyIP, 80), model.TCP, 8080),
+		service("emptydns", netip.AddrPortFrom(emptyIP, 53), model.UDP, 5353),
+	)
+	return l
+}
+
+func claims() map[string]string {
+	out := map[string]string{}
+	for _, c := range Factory.Cgroup {
+		out[c.Hook] = c.Program
+	}
+	return out
+}
+
+func (l *lab) services(svcs ...*model.Service) {
+	if err := l.rec.ApplySnapshot(&model.Snapshot{Services: svcs}); err != nil {
+		panic(err)
+	}
+}
+
+func service(name string, front netip.AddrPort, proto model.Proto, targetPort uint16, bes ...netip.Addr) *model.Service {
+	fe := model.Frontend{Addr: front, Proto: proto, Type: model.ClusterIP}
+	for _, b := range bes {
+		fe.Backends = append(fe.Backends, model.Backend{Addr: netip.AddrPortFrom(b, targetPort)})
+	}
+	return &model.Service{Name: model.ServiceName{Namespace: "default", Name: name}, Frontends: []model.Frontend{fe}}
+}
+
+// serve answers TCP on addr:8080 and UDP on addr:5353 with addr.
+func serve(t *testing.T, nsPath string, addr netip.Addr) {
+	t.Helper()
+	var ln net.Listener
+	var pc net.PacketConn
+	err := netns.Do(nsPath, func() error {
+		var err error
+		if ln, err = net.Listen("tcp4", netip.AddrPortFrom(addr, 8080).String()); err != nil {
+			return err
+		}
+		pc, err = net.ListenPacket("udp4", netip.AddrPortFrom(addr, 5353).String())
+		return err
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close(); pc.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			_, _ = c.Write([]byte(addr.String()))
+			c.Close()
+		}
+	}()
+	go func() {
+		buf := make([]byte, 512)
+		for {
+			_, from, err := pc.ReadFrom(buf)
+			if err != nil {
+				return
+			}
+			_, _ = pc.WriteTo([]byte(addr.String()), from)
+		}
+	}()
+}
+
+func isBackend(reply string) bool { return reply == be1.String() || reply == be2.String() }
+
+func TestTCPConnectGoesToABackend(t *testing.T) {
+	l := newLab(t, &Settings{}, false)
+	seen := map[string]int{}
+	for range 16 {
+		r := client(t, l.ns, l.cgroup, "tcp", netip.AddrPortFrom(vip, 80))
+		if r.Errno != 0 || !isBackend(r.Reply) {
+			t.Fatalf("connect to %s:80: %+v", vip, r)
+		}
+		if r.Peer != "10.96.0.10:80" {
+			t.Fatalf("getpeername returned %s, want the service 10.96.0.10:80", r.Peer)
+		}
+		seen[r.Reply]++
+	}
+	if len(seen) != 2 {
+		t.Errorf("16 connections went to %v; want both backends (random choice)", seen)
+	}
+}
+
+func TestUnconnectedUDPRepliesComeFromTheService(t *testing.T) {
+	l := newLab(t, &Settings{}, false)
+	r := client(t, l.ns, l.cgroup, "udp", netip.AddrPortFrom(dnsVIP, 53))
+	if r.Errno != 0 || !isBackend(r.Reply) {
+		t.Fatalf("sendto/recvfrom %s:53: %+v", dnsVIP, r)
+	}
+	if r.From != "10.96.0.53:53" {
+		t.Fatalf("recvfrom said the reply came from %s, want the service 10.96.0.53:53", r.From)
+	}
+}
+
+func TestConnectedUDPSeesTheService(t *testing.T) {
+	l := newLab(t, &Settings{}, false)
+	r := client(t, l.ns, l.cgroup, "udp-connected", netip.AddrPortFrom(dnsVIP, 53))
+	if r.Errno != 0 || !isBackend(r.Reply) {
+		t.Fatalf("connected UDP to %s:53: %+v", dnsVIP, r)
+	}
+	if r.Peer != "10.96.0.53:53" || r.From != "10.96.0.53:53" {
+		t.Fatalf("getpeername %s, recvfrom %s; want the service 10.96.0.53:53 for both", r.Peer, r.From)
+	}
+}
+
+func TestServiceWithoutBackendsRefusesAtOnce(t *testing.T) {
+	l := newLab(t, &Settings{}, false)
+	r := client(t, l.ns, l.cgroup, "tcp", netip.AddrPortFrom(emptyIP, 80))
+	if r.Step != "connect" || syscall.Errno(r.Errno) != NoBackendErrno {
+		t.Fatalf("connect to a service without backends: %+v; want connect to fail with %v", r, NoBackendErrno)
+	}
+	r = client(t, l.ns, l.cgroup, "udp", netip.AddrPortFrom(emptyIP, 53))
+	if r.Step != "sendto" || syscall.Errno(r.Errno) != NoBackendErrno {
+		t.Fatalf("sendto a UDP service without backends: %+v; want %v", r, NoBackendErrno)
+	}
+	// UDP to the TCP-only frontend is no service: left untranslated
+	// (and unroutable here).
+	r = client(t, l.ns, l.cgroup, "udp", netip.AddrPortFrom(emptyIP, 80))
+	if r.Step != "sendto" || syscall.Errno(r.Errno) != unix.ENETUNREACH {
+		t.Fatalf("sendto the TCP-only frontend over UDP: %+v; want it untranslated (unreachable)", r)
+	}
+}
+
+func TestBindToAServiceIsRefused(t *testing.T) {
+	l := newLab(t, &Settings{}, false)
+	r := client(t, l.ns, l.cgroup, "bind", netip.AddrPortFrom(vip, 80))
+	if r.Step != "bind" || syscall.Errno(r.Errno) != BindErrno {
+		t.Fatalf("bind to %s:80: %+v; want %v", vip, r, BindErrno)
+	}
+	if r := client(t, l.ns, l.cgroup, "bind", netip.AddrPortFrom(vip, 81)); r.Errno != 0 {
+		t.Fatalf("bind to %s:81 (no service there): %+v; want it to succeed", vip, r)
+	}
+}
+
+// Sockets outside the node's cgroup are not the node's: their connect
+// goes to the service address untouched (nothing routes it here).
+func TestSocketsOutsideTheCgroupAreLeftAlone(t *testing.T) {
+	l := newLab(t, &Settings{}, false)
+	r := client(t, l.ns, "", "tcp", netip.AddrPortFrom(vip, 80))
+	if r.Step != "connect" || syscall.Errno(r.Errno) != unix.ENETUNREACH {
+		t.Fatalf("connect from outside the cgroup: %+v; want the untranslated address to be unreachable", r)
+	}
+}
+
+func TestHostNamespaceOnly(t *testing.T) {
+	t.Run("the node's namespace is translated", func(t *testing.T) {
+		l := newLab(t, &Settings{HostNamespaceOnly: true}, true)
+		r := client(t, l.ns, l.cgroup, "tcp", netip.AddrPortFrom(vip, 80))
+		if r.Errno != 0 || !isBackend(r.Reply) || r.Peer != "10.96.0.10:80" {
+			t.Fatalf("connect from the node's namespace under hostNamespaceOnly: %+v; want a backend, the service as peer", r)
+		}
+	})
+	t.Run("other namespaces are not", func(t *testing.T) {
+		l := newLab(t, &Settings{HostNamespaceOnly: true}, false)
+		r := client(t, l.ns, l.cgroup, "tcp", netip.AddrPortFrom(vip, 80))
+		if r.Step != "connect" || syscall.Errno(r.Errno) != unix.ENETUNREACH {
+			t.Fatalf("connect from a pod namespace under hostNamespaceOnly: %+v; want it left to per-packet lb (unreachable here)", r)
+		}
+	})
+}
+
+func TestCgroupThatIsNotCgroup2IsRefused(t *testing.T) {
+	dp := dptest.OpenWith(t, datapath.Options{CTMaxEntries: 4096, Cgroup: t.TempDir()})
+	spec, err := ObjectSpec(&Settings{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = dp.Install([]datapath.Object{{Module: Name, Spec: spec, Cgroup: claims()}})
+	if err == nil || !strings.Contains(err.Error(), "is not on a cgroup v2 file system") {
+		t.Fatalf("install on a plain directory: %v; want it refused as not cgroup v2", err)
+	}
+	for _, h := range Factory.Cgroup {
+		if prog, err := dp.CgroupAttached(h.Hook); err != nil || prog != "" {
+			t.Errorf("%s holds %q (%v) after a refused install", h.Hook, prog, err)
+		}
+	}
+}
