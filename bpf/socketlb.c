@@ -200,4 +200,105 @@ int sock4_post_bind(struct bpf_sock *ctx)
 	return 0;
 }
 
+
+/*
+ * Terminating sockets to backends that left their frontend, so clients
+ * reconnect to a live backend instead of hanging on a dead one. The agent
+ * lists the departed (frontend, backend) pairs in weir_sock_term and runs
+ * these iterators in every network namespace of the node's cgroup; a
+ * connected socket (TCP in any state but listening, UDP only when
+ * connected: unconnected UDP sockets serve every peer, cilium#48564) whose
+ * record says socket LB sent it to such a pair is destroyed
+ * (bpf_sock_destroy, Linux 6.5): its owner sees ECONNABORTED.
+ */
+
+/* Kernel types, by name and field (CO-RE): only what is read. */
+struct sock_common {
+	__be32 skc_daddr;
+	__be16 skc_dport;
+	unsigned short skc_family;
+	volatile unsigned char skc_state;
+} __attribute__((preserve_access_index));
+
+struct sock {
+	struct sock_common __sk_common;
+} __attribute__((preserve_access_index));
+
+struct inet_sock {
+	struct sock sk;
+} __attribute__((preserve_access_index));
+
+struct udp_sock {
+	struct inet_sock inet;
+} __attribute__((preserve_access_index));
+
+struct bpf_iter_meta {
+	void *seq;
+} __attribute__((preserve_access_index));
+
+struct bpf_iter__tcp {
+	struct bpf_iter_meta *meta;
+	struct sock_common *sk_common;
+} __attribute__((preserve_access_index));
+
+struct bpf_iter__udp {
+	struct bpf_iter_meta *meta;
+	struct udp_sock *udp_sk;
+} __attribute__((preserve_access_index));
+
+extern int bpf_sock_destroy(struct sock_common *sk) __ksym;
+
+#define SOCKETLB_TCP_LISTEN 10      /* TCP_LISTEN */
+#define SOCKETLB_UDP_CONNECTED 1    /* TCP_ESTABLISHED: a connected UDP socket */
+
+/* Whether socket LB sent sk to a backend that has left its frontend. */
+WEIR_INLINE int socketlb_departed(struct sock *sk, __u8 proto)
+{
+	struct sock_common *skc = &sk->__sk_common;
+	struct weir_sock_term_key key = {.proto = proto};
+	struct weir_sock_rev_state *rev;
+	__u32 i;
+
+	if (skc->skc_family != 2 /* AF_INET */)
+		return 0;
+	rev = bpf_sk_storage_get(&weir_sock_rev, sk, 0, 0);
+	if (!rev)
+		return 0;
+	for (i = 0; i < WEIR_SOCK_REV_SLOTS; i++) {
+		struct weir_sock_rev_entry *e = &rev->e[i];
+
+		if (e->rev_nat == 0 || e->backend_addr != skc->skc_daddr || e->backend_port != skc->skc_dport)
+			continue;
+		key.rev_nat = e->rev_nat;
+		key.backend_addr = e->backend_addr;
+		key.backend_port = e->backend_port;
+		return bpf_map_lookup_elem(&weir_sock_term, &key) != NULL;
+	}
+	return 0;
+}
+
+SEC("iter/tcp")
+int sock_term_tcp(struct bpf_iter__tcp *ctx)
+{
+	struct sock_common *skc = ctx->sk_common;
+
+	if (!skc || skc->skc_state == SOCKETLB_TCP_LISTEN)
+		return 0;
+	if (socketlb_departed((struct sock *)skc, IPPROTO_TCP))
+		bpf_sock_destroy(skc);
+	return 0;
+}
+
+SEC("iter/udp")
+int sock_term_udp(struct bpf_iter__udp *ctx)
+{
+	struct udp_sock *udp = ctx->udp_sk;
+
+	if (!udp || udp->inet.sk.__sk_common.skc_state != SOCKETLB_UDP_CONNECTED)
+		return 0;
+	if (socketlb_departed(&udp->inet.sk, IPPROTO_UDP))
+		bpf_sock_destroy(&udp->inet.sk.__sk_common);
+	return 0;
+}
+
 char __license[] SEC("license") = "Dual BSD/GPL";

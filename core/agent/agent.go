@@ -375,6 +375,13 @@ func compose(p composeParams) error {
 				return err
 			}
 			for _, m := range ordered {
+				if l, ok := m.(module.Loaded); ok && inst.Collections[m.Name()] != nil {
+					if err := l.Loaded(inst.Collections[m.Name()]); err != nil {
+						return fmt.Errorf("module %s: %w", m.Name(), err)
+					}
+				}
+			}
+			for _, m := range ordered {
 				if err := m.Start(ctx); err != nil {
 					for _, s := range slices.Backward(started) {
 						_ = s.Stop(ctx)

@@ -39,6 +39,9 @@ func CheckCgroup(path string) (uint64, error) {
 	return st.Ino, nil
 }
 
+// Cgroup is the cgroup v2 directory whose sockets the socket hooks see.
+func (d *Datapath) Cgroup() string { return d.opts.Cgroup }
+
 // cgroupPin is where the link of a socket hook is pinned.
 func (d *Datapath) cgroupPin(h slots.CgroupHook) string {
 	return filepath.Join(d.opts.PinDir, "links", strings.ReplaceAll(h.Name, "/", "_"))

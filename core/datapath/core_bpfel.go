@@ -250,6 +250,15 @@ type coreWeirSockRevState struct {
 	Pad  uint32
 }
 
+type coreWeirSockTermKey struct {
+	_           structs.HostLayout
+	RevNat      uint32
+	BackendAddr uint32
+	BackendPort uint16
+	Proto       uint8
+	Pad         uint8
+}
+
 type coreWeirSvcKey struct {
 	_     structs.HostLayout
 	Addr  uint32
@@ -299,6 +308,7 @@ const (
 	coreMapWeirSlotMask          = "weir_slot_mask"
 	coreMapWeirSockAffinity      = "weir_sock_affinity"
 	coreMapWeirSockRev           = "weir_sock_rev"
+	coreMapWeirSockTerm          = "weir_sock_term"
 	coreProgWeirNetdevIngress    = "weir_netdev_ingress"
 	coreProgWeirPodEgress        = "weir_pod_egress"
 	coreProgWeirPodIngress       = "weir_pod_ingress"
@@ -398,6 +408,7 @@ type coreMapSpecs struct {
 	WeirSlotMask     *ebpf.MapSpec `ebpf:"weir_slot_mask"`
 	WeirSockAffinity *ebpf.MapSpec `ebpf:"weir_sock_affinity"`
 	WeirSockRev      *ebpf.MapSpec `ebpf:"weir_sock_rev"`
+	WeirSockTerm     *ebpf.MapSpec `ebpf:"weir_sock_term"`
 }
 
 // coreVariableSpecs contains global variables before they are loaded into the kernel.
@@ -469,6 +480,7 @@ type coreMaps struct {
 	WeirSlotMask     *ebpf.Map `ebpf:"weir_slot_mask"`
 	WeirSockAffinity *ebpf.Map `ebpf:"weir_sock_affinity"`
 	WeirSockRev      *ebpf.Map `ebpf:"weir_sock_rev"`
+	WeirSockTerm     *ebpf.Map `ebpf:"weir_sock_term"`
 }
 
 func (m *coreMaps) Close() error {
@@ -489,6 +501,7 @@ func (m *coreMaps) Close() error {
 		m.WeirSlotMask,
 		m.WeirSockAffinity,
 		m.WeirSockRev,
+		m.WeirSockTerm,
 	)
 }
 

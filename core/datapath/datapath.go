@@ -39,6 +39,7 @@ const (
 	MapEvents       = "weir_events"
 	MapSockRev      = "weir_sock_rev"
 	MapSockAffinity = "weir_sock_affinity"
+	MapSockTerm     = "weir_sock_term"
 )
 
 // Options configure a node's datapath.

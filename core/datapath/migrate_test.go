@@ -133,7 +133,7 @@ func TestLayout1IsConverted(t *testing.T) {
 	maps := map[string]*ebpf.Map{}
 	for name, ms := range spec.Maps {
 		if ms.Pinning != ebpf.PinByName || name == datapath.MapSlotMask || name == datapath.MapFrags || name == datapath.MapBackendAddrs ||
-			name == datapath.MapSockRev || name == datapath.MapSockAffinity {
+			name == datapath.MapSockRev || name == datapath.MapSockAffinity || name == datapath.MapSockTerm {
 			continue // new in layout 2
 		}
 		ms = ms.Copy()
@@ -254,10 +254,10 @@ func TestLayout1IsConverted(t *testing.T) {
 func TestLayoutVersionFollowsTheHeader(t *testing.T) {
 	// A new map with new structs leaves the pinned maps readable as they
 	// were: its types join the list and the version's signature is
-	// recorded again (layout 2 gained weir_sock_rev and
-	// weir_sock_affinity).
+	// recorded again (layout 2 gained weir_sock_rev,
+	// weir_sock_affinity and weir_sock_term).
 	recorded := map[uint32]string{
-		2: "96b8890908a1eff4",
+		2: "a3d6f61bbbabc1bd",
 	}
 	var b strings.Builder
 	for _, v := range []any{
@@ -265,7 +265,7 @@ func TestLayoutVersionFollowsTheHeader(t *testing.T) {
 		datapath.CTKey{}, datapath.CTEntry{}, datapath.EndpointKey{}, datapath.Endpoint{}, datapath.IPCacheKey{},
 		datapath.IPCacheEntry{}, datapath.AffinityKey{}, datapath.Affinity{}, datapath.Metric{}, datapath.Event{},
 		datapath.BackendAddrKey{}, datapath.FragKey{}, datapath.FragEntry{},
-		datapath.SockRev{}, datapath.SockRevEntry{}, datapath.SockAffinityKey{},
+		datapath.SockRev{}, datapath.SockRevEntry{}, datapath.SockAffinityKey{}, datapath.SockTermKey{},
 	} {
 		typ := reflect.TypeOf(v)
 		fmt.Fprintf(&b, "%s %d:", typ.Name(), typ.Size())

@@ -52,6 +52,8 @@ type (
 	SockRevEntry = coreWeirSockRevEntry
 	// SockAffinityKey keys weir_sock_affinity.
 	SockAffinityKey = coreWeirSockAffinityKey
+	// SockTermKey keys weir_sock_term: a backend that left a frontend.
+	SockTermKey = coreWeirSockTermKey
 )
 
 // Frontend types stored in ServiceValue.Type.

@@ -172,6 +172,9 @@ type Reconciler struct {
 	// a write failed part-way.
 	dirty bool
 
+	// departed hears of the backends that left a frontend.
+	departed func([]Departure)
+
 	mu     sync.Mutex // guards status
 	status Status
 	// written is closed after the first pass that succeeded.
@@ -458,10 +461,26 @@ func (r *Reconciler) apply(d model.Delta) error {
 		// free room first, so no point of the way needs more.
 		return r.applyInSteps(d)
 	}
-	if err := r.write(p); err != nil {
+	if err := r.writeAndTell(p); err != nil {
 		return err
 	}
 	r.record(p, time.Since(start), cputime.Thread()-cpu)
+	return nil
+}
+
+// writeAndTell is write, then the departures it made are told.
+func (r *Reconciler) writeAndTell(p *plan) error {
+	if r.departed == nil {
+		return r.write(p)
+	}
+	keys := p.keys()
+	before := r.backendsByRevNAT(keys)
+	if err := r.write(p); err != nil {
+		return err
+	}
+	if d := r.departures(before, keys); len(d) > 0 {
+		r.departed(d)
+	}
 	return nil
 }
 
@@ -496,7 +515,7 @@ func (r *Reconciler) applyInSteps(d model.Delta) error {
 		if err := r.checkRoom(p); err != nil {
 			return fmt.Errorf("service %s: %w", s.name, err)
 		}
-		if err := r.write(p); err != nil {
+		if err := r.writeAndTell(p); err != nil {
 			return err
 		}
 		r.record(p, time.Since(start), cputime.Thread()-cpu)

@@ -151,6 +151,14 @@ type Module interface {
 	Stop(ctx context.Context) error
 }
 
+// Loaded is implemented by modules that use their loaded programs beyond
+// the slots and hooks core fills (iterators a module runs itself). Core
+// calls it once every object passed the verifier and before Start; the
+// collection stays open until after Stop.
+type Loaded interface {
+	Loaded(coll *ebpf.Collection) error
+}
+
 // Factory is a registry entry: the descriptor and how to build the module.
 type Factory struct {
 	Descriptor

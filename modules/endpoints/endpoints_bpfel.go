@@ -32,6 +32,7 @@ const (
 	endpointsMapWeirSlotMask       = "weir_slot_mask"
 	endpointsMapWeirSockAffinity   = "weir_sock_affinity"
 	endpointsMapWeirSockRev        = "weir_sock_rev"
+	endpointsMapWeirSockTerm       = "weir_sock_term"
 	endpointsProgEndpointsArp      = "endpoints_arp"
 	endpointsProgEndpointsDeliver  = "endpoints_deliver"
 	endpointsProgEndpointsLocal    = "endpoints_local"
@@ -107,6 +108,7 @@ type endpointsMapSpecs struct {
 	WeirSlotMask     *ebpf.MapSpec `ebpf:"weir_slot_mask"`
 	WeirSockAffinity *ebpf.MapSpec `ebpf:"weir_sock_affinity"`
 	WeirSockRev      *ebpf.MapSpec `ebpf:"weir_sock_rev"`
+	WeirSockTerm     *ebpf.MapSpec `ebpf:"weir_sock_term"`
 }
 
 // endpointsVariableSpecs contains global variables before they are loaded into the kernel.
@@ -154,6 +156,7 @@ type endpointsMaps struct {
 	WeirSlotMask     *ebpf.Map `ebpf:"weir_slot_mask"`
 	WeirSockAffinity *ebpf.Map `ebpf:"weir_sock_affinity"`
 	WeirSockRev      *ebpf.Map `ebpf:"weir_sock_rev"`
+	WeirSockTerm     *ebpf.Map `ebpf:"weir_sock_term"`
 }
 
 func (m *endpointsMaps) Close() error {
@@ -174,6 +177,7 @@ func (m *endpointsMaps) Close() error {
 		m.WeirSlotMask,
 		m.WeirSockAffinity,
 		m.WeirSockRev,
+		m.WeirSockTerm,
 	)
 }
 

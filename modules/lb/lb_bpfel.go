@@ -32,6 +32,7 @@ const (
 	lbMapWeirSlotMask     = "weir_slot_mask"
 	lbMapWeirSockAffinity = "weir_sock_affinity"
 	lbMapWeirSockRev      = "weir_sock_rev"
+	lbMapWeirSockTerm     = "weir_sock_term"
 	lbProgLbPodEgress     = "lb_pod_egress"
 	lbProgLbPodIngress    = "lb_pod_ingress"
 	lbVarWeirHookFirst    = "weir_hook_first"
@@ -104,6 +105,7 @@ type lbMapSpecs struct {
 	WeirSlotMask     *ebpf.MapSpec `ebpf:"weir_slot_mask"`
 	WeirSockAffinity *ebpf.MapSpec `ebpf:"weir_sock_affinity"`
 	WeirSockRev      *ebpf.MapSpec `ebpf:"weir_sock_rev"`
+	WeirSockTerm     *ebpf.MapSpec `ebpf:"weir_sock_term"`
 }
 
 // lbVariableSpecs contains global variables before they are loaded into the kernel.
@@ -150,6 +152,7 @@ type lbMaps struct {
 	WeirSlotMask     *ebpf.Map `ebpf:"weir_slot_mask"`
 	WeirSockAffinity *ebpf.Map `ebpf:"weir_sock_affinity"`
 	WeirSockRev      *ebpf.Map `ebpf:"weir_sock_rev"`
+	WeirSockTerm     *ebpf.Map `ebpf:"weir_sock_term"`
 }
 
 func (m *lbMaps) Close() error {
@@ -170,6 +173,7 @@ func (m *lbMaps) Close() error {
 		m.WeirSlotMask,
 		m.WeirSockAffinity,
 		m.WeirSockRev,
+		m.WeirSockTerm,
 	)
 }
 

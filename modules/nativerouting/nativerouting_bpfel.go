@@ -32,6 +32,7 @@ const (
 	nativeroutingMapWeirSlotMask          = "weir_slot_mask"
 	nativeroutingMapWeirSockAffinity      = "weir_sock_affinity"
 	nativeroutingMapWeirSockRev           = "weir_sock_rev"
+	nativeroutingMapWeirSockTerm          = "weir_sock_term"
 	nativeroutingProgNativeroutingForward = "nativerouting_forward"
 	nativeroutingVarWeirHookFirst         = "weir_hook_first"
 	nativeroutingVarWeirHookLast          = "weir_hook_last"
@@ -102,6 +103,7 @@ type nativeroutingMapSpecs struct {
 	WeirSlotMask     *ebpf.MapSpec `ebpf:"weir_slot_mask"`
 	WeirSockAffinity *ebpf.MapSpec `ebpf:"weir_sock_affinity"`
 	WeirSockRev      *ebpf.MapSpec `ebpf:"weir_sock_rev"`
+	WeirSockTerm     *ebpf.MapSpec `ebpf:"weir_sock_term"`
 }
 
 // nativeroutingVariableSpecs contains global variables before they are loaded into the kernel.
@@ -148,6 +150,7 @@ type nativeroutingMaps struct {
 	WeirSlotMask     *ebpf.Map `ebpf:"weir_slot_mask"`
 	WeirSockAffinity *ebpf.Map `ebpf:"weir_sock_affinity"`
 	WeirSockRev      *ebpf.Map `ebpf:"weir_sock_rev"`
+	WeirSockTerm     *ebpf.Map `ebpf:"weir_sock_term"`
 }
 
 func (m *nativeroutingMaps) Close() error {
@@ -168,6 +171,7 @@ func (m *nativeroutingMaps) Close() error {
 		m.WeirSlotMask,
 		m.WeirSockAffinity,
 		m.WeirSockRev,
+		m.WeirSockTerm,
 	)
 }
 

@@ -42,12 +42,33 @@ func TestMain(m *testing.M) {
 			fmt.Fprintf(os.Stderr, "bad client spec %q\n", spec)
 			os.Exit(2)
 		}
-		err := netns.Do(parts[0], func() error { res = runClient(parts[1], netip.MustParseAddrPort(parts[2])); return nil })
+		mode, hold := strings.CutSuffix(parts[1], "-hold")
+		enc := json.NewEncoder(os.Stdout)
+		err := netns.Do(parts[0], func() error {
+			res = runClient(mode, netip.MustParseAddrPort(parts[2]), func(fd int, first clientResult) clientResult {
+				if !hold {
+					return first
+				}
+				// Report the first exchange, then wait for the
+				// socket's end (or 5 s of nothing).
+				_ = enc.Encode(first)
+				tv := unix.Timeval{Sec: 5}
+				_ = unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &tv)
+				buf := make([]byte, 128)
+				n, _, err := unix.Recvfrom(fd, buf, 0)
+				var errno syscall.Errno
+				if errors.As(err, &errno) {
+					return clientResult{Step: "wait", Errno: int(errno)}
+				}
+				return clientResult{Step: "wait", Reply: string(buf[:max(n, 0)])}
+			})
+			return nil
+		})
 		if err != nil {
 			fmt.Fprintln(os.Stderr, err)
 			os.Exit(2)
 		}
-		_ = json.NewEncoder(os.Stdout).Encode(res)
+		_ = enc.Encode(res)
 		os.Exit(0)
 	}
 	os.Exit(m.Run())
@@ -66,7 +87,7 @@ func addrOf(sa unix.Sockaddr) string {
 
 // runClient talks to target the way mode says, with raw system calls so
 // that what the kernel answers (addresses, errno) is reported as is.
-func runClient(mode string, target netip.AddrPort) clientResult {
+func runClient(mode string, target netip.AddrPort, then func(fd int, first clientResult) clientResult) clientResult {
 	fail := func(step string, err error) clientResult {
 		var errno syscall.Errno
 		if errors.As(err, &errno) {
@@ -121,7 +142,42 @@ func runClient(mode string, target netip.AddrPort) clientResult {
 		res.From = addrOf(from)
 	}
 	res.Reply = string(buf[:n])
-	return res
+	return then(fd, res)
+}
+
+// holdClient starts a client that reports its first exchange and then
+// waits for its socket to end; first returns the first report, rest
+// the second.
+func holdClient(t *testing.T, nsPath, cgroup, mode string, target netip.AddrPort) (first clientResult, rest func() clientResult) {
+	t.Helper()
+	cmd := exec.Command(os.Args[0], "-test.run=^$")
+	cmd.Env = append(os.Environ(), clientEnv+"="+nsPath+" "+mode+"-hold "+target.String())
+	dir, err := os.Open(cgroup)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer dir.Close()
+	cmd.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: int(dir.Fd())}
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd.Stderr = os.Stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = cmd.Process.Kill(); _ = cmd.Wait() })
+	dec := json.NewDecoder(out)
+	if err := dec.Decode(&first); err != nil {
+		t.Fatalf("client %s %s: %v", mode, target, err)
+	}
+	return first, func() clientResult {
+		var r clientResult
+		if err := dec.Decode(&r); err != nil {
+			t.Fatalf("client %s %s: %v", mode, target, err)
+		}
+		return r
+	}
 }
 
 // client runs one client in the namespace at nsPath and the cgroup at

@@ -10,11 +10,13 @@ package socketlb
 import (
 	"context"
 	"fmt"
+	"log/slog"
 
 	"github.com/cilium/ebpf"
 	"go.uber.org/fx"
 	"golang.org/x/sys/unix"
 
+	"github.com/weirnet/weir/core/datapath"
 	"github.com/weirnet/weir/core/lbmap"
 	"github.com/weirnet/weir/core/module"
 	"github.com/weirnet/weir/modules/lb"
@@ -69,13 +71,34 @@ var Factory = module.Factory{
 	},
 }
 
-// Module is the running socketlb module.
-type Module struct {
-	s *Settings
+// Params are what the module is built from.
+type Params struct {
+	fx.In
+	Settings   *Settings
+	Reconciler *lbmap.Reconciler
+	Datapath   *datapath.Datapath
+	Log        *slog.Logger
 }
 
-// New builds the module. Taking the reconciler makes fx construct it.
-func New(s *Settings, _ *lbmap.Reconciler) *Module { return &Module{s: s} }
+// Module is the running socketlb module.
+type Module struct {
+	s      *Settings
+	term   *terminator
+	cancel context.CancelFunc
+	done   chan struct{}
+}
+
+var _ module.Loaded = (*Module)(nil)
+
+// New builds the module. Taking the reconciler makes fx construct it; the
+// backends that leave a frontend from its first write on are heard, so a
+// restarted agent terminates sockets to backends that left while it was
+// down.
+func New(p Params) *Module {
+	m := &Module{s: p.Settings, term: newTerminator(p.Datapath.Cgroup(), p.Log.With("module", Name))}
+	p.Reconciler.OnDepartures(m.term.add)
+	return m
+}
 
 // Name implements module.Module.
 func (*Module) Name() string { return Name }
@@ -122,8 +145,27 @@ func NetnsCookie() (uint64, error) {
 	return v, nil
 }
 
-// Start implements module.Module.
-func (*Module) Start(context.Context) error { return nil }
+// Loaded implements module.Loaded: the socket iterators that terminate
+// sockets come from the loaded object.
+func (m *Module) Loaded(coll *ebpf.Collection) error { return m.term.load(coll) }
+
+// Start implements module.Module: socket termination runs until Stop.
+func (m *Module) Start(context.Context) error {
+	ctx, cancel := context.WithCancel(context.Background())
+	m.cancel, m.done = cancel, make(chan struct{})
+	go func() {
+		defer close(m.done)
+		m.term.run(ctx)
+	}()
+	return nil
+}
 
 // Stop implements module.Module.
-func (*Module) Stop(context.Context) error { return nil }
+func (m *Module) Stop(context.Context) error {
+	if m.cancel != nil {
+		m.cancel()
+		<-m.done
+	}
+	m.term.close()
+	return nil
+}

@@ -32,11 +32,14 @@ const (
 	socketlbMapWeirSlotMask      = "weir_slot_mask"
 	socketlbMapWeirSockAffinity  = "weir_sock_affinity"
 	socketlbMapWeirSockRev       = "weir_sock_rev"
+	socketlbMapWeirSockTerm      = "weir_sock_term"
 	socketlbProgSock4Connect     = "sock4_connect"
 	socketlbProgSock4Getpeername = "sock4_getpeername"
 	socketlbProgSock4PostBind    = "sock4_post_bind"
 	socketlbProgSock4Recvmsg     = "sock4_recvmsg"
 	socketlbProgSock4Sendmsg     = "sock4_sendmsg"
+	socketlbProgSockTermTcp      = "sock_term_tcp"
+	socketlbProgSockTermUdp      = "sock_term_udp"
 	socketlbVarSocketlbHostNetns = "socketlb_host_netns"
 	socketlbVarSocketlbHostOnly  = "socketlb_host_only"
 	socketlbVarWeirHookFirst     = "weir_hook_first"
@@ -90,6 +93,8 @@ type socketlbProgramSpecs struct {
 	Sock4PostBind    *ebpf.ProgramSpec `ebpf:"sock4_post_bind"`
 	Sock4Recvmsg     *ebpf.ProgramSpec `ebpf:"sock4_recvmsg"`
 	Sock4Sendmsg     *ebpf.ProgramSpec `ebpf:"sock4_sendmsg"`
+	SockTermTcp      *ebpf.ProgramSpec `ebpf:"sock_term_tcp"`
+	SockTermUdp      *ebpf.ProgramSpec `ebpf:"sock_term_udp"`
 }
 
 // socketlbMapSpecs contains maps before they are loaded into the kernel.
@@ -112,6 +117,7 @@ type socketlbMapSpecs struct {
 	WeirSlotMask     *ebpf.MapSpec `ebpf:"weir_slot_mask"`
 	WeirSockAffinity *ebpf.MapSpec `ebpf:"weir_sock_affinity"`
 	WeirSockRev      *ebpf.MapSpec `ebpf:"weir_sock_rev"`
+	WeirSockTerm     *ebpf.MapSpec `ebpf:"weir_sock_term"`
 }
 
 // socketlbVariableSpecs contains global variables before they are loaded into the kernel.
@@ -160,6 +166,7 @@ type socketlbMaps struct {
 	WeirSlotMask     *ebpf.Map `ebpf:"weir_slot_mask"`
 	WeirSockAffinity *ebpf.Map `ebpf:"weir_sock_affinity"`
 	WeirSockRev      *ebpf.Map `ebpf:"weir_sock_rev"`
+	WeirSockTerm     *ebpf.Map `ebpf:"weir_sock_term"`
 }
 
 func (m *socketlbMaps) Close() error {
@@ -180,6 +187,7 @@ func (m *socketlbMaps) Close() error {
 		m.WeirSlotMask,
 		m.WeirSockAffinity,
 		m.WeirSockRev,
+		m.WeirSockTerm,
 	)
 }
 
@@ -202,6 +210,8 @@ type socketlbPrograms struct {
 	Sock4PostBind    *ebpf.Program `ebpf:"sock4_post_bind"`
 	Sock4Recvmsg     *ebpf.Program `ebpf:"sock4_recvmsg"`
 	Sock4Sendmsg     *ebpf.Program `ebpf:"sock4_sendmsg"`
+	SockTermTcp      *ebpf.Program `ebpf:"sock_term_tcp"`
+	SockTermUdp      *ebpf.Program `ebpf:"sock_term_udp"`
 }
 
 func (p *socketlbPrograms) Close() error {
@@ -211,6 +221,8 @@ func (p *socketlbPrograms) Close() error {
 		p.Sock4PostBind,
 		p.Sock4Recvmsg,
 		p.Sock4Sendmsg,
+		p.SockTermTcp,
+		p.SockTermUdp,
 	)
 }
 

@@ -1,11 +1,14 @@
 package socketlb
 
 import (
+	"context"
+	"log/slog"
 	"net"
 	"net/netip"
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 
@@ -36,6 +39,7 @@ type lab struct {
 	cgroup string
 	dp     *datapath.Datapath
 	rec    *lbmap.Reconciler
+	inst   *datapath.Installation
 }
 
 // newLab builds the lab; nodeIsLab makes the lab's namespace the node's
@@ -98,8 +102,8 @@ func newLab(t *testing.T, s *Settings, nodeIsLab bool) *lab {
 	if err != nil {
 		t.Fatal(err)
 	}
-	dptest.Install(t, dp, obj)
-	l := &lab{ns: path, cgroup: cg, dp: dp, rec: lbmap.NewFromDatapath(dp, nil)}
+	inst := dptest.Install(t, dp, obj)
+	l := &lab{ns: path, cgroup: cg, dp: dp, rec: lbmap.NewFromDatapath(dp, nil), inst: inst}
 	l.services(
 		service("web", netip.AddrPortFrom(vip, 80), model.TCP, 8080, be1, be2),
 		service("dns", netip.AddrPortFrom(dnsVIP, 53), model.UDP, 5353, be1, be2),
@@ -131,7 +135,8 @@ func service(name string, front netip.AddrPort, proto model.Proto, targetPort ui
 	return &model.Service{Name: model.ServiceName{Namespace: "default", Name: name}, Frontends: []model.Frontend{fe}}
 }
 
-// serve answers TCP on addr:8080 and UDP on addr:5353 with addr.
+// serve answers TCP on addr:8080 and UDP on addr:5353 with addr; on
+// addr:8081 it answers and keeps the connection open.
 func serve(t *testing.T, nsPath string, addr netip.Addr) {
 	t.Helper()
 	var ln net.Listener
@@ -147,7 +152,39 @@ func serve(t *testing.T, nsPath string, addr netip.Addr) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { ln.Close(); pc.Close() })
+	var hold net.Listener
+	if err := netns.Do(nsPath, func() error {
+		var err error
+		hold, err = net.Listen("tcp4", netip.AddrPortFrom(addr, 8081).String())
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	var mu sync.Mutex
+	var held []net.Conn
+	t.Cleanup(func() {
+		ln.Close()
+		pc.Close()
+		hold.Close()
+		mu.Lock()
+		defer mu.Unlock()
+		for _, c := range held {
+			c.Close()
+		}
+		held = nil
+	})
+	go func() {
+		for {
+			c, err := hold.Accept()
+			if err != nil {
+				return
+			}
+			_, _ = c.Write([]byte(addr.String()))
+			mu.Lock()
+			held = append(held, c)
+			mu.Unlock()
+		}
+	}()
 	go func() {
 		for {
 			c, err := ln.Accept()
@@ -282,5 +319,78 @@ func TestCgroupThatIsNotCgroup2IsRefused(t *testing.T) {
 		if prog, err := dp.CgroupAttached(h.Hook); err != nil || prog != "" {
 			t.Errorf("%s holds %q (%v) after a refused install", h.Hook, prog, err)
 		}
+	}
+}
+
+// terminator runs socket termination for the lab, as the module does.
+func (l *lab) terminator(t *testing.T) {
+	t.Helper()
+	term := newTerminator(l.cgroup, slog.Default())
+	if err := term.load(l.inst.Collections[Name]); err != nil {
+		t.Fatal(err)
+	}
+	l.rec.OnDepartures(term.add)
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { defer close(done); term.run(ctx) }()
+	t.Cleanup(func() { cancel(); <-done; term.close() })
+}
+
+// When a backend leaves its service, connected sockets socket LB sent to
+// it end at once (ECONNABORTED), and the client's next connect reaches the
+// backend that is left. Unconnected UDP sockets are never destroyed: they
+// may talk to anyone.
+func TestBackendDepartureEndsItsSockets(t *testing.T) {
+	hold := netip.MustParseAddr("10.96.0.20")
+	l := newLab(t, &Settings{}, false)
+	l.terminator(t)
+	both := []*model.Service{
+		service("hold", netip.AddrPortFrom(hold, 80), model.TCP, 8081, be1, be2),
+		service("dns", netip.AddrPortFrom(dnsVIP, 53), model.UDP, 5353, be1, be2),
+	}
+	l.services(both...)
+	tcpFirst, tcpRest := holdClient(t, l.ns, l.cgroup, "tcp", netip.AddrPortFrom(hold, 80))
+	if !isBackend(tcpFirst.Reply) {
+		t.Fatalf("held TCP connection: %+v", tcpFirst)
+	}
+	// A connected UDP socket on the same backend as the TCP one: its
+	// per-socket choice may differ, so start clients until one matches.
+	var udpConnRest, udpRest func() clientResult
+	for i := 0; udpConnRest == nil || udpRest == nil; i++ {
+		if i == 40 {
+			t.Fatal("40 UDP clients never reached the TCP client's backend")
+		}
+		mode := "udp-connected"
+		if udpConnRest != nil {
+			mode = "udp"
+		}
+		first, rest := holdClient(t, l.ns, l.cgroup, mode, netip.AddrPortFrom(dnsVIP, 53))
+		if first.Reply == tcpFirst.Reply {
+			if mode == "udp" {
+				udpRest = rest
+			} else {
+				udpConnRest = rest
+			}
+		}
+	}
+	left, stays := be1, be2
+	if tcpFirst.Reply == be2.String() {
+		left, stays = be2, be1
+	}
+	l.services(
+		service("hold", netip.AddrPortFrom(hold, 80), model.TCP, 8081, stays),
+		service("dns", netip.AddrPortFrom(dnsVIP, 53), model.UDP, 5353, stays),
+	)
+	if r := tcpRest(); syscall.Errno(r.Errno) != unix.ECONNABORTED {
+		t.Errorf("TCP connection to the departed backend %s: %+v; want it ended with ECONNABORTED", left, r)
+	}
+	if r := udpConnRest(); syscall.Errno(r.Errno) != unix.ECONNABORTED {
+		t.Errorf("connected UDP socket to the departed backend: %+v; want it ended with ECONNABORTED", r)
+	}
+	if r := udpRest(); syscall.Errno(r.Errno) != unix.EAGAIN {
+		t.Errorf("unconnected UDP socket that used the departed backend: %+v; want it left alone (its wait times out)", r)
+	}
+	if r := client(t, l.ns, l.cgroup, "tcp", netip.AddrPortFrom(hold, 80)); r.Reply != stays.String() {
+		t.Errorf("the next connect: %+v; want the backend that stays, %s", r, stays)
 	}
 }

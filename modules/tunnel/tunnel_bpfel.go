@@ -32,6 +32,7 @@ const (
 	tunnelMapWeirSlotMask     = "weir_slot_mask"
 	tunnelMapWeirSockAffinity = "weir_sock_affinity"
 	tunnelMapWeirSockRev      = "weir_sock_rev"
+	tunnelMapWeirSockTerm     = "weir_sock_term"
 	tunnelProgTunnelDecap     = "tunnel_decap"
 	tunnelProgTunnelForward   = "tunnel_forward"
 	tunnelVarTunnelGeneve     = "tunnel_geneve"
@@ -109,6 +110,7 @@ type tunnelMapSpecs struct {
 	WeirSlotMask     *ebpf.MapSpec `ebpf:"weir_slot_mask"`
 	WeirSockAffinity *ebpf.MapSpec `ebpf:"weir_sock_affinity"`
 	WeirSockRev      *ebpf.MapSpec `ebpf:"weir_sock_rev"`
+	WeirSockTerm     *ebpf.MapSpec `ebpf:"weir_sock_term"`
 }
 
 // tunnelVariableSpecs contains global variables before they are loaded into the kernel.
@@ -160,6 +162,7 @@ type tunnelMaps struct {
 	WeirSlotMask     *ebpf.Map `ebpf:"weir_slot_mask"`
 	WeirSockAffinity *ebpf.Map `ebpf:"weir_sock_affinity"`
 	WeirSockRev      *ebpf.Map `ebpf:"weir_sock_rev"`
+	WeirSockTerm     *ebpf.Map `ebpf:"weir_sock_term"`
 }
 
 func (m *tunnelMaps) Close() error {
@@ -180,6 +183,7 @@ func (m *tunnelMaps) Close() error {
 		m.WeirSlotMask,
 		m.WeirSockAffinity,
 		m.WeirSockRev,
+		m.WeirSockTerm,
 	)
 }
 

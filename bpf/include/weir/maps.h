@@ -304,6 +304,17 @@ struct weir_sock_affinity_key {
 	__u32 pad;
 };
 
+/* weir_sock_term: backends that left a frontend, by the frontend's reverse
+ * NAT id: connected sockets socket LB sent there are destroyed by the
+ * socket iterators (filled by the agent just before it runs them). */
+struct weir_sock_term_key {
+	__u32 rev_nat;
+	__be32 backend_addr;
+	__be16 backend_port;
+	__u8 proto;
+	__u8 pad;
+};
+
 /* weir_metrics: per-CPU counters, index = hook * WEIR_REASON_MAX + reason. */
 struct weir_metric {
 	__u64 packets;
@@ -440,6 +451,15 @@ struct {
 	__type(value, struct weir_affinity_entry);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } weir_sock_affinity SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct weir_sock_term_key);
+	__type(value, __u8);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} weir_sock_term SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);

@@ -32,6 +32,7 @@ const (
 	stagesMapWeirSlotMask       = "weir_slot_mask"
 	stagesMapWeirSockAffinity   = "weir_sock_affinity"
 	stagesMapWeirSockRev        = "weir_sock_rev"
+	stagesMapWeirSockTerm       = "weir_sock_term"
 	stagesProgStagePass         = "stage_pass"
 	stagesProgStageReenter      = "stage_reenter"
 	stagesProgStageToPodIngress = "stage_to_pod_ingress"
@@ -106,6 +107,7 @@ type stagesMapSpecs struct {
 	WeirSlotMask     *ebpf.MapSpec `ebpf:"weir_slot_mask"`
 	WeirSockAffinity *ebpf.MapSpec `ebpf:"weir_sock_affinity"`
 	WeirSockRev      *ebpf.MapSpec `ebpf:"weir_sock_rev"`
+	WeirSockTerm     *ebpf.MapSpec `ebpf:"weir_sock_term"`
 }
 
 // stagesVariableSpecs contains global variables before they are loaded into the kernel.
@@ -152,6 +154,7 @@ type stagesMaps struct {
 	WeirSlotMask     *ebpf.Map `ebpf:"weir_slot_mask"`
 	WeirSockAffinity *ebpf.Map `ebpf:"weir_sock_affinity"`
 	WeirSockRev      *ebpf.Map `ebpf:"weir_sock_rev"`
+	WeirSockTerm     *ebpf.Map `ebpf:"weir_sock_term"`
 }
 
 func (m *stagesMaps) Close() error {
@@ -172,6 +175,7 @@ func (m *stagesMaps) Close() error {
 		m.WeirSlotMask,
 		m.WeirSockAffinity,
 		m.WeirSockRev,
+		m.WeirSockTerm,
 	)
 }
 
