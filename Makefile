@@ -42,8 +42,8 @@ k8s:
 # Debian's etcd for the control plane; util-linux (nsenter) and iproute2
 # are part of the base system.
 deps-test:
-	@command -v etcd >/dev/null || { \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq etcd-server >/dev/null; }
+	@command -v etcd >/dev/null && command -v dig >/dev/null && command -v curl >/dev/null || { \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq etcd-server dnsutils curl >/dev/null; }
 
 vet:
 	$(GO) vet $(PKGS)

@@ -88,4 +88,12 @@ int weir_netdev_ingress(struct __sk_buff *skb)
 	return weir_entry(skb, WEIR_HOOK_NETDEV_INGRESS, 1);
 }
 
+/* netdev-egress: tc egress on the node's uplink: what the node's own stack
+ * sends (to pods of other nodes through the tunnel). */
+SEC("tc")
+int weir_netdev_egress(struct __sk_buff *skb)
+{
+	return weir_entry(skb, WEIR_HOOK_NETDEV_EGRESS, 0);
+}
+
 char __license[] SEC("license") = "Dual BSD/GPL";

@@ -134,6 +134,26 @@ int tunnel_forward(struct __sk_buff *skb)
 	return tunnel_encap(skb, ctx, remote);
 }
 
+/* netdev-egress/tunnel: the node's own packets to pods of other nodes,
+ * routed out of the uplink toward the peer (core/ipcache installs those
+ * routes, with the MTU less the encapsulation), are encapsulated here. */
+SEC("tc")
+int tunnel_host_egress(struct __sk_buff *skb)
+{
+	WEIR_STAGE_CTX(skb, ctx);
+	struct weir_ipcache_entry *e;
+	__u32 mtu;
+
+	if (ctx->l3 != WEIR_L3_IPV4)
+		return weir_next(skb, ctx);
+	e = weir_ipcache_lookup(ctx->daddr);
+	if (!e || (e->flags & (WEIR_IPCACHE_REMOTE_POD | WEIR_IPCACHE_ENCAP)) != (WEIR_IPCACHE_REMOTE_POD | WEIR_IPCACHE_ENCAP))
+		return weir_next(skb, ctx);
+	if (tunnel_too_big(skb, ctx, &mtu))
+		return weir_drop_ctx(skb, ctx, WEIR_DROP_FRAG_NEEDED);
+	return tunnel_encap(skb, ctx, e->node_ip);
+}
+
 /* netdev-ingress/tunnel: tunnel packets for this node lose their outer
  * headers and continue as the pod packet they carry. */
 SEC("tc")

@@ -261,15 +261,37 @@ func findUplink(opts *Options, facts *nodeFacts) (node.Uplink, error) {
 // newIPCache is constructed only when a forwarding module asks for it.
 // Whether a peer is reached through the tunnel depends on its pool, which
 // its labels decide under the same configuration.
-func newIPCache(lc fx.Lifecycle, dp *datapath.Datapath, store *model.Store, info *node.Info, eff *config.Effective, w *watcher, log *slog.Logger) *ipcache.Reconciler {
+type ipcacheParams struct {
+	fx.In
+	LC        fx.Lifecycle
+	DP        *datapath.Datapath
+	Store     *model.Store
+	Info      *node.Info
+	Eff       *config.Effective
+	W         *watcher
+	Log       *slog.Logger
+	Overheads []module.MTUOverhead `group:"mtu-overhead"`
+}
+
+func newIPCache(p ipcacheParams) *ipcache.Reconciler {
+	lc, dp, store, info, eff, w, log := p.LC, p.DP, p.Store, p.Info, p.Eff, p.W, p.Log
+	selfKey := module.EncapsulationKey(eff.Settings)
+	tunnelMTU := 0
+	if selfKey != "" && info.Uplink.MTU > 0 {
+		tunnelMTU = info.Uplink.MTU
+		for _, o := range p.Overheads {
+			tunnelMTU = min(tunnelMTU, info.Uplink.MTU-int(o))
+		}
+	}
 	r := ipcache.New(ipcache.Options{
-		Map:     func() ipcache.Map { return dp.IPCache() },
-		Self:    info.Name,
-		SelfKey: module.EncapsulationKey(eff.Settings),
-		PeerKey: w.encapsulationOf,
-		Uplink:  info.Uplink,
-		Routes:  true,
-		Log:     log.With("component", "ipcache"),
+		Map:       func() ipcache.Map { return dp.IPCache() },
+		Self:      info.Name,
+		SelfKey:   selfKey,
+		PeerKey:   w.encapsulationOf,
+		Uplink:    info.Uplink,
+		Routes:    true,
+		TunnelMTU: tunnelMTU,
+		Log:       log.With("component", "ipcache"),
 	})
 	w.OnConfig(r.Refresh)
 	background(lc, func(ctx context.Context) { r.Run(ctx, store) })
@@ -425,18 +447,26 @@ func attachUplink(dp *datapath.Datapath, info *node.Info, eff *config.Effective)
 	if !info.Uplink.Valid() {
 		return nil
 	}
-	claimed := false
-	for _, f := range eff.Modules {
-		for _, c := range f.Slots {
-			if s, _ := slots.Lookup(c.Slot); s.Hook == slots.NetdevIngress {
-				claimed = true
+	for _, h := range []slots.Hook{slots.NetdevIngress, slots.NetdevEgress} {
+		claimed := false
+		for _, f := range eff.Modules {
+			for _, c := range f.Slots {
+				if s, _ := slots.Lookup(c.Slot); s.Hook == h {
+					claimed = true
+				}
 			}
 		}
+		var err error
+		if claimed {
+			err = dp.Attach(info.Uplink.Index, info.Uplink.Name, h)
+		} else {
+			err = dp.Detach(info.Uplink.Name, h)
+		}
+		if err != nil {
+			return err
+		}
 	}
-	if !claimed {
-		return dp.Detach(info.Uplink.Name, slots.NetdevIngress)
-	}
-	return dp.Attach(info.Uplink.Index, info.Uplink.Name, slots.NetdevIngress)
+	return nil
 }
 
 type serveParams struct {

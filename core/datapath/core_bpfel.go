@@ -309,6 +309,7 @@ const (
 	coreMapWeirSockAffinity      = "weir_sock_affinity"
 	coreMapWeirSockRev           = "weir_sock_rev"
 	coreMapWeirSockTerm          = "weir_sock_term"
+	coreProgWeirNetdevEgress     = "weir_netdev_egress"
 	coreProgWeirNetdevIngress    = "weir_netdev_ingress"
 	coreProgWeirPodEgress        = "weir_pod_egress"
 	coreProgWeirPodIngress       = "weir_pod_ingress"
@@ -383,6 +384,7 @@ type coreSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type coreProgramSpecs struct {
+	WeirNetdevEgress  *ebpf.ProgramSpec `ebpf:"weir_netdev_egress"`
 	WeirNetdevIngress *ebpf.ProgramSpec `ebpf:"weir_netdev_ingress"`
 	WeirPodEgress     *ebpf.ProgramSpec `ebpf:"weir_pod_egress"`
 	WeirPodIngress    *ebpf.ProgramSpec `ebpf:"weir_pod_ingress"`
@@ -542,6 +544,7 @@ type coreVariables struct {
 //
 // It can be passed to loadCoreObjects or ebpf.CollectionSpec.LoadAndAssign.
 type corePrograms struct {
+	WeirNetdevEgress  *ebpf.Program `ebpf:"weir_netdev_egress"`
 	WeirNetdevIngress *ebpf.Program `ebpf:"weir_netdev_ingress"`
 	WeirPodEgress     *ebpf.Program `ebpf:"weir_pod_egress"`
 	WeirPodIngress    *ebpf.Program `ebpf:"weir_pod_ingress"`
@@ -549,6 +552,7 @@ type corePrograms struct {
 
 func (p *corePrograms) Close() error {
 	return _CoreClose(
+		p.WeirNetdevEgress,
 		p.WeirNetdevIngress,
 		p.WeirPodEgress,
 		p.WeirPodIngress,

@@ -318,6 +318,8 @@ func (d *Datapath) Entry(h slots.Hook) (*ebpf.Program, error) {
 		return d.core.WeirPodIngress, nil
 	case slots.NetdevIngress:
 		return d.core.WeirNetdevIngress, nil
+	case slots.NetdevEgress:
+		return d.core.WeirNetdevEgress, nil
 	}
 	return nil, fmt.Errorf("hook %s has no entry program yet", h)
 }
@@ -385,6 +387,8 @@ func hookAttach(h slots.Hook) (ebpf.AttachType, error) {
 		return ebpf.AttachTCXEgress, nil
 	case slots.NetdevIngress:
 		return ebpf.AttachTCXIngress, nil
+	case slots.NetdevEgress:
+		return ebpf.AttachTCXEgress, nil
 	}
 	return 0, fmt.Errorf("hook %s cannot be attached to a device yet", h)
 }

@@ -44,10 +44,15 @@ type Options struct {
 	SelfKey string
 	PeerKey func(labels map[string]string) string
 	Uplink  node.Uplink
-	// Routes installs kernel routes to natively reached peers' pod CIDRs
-	// via their address, when the peer is on the uplink's subnet.
+	// Routes installs kernel routes to peers' pod CIDRs via their
+	// address, when the peer is on the uplink's subnet: for the node's own
+	// traffic to pods there (native routing forwards pods' traffic by the
+	// same routes; the tunnel encapsulates the node's on the uplink).
 	Routes bool
-	Log    *slog.Logger
+	// TunnelMTU is the MTU of the routes to peers reached through the
+	// tunnel: the uplink's less the encapsulation.
+	TunnelMTU int
+	Log       *slog.Logger
 }
 
 // Reconciler writes the ipcache and routes.
@@ -153,14 +158,20 @@ func (r *Reconciler) routes(nodes []*model.Node, want map[datapath.IPCacheKey]da
 	onLink := func(ip netip.Addr) bool {
 		return slices.ContainsFunc(addrs, func(a netlink.Addr) bool { return a.IPNet.Contains(ip.AsSlice()) })
 	}
-	desired := map[netip.Prefix]netip.Addr{}
+	type hop struct {
+		via netip.Addr
+		mtu int
+	}
+	desired := map[netip.Prefix]hop{}
 	for _, n := range nodes {
 		if n.Name == r.o.Self || !onLink(n.IP) {
 			continue
 		}
 		for _, c := range n.PodCIDRs {
 			if want[key(c)].Flags&datapath.IPCacheEncap == 0 {
-				desired[c] = n.IP
+				desired[c] = hop{via: n.IP}
+			} else if r.o.TunnelMTU > 0 {
+				desired[c] = hop{via: n.IP, mtu: r.o.TunnelMTU}
 			}
 		}
 	}
@@ -168,10 +179,10 @@ func (r *Reconciler) routes(nodes []*model.Node, want map[datapath.IPCacheKey]da
 	if err != nil {
 		return fmt.Errorf("listing routes: %w", err)
 	}
-	for dst, via := range desired {
-		rt := &netlink.Route{LinkIndex: r.o.Uplink.Index, Dst: prefixNet(dst), Gw: via.AsSlice(), Protocol: RouteProtocol}
+	for dst, h := range desired {
+		rt := &netlink.Route{LinkIndex: r.o.Uplink.Index, Dst: prefixNet(dst), Gw: h.via.AsSlice(), Protocol: RouteProtocol, MTU: h.mtu}
 		if err := netlink.RouteReplace(rt); err != nil {
-			return fmt.Errorf("route to %s via %s: %w", dst, via, err)
+			return fmt.Errorf("route to %s via %s: %w", dst, h.via, err)
 		}
 	}
 	for _, rt := range existing {

@@ -326,9 +326,16 @@ func metric(t *testing.T, n *Node, hook string, r datapath.Reason) uint64 {
 // capture records the frames crossing one underlay port while fn runs.
 func capture(t *testing.T, l *Lab, port string, fn func()) [][]byte {
 	t.Helper()
+	return captureOn(t, netns.Path(l.Underlay), port, fn)
+}
+
+// captureOn records the frames crossing one interface of a namespace
+// while fn runs (taps see what arrives before tc ingress runs).
+func captureOn(t *testing.T, nsPath, ifname string, fn func()) [][]byte {
+	t.Helper()
 	var fd int
-	if err := netns.Do(netns.Path(l.Underlay), func() error {
-		ifi, err := net.InterfaceByName(port)
+	if err := netns.Do(nsPath, func() error {
+		ifi, err := net.InterfaceByName(ifname)
 		if err != nil {
 			return err
 		}

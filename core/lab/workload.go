@@ -8,9 +8,14 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"os"
+	"os/exec"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
+
+	"golang.org/x/net/dns/dnsmessage"
 
 	"github.com/weirnet/weir/core/netns"
 )
@@ -28,10 +33,15 @@ type Workload struct {
 	// Sink port (TCP): reads until the client closes its side, then
 	// answers the number of bytes received (bulk transfers).
 	Sink int `yaml:"sink" json:"sink,omitempty"`
+	// DNS port (UDP): a name server answering every TXT question with the
+	// pod's name (for real resolvers such as dig).
+	DNS int `yaml:"dns" json:"dns,omitempty"`
 }
 
 // Empty reports whether the workload serves nothing.
-func (w Workload) Empty() bool { return w.HTTP == 0 && w.UDP == 0 && w.Echo == 0 && w.Sink == 0 }
+func (w Workload) Empty() bool {
+	return w.HTTP == 0 && w.UDP == 0 && w.Echo == 0 && w.Sink == 0 && w.DNS == 0
+}
 
 // Servers are a running workload.
 type Servers struct {
@@ -79,6 +89,14 @@ func Serve(name, nsPath string, w Workload) (*Servers, error) {
 			s.closers = append(s.closers, ln)
 			s.wg.Go(func() { lineEcho(name, ln) })
 		}
+		if w.DNS != 0 {
+			pc, err := net.ListenPacket("udp4", fmt.Sprintf(":%d", w.DNS))
+			if err != nil {
+				return err
+			}
+			s.closers = append(s.closers, pc)
+			s.wg.Go(func() { serveDNS(name, pc) })
+		}
 		if w.Sink != 0 {
 			ln, err := net.Listen("tcp4", fmt.Sprintf(":%d", w.Sink))
 			if err != nil {
@@ -111,6 +129,54 @@ func udpEcho(name string, pc net.PacketConn) {
 		}
 		_, _ = pc.WriteTo([]byte(name+": "+string(buf[:n])), addr)
 	}
+}
+
+// serveDNS answers each query with one TXT record holding name, and
+// malformed ones with FORMERR.
+func serveDNS(name string, pc net.PacketConn) {
+	buf := make([]byte, 65535)
+	for {
+		n, addr, err := pc.ReadFrom(buf)
+		if err != nil {
+			return
+		}
+		if out, err := dnsAnswer(name, buf[:n]); err == nil {
+			_, _ = pc.WriteTo(out, addr)
+		}
+	}
+}
+
+func dnsAnswer(name string, query []byte) ([]byte, error) {
+	var p dnsmessage.Parser
+	h, err := p.Start(query)
+	if err != nil {
+		return nil, err
+	}
+	q, err := p.Question()
+	if err != nil {
+		rh := dnsmessage.Header{ID: h.ID, Response: true, RCode: dnsmessage.RCodeFormatError}
+		b := dnsmessage.NewBuilder(nil, rh)
+		return b.Finish()
+	}
+	rh := dnsmessage.Header{ID: h.ID, Response: true, Authoritative: true, RecursionDesired: h.RecursionDesired}
+	b := dnsmessage.NewBuilder(nil, rh)
+	b.EnableCompression()
+	if err := b.StartQuestions(); err != nil {
+		return nil, err
+	}
+	if err := b.Question(q); err != nil {
+		return nil, err
+	}
+	if err := b.StartAnswers(); err != nil {
+		return nil, err
+	}
+	if q.Type == dnsmessage.TypeTXT {
+		rr := dnsmessage.ResourceHeader{Name: q.Name, Type: dnsmessage.TypeTXT, Class: dnsmessage.ClassINET, TTL: 0}
+		if err := b.TXTResource(rr, dnsmessage.TXTResource{TXT: []string{name}}); err != nil {
+			return nil, err
+		}
+	}
+	return b.Finish()
 }
 
 // serveConns runs handle on every accepted connection (closing it after)
@@ -238,4 +304,25 @@ func UDPAsk(ctx context.Context, nsPath, addr, msg string, timeout time.Duration
 		return "", err
 	}
 	return string(buf[:n]), nil
+}
+
+// Exec runs a program (a real client: curl, dig) with its network
+// namespace at nsPath and its process in the cgroup v2 directory cgroup
+// from its first instruction, as a pod's or a node's own process would
+// be, and returns what it wrote to stdout.
+func Exec(ctx context.Context, nsPath, cgroup string, argv ...string) (string, error) {
+	dir, err := os.Open(cgroup)
+	if err != nil {
+		return "", fmt.Errorf("opening cgroup: %w", err)
+	}
+	defer dir.Close()
+	cmd := exec.CommandContext(ctx, "nsenter", append([]string{"--net=" + nsPath, "--"}, argv...)...)
+	cmd.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: int(dir.Fd())}
+	var stderr strings.Builder
+	cmd.Stderr = &stderr
+	out, err := cmd.Output()
+	if err != nil {
+		return string(out), fmt.Errorf("%s: %w: %s", strings.Join(argv, " "), err, strings.TrimSpace(stderr.String()))
+	}
+	return string(out), nil
 }

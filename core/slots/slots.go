@@ -71,6 +71,7 @@ var table = []Slot{
 	{Name: "pod-ingress/deliver", Hook: PodIngress, Order: 12},
 	{Name: "netdev-ingress/tunnel", Hook: NetdevIngress, Order: 4},
 	{Name: "netdev-ingress/local", Hook: NetdevIngress, Order: 8},
+	{Name: "netdev-egress/tunnel", Hook: NetdevEgress, Order: 4},
 }
 
 // MaxTailCalls is the kernel's limit of tail calls in one chain
@@ -83,6 +84,7 @@ const MaxTailCalls = 33
 var Chains = [][]Hook{
 	{PodEgress, PodIngress},
 	{NetdevIngress, PodIngress},
+	{NetdevEgress},
 }
 
 // ChainTailCalls is the most tail calls a chain can make, counting every

@@ -49,10 +49,16 @@ func TestRanges(t *testing.T) {
 	if first != 2*PerHook || last != 2*PerHook+8 {
 		t.Fatalf("netdev-ingress range = %d..%d", first, last)
 	}
-	// Hooks nobody can fill yet have an empty range.
 	first, last = Range(NetdevEgress)
-	if first <= last {
-		t.Fatalf("netdev-egress range %d..%d should be empty", first, last)
+	if first != 3*PerHook || last != 3*PerHook+4 {
+		t.Fatalf("netdev-egress range = %d..%d", first, last)
+	}
+	// A hook without slots has an empty range.
+	saved := table
+	defer func() { table = saved }()
+	table = []Slot{{Name: "pod-egress/arp", Hook: PodEgress}}
+	if first, last = Range(NetdevEgress); first <= last {
+		t.Fatalf("netdev-egress range %d..%d should be empty without slots", first, last)
 	}
 }
 

@@ -394,3 +394,59 @@ func TestBackendDepartureEndsItsSockets(t *testing.T) {
 		t.Errorf("the next connect: %+v; want the backend that stays, %s", r, stays)
 	}
 }
+
+// answers counts which backends count connects to the frontend reach.
+func (l *lab) answers(t *testing.T, front netip.AddrPort, count int) map[string]int {
+	t.Helper()
+	got := map[string]int{}
+	for range count {
+		r := client(t, l.ns, l.cgroup, "tcp", front)
+		if r.Errno != 0 {
+			t.Fatalf("connect to %s: %+v", front, r)
+		}
+		got[r.Reply]++
+	}
+	return got
+}
+
+// Session affinity, traffic policies and terminating backends choose as
+// they do for the per-packet lb: the same maps, the same rules.
+func TestPoliciesAsInLB(t *testing.T) {
+	front := netip.AddrPortFrom(vip, 80)
+	t.Run("session affinity keeps a client on its backend", func(t *testing.T) {
+		l := newLab(t, &Settings{}, false)
+		s := service("web", front, model.TCP, 8080, be1, be2)
+		s.AffinityTimeout = 60
+		l.services(s)
+		if got := l.answers(t, front, 12); len(got) != 1 {
+			t.Fatalf("12 connections with sessionAffinity ClientIP went to %v; want one backend", got)
+		}
+	})
+	t.Run("internal traffic policy Local", func(t *testing.T) {
+		l := newLab(t, &Settings{}, false)
+		l.rec.SetNode("n1")
+		s := service("web", front, model.TCP, 8080, be1, be2)
+		s.Frontends[0].InternalLocal = true
+		s.Frontends[0].Backends[0].NodeName = "n1"
+		s.Frontends[0].Backends[1].NodeName = "n2"
+		l.services(s)
+		if got := l.answers(t, front, 8); got[be1.String()] != 8 {
+			t.Fatalf("internalTrafficPolicy Local: %v; want only the local backend %s", got, be1)
+		}
+	})
+	t.Run("terminating backends take no new connections unless none other serves", func(t *testing.T) {
+		l := newLab(t, &Settings{}, false)
+		s := service("web", front, model.TCP, 8080, be1, be2)
+		s.Frontends[0].Backends[1].State = model.Terminating
+		l.services(s)
+		if got := l.answers(t, front, 8); got[be1.String()] != 8 {
+			t.Fatalf("with %s terminating: %v; want only %s", be2, got, be1)
+		}
+		s = service("web", front, model.TCP, 8080, be2)
+		s.Frontends[0].Backends[0].State = model.Terminating
+		l.services(s)
+		if got := l.answers(t, front, 4); got[be2.String()] != 4 {
+			t.Fatalf("with only %s, terminating: %v; want it to serve", be2, got)
+		}
+	})
+}

@@ -86,6 +86,7 @@ var Factory = module.Factory{
 		Slots: []module.SlotClaim{
 			{Slot: "pod-egress/forward", Program: "tunnel_forward"},
 			{Slot: "netdev-ingress/tunnel", Program: "tunnel_decap"},
+			{Slot: "netdev-egress/tunnel", Program: "tunnel_host_egress"},
 		},
 		NewSettings: func() module.Settings { return DefaultSettings() },
 	},

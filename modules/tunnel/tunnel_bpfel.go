@@ -16,32 +16,33 @@ import (
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	tunnelMapWeirAffinity     = "weir_affinity"
-	tunnelMapWeirBackendAddrs = "weir_backend_addrs"
-	tunnelMapWeirBackends     = "weir_backends"
-	tunnelMapWeirCalls        = "weir_calls"
-	tunnelMapWeirCt           = "weir_ct"
-	tunnelMapWeirEndpoints    = "weir_endpoints"
-	tunnelMapWeirEvents       = "weir_events"
-	tunnelMapWeirFrags        = "weir_frags"
-	tunnelMapWeirIpcache      = "weir_ipcache"
-	tunnelMapWeirMetrics      = "weir_metrics"
-	tunnelMapWeirRevnat       = "weir_revnat"
-	tunnelMapWeirScratch      = "weir_scratch"
-	tunnelMapWeirServices     = "weir_services"
-	tunnelMapWeirSlotMask     = "weir_slot_mask"
-	tunnelMapWeirSockAffinity = "weir_sock_affinity"
-	tunnelMapWeirSockRev      = "weir_sock_rev"
-	tunnelMapWeirSockTerm     = "weir_sock_term"
-	tunnelProgTunnelDecap     = "tunnel_decap"
-	tunnelProgTunnelForward   = "tunnel_forward"
-	tunnelVarTunnelGeneve     = "tunnel_geneve"
-	tunnelVarTunnelNodeIp     = "tunnel_node_ip"
-	tunnelVarTunnelPort       = "tunnel_port"
-	tunnelVarTunnelUplink     = "tunnel_uplink"
-	tunnelVarTunnelVni        = "tunnel_vni"
-	tunnelVarWeirHookFirst    = "weir_hook_first"
-	tunnelVarWeirHookLast     = "weir_hook_last"
+	tunnelMapWeirAffinity      = "weir_affinity"
+	tunnelMapWeirBackendAddrs  = "weir_backend_addrs"
+	tunnelMapWeirBackends      = "weir_backends"
+	tunnelMapWeirCalls         = "weir_calls"
+	tunnelMapWeirCt            = "weir_ct"
+	tunnelMapWeirEndpoints     = "weir_endpoints"
+	tunnelMapWeirEvents        = "weir_events"
+	tunnelMapWeirFrags         = "weir_frags"
+	tunnelMapWeirIpcache       = "weir_ipcache"
+	tunnelMapWeirMetrics       = "weir_metrics"
+	tunnelMapWeirRevnat        = "weir_revnat"
+	tunnelMapWeirScratch       = "weir_scratch"
+	tunnelMapWeirServices      = "weir_services"
+	tunnelMapWeirSlotMask      = "weir_slot_mask"
+	tunnelMapWeirSockAffinity  = "weir_sock_affinity"
+	tunnelMapWeirSockRev       = "weir_sock_rev"
+	tunnelMapWeirSockTerm      = "weir_sock_term"
+	tunnelProgTunnelDecap      = "tunnel_decap"
+	tunnelProgTunnelForward    = "tunnel_forward"
+	tunnelProgTunnelHostEgress = "tunnel_host_egress"
+	tunnelVarTunnelGeneve      = "tunnel_geneve"
+	tunnelVarTunnelNodeIp      = "tunnel_node_ip"
+	tunnelVarTunnelPort        = "tunnel_port"
+	tunnelVarTunnelUplink      = "tunnel_uplink"
+	tunnelVarTunnelVni         = "tunnel_vni"
+	tunnelVarWeirHookFirst     = "weir_hook_first"
+	tunnelVarWeirHookLast      = "weir_hook_last"
 )
 
 // loadTunnel returns the embedded CollectionSpec for tunnel.
@@ -86,8 +87,9 @@ type tunnelSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type tunnelProgramSpecs struct {
-	TunnelDecap   *ebpf.ProgramSpec `ebpf:"tunnel_decap"`
-	TunnelForward *ebpf.ProgramSpec `ebpf:"tunnel_forward"`
+	TunnelDecap      *ebpf.ProgramSpec `ebpf:"tunnel_decap"`
+	TunnelForward    *ebpf.ProgramSpec `ebpf:"tunnel_forward"`
+	TunnelHostEgress *ebpf.ProgramSpec `ebpf:"tunnel_host_egress"`
 }
 
 // tunnelMapSpecs contains maps before they are loaded into the kernel.
@@ -204,14 +206,16 @@ type tunnelVariables struct {
 //
 // It can be passed to loadTunnelObjects or ebpf.CollectionSpec.LoadAndAssign.
 type tunnelPrograms struct {
-	TunnelDecap   *ebpf.Program `ebpf:"tunnel_decap"`
-	TunnelForward *ebpf.Program `ebpf:"tunnel_forward"`
+	TunnelDecap      *ebpf.Program `ebpf:"tunnel_decap"`
+	TunnelForward    *ebpf.Program `ebpf:"tunnel_forward"`
+	TunnelHostEgress *ebpf.Program `ebpf:"tunnel_host_egress"`
 }
 
 func (p *tunnelPrograms) Close() error {
 	return _TunnelClose(
 		p.TunnelDecap,
 		p.TunnelForward,
+		p.TunnelHostEgress,
 	)
 }
 
