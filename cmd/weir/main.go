@@ -27,6 +27,9 @@ Lab (namespaces on this machine):
   lab kube apply|delete NAME -f FILE     create or delete Namespaces, Pods, Services
                                          in a lab with kubernetes: true
 
+Measuring, from wherever it runs (a pod: through lab exec):
+  connect-latency ADDR [-n N] [-o json]  connect + HTTP request + close, N times: p50, p99
+
 Agent of a node (--lab NAME --node N, or --api-socket PATH):
   status [-o json]                       readiness, sources, work done, how full each map is
 
@@ -61,6 +64,8 @@ func run(args []string, out io.Writer) error {
 		return runLab(args[1:], out)
 	case "status":
 		return runStatus(args[1:], out)
+	case "connect-latency":
+		return runConnLatency(args[1:], out)
 	case "service":
 		if len(args) >= 2 && args[1] == "list" {
 			return runMaps("service", args[2:], out)

@@ -173,7 +173,7 @@ func apply(t *testing.T, l *Lab, services string, want int) {
 	})
 }
 
-func serviceRows(t *testing.T, n *Node) []datapath.ServiceRow {
+func serviceRows(t testing.TB, n *Node) []datapath.ServiceRow {
 	t.Helper()
 	p, err := datapath.OpenPinned(n.PinDir)
 	if err != nil {

@@ -1,12 +1,15 @@
 package lab
 
 import (
+	"bufio"
 	"context"
+	"fmt"
 	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -17,8 +20,9 @@ import (
 	"github.com/weirnet/weir/core/netns"
 )
 
-// n1 runs socketlb (its pool), n2 only the per-packet lb; both tunnel.
-const socketLBConfig = `modules: [endpoints, lb, tunnel]
+// n1 runs socketlb (its pool), n2 only the per-packet lb; both tunnel,
+// or both route natively.
+const socketLBConfig = `modules: [endpoints, lb, %s]
 datapath: {ctMaxEntries: 65536}
 nodePools:
   - name: sockets
@@ -35,9 +39,13 @@ const socketLBServices = `services:
     clusterIP: 10.96.0.53
     ports: [{name: dns, port: 53, targetPort: 5353, protocol: UDP}]
     backends: [{ip: 10.244.1.11}, {ip: 10.244.2.11}]
+  - name: echo
+    clusterIP: 10.96.0.90
+    ports: [{name: echo, port: 9000, targetPort: 9000}]
+    backends: [{ip: 10.244.1.11}, {ip: 10.244.2.11}]
 `
 
-func upSocketLB(t *testing.T) *Lab {
+func upSocketLB(t *testing.T, forwarding string) *Lab {
 	t.Helper()
 	for _, tool := range []string{"curl", "dig", "nsenter"} {
 		if _, err := exec.LookPath(tool); err != nil {
@@ -45,10 +53,10 @@ func upSocketLB(t *testing.T) *Lab {
 		}
 	}
 	cfg := filepath.Join(t.TempDir(), "agent.yaml")
-	if err := os.WriteFile(cfg, []byte(socketLBConfig), 0o600); err != nil {
+	if err := os.WriteFile(cfg, []byte(fmt.Sprintf(socketLBConfig, forwarding)), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	work := Workload{HTTP: 8080, DNS: 5353}
+	work := Workload{HTTP: 8080, DNS: 5353, Echo: 9000}
 	l := up(t, &Spec{
 		Name:        newLabName(),
 		AgentConfig: cfg,
@@ -61,8 +69,8 @@ func upSocketLB(t *testing.T) *Lab {
 				{Name: "web-2", IP: "10.244.2.11", Serve: work}}},
 		},
 	})
-	apply(t, l, socketLBServices, 2)
-	waitFor(t, 10*time.Second, "services on n2", func() bool { return len(serviceRows(t, l.Nodes[1])) == 2 })
+	apply(t, l, socketLBServices, 3)
+	waitFor(t, 10*time.Second, "services on n2", func() bool { return len(serviceRows(t, l.Nodes[1])) == 3 })
 	return l
 }
 
@@ -114,7 +122,13 @@ func digTXT(t *testing.T, nsPath, cgroup, server string) string {
 }
 
 func TestSocketLB(t *testing.T) {
-	l := upSocketLB(t)
+	for _, fwd := range []string{"tunnel", "nativerouting"} {
+		t.Run(fwd, func(t *testing.T) { testSocketLB(t, fwd) })
+	}
+}
+
+func testSocketLB(t *testing.T, forwarding string) {
+	l := upSocketLB(t, forwarding)
 	n1, n2 := l.Node("n1"), l.Node("n2")
 	client, client2 := l.Pod("client"), l.Pod("client-2")
 	backends := map[string]bool{"web-1": true, "web-2": true}
@@ -125,7 +139,7 @@ func TestSocketLB(t *testing.T) {
 			t.Fatalf("answers %v; want both backends and nothing else", got)
 		}
 	})
-	t.Run("TCP from the node's own namespace, through the tunnel too", func(t *testing.T) {
+	t.Run("TCP from the node's own namespace, to local and remote backends", func(t *testing.T) {
 		got := curlAll(t, n1.NetnsPath(), n1.Cgroup, "http://10.96.0.10/", 16)
 		if got["web-1"] == 0 || got["web-2"] == 0 || got["web-1"]+got["web-2"] != 16 {
 			t.Fatalf("answers %v; want both backends and nothing else", got)
@@ -191,6 +205,74 @@ func TestSocketLB(t *testing.T) {
 			t.Errorf("lb-only node: none of %d packets on the pod's veth carry a ClusterIP; the capture cannot tell", n)
 		}
 	})
+}
+
+// A backend that leaves the service ends the connections socket LB sent
+// to it (through the agent: reconciler, module, socket iterators), and
+// the client's next connect reaches the backend that is left.
+func TestSocketLBBackendDepartureEndsConnections(t *testing.T) {
+	l := upSocketLB(t, "tunnel")
+	n1, client := l.Node("n1"), l.Pod("client")
+	dir, err := os.Open(podCgroup(n1))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer dir.Close()
+	// bash connects with connect(): one line through the echo service,
+	// then it waits for the next line, which never comes, or for the end.
+	script := `exec 3<>/dev/tcp/10.96.0.90/9000 || exit 2; echo hello >&3; read -r line <&3; echo "$line"; read -r line <&3; echo "end $?"`
+	cmd := exec.Command("nsenter", "--net="+client.NetnsPath(), "--", "bash", "-c", script)
+	cmd.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: int(dir.Fd())}
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = cmd.Process.Kill(); _ = cmd.Wait() })
+	lines := make(chan string, 2)
+	go func() {
+		sc := bufio.NewScanner(out)
+		for sc.Scan() {
+			lines <- sc.Text()
+		}
+		close(lines)
+	}()
+	var first string
+	select {
+	case first = <-lines:
+	case <-time.After(10 * time.Second):
+		t.Fatal("no answer through the echo service")
+	}
+	who, _, _ := strings.Cut(first, ":")
+	stays := map[string]string{"web-1": "10.244.2.11", "web-2": "10.244.1.11"}[who]
+	if stays == "" {
+		t.Fatalf("the echo service answered %q", first)
+	}
+	services := socketLBServices[:strings.Index(socketLBServices, "  - name: echo")] +
+		"  - name: echo\n    clusterIP: 10.96.0.90\n    ports: [{name: echo, port: 9000, targetPort: 9000}]\n    backends: [{ip: " + stays + "}]\n"
+	start := time.Now()
+	for _, n := range l.Nodes {
+		if err := l.Apply(n.Name, []byte(services)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	select {
+	case end := <-lines:
+		if end != "end 1" {
+			t.Fatalf("after %s left: %q; want the read to fail", who, end)
+		}
+		t.Logf("the connection to %s ended %s after the services file changed", who, time.Since(start).Round(time.Millisecond))
+	case <-time.After(10 * time.Second):
+		t.Fatalf("the connection to %s, which left the service, still stands after 10 s", who)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	next, err := Exec(ctx, client.NetnsPath(), podCgroup(n1), "bash", "-c", `exec 3<>/dev/tcp/10.96.0.90/9000 && echo again >&3 && read -r line <&3 && echo "$line"`)
+	if err != nil || strings.HasPrefix(next, who+":") || !strings.Contains(next, ": again") {
+		t.Fatalf("the next connection: %q %v; want the backend that stayed", next, err)
+	}
 }
 
 // hostVeth is the name of the node side of a pod's veth.

@@ -105,7 +105,12 @@ func (*Module) Name() string { return Name }
 
 // Object implements module.Module: the settings and the node's network
 // namespace become load-time constants.
-func (m *Module) Object() (*ebpf.CollectionSpec, error) { return ObjectSpec(m.s) }
+func (m *Module) Object() (*ebpf.CollectionSpec, error) {
+	if err := Probe(); err != nil {
+		return nil, err
+	}
+	return ObjectSpec(m.s)
+}
 
 // ObjectSpec returns the module's BPF object for the network namespace of
 // the calling thread.

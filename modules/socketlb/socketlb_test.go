@@ -450,3 +450,11 @@ func TestPoliciesAsInLB(t *testing.T) {
 		}
 	})
 }
+
+// This machine's kernel (6.18) has everything; the probe says so rather
+// than the verifier failing on a missing helper later.
+func TestProbeFindsWhatSocketLBNeeds(t *testing.T) {
+	if err := Probe(); err != nil {
+		t.Fatalf("probe on this kernel: %v", err)
+	}
+}
