@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"strconv"
+	"slices"
 	"strings"
 	"time"
 
@@ -48,6 +49,14 @@ func runStatus(args []string, out io.Writer) error {
 		pool = "-"
 	}
 	fmt.Fprintf(out, "node %s (pool %s): %s; modules %s\n", st.Node, pool, ready, strings.Join(st.Modules, ", "))
+	if len(st.CgroupHooks) > 0 {
+		hooks := make([]string, 0, len(st.CgroupHooks))
+		for h, prog := range st.CgroupHooks {
+			hooks = append(hooks, h+"="+prog)
+		}
+		slices.Sort(hooks)
+		fmt.Fprintf(out, "socket hooks on %s: %s\n", st.Cgroup, strings.Join(hooks, ", "))
+	}
 	if s := st.Services; s != nil {
 		fmt.Fprintf(out, "services: version %d in the datapath (%d passes, %d full; %d service changes; %s of CPU, last pass %s)\n",
 			s.AppliedVersion, s.Passes, s.Full, s.Services, micros(s.WorkMicros), s.LastTook.Round(time.Microsecond))

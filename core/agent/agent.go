@@ -502,6 +502,14 @@ func serveAPI(p serveParams) {
 		p.Reports.fill(&st)
 		if p.Installed.ok.Load() {
 			st.Maps = append(st.Maps, countedMaps(p.DP, st.Conntrack)...)
+			for _, h := range slots.CgroupHooks() {
+				if prog, err := p.DP.CgroupAttached(h.Name); err == nil && prog != "" {
+					if st.CgroupHooks == nil {
+						st.CgroupHooks, st.Cgroup = map[string]string{}, p.DP.Cgroup()
+					}
+					st.CgroupHooks[h.Name] = prog
+				}
+			}
 		}
 		api.WriteJSON(w, http.StatusOK, st)
 	})

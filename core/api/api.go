@@ -66,6 +66,11 @@ type Status struct {
 	// PodCIDRs are the node's pod address ranges (Node.spec.podCIDRs, or
 	// the --pod-cidr flag), from which the CNI plugin allocates.
 	PodCIDRs []string `json:"podCIDRs"`
+	// Cgroup is the cgroup v2 directory the socket hooks are on, and
+	// CgroupHooks the program each claimed hook runs ("cgroup/connect4":
+	// "sock4_connect").
+	Cgroup      string            `json:"cgroup,omitempty"`
+	CgroupHooks map[string]string `json:"cgroupHooks,omitempty"`
 	// HeapBytes is the Go heap in use by the agent.
 	HeapBytes uint64 `json:"heapBytes"`
 	// Conntrack is the last pass of the conntrack collector: fill level,

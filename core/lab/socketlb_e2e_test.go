@@ -173,6 +173,42 @@ func testSocketLB(t *testing.T, forwarding string) {
 			t.Fatalf("curl from n2's own namespace reached %q without socketlb", out)
 		}
 	})
+	t.Run("weir status names the socket hooks", func(t *testing.T) {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		st, err := n1.Client().Status(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if st.Cgroup != n1.Cgroup || st.CgroupHooks["cgroup/connect4"] != "sock4_connect" || st.CgroupHooks["cgroup/getpeername4"] != "sock4_getpeername" || len(st.CgroupHooks) != 5 {
+			t.Fatalf("n1 status: cgroup %q, hooks %v", st.Cgroup, st.CgroupHooks)
+		}
+		st2, err := n2.Client().Status(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(st2.CgroupHooks) != 0 {
+			t.Fatalf("n2 runs no socketlb, yet its status says %v", st2.CgroupHooks)
+		}
+	})
+	t.Run("socket LB runs on while the agent is down and across its restart", func(t *testing.T) {
+		if err := l.StopAgent("n1"); err != nil {
+			t.Fatal(err)
+		}
+		got := curlAll(t, client.NetnsPath(), podCgroup(n1), "http://10.96.0.10/", 6)
+		if got["web-1"]+got["web-2"] != 6 {
+			t.Fatalf("with the agent down: %v", got)
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		defer cancel()
+		if err := l.StartAgent(ctx, "n1"); err != nil {
+			t.Fatal(err)
+		}
+		got = curlAll(t, n1.NetnsPath(), n1.Cgroup, "http://10.96.0.10/", 6)
+		if got["web-1"]+got["web-2"] != 6 {
+			t.Fatalf("after the restart: %v", got)
+		}
+	})
 	t.Run("socket-translated flows never carry the ClusterIP on the wire", func(t *testing.T) {
 		vips := []netip.Addr{netip.MustParseAddr("10.96.0.10"), netip.MustParseAddr("10.96.0.53")}
 		onWire := func(n *Node, p *Pod) (carrying, total int) {
