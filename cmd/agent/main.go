@@ -4,6 +4,8 @@
 package main
 
 import (
+	"runtime/pprof"
+	"sync"
 	"context"
 	"errors"
 	"flag"
@@ -51,6 +53,8 @@ func run(args []string) error {
 	fs.StringVar(&podCIDRs, "pod-cidr", "", "standalone mode: the node's pod ranges, comma-separated (with Kubernetes they come from the Node)")
 	fs.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
 	fs.BoolVar(&logJSON, "log-json", false, "log JSON lines instead of text")
+	var cpuProfile string
+	fs.StringVar(&cpuProfile, "cpu-profile", "", "write a CPU profile of the start (until every source synced and the first full state is in the datapath) to this file; later, /debug/pprof on the API socket")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -70,6 +74,14 @@ func run(args []string) error {
 	}
 	if opts.PodCIDRs, err = parseCIDRs(podCIDRs); err != nil {
 		return err
+	}
+
+	if cpuProfile != "" {
+		stop, err := profileStart(cpuProfile, opts.Logger)
+		if err != nil {
+			return err
+		}
+		opts.OnSettled = stop
 	}
 
 	reg, err := modules.Registry()
@@ -145,4 +157,28 @@ func parseCIDRs(s string) ([]string, error) {
 		out = append(out, p.String())
 	}
 	return out, nil
+}
+
+// profileStart starts a CPU profile into path and returns what ends it
+// (once: the agent calls it when it settled, or never).
+func profileStart(path string, log *slog.Logger) (func(), error) {
+	f, err := os.Create(path)
+	if err != nil {
+		return nil, fmt.Errorf("--cpu-profile: %w", err)
+	}
+	if err := pprof.StartCPUProfile(f); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("--cpu-profile: %w", err)
+	}
+	var once sync.Once
+	return func() {
+		once.Do(func() {
+			pprof.StopCPUProfile()
+			if err := f.Close(); err != nil {
+				log.Warn("writing the start's CPU profile", "file", path, "err", err)
+				return
+			}
+			log.Info("CPU profile of the start written", "file", path)
+		})
+	}, nil
 }

@@ -63,6 +63,9 @@ type Options struct {
 	NodeIP string
 	Uplink string
 	Logger *slog.Logger
+	// OnSettled, when set, is called once every source synced and the
+	// service maps hold their first full state (the end of the start).
+	OnSettled func()
 }
 
 // Validate checks the options that have no sensible default.

@@ -23,7 +23,7 @@ const settledGCPercent = 50
 // their first full state, then hands the start's garbage back to the
 // system and tightens the collector. A GOGC in the environment is the
 // operator's choice and is left alone.
-func settleMemory(lc fx.Lifecycle, store *model.Store, rep *reports, log *slog.Logger) {
+func settleMemory(lc fx.Lifecycle, store *model.Store, rep *reports, opts *Options, log *slog.Logger) {
 	background(lc, func(ctx context.Context) {
 		changed := store.Subscribe()
 		for !store.Ready() {
@@ -48,5 +48,8 @@ func settleMemory(lc fx.Lifecycle, store *model.Store, rep *reports, log *slog.L
 		}
 		debug.FreeOSMemory()
 		log.Debug("memory settled after the first sync", "gc_percent", settledGCPercent)
+		if opts.OnSettled != nil {
+			opts.OnSettled()
+		}
 	})
 }

@@ -6,6 +6,7 @@
 package lab
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -15,6 +16,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"time"
 
@@ -353,6 +355,33 @@ func (l *Lab) withNodes(services []byte) ([]byte, error) {
 	if l.Spec.Kubernetes {
 		return services, nil
 	}
+	type fileNode struct {
+		Name     string            `yaml:"name"`
+		IP       string            `yaml:"ip"`
+		PodCIDRs []string          `yaml:"podCIDRs"`
+		Labels   map[string]string `yaml:"labels,omitempty"`
+	}
+	var nodes []fileNode
+	for i, ns := range l.Spec.Nodes {
+		nodes = append(nodes, fileNode{Name: ns.Name, IP: l.nodeIP(i).String(), PodCIDRs: []string{ns.PodCIDR}, Labels: ns.Labels})
+	}
+	// A plain block mapping (what people write) takes the nodes section
+	// as text at its end: parsing and printing again a file of tens of
+	// thousands of services would cost seconds.
+	if keys, ok := blockMappingKeys(services); ok {
+		if slices.Contains(keys, "nodes") {
+			return services, nil
+		}
+		section, err := yaml.Marshal(map[string][]fileNode{"nodes": nodes})
+		if err != nil {
+			return nil, err
+		}
+		out := slices.Clip(services)
+		if len(out) > 0 && out[len(out)-1] != '\n' {
+			out = append(out, '\n')
+		}
+		return append(out, section...), nil
+	}
 	var doc yaml.Node
 	// A file that is not a YAML mapping goes to the agents as it is: they
 	// reject it with a precise message.
@@ -365,22 +394,50 @@ func (l *Lab) withNodes(services []byte) ([]byte, error) {
 			return services, nil
 		}
 	}
-	type fileNode struct {
-		Name     string            `yaml:"name"`
-		IP       string            `yaml:"ip"`
-		PodCIDRs []string          `yaml:"podCIDRs"`
-		Labels   map[string]string `yaml:"labels,omitempty"`
-	}
-	var nodes []fileNode
-	for i, ns := range l.Spec.Nodes {
-		nodes = append(nodes, fileNode{Name: ns.Name, IP: l.nodeIP(i).String(), PodCIDRs: []string{ns.PodCIDR}, Labels: ns.Labels})
-	}
 	var value yaml.Node
 	if err := value.Encode(nodes); err != nil {
 		return nil, err
 	}
 	root.Content = append(root.Content, &yaml.Node{Kind: yaml.ScalarNode, Value: "nodes"}, &value)
 	return yaml.Marshal(&doc)
+}
+
+// blockMappingKeys returns the top-level keys of a document that is one
+// plain block mapping (every line at column 0 is a comment or a "key:"
+// line), or false for anything else (flow style, several documents,
+// anchors, tabs, a last line without its end): those take the full parse.
+func blockMappingKeys(doc []byte) ([]string, bool) {
+	var keys []string
+	for line := range bytes.Lines(doc) {
+		if len(line) == 0 || line[len(line)-1] != '\n' {
+			return nil, false
+		}
+		t := bytes.TrimRight(line, "\r\n")
+		if len(t) == 0 || t[0] == ' ' || t[0] == '#' {
+			continue
+		}
+		k, v, found := bytes.Cut(t, []byte(":"))
+		if !found || len(k) == 0 || !plainKey(k) || bytes.IndexByte(t, '\t') >= 0 {
+			return nil, false
+		}
+		// A value on the key's line: plain, or an empty flow collection;
+		// anything that may open a flow spanning lines, or an anchor or
+		// tag, takes the full parse.
+		if v = bytes.TrimSpace(v); len(v) > 0 && !bytes.Equal(v, []byte("[]")) && !bytes.Equal(v, []byte("{}")) && bytes.IndexAny(v[:1], "[{&*!") >= 0 {
+			return nil, false
+		}
+		keys = append(keys, string(k))
+	}
+	return keys, len(keys) > 0
+}
+
+func plainKey(k []byte) bool {
+	for _, c := range k {
+		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '_' || c == '-') {
+			return false
+		}
+	}
+	return true
 }
 
 // nodeIP is the underlay address of the i-th node: .11 on.
