@@ -4,8 +4,6 @@
 package main
 
 import (
-	"runtime/pprof"
-	"sync"
 	"context"
 	"errors"
 	"flag"
@@ -13,7 +11,9 @@ import (
 	"log/slog"
 	"net/netip"
 	"os"
+	"runtime/pprof"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 
