@@ -28,7 +28,9 @@ Lab (namespaces on this machine):
                                          in a lab with kubernetes: true
 
 Measuring, from wherever it runs (a pod: through lab exec):
-  connect-latency ADDR [-n N] [-o json]  connect + HTTP request + close, N times: p50, p99
+  connect-latency ADDR... [-n N] [-o json]
+                                         connect + HTTP request + close, N times to each
+                                         ADDR in turn: p50, p99
 
 Agent of a node (--lab NAME --node N, or --api-socket PATH):
   status [-o json]                       readiness, sources, work done, how full each map is

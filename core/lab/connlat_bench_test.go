@@ -18,10 +18,10 @@ import (
 // (n2 runs lb only), and straight to the same backend on each node without
 // a service. Client and backend share a node, so only the load balancing
 // differs. The client is `weir connect-latency`, run in the pod's
-// namespace and cgroup; five rounds alternate the paths' order. Reported:
-// the medians of each path's p50 and p99, and the median over rounds of
-// each path's ratio to direct on the same node in the same round (paired,
-// so a noisy round moves both sides).
+// namespace and cgroup, alternating connection by connection between the
+// service and the backend straight. Reported over five rounds: the
+// medians of each path's p50 and p99, and the median of the rounds'
+// ratios of service to direct.
 func BenchmarkConnectLatency(b *testing.B) {
 	cfg := filepath.Join(b.TempDir(), "agent.yaml")
 	if err := os.WriteFile(cfg, []byte(fmt.Sprintf(socketLBConfig, "tunnel")), 0o600); err != nil {
@@ -39,18 +39,18 @@ func BenchmarkConnectLatency(b *testing.B) {
 		},
 	})
 	n1, n2 := l.Node("n1"), l.Node("n2")
-	type path struct {
-		name    string
-		node    *Node
-		client  *Pod
-		addr    string
-		against string // the direct path on the same node
+	// Each client alternates, one connection at a time, between the
+	// service and the same backend straight: both meet the same moments
+	// of the machine, and their ratio is the load balancer's cost.
+	type pair struct {
+		name, direct string
+		node         *Node
+		client       *Pod
+		vip, backend string
 	}
-	paths := []path{
-		{"socketlb", n1, l.Pod("client"), "10.96.0.10:80", "direct-n1"},
-		{"lb", n2, l.Pod("client-2"), "10.96.0.11:80", "direct-n2"},
-		{"direct-n1", n1, l.Pod("client"), "10.244.1.11:8080", ""},
-		{"direct-n2", n2, l.Pod("client-2"), "10.244.2.11:8080", ""},
+	pairs := []pair{
+		{"socketlb", "direct-n1", n1, l.Pod("client"), "10.96.0.10:80", "10.244.1.11:8080"},
+		{"lb", "direct-n2", n2, l.Pod("client-2"), "10.96.0.11:80", "10.244.2.11:8080"},
 	}
 	for _, size := range []int{1, 1000, 10000} {
 		b.Run(fmt.Sprintf("services=%d", size), func(b *testing.B) {
@@ -77,51 +77,58 @@ func BenchmarkConnectLatency(b *testing.B) {
 					time.Sleep(100 * time.Millisecond)
 				}
 			}
-			p50s, p99s := map[string][]float64{}, map[string][]float64{}
 			const rounds = 5
-			for round := range rounds {
-				// Each round starts one path later.
-				order := append(slices.Clone(paths[round%len(paths):]), paths[:round%len(paths)]...)
-				for _, p := range order {
+			p50s, p99s := map[string][]float64{}, map[string][]float64{}
+			for range rounds {
+				for _, p := range pairs {
 					ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
-					out, err := Exec(ctx, p.client.NetnsPath(), filepath.Join(p.node.Cgroup, "pods"), bin.weir, "connect-latency", "-o", "json", "-n", "2000", p.addr)
+					out, err := Exec(ctx, p.client.NetnsPath(), filepath.Join(p.node.Cgroup, "pods"),
+						bin.weir, "connect-latency", "-o", "json", "-n", "2000", p.vip, p.backend)
 					cancel()
 					if err != nil {
 						b.Fatalf("%s: %v", p.name, err)
 					}
-					var r struct {
+					var r []struct {
 						N     int     `json:"n"`
 						P50us float64 `json:"p50Micros"`
 						P99us float64 `json:"p99Micros"`
 					}
-					if err := json.Unmarshal([]byte(out), &r); err != nil || r.N != 2000 {
+					if err := json.Unmarshal([]byte(out), &r); err != nil || len(r) != 2 || r[0].N != 2000 {
 						b.Fatalf("%s answered %q (%v)", p.name, out, err)
 					}
-					p50s[p.name] = append(p50s[p.name], r.P50us)
-					p99s[p.name] = append(p99s[p.name], r.P99us)
+					for i, name := range []string{p.name, p.direct} {
+						p50s[name] = append(p50s[name], r[i].P50us)
+						p99s[name] = append(p99s[name], r[i].P99us)
+					}
 				}
 			}
 			med := func(v []float64) float64 { s := slices.Clone(v); slices.Sort(s); return s[len(s)/2] }
 			var line []string
-			for _, p := range paths {
-				p50, p99 := med(p50s[p.name]), med(p99s[p.name])
-				b.ReportMetric(p50, "us-p50-"+p.name)
-				b.ReportMetric(p99, "us-p99-"+p.name)
-				s := fmt.Sprintf("%s p50 %.1f µs p99 %.1f µs", p.name, p50, p99)
-				if p.against != "" {
-					var q50, q99 []float64
-					for i := range rounds {
-						q50 = append(q50, p50s[p.name][i]/p50s[p.against][i])
-						q99 = append(q99, p99s[p.name][i]/p99s[p.against][i])
-					}
-					r50, r99 := med(q50), med(q99)
-					b.ReportMetric(r50, "ratio-p50-"+p.name+"-vs-"+p.against)
-					b.ReportMetric(r99, "ratio-p99-"+p.name+"-vs-"+p.against)
-					s += fmt.Sprintf(" (%.3f×, %.3f× of %s)", r50, r99, p.against)
+			for _, p := range pairs {
+				var q50, q99 []float64
+				for i := range rounds {
+					q50 = append(q50, p50s[p.name][i]/p50s[p.direct][i])
+					q99 = append(q99, p99s[p.name][i]/p99s[p.direct][i])
 				}
-				line = append(line, s)
+				r50, r99 := med(q50), med(q99)
+				for _, name := range []string{p.name, p.direct} {
+					b.ReportMetric(med(p50s[name]), "us-p50-"+name)
+					b.ReportMetric(med(p99s[name]), "us-p99-"+name)
+				}
+				b.ReportMetric(r50, "ratio-p50-"+p.name+"-vs-"+p.direct)
+				b.ReportMetric(r99, "ratio-p99-"+p.name+"-vs-"+p.direct)
+				line = append(line, fmt.Sprintf("%s p50 %.1f µs p99 %.1f µs, %s p50 %.1f µs p99 %.1f µs: %.3f× and %.3f× (ratios over rounds %s)",
+					p.name, med(p50s[p.name]), med(p99s[p.name]), p.direct, med(p50s[p.direct]), med(p99s[p.direct]), r50, r99, fmtRatios(q50)))
 			}
 			b.Logf("%d services: %s", want, strings.Join(line, "; "))
 		})
 	}
+}
+
+func fmtRatios(v []float64) string {
+	var out []string
+	for _, x := range v {
+		out = append(out, fmt.Sprintf("%.3f", x))
+	}
+	return strings.Join(out, " ")
 }
