@@ -325,6 +325,18 @@ func BenchmarkKubeScale(b *testing.B) {
 		limit, _ := strconv.Atoi(s)
 		sizes = slices.DeleteFunc(sizes, func(n int) bool { return n > limit })
 	}
+	// WEIR_SCALE_SIZES=0,30000 grows the cluster straight to the sizes
+	// listed (0 first: the baseline).
+	if s := os.Getenv("WEIR_SCALE_SIZES"); s != "" {
+		sizes = nil
+		for _, f := range strings.Split(s, ",") {
+			n, err := strconv.Atoi(strings.TrimSpace(f))
+			if err != nil || n < 0 || (len(sizes) > 0 && n <= sizes[len(sizes)-1]) {
+				b.Fatalf("WEIR_SCALE_SIZES=%q: want increasing service counts, such as 0,30000", s)
+			}
+			sizes = append(sizes, n)
+		}
+	}
 	type figures struct {
 		restart, sync, source, reconcile, changeLat, toConn, api, apiAlone, seen, programmed time.Duration
 		rss, heap, bpf                                                                       uint64
