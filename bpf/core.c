@@ -93,6 +93,12 @@ int weir_netdev_ingress(struct __sk_buff *skb)
 SEC("tc")
 int weir_netdev_egress(struct __sk_buff *skb)
 {
+	/* Forwarded by a stage already (pod traffic, encapsulated or routed
+	 * natively): nothing left to do. */
+	if ((skb->mark & WEIR_MARK_MASK) == WEIR_MARK_FORWARDED) {
+		weir_set_mark(skb, 0);
+		return TC_ACT_OK;
+	}
 	return weir_entry(skb, WEIR_HOOK_NETDEV_EGRESS, 0);
 }
 

@@ -76,6 +76,8 @@ WEIR_INLINE int tunnel_encap(struct __sk_buff *skb, struct weir_ctx *ctx, __be32
 	nh.nh_family = AF_INET;
 	nh.ipv4_nh = remote;
 	weir_count(ctx->hook, WEIR_REASON_PASS, skb->len);
+	/* The uplink's egress entry lets it go without a second look. */
+	weir_set_mark(skb, WEIR_MARK_FORWARDED);
 	return bpf_redirect_neigh(tunnel_uplink, &nh, sizeof(nh), 0);
 }
 

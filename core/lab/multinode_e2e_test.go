@@ -136,7 +136,15 @@ func TestMultiNode(t *testing.T) {
 			})
 
 			t.Run("service with only remote backends", func(t *testing.T) {
+				n1 := l.Node("n1")
+				egressBefore := metric(t, n1, "netdev-egress", datapath.ReasonPass)
+				podBefore := metric(t, n1, "pod-egress", datapath.ReasonPass)
 				got := get(t, client, "http://10.96.0.20/", 60)
+				// Pod packets a stage already sent on (encapsulated, or
+				// natively) are not looked at again on the uplink's egress.
+				if eg, pod := metric(t, n1, "netdev-egress", datapath.ReasonPass)-egressBefore, metric(t, n1, "pod-egress", datapath.ReasonPass)-podBefore; pod < 300 || eg > pod/10 {
+					t.Errorf("60 requests: %d packets passed pod-egress and %d went through the uplink's egress stages; want the pod packets not counted there", pod, eg)
+				}
 				if got["web-3"] == 0 || got["web-4"] == 0 || got["web-3"]+got["web-4"] != 60 {
 					t.Fatalf("remote-only service answered %v", got)
 				}

@@ -51,5 +51,6 @@ WEIR_INLINE int weir_fib_forward(struct __sk_buff *skb, struct weir_ctx *ctx)
 	nh.nh_family = AF_INET;
 	nh.ipv4_nh = fib.ipv4_dst;
 	weir_count(ctx->hook, WEIR_REASON_PASS, skb->len);
+	weir_set_mark(skb, WEIR_MARK_FORWARDED);
 	return bpf_redirect_neigh(fib.ifindex, &nh, sizeof(nh), 0);
 }

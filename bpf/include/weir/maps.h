@@ -56,6 +56,14 @@ enum weir_reason {
 	WEIR_REASON_MAX = 32,
 };
 
+/* skb->mark of packets a stage forwarded out of the uplink itself
+ * (encapsulated, or routed natively): the uplink's egress entry lets them
+ * go at once instead of parsing them again. Only the top byte is Weir's
+ * ('W'), and the egress entry clears it, so nothing beyond the device
+ * sees it. */
+#define WEIR_MARK_MASK 0xff000000
+#define WEIR_MARK_FORWARDED 0x57000000
+
 /* Layer 3 seen by the entry parser. */
 enum weir_l3 {
 	WEIR_L3_NONE = 0,

@@ -7,6 +7,15 @@
 
 #include "maps.h"
 
+/* Sets Weir's byte of skb->mark (WEIR_MARK_MASK) to v, the rest kept. A
+ * whole-word store: the verifier refuses narrower writes to skb->mark. */
+WEIR_INLINE void weir_set_mark(struct __sk_buff *skb, __u32 v)
+{
+	__u32 mark = (skb->mark & ~WEIR_MARK_MASK) | v;
+
+	*(volatile __u32 *)&skb->mark = mark;
+}
+
 WEIR_INLINE struct weir_ctx *weir_ctx_get(void)
 {
 	__u32 zero = 0;
