@@ -237,8 +237,10 @@ func agentMemory(b *testing.B, n *Node) (rss, heap uint64) {
 // BenchmarkCrossNode: TCP bulk throughput (200 MiB, best of 3) and
 // request/response rate (2,000 one-line round trips on one connection)
 // from a pod on n1 to a pod on n2, for each forwarding mode, beside the
-// same traffic between the two nodes' own namespaces over the bare
-// underlay (no Weir in the path), measured in the same lab.
+// same traffic between the two nodes' own namespaces over the underlay
+// (no translation, no encapsulation; in the tunnel modes the uplink's
+// egress entry still parses these packets to see that they are not for a
+// remote pod), measured in the same lab.
 func BenchmarkCrossNode(b *testing.B) {
 	for _, m := range modes[:3] {
 		b.Run(m.name, func(b *testing.B) {
