@@ -169,8 +169,16 @@ func (t *terminator) iterateIn(path string) error {
 	return nil
 }
 
-// onThreadIn runs fn on a thread moved into the network namespace fd.
+// onThreadIn runs fn on a thread moved into the network namespace fd, in
+// a goroutine of its own: should the thread fail to move back, it ends
+// with that goroutine instead of serving others from the wrong namespace.
 func onThreadIn(fd int, fn func() error) error {
+	done := make(chan error, 1)
+	go func() { done <- inNetns(fd, fn) }()
+	return <-done
+}
+
+func inNetns(fd int, fn func() error) error {
 	runtime.LockOSThread()
 	orig, err := os.Open("/proc/thread-self/ns/net")
 	if err != nil {
