@@ -9,7 +9,6 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
-	"runtime"
 	"strconv"
 	"sync"
 
@@ -19,6 +18,7 @@ import (
 
 	"github.com/weirnet/weir/core/datapath"
 	"github.com/weirnet/weir/core/lbmap"
+	"github.com/weirnet/weir/core/netns"
 )
 
 // terminator destroys the connected sockets socket LB sent to backends
@@ -142,22 +142,27 @@ func (t *terminator) terminate(batch []lbmap.Departure) error {
 // iterateIn runs both iterators over the sockets of the network namespace
 // at path (an iterator sees the namespace of the thread that opens it).
 func (t *terminator) iterateIn(path string) error {
-	fd, err := unix.Open(path, unix.O_RDONLY|unix.O_CLOEXEC, 0)
-	if err != nil {
+	var readers []io.ReadCloser
+	done := make(chan error, 1)
+	// A goroutine of its own: should its thread fail to move back,
+	// netns.Do leaves it locked and it ends with the goroutine instead of
+	// serving others from the wrong namespace.
+	go func() {
+		done <- netns.Do(path, func() error {
+			for _, it := range []*link.Iter{t.tcp, t.udp} {
+				r, err := it.Open()
+				if err != nil {
+					return err
+				}
+				readers = append(readers, r)
+			}
+			return nil
+		})
+	}()
+	err := <-done
+	if errors.Is(err, os.ErrNotExist) {
 		return nil // the process is gone, and with it the namespace's sockets
 	}
-	defer unix.Close(fd)
-	var readers []io.ReadCloser
-	err = onThreadIn(fd, func() error {
-		for _, it := range []*link.Iter{t.tcp, t.udp} {
-			r, err := it.Open()
-			if err != nil {
-				return err
-			}
-			readers = append(readers, r)
-		}
-		return nil
-	})
 	for _, r := range readers {
 		_, rerr := io.Copy(io.Discard, r)
 		r.Close()
@@ -167,36 +172,6 @@ func (t *terminator) iterateIn(path string) error {
 		return fmt.Errorf("iterating the sockets of %s: %w", path, err)
 	}
 	return nil
-}
-
-// onThreadIn runs fn on a thread moved into the network namespace fd, in
-// a goroutine of its own: should the thread fail to move back, it ends
-// with that goroutine instead of serving others from the wrong namespace.
-func onThreadIn(fd int, fn func() error) error {
-	done := make(chan error, 1)
-	go func() { done <- inNetns(fd, fn) }()
-	return <-done
-}
-
-func inNetns(fd int, fn func() error) error {
-	runtime.LockOSThread()
-	orig, err := os.Open("/proc/thread-self/ns/net")
-	if err != nil {
-		runtime.UnlockOSThread()
-		return err
-	}
-	defer orig.Close()
-	if err := unix.Setns(fd, unix.CLONE_NEWNET); err != nil {
-		runtime.UnlockOSThread()
-		return fmt.Errorf("entering the namespace: %w", err)
-	}
-	fnErr := fn()
-	if err := unix.Setns(int(orig.Fd()), unix.CLONE_NEWNET); err != nil {
-		// Leave the thread locked: Go retires it with the goroutine.
-		return errors.Join(fnErr, fmt.Errorf("leaving the namespace: %w", err))
-	}
-	runtime.UnlockOSThread()
-	return fnErr
 }
 
 // cgroupNetns lists one /proc path per network namespace of the processes
