@@ -48,40 +48,18 @@ func (d *Datapath) cgroupPin(h slots.CgroupHook) string {
 }
 
 // attachCgroup runs prog at the socket hook of the node's cgroup through a
-// pinned link. A live pinned link on the same cgroup is moved to prog in
-// one step, so sockets never meet a moment without the hook (an agent
-// restart or upgrade); a link left on another cgroup is replaced.
+// pinned link (pinLink: moved in one step on a restart, replaced when
+// left on another cgroup).
 func (d *Datapath) attachCgroup(h slots.CgroupHook, prog *ebpf.Program, cgroupID uint64) error {
-	pin := d.cgroupPin(h)
-	if l, err := link.LoadPinnedLink(pin, nil); err == nil {
-		alive := false
-		if info, ierr := l.Info(); ierr == nil {
-			if cg := info.Cgroup(); cg != nil && cg.CgroupId == cgroupID && ebpf.AttachType(cg.AttachType) == h.Attach {
-				alive = true
-			}
-		}
-		if alive {
-			err := l.Update(prog)
-			l.Close()
-			if err != nil {
-				return fmt.Errorf("updating the program at %s: %w", h.Name, err)
-			}
-			return nil
-		}
-		_ = l.Unpin()
-		_ = l.Detach()
-		l.Close()
-	} else if !errors.Is(err, os.ErrNotExist) {
-		_ = os.Remove(pin)
+	alive := func(info *link.Info) bool {
+		cg := info.Cgroup()
+		return cg != nil && cg.CgroupId == cgroupID && ebpf.AttachType(cg.AttachType) == h.Attach
 	}
-	l, err := link.AttachCgroup(link.CgroupOptions{Path: d.opts.Cgroup, Attach: h.Attach, Program: prog})
-	if err != nil {
-		return fmt.Errorf("attaching %s to cgroup %s: %w", h.Name, d.opts.Cgroup, err)
+	attach := func() (link.Link, error) {
+		return link.AttachCgroup(link.CgroupOptions{Path: d.opts.Cgroup, Attach: h.Attach, Program: prog})
 	}
-	defer l.Close()
-	if err := l.Pin(pin); err != nil {
-		_ = l.Detach()
-		return fmt.Errorf("pinning the link of %s: %w", h.Name, err)
+	if err := pinLink(d.cgroupPin(h), prog, alive, attach); err != nil {
+		return fmt.Errorf("%s on cgroup %s: %w", h.Name, d.opts.Cgroup, err)
 	}
 	return nil
 }

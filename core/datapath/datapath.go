@@ -413,36 +413,49 @@ func (d *Datapath) Attach(ifindex int, ifname string, h slots.Hook) error {
 	if err != nil {
 		return err
 	}
-	pin := d.linkPin(ifname, h)
+	alive := func(info *link.Info) bool {
+		tcx := info.TCX()
+		return tcx != nil && int(tcx.Ifindex) == ifindex && ebpf.AttachType(tcx.AttachType) == at
+	}
+	attach := func() (link.Link, error) {
+		return link.AttachTCX(link.TCXOptions{Interface: ifindex, Program: prog, Attach: at})
+	}
+	if err := pinLink(d.linkPin(ifname, h), prog, alive, attach); err != nil {
+		return fmt.Errorf("%s entry on %s (ifindex %d): %w", h, ifname, ifindex, err)
+	}
+	return nil
+}
+
+// pinLink makes the link pinned at pin run prog. A pinned link that alive
+// recognises as attached where it should be is moved to prog in one step,
+// so packets and sockets never meet a moment without the program;
+// anything else pinned there (a link to a device that is gone, or to
+// another cgroup) is let go, and attach's new link is pinned instead.
+// Links no longer pinned nor held detach when their last descriptor
+// closes.
+func pinLink(pin string, prog *ebpf.Program, alive func(*link.Info) bool, attach func() (link.Link, error)) error {
 	if l, err := link.LoadPinnedLink(pin, nil); err == nil {
-		alive := false
-		if info, ierr := l.Info(); ierr == nil {
-			if tcx := info.TCX(); tcx != nil && int(tcx.Ifindex) == ifindex && ebpf.AttachType(tcx.AttachType) == at {
-				alive = true
-			}
-		}
-		if alive {
+		info, ierr := l.Info()
+		if ierr == nil && alive(info) {
 			err := l.Update(prog)
 			l.Close()
 			if err != nil {
-				return fmt.Errorf("updating %s entry on %s: %w", h, ifname, err)
+				return fmt.Errorf("updating the program: %w", err)
 			}
 			return nil
 		}
-		// A link to a device that is gone (or another device reusing
-		// the name): replace it.
 		_ = l.Unpin()
 		l.Close()
 	} else if !errors.Is(err, os.ErrNotExist) {
 		_ = os.Remove(pin)
 	}
-	l, err := link.AttachTCX(link.TCXOptions{Interface: ifindex, Program: prog, Attach: at})
+	l, err := attach()
 	if err != nil {
-		return fmt.Errorf("attaching %s entry to %s (ifindex %d): %w", h, ifname, ifindex, err)
+		return fmt.Errorf("attaching: %w", err)
 	}
 	defer l.Close()
 	if err := l.Pin(pin); err != nil {
-		return fmt.Errorf("pinning %s link of %s: %w", h, ifname, err)
+		return fmt.Errorf("pinning the link: %w", err)
 	}
 	return nil
 }
