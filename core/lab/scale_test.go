@@ -356,12 +356,7 @@ func createToConnection(tb testing.TB, c kubernetes.Interface, n *Node, client *
 			}
 		}()
 		start := time.Now()
-		if _, err := c.CoreV1().Services(scaleNS).Create(ctx, scaleService(i), metav1.CreateOptions{}); err != nil {
-			tb.Fatal(err)
-		}
-		if _, err := c.DiscoveryV1().EndpointSlices(scaleNS).Create(ctx, scaleSlice(i, 1, 0, backend), metav1.CreateOptions{}); err != nil {
-			tb.Fatal(err)
-		}
+		createProbe(tb, c, i, backend)
 		apis = append(apis, time.Since(start))
 		for !connects(ctx, client, scaleVIP(i)+":80") {
 			if time.Since(start) > 30*time.Second {
@@ -389,13 +384,24 @@ func createToConnection(tb testing.TB, c kubernetes.Interface, n *Node, client *
 	return median(conns), median(apis), median(seens), median(progs)
 }
 
+// createProbe creates scale service i with one endpoint, the backend.
+func createProbe(tb testing.TB, c kubernetes.Interface, i int, backend string) {
+	tb.Helper()
+	ctx := context.Background()
+	if _, err := c.CoreV1().Services(scaleNS).Create(ctx, scaleService(i), metav1.CreateOptions{}); err != nil {
+		tb.Fatal(err)
+	}
+	if _, err := c.DiscoveryV1().EndpointSlices(scaleNS).Create(ctx, scaleSlice(i, 1, 0, backend), metav1.CreateOptions{}); err != nil {
+		tb.Fatal(err)
+	}
+}
+
 // apiCreateLatency is the median time the API server takes to create a
 // Service and its slice while the node's agent is frozen (SIGSTOP), so
 // that whatever the agent costs the machine is not in the figure: the
 // API server's own share of create -> first connection.
 func apiCreateLatency(tb testing.TB, c kubernetes.Interface, n *Node, first, count int, backend string) time.Duration {
 	tb.Helper()
-	ctx := context.Background()
 	if err := syscall.Kill(n.AgentPID, syscall.SIGSTOP); err != nil {
 		tb.Fatal(err)
 	}
@@ -403,12 +409,7 @@ func apiCreateLatency(tb testing.TB, c kubernetes.Interface, n *Node, first, cou
 	var took []time.Duration
 	for i := first; i < first+count; i++ {
 		start := time.Now()
-		if _, err := c.CoreV1().Services(scaleNS).Create(ctx, scaleService(i), metav1.CreateOptions{}); err != nil {
-			tb.Fatal(err)
-		}
-		if _, err := c.DiscoveryV1().EndpointSlices(scaleNS).Create(ctx, scaleSlice(i, 1, 0, backend), metav1.CreateOptions{}); err != nil {
-			tb.Fatal(err)
-		}
+		createProbe(tb, c, i, backend)
 		took = append(took, time.Since(start))
 	}
 	return median(took)
