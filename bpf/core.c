@@ -79,6 +79,11 @@ const struct weir_backend_addr_key *weir_btf_backend_addr_key __attribute__((unu
 const struct weir_frag_key *weir_btf_frag_key __attribute__((unused));
 const struct weir_frag_entry *weir_btf_frag_entry __attribute__((unused));
 const enum weir_l3 *weir_btf_l3 __attribute__((unused));
+const struct weir_nat_key *weir_btf_nat_key __attribute__((unused));
+const struct weir_nat_entry *weir_btf_nat_entry __attribute__((unused));
+const enum weir_nat_dir *weir_btf_nat_dir __attribute__((unused));
+const enum weir_nat_owner *weir_btf_nat_owner __attribute__((unused));
+const struct weir_nat_counters *weir_btf_nat_stats __attribute__((unused));
 
 /* netdev-ingress: tc ingress on the node's uplink: tunnel traffic to
  * decapsulate, and packets for local pods to deliver directly. */

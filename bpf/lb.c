@@ -67,21 +67,6 @@ WEIR_INLINE int lb_leave(struct __sk_buff *skb, struct weir_ctx *ctx, const stru
 	return weir_next(skb, ctx);
 }
 
-/* Whether the translated flow of e still matches the service the packet
- * is addressed to (svc, possibly gone) and a backend that keeps flows. */
-WEIR_INLINE int lb_flow_current(const struct weir_ct_entry *e, const struct weir_svc_val *svc)
-{
-	struct weir_backend *be;
-	__u32 id = e->backend_id;
-
-	if (!svc || e->rev_nat != svc->rev_nat)
-		return 0;
-	be = bpf_map_lookup_elem(&weir_backends, &id);
-	/* A removed (or quarantined) backend loses its flows; a terminating
-	 * one keeps them. */
-	return be && be->state != WEIR_BACKEND_QUARANTINED && be->addr == e->nat_daddr && be->port == e->nat_dport;
-}
-
 /* Whether a packet that starts no service flow is tracked: every TCP
  * connection (from its SYN), and UDP to a backend address or whose tuple
  * on the wire another flow holds. UDP carries no start-of-flow mark, and
@@ -136,11 +121,10 @@ int lb_pod_egress(struct __sk_buff *skb)
 {
 	WEIR_STAGE_CTX(skb, ctx);
 	struct weir_ct_entry o = {}, *e;
-	struct weir_backend *be = NULL;
 	struct weir_svc_val *svc;
 	struct weir_svc_key skey;
 	struct weir_ct_key key;
-	__u32 backend_id = 0, now, reason = 0;
+	__u32 now, reason = 0;
 	int later;
 
 	if (ctx->l3 != WEIR_L3_IPV4)
@@ -170,7 +154,7 @@ int lb_pod_egress(struct __sk_buff *skb)
 		svc = weir_lb_lookup(&skey, ctx->daddr, ctx->dport, ctx->proto, 1);
 	if (e && !later &&
 	    (weir_ct_expired(e, now) || weir_ct_reopens(e, ctx->proto, ctx->tcp_flags) ||
-	     (e->rev_nat && !lb_flow_current(e, svc)))) {
+	     (e->rev_nat && !weir_lb_flow_current(e, svc)))) {
 		weir_ct_delete_flow(&key, e);
 		e = NULL;
 		svc = weir_lb_lookup(&skey, ctx->daddr, ctx->dport, ctx->proto, 1);
@@ -183,16 +167,8 @@ int lb_pod_egress(struct __sk_buff *skb)
 		o.nat_daddr = ctx->daddr;
 		o.nat_dport = ctx->dport;
 		if (svc) {
-			be = weir_lb_affinity(svc, ctx->saddr, now, &backend_id);
-			if (!be)
-				be = weir_lb_pick(&skey, svc, &backend_id);
-			if (!be)
+			if (weir_lb_choose(&skey, svc, ctx->saddr, now, &o))
 				return weir_drop_ctx(skb, ctx, WEIR_DROP_NO_BACKEND);
-			weir_lb_affinity_update(svc, ctx->saddr, backend_id, now);
-			o.nat_daddr = be->addr;
-			o.nat_dport = be->port;
-			o.backend_id = backend_id;
-			o.rev_nat = svc->rev_nat;
 		} else if (!lb_track_direct(ctx, now)) {
 			return weir_next(skb, ctx);
 		}

@@ -7,6 +7,7 @@ import (
 	"github.com/weirnet/weir/modules/endpoints"
 	"github.com/weirnet/weir/modules/lb"
 	"github.com/weirnet/weir/modules/nativerouting"
+	"github.com/weirnet/weir/modules/nodeport"
 	"github.com/weirnet/weir/modules/socketlb"
 	"github.com/weirnet/weir/modules/tunnel"
 )
@@ -18,6 +19,7 @@ var Factories = []module.Factory{
 	tunnel.Factory,
 	nativerouting.Factory,
 	socketlb.Factory,
+	nodeport.Factory,
 }
 
 // Compile-time guards: each in-tree module satisfies the contract.
@@ -27,6 +29,7 @@ var (
 	_ module.Module = (*tunnel.Module)(nil)
 	_ module.Module = (*nativerouting.Module)(nil)
 	_ module.Module = (*socketlb.Module)(nil)
+	_ module.Module = (*nodeport.Module)(nil)
 )
 
 // Registry returns the catalog of in-tree modules.

@@ -39,6 +39,7 @@ Datapath of a node (--lab NAME --node N, or --pin-dir DIR):
   service list [-o json]                 frontends and their backends
   bpf lb list [-o json]                  raw services map entries
   bpf ct list [-o json]                  live conntrack entries
+  bpf nat list [-o json]                 source NAT entries (both directions of every flow)
   bpf endpoint list [-o json]            local endpoints
   bpf ipcache list [-o json]             where addresses live, and how they are reached
   bpf metrics list [-o json]             packet counters by hook and reason
@@ -75,7 +76,7 @@ func run(args []string, out io.Writer) error {
 	case "bpf":
 		if len(args) >= 3 && args[2] == "list" {
 			switch args[1] {
-			case "lb", "ct", "endpoint", "metrics", "ipcache":
+			case "lb", "ct", "nat", "endpoint", "metrics", "ipcache":
 				return runMaps(args[1], args[3:], out)
 			}
 		}

@@ -68,6 +68,15 @@ func runMaps(what string, args []string, out io.Writer) error {
 				strconv.FormatUint(uint64(r.BackendID), 10), strconv.FormatUint(uint64(r.RevNAT), 10), r.State,
 				r.Flags, strconv.FormatInt(r.ExpiresIn, 10) + "s", strconv.FormatUint(r.Packets, 10), strconv.FormatUint(r.Bytes, 10)}
 		})
+	case "nat":
+		rows, err := p.NAT()
+		return render(out, *o, rows, err, "DIR\tPROTO\tSOURCE\tDESTINATION\tTRANSLATED\tOWNER\tAGE", func(r datapath.NATRow) []string {
+			what := "source -> " + r.To.String()
+			if r.Dir == "in" {
+				what = "destination -> " + r.To.String()
+			}
+			return []string{r.Dir, r.Proto, r.Src.String(), r.Dst.String(), what, r.Owner, strconv.FormatInt(r.Age, 10) + "s"}
+		})
 	case "endpoint":
 		rows, err := p.Endpoints()
 		return render(out, *o, rows, err, "ADDRESS\tIFINDEX\tMAC\tGATEWAY MAC", func(r datapath.EndpointRow) []string {

@@ -202,8 +202,9 @@ func newCTGC(lc fx.Lifecycle, dp *datapath.Datapath, eff *config.Effective, log 
 	if err != nil {
 		return nil, fmt.Errorf("datapath.%s: %w", field, err)
 	}
-	g := ctgc.New(ctgc.Options{Map: dp.CT, Interval: interval, MinInterval: lo, MaxInterval: hi, Log: log.With("component", "ctgc")})
+	g := ctgc.New(ctgc.Options{Map: dp.CT, NAT: dp.NAT, NATStats: dp.NATStats, Interval: interval, MinInterval: lo, MaxInterval: hi, Log: log.With("component", "ctgc")})
 	background(lc, g.Run)
+	background(lc, func(ctx context.Context) { g.WatchNAT(ctx, time.Second) })
 	return g, nil
 }
 
@@ -524,7 +525,7 @@ func serveAPI(p serveParams) {
 // are small, or bounded).
 func countedMaps(dp *datapath.Datapath, ct *ctgc.Stats) []lbmap.MapFill {
 	var out []lbmap.MapFill
-	for _, name := range []string{datapath.MapCT, datapath.MapAffinity, datapath.MapFrags, datapath.MapEndpoints, datapath.MapIPCache} {
+	for _, name := range []string{datapath.MapCT, datapath.MapNAT, datapath.MapAffinity, datapath.MapFrags, datapath.MapEndpoints, datapath.MapIPCache} {
 		m, err := dp.Map(name)
 		if err != nil || m == nil {
 			continue
@@ -532,6 +533,8 @@ func countedMaps(dp *datapath.Datapath, ct *ctgc.Stats) []lbmap.MapFill {
 		f := lbmap.MapFill{Name: name, MaxEntries: int(m.MaxEntries())}
 		if name == datapath.MapCT && ct != nil {
 			f.Entries = ct.Entries
+		} else if name == datapath.MapNAT && ct != nil && ct.NAT != nil {
+			f.Entries = ct.NAT.Entries
 		} else if n, err := datapath.CountEntries(m); err == nil {
 			f.Entries = n
 		}

@@ -36,6 +36,9 @@ const (
 	DefaultBackendsMaxEntries = 1048576
 	DefaultRevNATMaxEntries   = 262144
 	DefaultAffinityMaxEntries = 65536
+	// DefaultNATMaxEntries matches the conntrack default: two entries
+	// per translated flow, as conntrack has.
+	DefaultNATMaxEntries = 262144
 	// MinMapEntries and MaxMapEntries bound every map size setting.
 	MinMapEntries = 1024
 	MaxMapEntries = 16777216
@@ -72,6 +75,9 @@ type Datapath struct {
 	// AffinityMaxEntries sizes weir_affinity (LRU): one entry per client
 	// and frontend with sessionAffinity ClientIP.
 	AffinityMaxEntries uint32 `yaml:"affinityMaxEntries"`
+	// NATMaxEntries sizes weir_nat (LRU): two entries per flow whose
+	// source is translated (NodePort to remote backends, masquerade).
+	NATMaxEntries uint32 `yaml:"natMaxEntries"`
 	// CTGCInterval is the conntrack collector's first interval (a Go
 	// duration, default 5m); it adapts between CTGCMinInterval (default
 	// 10s) and CTGCMaxInterval (default 12h) to how much each pass finds.
@@ -97,6 +103,7 @@ func (d Datapath) MapSizes() []MapSize {
 		{"backendsMaxEntries", []string{"weir_backends", "weir_backend_addrs"}, d.BackendsMaxEntries, DefaultBackendsMaxEntries, MinMapEntries},
 		{"revNATMaxEntries", []string{"weir_revnat"}, d.RevNATMaxEntries, DefaultRevNATMaxEntries, MinMapEntries},
 		{"affinityMaxEntries", []string{"weir_affinity"}, d.AffinityMaxEntries, DefaultAffinityMaxEntries, MinMapEntries},
+		{"natMaxEntries", []string{"weir_nat"}, d.NATMaxEntries, DefaultNATMaxEntries, MinMapEntries},
 	}
 }
 
@@ -213,7 +220,8 @@ func Parse(path string, data []byte, cat module.Catalog) (*Config, error) {
 		return nil, err
 	}
 	f := File{Datapath: Datapath{CTMaxEntries: DefaultCTMaxEntries, ServicesMaxEntries: DefaultServicesMaxEntries,
-		BackendsMaxEntries: DefaultBackendsMaxEntries, RevNATMaxEntries: DefaultRevNATMaxEntries, AffinityMaxEntries: DefaultAffinityMaxEntries}}
+		BackendsMaxEntries: DefaultBackendsMaxEntries, RevNATMaxEntries: DefaultRevNATMaxEntries, AffinityMaxEntries: DefaultAffinityMaxEntries,
+		NATMaxEntries: DefaultNATMaxEntries}}
 	if err := strictyaml.DecodeNode(path, root, "", &f); err != nil {
 		return nil, err
 	}

@@ -1,9 +1,12 @@
-// Package ctgc collects expired conntrack entries from the agent. The
+// Package ctgc collects expired conntrack entries from the agent, and the
+// source NAT entries whose flow's conntrack entry is gone (orphans). The
 // datapath already ignores an expired entry; collecting it frees its room
-// before the LRU has to evict something, possibly a live but idle flow.
+// before the LRU has to evict something, possibly a live but idle flow,
+// and an orphan NAT entry holds a port of its range until collected.
 // The interval adapts to how much each pass found (as Cilium's does):
 // shorter while many entries expire, longer while few do, at the shortest
-// while the map is under pressure.
+// while either map is under pressure; a NAT range filling up (ports found
+// taken, flows refused) wakes the collector at once.
 package ctgc
 
 import (
@@ -34,6 +37,9 @@ const PressureFill = 0.8
 type Options struct {
 	// Map returns the conntrack map (the datapath loads it at start).
 	Map func() *ebpf.Map
+	// NAT and NATStats return the source NAT map and its per-CPU
+	// allocation counters; nil (or a nil map) leaves NAT alone.
+	NAT, NATStats func() *ebpf.Map
 	// Interval is the first wait and the one passes start from;
 	// MinInterval and MaxInterval bound how it adapts.
 	Interval, MinInterval, MaxInterval time.Duration
@@ -54,6 +60,27 @@ type Stats struct {
 	Pressure   bool          `json:"pressure"`
 	Next       time.Duration `json:"next"`
 	Passes     int           `json:"passes"`
+	// NAT is the source NAT map's part of the pass, when there is one.
+	NAT *NATStats `json:"nat,omitempty"`
+}
+
+// NATStats describe the NAT map after a pass, and the allocation counters
+// the datapath keeps (since the map was made).
+type NATStats struct {
+	Entries    int     `json:"entries"`
+	MaxEntries uint32  `json:"maxEntries"`
+	Fill       float64 `json:"fill"`
+	// Orphans are the entries deleted because their flow's conntrack
+	// entry was gone (or the other half of their pair was).
+	Orphans  int  `json:"orphans"`
+	Pressure bool `json:"pressure"`
+	// Allocated flows got a port; Retries counts candidate ports found
+	// taken; Exhausted flows found none and were dropped.
+	Allocated uint64 `json:"allocated"`
+	Retries   uint64 `json:"retries"`
+	Exhausted uint64 `json:"exhausted"`
+	// Wakeups are the passes the NAT pressure signal started early.
+	Wakeups int `json:"wakeups"`
 }
 
 // GC is a conntrack collector.
@@ -62,6 +89,8 @@ type GC struct {
 	mu       sync.Mutex
 	stats    Stats
 	interval time.Duration
+	wake     chan struct{}
+	wakeups  int
 }
 
 // New returns a collector; nothing runs before Run.
@@ -81,7 +110,15 @@ func New(opts Options) *GC {
 	if opts.Now == nil {
 		opts.Now = datapath.BootSeconds
 	}
-	return &GC{opts: opts, interval: opts.Interval}
+	return &GC{opts: opts, interval: opts.Interval, wake: make(chan struct{}, 1)}
+}
+
+// Wake starts a pass now (the NAT pressure signal).
+func (g *GC) Wake() {
+	select {
+	case g.wake <- struct{}{}:
+	default:
+	}
 }
 
 // Stats returns the last pass's figures.
@@ -107,8 +144,59 @@ func (g *GC) Run(ctx context.Context) {
 		case <-ctx.Done():
 			return
 		case <-time.After(wait):
+		case <-g.wake:
+			g.mu.Lock()
+			g.wakeups++
+			g.mu.Unlock()
 		}
 	}
+}
+
+// WatchNAT reads the datapath's NAT allocation counters every period and
+// wakes the collector when the last period shows a range filling up: a
+// flow refused, or more candidate ports found taken than flows given one
+// (the first candidate of a free range is almost always free).
+func (g *GC) WatchNAT(ctx context.Context, period time.Duration) {
+	if g.opts.NATStats == nil {
+		return
+	}
+	var last datapath.NATCounters
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(period):
+		}
+		cur, err := g.natCounters()
+		if err != nil {
+			continue
+		}
+		alloc, retries, refused := cur.Allocated-last.Allocated, cur.Retries-last.Retries, cur.Exhausted-last.Exhausted
+		last = cur
+		if refused > 0 || (retries > 0 && retries >= alloc) {
+			g.opts.Log.Debug("NAT pressure: collecting early", "allocated", alloc, "retries", retries, "refused", refused)
+			g.Wake()
+		}
+	}
+}
+
+// natCounters sums the per-CPU NAT allocation counters.
+func (g *GC) natCounters() (datapath.NATCounters, error) {
+	var sum datapath.NATCounters
+	m := g.opts.NATStats()
+	if m == nil {
+		return sum, errors.New("no NAT counters")
+	}
+	var per []datapath.NATCounters
+	if err := m.Lookup(uint32(0), &per); err != nil {
+		return sum, fmt.Errorf("reading the NAT counters: %w", err)
+	}
+	for _, c := range per {
+		sum.Allocated += c.Allocated
+		sum.Retries += c.Retries
+		sum.Exhausted += c.Exhausted
+	}
+	return sum, nil
 }
 
 type entry struct {
@@ -175,7 +263,19 @@ func (g *GC) Pass() (Stats, error) {
 		st.Fill = float64(left) / float64(info.MaxEntries)
 	}
 	st.Pressure = st.Fill >= PressureFill
-	st.Next = g.adapt(total, deleted, st.Pressure)
+	natTotal, natDeleted := 0, 0
+	if nat := g.natMap(); nat != nil {
+		ns, err := g.natPass(nat, m, now)
+		if err != nil {
+			return Stats{}, err
+		}
+		st.NAT = ns
+		natTotal, natDeleted = ns.Entries+ns.Orphans, ns.Orphans
+		if ns.Pressure {
+			g.opts.Log.Warn("NAT pressure: the NAT map is nearly full; raise datapath.natMaxEntries", "entries", ns.Entries, "max", ns.MaxEntries)
+		}
+	}
+	st.Next = g.adapt(total+natTotal, deleted+natDeleted, st.Pressure || (st.NAT != nil && st.NAT.Pressure))
 
 	g.mu.Lock()
 	st.Passes = g.stats.Passes + 1
@@ -192,6 +292,122 @@ func (g *GC) Pass() (Stats, error) {
 		g.opts.Log.Debug("conntrack collected", args...)
 	}
 	return st, nil
+}
+
+func (g *GC) natMap() *ebpf.Map {
+	if g.opts.NAT == nil {
+		return nil
+	}
+	return g.opts.NAT()
+}
+
+// natMinAge spares NAT entries younger than this: a flow's NAT entries
+// may be written a moment before its conntrack entry.
+const natMinAge = 2
+
+type natEntry struct {
+	key datapath.NATKey
+	val datapath.NATEntry
+}
+
+// natPass deletes the NAT flows whose conntrack entry (keyed by the
+// reverse of the OUT tuple) is gone or expired, and halves whose other
+// half is gone.
+func (g *GC) natPass(nat, ct *ebpf.Map, now int64) (*NATStats, error) {
+	info, err := nat.Info()
+	if err != nil {
+		return nil, fmt.Errorf("reading the NAT map: %w", err)
+	}
+	var (
+		k     datapath.NATKey
+		v     datapath.NATEntry
+		all   []natEntry
+		total int
+	)
+	it := nat.Iterate()
+	for it.Next(&k, &v) {
+		total++
+		if now-int64(v.Created) >= natMinAge {
+			all = append(all, natEntry{k, v})
+		}
+	}
+	if err := it.Err(); err != nil {
+		return nil, fmt.Errorf("reading the NAT map: %w", err)
+	}
+	orphans := 0
+	del := func(k datapath.NATKey) error {
+		err := nat.Delete(k)
+		if err == nil {
+			orphans++
+			return nil
+		}
+		if errors.Is(err, ebpf.ErrKeyNotExist) {
+			return nil
+		}
+		return fmt.Errorf("deleting a NAT entry: %w", err)
+	}
+	for _, e := range all {
+		switch e.key.Dir {
+		case datapath.NATOut:
+			in := datapath.NATKey{Saddr: e.key.Daddr, Daddr: e.val.Addr, Sport: e.key.Dport, Dport: e.val.Port, Proto: e.key.Proto, Dir: datapath.NATIn}
+			live, err := ctLive(ct, datapath.CTKey{Saddr: e.key.Daddr, Daddr: e.key.Saddr, Sport: e.key.Dport, Dport: e.key.Sport, Proto: e.key.Proto}, now)
+			if err != nil {
+				return nil, err
+			}
+			if live {
+				continue
+			}
+			// The reply half first: a port is free only once nothing
+			// points at it.
+			if err := del(in); err != nil {
+				return nil, err
+			}
+			if err := del(e.key); err != nil {
+				return nil, err
+			}
+		case datapath.NATIn:
+			out := datapath.NATKey{Saddr: e.val.Addr, Daddr: e.key.Saddr, Sport: e.val.Port, Dport: e.key.Sport, Proto: e.key.Proto, Dir: datapath.NATOut}
+			var o datapath.NATEntry
+			err := nat.Lookup(out, &o)
+			if err == nil && o.Addr == e.key.Daddr && o.Port == e.key.Dport {
+				continue
+			}
+			if err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+				return nil, fmt.Errorf("reading the NAT map: %w", err)
+			}
+			if err := del(e.key); err != nil {
+				return nil, err
+			}
+		}
+	}
+	ns := &NATStats{Entries: total - orphans, MaxEntries: info.MaxEntries, Orphans: orphans}
+	if info.MaxEntries > 0 {
+		ns.Fill = float64(ns.Entries) / float64(info.MaxEntries)
+	}
+	ns.Pressure = ns.Fill >= PressureFill
+	if g.opts.NATStats != nil {
+		if c, err := g.natCounters(); err == nil {
+			ns.Allocated, ns.Retries, ns.Exhausted = c.Allocated, c.Retries, c.Exhausted
+		}
+	}
+	g.mu.Lock()
+	ns.Wakeups = g.wakeups
+	g.mu.Unlock()
+	return ns, nil
+}
+
+// ctLive reports whether the conntrack entry at k exists and has not
+// expired.
+func ctLive(ct *ebpf.Map, k datapath.CTKey, now int64) (bool, error) {
+	var e datapath.CTEntry
+	err := ct.Lookup(k, &e)
+	if errors.Is(err, ebpf.ErrKeyNotExist) {
+		return false, nil
+	}
+	if err != nil {
+		return false, fmt.Errorf("reading the conntrack map: %w", err)
+	}
+	return int64(e.Lifetime) > now, nil
 }
 
 func twinLive(m *ebpf.Map, e entry, now int64) (bool, error) {

@@ -126,3 +126,93 @@ func TestPressure(t *testing.T) {
 		t.Fatalf("stats %+v: want pressure, nothing deleted, next pass at the minimum", st)
 	}
 }
+
+// natFlow writes the two NAT entries of a flow client:port -> 10.0.0.9:8080
+// translated to 10.0.0.100:natPort, made age seconds ago; out and in say
+// which halves exist.
+func natFlow(t *testing.T, m *ebpf.Map, now int64, port, natPort uint16, age int64, out, in bool) (datapath.NATKey, datapath.NATKey) {
+	t.Helper()
+	c, b, node := uint32(0x0a000001), uint32(0x0a000009), uint32(0x0a000064)
+	ok := datapath.NATKey{Saddr: c, Daddr: b, Sport: port, Dport: 8080, Proto: 6, Dir: datapath.NATOut}
+	ik := datapath.NATKey{Saddr: b, Daddr: node, Sport: 8080, Dport: natPort, Proto: 6, Dir: datapath.NATIn}
+	created := uint32(now - age)
+	if out {
+		if err := m.Put(ok, datapath.NATEntry{Addr: node, Port: natPort, Owner: datapath.NATNodePort, Created: created}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if in {
+		if err := m.Put(ik, datapath.NATEntry{Addr: c, Port: port, Owner: datapath.NATNodePort, Created: created}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return ok, ik
+}
+
+func natPresent(t *testing.T, m *ebpf.Map, k datapath.NATKey) bool {
+	t.Helper()
+	var v datapath.NATEntry
+	err := m.Lookup(k, &v)
+	if errors.Is(err, ebpf.ErrKeyNotExist) {
+		return false
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	return true
+}
+
+// A pass deletes the NAT flows whose conntrack entry is gone or expired
+// (both halves), and halves left without their pair; a flow with a live
+// conntrack entry, and one younger than its conntrack entry may be, stay.
+func TestPassCollectsOrphanNATEntries(t *testing.T) {
+	dp := dptest.Open(t)
+	now, err := datapath.BootSeconds()
+	if err != nil {
+		t.Fatal(err)
+	}
+	ct, nat := dp.CT(), dp.NAT()
+	// The conntrack entry a NAT flow belongs to is keyed by the reverse of
+	// its OUT tuple: the backend's reply to the client.
+	reply := func(port uint16, lifetime int64) {
+		k := datapath.CTKey{Saddr: 0x0a000009, Daddr: 0x0a000001, Sport: 8080, Dport: port, Proto: 6}
+		if err := ct.Put(k, datapath.CTEntry{Dir: datapath.CTReply, Lifetime: uint32(now + lifetime)}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	type want struct{ out, in bool }
+	cases := []struct {
+		name    string
+		ct      int64 // conntrack lifetime relative to now; 0: none
+		age     int64
+		out, in bool
+		want    want
+	}{
+		{"live flow", 100, 30, true, true, want{true, true}},
+		{"conntrack gone", 0, 30, true, true, want{false, false}},
+		{"conntrack expired", -5, 30, true, true, want{false, false}},
+		{"lone reply half", 100, 30, false, true, want{false, false}},
+		{"just made", 0, 0, true, true, want{true, true}},
+	}
+	keys := make([][2]datapath.NATKey, len(cases))
+	for i, c := range cases {
+		port := uint16(40000 + i)
+		if c.ct != 0 {
+			reply(port, c.ct)
+		}
+		o, in := natFlow(t, nat, now, port, uint16(50000+i), c.age, c.out, c.in)
+		keys[i] = [2]datapath.NATKey{o, in}
+	}
+	st, err := New(Options{Map: dp.CT, NAT: dp.NAT, NATStats: dp.NATStats, Interval: time.Minute}).Pass()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i, c := range cases {
+		if got := (want{natPresent(t, nat, keys[i][0]), natPresent(t, nat, keys[i][1])}); got != c.want {
+			t.Errorf("%s: NAT halves present %+v, want %+v", c.name, got, c.want)
+		}
+	}
+	if st.NAT == nil || st.NAT.Orphans != 5 || st.NAT.Entries != 4 {
+		t.Errorf("NAT stats %+v, want 5 orphans deleted and 4 entries left", st.NAT)
+	}
+}

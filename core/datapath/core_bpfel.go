@@ -184,6 +184,48 @@ type coreWeirMetric struct {
 	Bytes   uint64
 }
 
+type coreWeirNatCounters struct {
+	_         structs.HostLayout
+	Allocated uint64
+	Retries   uint64
+	Exhausted uint64
+}
+
+type coreWeirNatDir uint32
+
+const (
+	coreWeirNatDirWEIR_NAT_OUT coreWeirNatDir = 1
+	coreWeirNatDirWEIR_NAT_IN  coreWeirNatDir = 2
+)
+
+type coreWeirNatEntry struct {
+	_       structs.HostLayout
+	Addr    uint32
+	Port    uint16
+	Owner   uint8
+	Pad     uint8
+	Created uint32
+	Pad2    uint32
+}
+
+type coreWeirNatKey struct {
+	_     structs.HostLayout
+	Saddr uint32
+	Daddr uint32
+	Sport uint16
+	Dport uint16
+	Proto uint8
+	Dir   uint8
+	Pad   [2]uint8
+}
+
+type coreWeirNatOwner uint32
+
+const (
+	coreWeirNatOwnerWEIR_NAT_NODEPORT   coreWeirNatOwner = 1
+	coreWeirNatOwnerWEIR_NAT_MASQUERADE coreWeirNatOwner = 2
+)
+
 type coreWeirReason uint32
 
 const (
@@ -210,6 +252,9 @@ const (
 	coreWeirReasonWEIR_DROP_NAT_NO_PORT         coreWeirReason = 20
 	coreWeirReasonWEIR_DROP_MISSED_TAIL_CALL    coreWeirReason = 21
 	coreWeirReasonWEIR_DROP_FRAG_STATE          coreWeirReason = 22
+	coreWeirReasonWEIR_DROP_NAT_EXHAUSTED       coreWeirReason = 23
+	coreWeirReasonWEIR_DROP_NO_ROUTE            coreWeirReason = 24
+	coreWeirReasonWEIR_DROP_NAT_ORPHAN          coreWeirReason = 25
 	coreWeirReasonWEIR_REASON_MAX               coreWeirReason = 32
 )
 
@@ -302,6 +347,8 @@ const (
 	coreMapWeirFrags             = "weir_frags"
 	coreMapWeirIpcache           = "weir_ipcache"
 	coreMapWeirMetrics           = "weir_metrics"
+	coreMapWeirNat               = "weir_nat"
+	coreMapWeirNatStats          = "weir_nat_stats"
 	coreMapWeirRevnat            = "weir_revnat"
 	coreMapWeirScratch           = "weir_scratch"
 	coreMapWeirServices          = "weir_services"
@@ -332,6 +379,11 @@ const (
 	coreVarWeirBtfIpcacheKey     = "weir_btf_ipcache_key"
 	coreVarWeirBtfL3             = "weir_btf_l3"
 	coreVarWeirBtfMetric         = "weir_btf_metric"
+	coreVarWeirBtfNatDir         = "weir_btf_nat_dir"
+	coreVarWeirBtfNatEntry       = "weir_btf_nat_entry"
+	coreVarWeirBtfNatKey         = "weir_btf_nat_key"
+	coreVarWeirBtfNatOwner       = "weir_btf_nat_owner"
+	coreVarWeirBtfNatStats       = "weir_btf_nat_stats"
 	coreVarWeirBtfReason         = "weir_btf_reason"
 	coreVarWeirBtfRevnatEntry    = "weir_btf_revnat_entry"
 	coreVarWeirBtfScope          = "weir_btf_scope"
@@ -340,6 +392,7 @@ const (
 	coreVarWeirBtfSvcVal         = "weir_btf_svc_val"
 	coreVarWeirHookFirst         = "weir_hook_first"
 	coreVarWeirHookLast          = "weir_hook_last"
+	coreVarWeirSlotPodForward    = "weir_slot_pod_forward"
 )
 
 // loadCore returns the embedded CollectionSpec for core.
@@ -404,6 +457,8 @@ type coreMapSpecs struct {
 	WeirFrags        *ebpf.MapSpec `ebpf:"weir_frags"`
 	WeirIpcache      *ebpf.MapSpec `ebpf:"weir_ipcache"`
 	WeirMetrics      *ebpf.MapSpec `ebpf:"weir_metrics"`
+	WeirNat          *ebpf.MapSpec `ebpf:"weir_nat"`
+	WeirNatStats     *ebpf.MapSpec `ebpf:"weir_nat_stats"`
 	WeirRevnat       *ebpf.MapSpec `ebpf:"weir_revnat"`
 	WeirScratch      *ebpf.MapSpec `ebpf:"weir_scratch"`
 	WeirServices     *ebpf.MapSpec `ebpf:"weir_services"`
@@ -436,6 +491,11 @@ type coreVariableSpecs struct {
 	WeirBtfIpcacheKey     *ebpf.VariableSpec `ebpf:"weir_btf_ipcache_key"`
 	WeirBtfL3             *ebpf.VariableSpec `ebpf:"weir_btf_l3"`
 	WeirBtfMetric         *ebpf.VariableSpec `ebpf:"weir_btf_metric"`
+	WeirBtfNatDir         *ebpf.VariableSpec `ebpf:"weir_btf_nat_dir"`
+	WeirBtfNatEntry       *ebpf.VariableSpec `ebpf:"weir_btf_nat_entry"`
+	WeirBtfNatKey         *ebpf.VariableSpec `ebpf:"weir_btf_nat_key"`
+	WeirBtfNatOwner       *ebpf.VariableSpec `ebpf:"weir_btf_nat_owner"`
+	WeirBtfNatStats       *ebpf.VariableSpec `ebpf:"weir_btf_nat_stats"`
 	WeirBtfReason         *ebpf.VariableSpec `ebpf:"weir_btf_reason"`
 	WeirBtfRevnatEntry    *ebpf.VariableSpec `ebpf:"weir_btf_revnat_entry"`
 	WeirBtfScope          *ebpf.VariableSpec `ebpf:"weir_btf_scope"`
@@ -444,6 +504,7 @@ type coreVariableSpecs struct {
 	WeirBtfSvcVal         *ebpf.VariableSpec `ebpf:"weir_btf_svc_val"`
 	WeirHookFirst         *ebpf.VariableSpec `ebpf:"weir_hook_first"`
 	WeirHookLast          *ebpf.VariableSpec `ebpf:"weir_hook_last"`
+	WeirSlotPodForward    *ebpf.VariableSpec `ebpf:"weir_slot_pod_forward"`
 }
 
 // coreObjects contains all objects after they have been loaded into the kernel.
@@ -476,6 +537,8 @@ type coreMaps struct {
 	WeirFrags        *ebpf.Map `ebpf:"weir_frags"`
 	WeirIpcache      *ebpf.Map `ebpf:"weir_ipcache"`
 	WeirMetrics      *ebpf.Map `ebpf:"weir_metrics"`
+	WeirNat          *ebpf.Map `ebpf:"weir_nat"`
+	WeirNatStats     *ebpf.Map `ebpf:"weir_nat_stats"`
 	WeirRevnat       *ebpf.Map `ebpf:"weir_revnat"`
 	WeirScratch      *ebpf.Map `ebpf:"weir_scratch"`
 	WeirServices     *ebpf.Map `ebpf:"weir_services"`
@@ -497,6 +560,8 @@ func (m *coreMaps) Close() error {
 		m.WeirFrags,
 		m.WeirIpcache,
 		m.WeirMetrics,
+		m.WeirNat,
+		m.WeirNatStats,
 		m.WeirRevnat,
 		m.WeirScratch,
 		m.WeirServices,
@@ -530,6 +595,11 @@ type coreVariables struct {
 	WeirBtfIpcacheKey     *ebpf.Variable `ebpf:"weir_btf_ipcache_key"`
 	WeirBtfL3             *ebpf.Variable `ebpf:"weir_btf_l3"`
 	WeirBtfMetric         *ebpf.Variable `ebpf:"weir_btf_metric"`
+	WeirBtfNatDir         *ebpf.Variable `ebpf:"weir_btf_nat_dir"`
+	WeirBtfNatEntry       *ebpf.Variable `ebpf:"weir_btf_nat_entry"`
+	WeirBtfNatKey         *ebpf.Variable `ebpf:"weir_btf_nat_key"`
+	WeirBtfNatOwner       *ebpf.Variable `ebpf:"weir_btf_nat_owner"`
+	WeirBtfNatStats       *ebpf.Variable `ebpf:"weir_btf_nat_stats"`
 	WeirBtfReason         *ebpf.Variable `ebpf:"weir_btf_reason"`
 	WeirBtfRevnatEntry    *ebpf.Variable `ebpf:"weir_btf_revnat_entry"`
 	WeirBtfScope          *ebpf.Variable `ebpf:"weir_btf_scope"`
@@ -538,6 +608,7 @@ type coreVariables struct {
 	WeirBtfSvcVal         *ebpf.Variable `ebpf:"weir_btf_svc_val"`
 	WeirHookFirst         *ebpf.Variable `ebpf:"weir_hook_first"`
 	WeirHookLast          *ebpf.Variable `ebpf:"weir_hook_last"`
+	WeirSlotPodForward    *ebpf.Variable `ebpf:"weir_slot_pod_forward"`
 }
 
 // corePrograms contains all programs after they have been loaded into the kernel.

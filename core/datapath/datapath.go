@@ -34,6 +34,8 @@ const (
 	MapSlotMask     = "weir_slot_mask"
 	MapEndpoints    = "weir_endpoints"
 	MapAffinity     = "weir_affinity"
+	MapNAT          = "weir_nat"
+	MapNATStats     = "weir_nat_stats"
 	MapIPCache      = "weir_ipcache"
 	MapMetrics      = "weir_metrics"
 	MapEvents       = "weir_events"
@@ -187,7 +189,8 @@ func (d *Datapath) collectionOptions() *ebpf.CollectionOptions {
 // the pinned maps.
 func (d *Datapath) prepare(spec *ebpf.CollectionSpec) error {
 	first, last := slots.Ranges()
-	for name, val := range map[string]any{"weir_hook_first": first, "weir_hook_last": last} {
+	fwd, _ := slots.Lookup("pod-egress/forward")
+	for name, val := range map[string]any{"weir_hook_first": first, "weir_hook_last": last, "weir_slot_pod_forward": fwd.Index()} {
 		v, ok := spec.Variables[name]
 		if !ok {
 			continue
@@ -339,6 +342,8 @@ func (d *Datapath) Map(name string) (*ebpf.Map, error) {
 		MapEndpoints:    d.core.WeirEndpoints,
 		MapAffinity:     d.core.WeirAffinity,
 		MapIPCache:      d.core.WeirIpcache,
+		MapNAT:          d.core.WeirNat,
+		MapNATStats:     d.core.WeirNatStats,
 		MapMetrics:      d.core.WeirMetrics,
 		MapEvents:       d.core.WeirEvents,
 	}[name]
@@ -362,6 +367,12 @@ func (d *Datapath) RevNAT() *ebpf.Map { return d.core.WeirRevnat }
 
 // CT is the weir_ct map.
 func (d *Datapath) CT() *ebpf.Map { return d.core.WeirCt }
+
+// NAT is the weir_nat map.
+func (d *Datapath) NAT() *ebpf.Map { return d.core.WeirNat }
+
+// NATStats is the weir_nat_stats map (per-CPU allocation counters).
+func (d *Datapath) NATStats() *ebpf.Map { return d.core.WeirNatStats }
 
 // IPCache is the weir_ipcache map.
 func (d *Datapath) IPCache() *ebpf.Map { return d.core.WeirIpcache }

@@ -81,10 +81,11 @@ type ServiceRow struct {
 	Type     string         `json:"type"`
 	Scope    string         `json:"scope"`
 	// Served says who reaches the frontend on this node: "yes" (a
-	// ClusterIP, from pods), "from pods only" (LoadBalancer and external
-	// IPs: in-cluster traffic is translated, traffic from outside is the
-	// north-south modules' and none is loaded), "not served on this node"
-	// (NodePort, until a north-south module serves it).
+	// ClusterIP from pods; any other type once a NodePort dispatch
+	// module serves traffic from outside), "from pods only"
+	// (LoadBalancer and external IPs without one: in-cluster traffic is
+	// translated, traffic from outside is not), "not served on this
+	// node" (NodePort without one).
 	Served   string       `json:"served"`
 	Backends []BackendRow `json:"backends"`
 }
@@ -96,17 +97,38 @@ const (
 	ServedNo       = "not served on this node (no north-south module)"
 )
 
-// served says who reaches a frontend of type typ on this node: the stages
-// that serve traffic from outside (netdev-ingress, beyond decapsulation
-// and local delivery) do not exist yet.
-func served(typ string) string {
-	switch typ {
-	case "ClusterIP":
+// served says who reaches a frontend of type typ on this node, given
+// whether a NodePort dispatch stage is filled.
+func served(typ string, dispatch bool) string {
+	switch {
+	case typ == "ClusterIP" || dispatch:
 		return ServedYes
-	case "NodePort":
+	case typ == "NodePort":
 		return ServedNo
 	}
 	return ServedPodsOnly
+}
+
+// dispatching reports whether a slot of the NodePort dispatch group holds
+// a program.
+func (p *Pinned) dispatching() (bool, error) {
+	m, err := p.m(MapSlotMask)
+	if err != nil {
+		return false, err
+	}
+	for _, s := range slots.All() {
+		if s.Group != slots.GroupNodePortDispatch {
+			continue
+		}
+		var mask uint32
+		if err := m.Lookup(uint32(s.Hook), &mask); err != nil {
+			return false, fmt.Errorf("reading the slot mask: %w", err)
+		}
+		if mask&(1<<s.Order) != 0 {
+			return true, nil
+		}
+	}
+	return false, nil
 }
 
 func typeName(t uint8) string {
@@ -214,11 +236,15 @@ func (p *Pinned) Services() ([]ServiceRow, error) {
 	if err != nil {
 		return nil, err
 	}
+	dispatch, err := p.dispatching()
+	if err != nil {
+		return nil, err
+	}
 	var out []ServiceRow
 	count := 0
 	for _, e := range entries {
 		if e.Slot == 0 {
-			out = append(out, ServiceRow{ID: e.RevNAT, Frontend: e.Frontend, Proto: e.Proto, Type: e.Type, Scope: e.Scope, Served: served(e.Type), Backends: []BackendRow{}})
+			out = append(out, ServiceRow{ID: e.RevNAT, Frontend: e.Frontend, Proto: e.Proto, Type: e.Type, Scope: e.Scope, Served: served(e.Type, dispatch), Backends: []BackendRow{}})
 			count = int(e.Count)
 			continue
 		}
@@ -270,7 +296,8 @@ func ctFlags(f uint16) string {
 		bit  uint16
 		name string
 	}{{CTFlagSeenReply, "SEEN_REPLY"}, {CTFlagEstablished, "ESTABLISHED"}, {CTFlagFINOrig, "FIN_ORIG"}, {CTFlagFINReply, "FIN_REPLY"},
-		{CTFlagRST, "RST"}, {CTFlagRSTReply, "RST_REPLY"}, {CTFlagRemapped, "REMAPPED"}} {
+		{CTFlagRST, "RST"}, {CTFlagRSTReply, "RST_REPLY"}, {CTFlagRemapped, "REMAPPED"}, {CTFlagNodePort, "NODEPORT"},
+		{CTFlagSNAT, "SNAT"}} {
 		if f&b.bit != 0 {
 			s = append(s, b.name)
 		}
@@ -340,6 +367,70 @@ func (p *Pinned) CT() ([]CTRow, error) {
 	}
 	slices.SortFunc(out, func(a, b CTRow) int {
 		return cmp.Or(strings.Compare(a.Dir, b.Dir), a.Src.Addr().Compare(b.Src.Addr()), cmp.Compare(a.Src.Port(), b.Src.Port()),
+			a.Dst.Addr().Compare(b.Dst.Addr()), cmp.Compare(a.Dst.Port(), b.Dst.Port()))
+	})
+	return out, nil
+}
+
+// NATRow is one weir_nat entry: for "out", packets of the tuple leave
+// with To as their source; for "in", replies to the tuple get To as their
+// destination.
+type NATRow struct {
+	Dir   string         `json:"dir"`
+	Proto string         `json:"proto"`
+	Src   netip.AddrPort `json:"src"`
+	Dst   netip.AddrPort `json:"dst"`
+	To    netip.AddrPort `json:"to"`
+	Owner string         `json:"owner"`
+	// Age is seconds since the entry was made.
+	Age int64 `json:"age"`
+}
+
+// NATOwnerName names the use that made a NAT entry.
+func NATOwnerName(o uint8) string {
+	switch o {
+	case NATNodePort:
+		return "nodeport"
+	case NATMasquerade:
+		return "masquerade"
+	}
+	return fmt.Sprintf("owner-%d", o)
+}
+
+// NAT lists the source NAT entries, both directions of every flow.
+func (p *Pinned) NAT() ([]NATRow, error) {
+	m, err := p.m(MapNAT)
+	if err != nil {
+		return nil, err
+	}
+	now, err := BootSeconds()
+	if err != nil {
+		return nil, err
+	}
+	var (
+		out []NATRow
+		k   NATKey
+		v   NATEntry
+	)
+	it := m.Iterate()
+	for it.Next(&k, &v) {
+		dir := "out"
+		if k.Dir == NATIn {
+			dir = "in"
+		}
+		out = append(out, NATRow{
+			Dir: dir, Proto: ProtoName(k.Proto),
+			Src:   netip.AddrPortFrom(AddrFromBE(k.Saddr), PortFromBE(k.Sport)),
+			Dst:   netip.AddrPortFrom(AddrFromBE(k.Daddr), PortFromBE(k.Dport)),
+			To:    netip.AddrPortFrom(AddrFromBE(v.Addr), PortFromBE(v.Port)),
+			Owner: NATOwnerName(v.Owner), Age: now - int64(v.Created),
+		})
+	}
+	if err := it.Err(); err != nil {
+		return nil, err
+	}
+	slices.SortFunc(out, func(a, b NATRow) int {
+		return cmp.Or(strings.Compare(b.Dir, a.Dir), a.Src.Addr().Compare(b.Src.Addr()), cmp.Compare(a.Src.Port(), b.Src.Port()),
 			a.Dst.Addr().Compare(b.Dst.Addr()), cmp.Compare(a.Dst.Port(), b.Dst.Port()))
 	})
 	return out, nil

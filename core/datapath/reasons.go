@@ -30,6 +30,9 @@ const (
 	DropNATNoPort         = Reason(coreWeirReasonWEIR_DROP_NAT_NO_PORT)
 	DropMissedTailCall    = Reason(coreWeirReasonWEIR_DROP_MISSED_TAIL_CALL)
 	DropFragState         = Reason(coreWeirReasonWEIR_DROP_FRAG_STATE)
+	DropNATExhausted      = Reason(coreWeirReasonWEIR_DROP_NAT_EXHAUSTED)
+	DropNoRoute           = Reason(coreWeirReasonWEIR_DROP_NO_ROUTE)
+	DropNATOrphan         = Reason(coreWeirReasonWEIR_DROP_NAT_ORPHAN)
 )
 
 var reasonNames = map[Reason]string{
@@ -48,6 +51,9 @@ var reasonNames = map[Reason]string{
 	DropNATNoPort:         "no free client port for a colliding tuple",
 	DropMissedTailCall:    "missed tail call into a filled slot",
 	DropFragState:         "fragment state could not be recorded",
+	DropNATExhausted:      "source NAT port range exhausted",
+	DropNoRoute:           "no route for a translated packet",
+	DropNATOrphan:         "reply to a source NAT whose flow is gone",
 	DropChecksumRewrite:   "header rewrite failed",
 	DropTTLExceeded:       "TTL exceeded",
 	DropScratch:           "per-CPU scratch unavailable",

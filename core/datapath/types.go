@@ -54,6 +54,24 @@ type (
 	SockAffinityKey = coreWeirSockAffinityKey
 	// SockTermKey keys weir_sock_term: a backend that left a frontend.
 	SockTermKey = coreWeirSockTermKey
+	// NATKey keys weir_nat.
+	NATKey = coreWeirNatKey
+	// NATEntry is a weir_nat value.
+	NATEntry = coreWeirNatEntry
+	// NATCounters is one CPU's weir_nat_stats value.
+	NATCounters = coreWeirNatCounters
+)
+
+// NAT entry directions stored in NATKey.Dir.
+const (
+	NATOut = uint8(coreWeirNatDirWEIR_NAT_OUT)
+	NATIn  = uint8(coreWeirNatDirWEIR_NAT_IN)
+)
+
+// NAT entry owners stored in NATEntry.Owner.
+const (
+	NATNodePort   = uint8(coreWeirNatOwnerWEIR_NAT_NODEPORT)
+	NATMasquerade = uint8(coreWeirNatOwnerWEIR_NAT_MASQUERADE)
 )
 
 // Frontend types stored in ServiceValue.Type.
@@ -98,6 +116,8 @@ const (
 	CTFlagRST         = 0x0010
 	CTFlagRSTReply    = 0x0020
 	CTFlagRemapped    = 0x0040
+	CTFlagNodePort    = 0x0080
+	CTFlagSNAT        = 0x0100
 )
 
 // IPCacheEntry.Flags bits (WEIR_IPCACHE_* in maps.h).

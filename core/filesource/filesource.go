@@ -50,11 +50,24 @@ type Contents struct {
 // Service is one service as a user writes it, close to a Kubernetes
 // Service with its endpoints inline.
 type Service struct {
-	Name      string        `yaml:"name"`
-	Namespace string        `yaml:"namespace"`
-	ClusterIP string        `yaml:"clusterIP"`
-	Ports     []ServicePort `yaml:"ports"`
-	Backends  []Backend     `yaml:"backends"`
+	Name      string `yaml:"name"`
+	Namespace string `yaml:"namespace"`
+	ClusterIP string `yaml:"clusterIP"`
+	// Type is ClusterIP (the default), NodePort or LoadBalancer, as in
+	// Kubernetes: NodePort and LoadBalancer services are served on their
+	// ports' nodePorts too.
+	Type string `yaml:"type"`
+	// ExternalIPs are further addresses the service is reached at.
+	ExternalIPs []string `yaml:"externalIPs"`
+	// LoadBalancerIPs are the ingress addresses a load balancer gave a
+	// LoadBalancer service (its status in Kubernetes).
+	LoadBalancerIPs []string `yaml:"loadBalancerIPs"`
+	// ExternalTrafficPolicy is Cluster (the default) or Local: traffic
+	// from outside the cluster goes only to backends on the node it
+	// reached, which keeps the client's address.
+	ExternalTrafficPolicy string        `yaml:"externalTrafficPolicy"`
+	Ports                 []ServicePort `yaml:"ports"`
+	Backends              []Backend     `yaml:"backends"`
 }
 
 // ServicePort is one port of a service; each becomes a frontend.
@@ -63,6 +76,9 @@ type ServicePort struct {
 	Port       int    `yaml:"port"`
 	TargetPort int    `yaml:"targetPort"`
 	Protocol   string `yaml:"protocol"`
+	// NodePort is the port on every node's addresses (NodePort and
+	// LoadBalancer services; 0: none).
+	NodePort int `yaml:"nodePort"`
 }
 
 // Backend is one endpoint of a service.
@@ -139,6 +155,10 @@ func ParseContents(file string, data []byte) (*Contents, error) {
 		if len(s.Ports) == 0 {
 			return nil, fail(strictyaml.Key(sp, "ports"), "a service needs at least one port")
 		}
+		ext, err := parseExternal(&s, sp, fail)
+		if err != nil {
+			return nil, err
+		}
 		var backends []netip.Addr
 		var states []model.BackendState
 		seenBE := map[netip.Addr]int{}
@@ -201,6 +221,27 @@ func ParseContents(file string, data []byte) (*Contents, error) {
 				fe.Backends = append(fe.Backends, model.Backend{Addr: netip.AddrPortFrom(a, uint16(p.TargetPort)), State: states[k], NodeName: s.Backends[k].NodeName})
 			}
 			svc.Frontends = append(svc.Frontends, fe)
+			if p.NodePort != 0 && !ext.nodePorts {
+				return nil, fail(strictyaml.Key(pp, "nodePort"), "only services of type NodePort or LoadBalancer have node ports")
+			}
+			if p.NodePort < 0 || p.NodePort > 65535 {
+				return nil, fail(strictyaml.Key(pp, "nodePort"), "%d is not a valid port (1 to 65535)", p.NodePort)
+			}
+			more := make([]model.Frontend, 0, len(ext.addrs)+1)
+			for _, a := range ext.addrs {
+				more = append(more, model.Frontend{Addr: netip.AddrPortFrom(a.addr, uint16(p.Port)), Type: a.typ})
+			}
+			if p.NodePort != 0 {
+				more = append(more, model.Frontend{Addr: netip.AddrPortFrom(netip.IPv4Unspecified(), uint16(p.NodePort)), Type: model.NodePort})
+			}
+			for _, m := range more {
+				m.Proto, m.PortName, m.Backends, m.ExternalLocal = proto, p.Name, fe.Backends, ext.local
+				if owner, dup := frontends[m.Key()]; dup {
+					return nil, fail(pp, "frontend %s (%s) is already used by %s", m.Key(), m.Type, owner)
+				}
+				frontends[m.Key()] = fmt.Sprintf("%s (%s)", pp, name)
+				svc.Frontends = append(svc.Frontends, m)
+			}
 		}
 		out = append(out, svc)
 	}
@@ -209,6 +250,62 @@ func ParseContents(file string, data []byte) (*Contents, error) {
 		return nil, err
 	}
 	return &Contents{Services: out, Nodes: nodes}, nil
+}
+
+// external is what a service adds beyond its ClusterIP.
+type external struct {
+	addrs []struct {
+		addr netip.Addr
+		typ  model.FrontendType
+	}
+	nodePorts, local bool
+}
+
+func parseExternal(s *Service, sp string, fail func(path, format string, a ...any) error) (external, error) {
+	var out external
+	switch s.Type {
+	case "", "ClusterIP":
+	case "NodePort":
+		out.nodePorts = true
+	case "LoadBalancer":
+		out.nodePorts = true
+	default:
+		return out, fail(strictyaml.Key(sp, "type"), "%q is not one of ClusterIP, NodePort, LoadBalancer", s.Type)
+	}
+	switch s.ExternalTrafficPolicy {
+	case "", "Cluster":
+	case "Local":
+		out.local = true
+	default:
+		return out, fail(strictyaml.Key(sp, "externalTrafficPolicy"), "%q is not one of Cluster, Local", s.ExternalTrafficPolicy)
+	}
+	if len(s.LoadBalancerIPs) > 0 && s.Type != "LoadBalancer" {
+		return out, fail(strictyaml.Key(sp, "loadBalancerIPs"), "only services of type LoadBalancer have load-balancer IPs")
+	}
+	for _, list := range []struct {
+		key string
+		ips []string
+		typ model.FrontendType
+	}{{"externalIPs", s.ExternalIPs, model.ExternalIP}, {"loadBalancerIPs", s.LoadBalancerIPs, model.LoadBalancer}} {
+		for j, ip := range list.ips {
+			path := strictyaml.Index(strictyaml.Key(sp, list.key), j)
+			a, err := netip.ParseAddr(ip)
+			if err != nil || !a.Is4() {
+				return out, fail(path, "%q is not an IPv4 address", ip)
+			}
+			if err := model.CheckFrontendAddr(a, list.typ); err != nil || a.IsUnspecified() {
+				if err == nil {
+					err = fmt.Errorf("%s cannot be a service address", a)
+				}
+				return out, fail(path, "%v", err)
+			}
+			out.addrs = append(out.addrs, struct {
+				addr netip.Addr
+				typ  model.FrontendType
+			}{a, list.typ})
+		}
+	}
+	return out, nil
 }
 
 func parseNodes(in []Node, fail func(path, format string, a ...any) error) ([]*model.Node, error) {

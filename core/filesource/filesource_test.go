@@ -12,6 +12,7 @@ import (
 	"os"
 	"path/filepath"
 	"reflect"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -184,6 +185,39 @@ func TestParseDefaultsAndTerminating(t *testing.T) {
 	checkServices(t, got, want)
 }
 
+// NodePort and LoadBalancer services are served on their node ports,
+// load-balancer IPs and external IPs too, with the ClusterIP's backends
+// and the external traffic policy on every external-facing frontend.
+func TestParseExternalFrontends(t *testing.T) {
+	got, err := filesource.Parse("svc.yaml", []byte(lines(
+		"services:",
+		"  - name: web",
+		"    clusterIP: 10.96.0.10",
+		"    type: LoadBalancer",
+		"    externalTrafficPolicy: Local",
+		"    loadBalancerIPs: [198.51.100.10]",
+		"    externalIPs: [203.0.113.7]",
+		"    ports: [{name: http, port: 80, targetPort: 8080, nodePort: 30080}]",
+		"    backends: [{ip: 10.244.1.11, nodeName: n1}]",
+	)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var fronts []string
+	for _, f := range got[0].Frontends {
+		fronts = append(fronts, fmt.Sprintf("%s %s local=%v -> %v", f.Type, f.Key(), f.ExternalLocal, f.Backends[0].Addr))
+	}
+	want := []string{
+		"ClusterIP 10.96.0.10:80/TCP local=false -> 10.244.1.11:8080",
+		"ExternalIP 203.0.113.7:80/TCP local=true -> 10.244.1.11:8080",
+		"LoadBalancer 198.51.100.10:80/TCP local=true -> 10.244.1.11:8080",
+		"NodePort 0.0.0.0:30080/TCP local=true -> 10.244.1.11:8080",
+	}
+	if !slices.Equal(fronts, want) {
+		t.Errorf("frontends:\n got %q\nwant %q", fronts, want)
+	}
+}
+
 func TestParseEmpty(t *testing.T) {
 	for _, doc := range []string{"services:\n", "services: []\n"} {
 		got, err := filesource.Parse("svc.yaml", []byte(doc))
@@ -237,12 +271,12 @@ func TestParseErrors(t *testing.T) {
 		{
 			name: "unknown service field",
 			doc:  with(map[int]string{4: "    clusterIp: 10.96.0.10"}),
-			want: `svc.yaml:4:5: services[0]: unknown field "clusterIp"; allowed fields: backends, clusterIP, name, namespace, ports`,
+			want: `svc.yaml:4:5: services[0]: unknown field "clusterIp"; allowed fields: backends, clusterIP, externalIPs, externalTrafficPolicy, loadBalancerIPs, name, namespace, ports, type`,
 		},
 		{
 			name: "unknown port field",
 			doc:  with(map[int]string{9: "        proto: TCP"}),
-			want: `svc.yaml:9:9: services[0].ports[0]: unknown field "proto"; allowed fields: name, port, protocol, targetPort`,
+			want: `svc.yaml:9:9: services[0].ports[0]: unknown field "proto"; allowed fields: name, nodePort, port, protocol, targetPort`,
 		},
 		{
 			name: "unknown backend field",
@@ -517,6 +551,38 @@ func TestParseErrors(t *testing.T) {
 				"        protocol: ICMP",
 			),
 			want: `svc.yaml:10:19: services[1].ports[0].protocol: "ICMP" is not a protocol; allowed: TCP, UDP, SCTP`,
+		},
+		{
+			name: "unknown service type",
+			doc:  lines("services:", "  - name: web", "    clusterIP: 10.96.0.10", "    type: ExternalName", "    ports: [{port: 80}]"),
+			want: `svc.yaml:4:11: services[0].type: "ExternalName" is not one of ClusterIP, NodePort, LoadBalancer`,
+		},
+		{
+			name: "node port on a ClusterIP service",
+			doc:  lines("services:", "  - name: web", "    clusterIP: 10.96.0.10", "    ports: [{port: 80, nodePort: 30080}]"),
+			want: `svc.yaml:4:34: services[0].ports[0].nodePort: only services of type NodePort or LoadBalancer have node ports`,
+		},
+		{
+			name: "one node port for two services",
+			doc: lines("services:",
+				"  - name: web", "    clusterIP: 10.96.0.10", "    type: NodePort", "    ports: [{port: 80, nodePort: 30080}]",
+				"  - name: api", "    clusterIP: 10.96.0.11", "    type: NodePort", "    ports: [{port: 80, nodePort: 30080}]"),
+			want: `svc.yaml:9:13: services[1].ports[0]: frontend 0.0.0.0:30080/TCP (NodePort) is already used by services[0].ports[0] (default/web)`,
+		},
+		{
+			name: "load-balancer IPs on a NodePort service",
+			doc:  lines("services:", "  - name: web", "    clusterIP: 10.96.0.10", "    type: NodePort", "    loadBalancerIPs: [198.51.100.1]", "    ports: [{port: 80}]"),
+			want: `svc.yaml:5:22: services[0].loadBalancerIPs: only services of type LoadBalancer have load-balancer IPs`,
+		},
+		{
+			name: "external IP that is not an address",
+			doc:  lines("services:", "  - name: web", "    clusterIP: 10.96.0.10", "    externalIPs: [198.51.100.1, nope]", "    ports: [{port: 80}]"),
+			want: `svc.yaml:4:33: services[0].externalIPs[1]: "nope" is not an IPv4 address`,
+		},
+		{
+			name: "unknown traffic policy",
+			doc:  lines("services:", "  - name: web", "    clusterIP: 10.96.0.10", "    externalTrafficPolicy: Nearest", "    ports: [{port: 80}]"),
+			want: `svc.yaml:4:28: services[0].externalTrafficPolicy: "Nearest" is not one of Cluster, Local`,
 		},
 	}
 	for _, tc := range cases {

@@ -86,6 +86,36 @@ type Lab struct {
 	// ControlPlane and Kubeconfig exist in Kubernetes mode.
 	ControlPlane *controlplane.ControlPlane `json:"controlPlane,omitempty"`
 	Kubeconfig   string                     `json:"kubeconfig,omitempty"`
+	// Externals are the hosts outside the cluster; Router the namespace
+	// routing between the underlay and their subnets ("" when no host
+	// needs it).
+	Externals []*External `json:"externals,omitempty"`
+	Router    string      `json:"router,omitempty"`
+}
+
+// External is a host outside the cluster.
+type External struct {
+	Name  string `json:"name"`
+	Netns string `json:"netns"`
+	IP    string `json:"ip"`
+	// Gateway is the router's address facing the host (beyond the
+	// router), or "" for hosts on the underlay.
+	Gateway   string   `json:"gateway,omitempty"`
+	Serve     Workload `json:"serve"`
+	ServerPID int      `json:"serverPID,omitempty"`
+}
+
+// NetnsPath is the host's namespace path.
+func (e *External) NetnsPath() string { return netns.Path(e.Netns) }
+
+// External returns the external host with the given name, or nil.
+func (l *Lab) External(name string) *External {
+	for _, e := range l.Externals {
+		if e.Name == name {
+			return e
+		}
+	}
+	return nil
 }
 
 // Node is a lab node.
@@ -221,6 +251,9 @@ func Up(ctx context.Context, spec *Spec, opts Options) (l *Lab, err error) {
 		return l, err
 	}
 	if err := l.buildUnderlay(); err != nil {
+		return l, err
+	}
+	if err := l.addExternals(); err != nil {
 		return l, err
 	}
 	if spec.Kubernetes {
@@ -455,6 +488,12 @@ func (l *Lab) plumbNode(n *Node, bits int) error {
 	if err != nil {
 		return err
 	}
+	// Beyond the underlay is the router, as a default gateway would be.
+	if l.Router != "" {
+		if err := defaultRoute(path, l.underlayHost(routerHost)); err != nil {
+			return err
+		}
+	}
 	// A node routes for its pods: forwarding on, strict reverse-path
 	// filtering off (pod traffic enters on interfaces without addresses).
 	return netns.Do(path, func() error {
@@ -639,6 +678,9 @@ func (l *Lab) addPod(ctx context.Context, n *Node, ps PodSpec) error {
 func (l *Lab) Down() error {
 	var errs []error
 	l.stopKube()
+	for _, e := range l.Externals {
+		proc.Stop(e.ServerPID, "lab", 5*time.Second)
+	}
 	for _, n := range l.Nodes {
 		for _, p := range n.Pods {
 			proc.Stop(p.ServerPID, "lab", 5*time.Second)

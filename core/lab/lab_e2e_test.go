@@ -134,6 +134,16 @@ func up(t testing.TB, spec *Spec) *Lab {
 			servers = append(servers, s)
 		}
 	}
+	for _, e := range l.Externals {
+		if e.Serve.Empty() {
+			continue
+		}
+		s, err := Serve(e.Name, e.NetnsPath(), e.Serve)
+		if err != nil {
+			t.Fatal(err)
+		}
+		servers = append(servers, s)
+	}
 	return l
 }
 

@@ -29,7 +29,35 @@ type Spec struct {
 	// the spec become Pod objects; services come from the API.
 	Kubernetes bool       `yaml:"kubernetes" json:"kubernetes,omitempty"`
 	Nodes      []NodeSpec `yaml:"nodes" json:"nodes"`
+	// Externals are hosts outside the cluster: clients on the underlay,
+	// and hosts beyond the lab's router in networks of their own (the
+	// "internet").
+	Externals []ExternalSpec `yaml:"externals" json:"externals,omitempty"`
 }
+
+// ExternalSpec is a host outside the cluster.
+type ExternalSpec struct {
+	Name string `yaml:"name" json:"name"`
+	// Subnet, when set, puts the host beyond the lab's router in a
+	// network of its own: the router takes .1 of it, the host .10, and
+	// nodes reach it through their default route (the router's underlay
+	// address). Empty: the host sits on the underlay itself.
+	Subnet string `yaml:"subnet" json:"subnet,omitempty"`
+	// Routes send prefixes (load-balancer and external IPs) from a host on
+	// the underlay to a node, as an announcement by BGP or ARP would:
+	// prefix -> node name.
+	Routes map[string]string `yaml:"routes" json:"routes,omitempty"`
+	Serve  Workload          `yaml:"serve" json:"serve"`
+}
+
+// Underlay addresses the lab gives hosts that are not nodes: nodes take
+// .11 to .210 (at most 200), externals on the underlay .240 on, the router
+// .254.
+const (
+	externalFirstHost = 240
+	maxUnderlayHosts  = 254 - externalFirstHost
+	routerHost        = 254
+)
 
 // NodeSpec is one node.
 type NodeSpec struct {
@@ -165,6 +193,66 @@ func (s *Spec) Validate() error {
 				if port < 0 || port > 65535 {
 					return fmt.Errorf("%s.serve: port %d is out of range (1 to 65535)", pp, port)
 				}
+			}
+		}
+	}
+	return s.validateExternals(nodes, ul)
+}
+
+func (s *Spec) validateExternals(nodes map[string]bool, ul netip.Prefix) error {
+	names := map[string]bool{}
+	onUnderlay := 0
+	var subnets []netip.Prefix
+	for i := range s.Externals {
+		e := &s.Externals[i]
+		ep := fmt.Sprintf("externals[%d]", i)
+		if !nodeName.MatchString(e.Name) {
+			return fmt.Errorf("%s.name: %q must be 1 to 10 lower-case letters or digits, starting with a letter", ep, e.Name)
+		}
+		if names[e.Name] || nodes[e.Name] {
+			return fmt.Errorf("%s.name: %q is already the name of a node or an external host", ep, e.Name)
+		}
+		names[e.Name] = true
+		for _, port := range []int{e.Serve.HTTP, e.Serve.UDP, e.Serve.Echo, e.Serve.Sink, e.Serve.DNS} {
+			if port < 0 || port > 65535 {
+				return fmt.Errorf("%s.serve: port %d is out of range (1 to 65535)", ep, port)
+			}
+		}
+		if e.Subnet == "" {
+			onUnderlay++
+			if onUnderlay > maxUnderlayHosts {
+				return fmt.Errorf("%s: at most %d external hosts sit on the underlay", ep, maxUnderlayHosts)
+			}
+		} else {
+			sn, err := netip.ParsePrefix(e.Subnet)
+			if err != nil || !sn.Addr().Is4() || sn.Bits() > 28 || sn.Masked() != sn {
+				return fmt.Errorf("%s.subnet: %q must be an IPv4 network of /28 or larger", ep, e.Subnet)
+			}
+			if sn.Overlaps(ul) {
+				return fmt.Errorf("%s.subnet: %s overlaps the underlay %s", ep, sn, ul)
+			}
+			for _, n := range s.Nodes {
+				if c, err := netip.ParsePrefix(n.PodCIDR); err == nil && c.Overlaps(sn) {
+					return fmt.Errorf("%s.subnet: %s overlaps the pod CIDR of node %s", ep, sn, n.Name)
+				}
+			}
+			for _, o := range subnets {
+				if o.Overlaps(sn) {
+					return fmt.Errorf("%s.subnet: %s overlaps another external subnet %s", ep, sn, o)
+				}
+			}
+			subnets = append(subnets, sn)
+			if len(e.Routes) > 0 {
+				return fmt.Errorf("%s.routes: only hosts on the underlay (no subnet) take routes to nodes", ep)
+			}
+		}
+		for pfx, node := range e.Routes {
+			p, err := netip.ParsePrefix(pfx)
+			if err != nil || !p.Addr().Is4() || p.Masked() != p {
+				return fmt.Errorf("%s.routes: %q is not an IPv4 prefix (as 198.51.100.0/24)", ep, pfx)
+			}
+			if !nodes[node] {
+				return fmt.Errorf("%s.routes[%s]: no node %q", ep, pfx, node)
 			}
 		}
 	}

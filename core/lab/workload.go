@@ -23,7 +23,8 @@ import (
 // Workload is what a lab pod serves: every server answers with the pod's
 // name, so a client sees which backend it reached.
 type Workload struct {
-	// HTTP port: GET / answers "<name>\n".
+	// HTTP port: GET / answers "<name>\n", GET /client "<name> <the
+	// client's address:port as the server saw it>\n".
 	HTTP int `yaml:"http" json:"http,omitempty"`
 	// UDP port: each datagram is answered with "<name>: <datagram>".
 	UDP int `yaml:"udp" json:"udp,omitempty"`
@@ -67,7 +68,13 @@ func Serve(name, nsPath string, w Workload) (*Servers, error) {
 			if err != nil {
 				return err
 			}
-			srv := &http.Server{ReadHeaderTimeout: 5 * time.Second, Handler: http.HandlerFunc(func(rw http.ResponseWriter, _ *http.Request) {
+			srv := &http.Server{ReadHeaderTimeout: 5 * time.Second, Handler: http.HandlerFunc(func(rw http.ResponseWriter, r *http.Request) {
+				// /client also says whom the server saw: source NAT,
+				// or the client's address kept, shows there.
+				if r.URL.Path == "/client" {
+					fmt.Fprintln(rw, name, r.RemoteAddr)
+					return
+				}
 				fmt.Fprintln(rw, name)
 			})}
 			s.closers = append(s.closers, srv)

@@ -61,15 +61,21 @@ type Slot struct {
 // Index is the slot's position in the node's prog array.
 func (s Slot) Index() uint32 { return uint32(s.Hook)*PerHook + s.Order }
 
+// GroupNodePortDispatch is the group of the slots that serve NodePort,
+// load-balancer and external IPs from outside: SNAT (nodeport) or DSR.
+const GroupNodePortDispatch = "NodePort dispatch"
+
 // table is the one place slot numbers are written.
 var table = []Slot{
 	{Name: "pod-egress/arp", Hook: PodEgress, Order: 0},
 	{Name: "pod-egress/lb", Hook: PodEgress, Order: 4},
+	{Name: "pod-egress/nodeport", Hook: PodEgress, Order: 6},
 	{Name: "pod-egress/local", Hook: PodEgress, Order: 8},
 	{Name: "pod-egress/forward", Hook: PodEgress, Order: 12, Group: "forwarding mode"},
 	{Name: "pod-ingress/lb-revnat", Hook: PodIngress, Order: 4},
 	{Name: "pod-ingress/deliver", Hook: PodIngress, Order: 12},
 	{Name: "netdev-ingress/tunnel", Hook: NetdevIngress, Order: 4},
+	{Name: "netdev-ingress/nodeport", Hook: NetdevIngress, Order: 6, Group: GroupNodePortDispatch},
 	{Name: "netdev-ingress/local", Hook: NetdevIngress, Order: 8},
 	{Name: "netdev-egress/tunnel", Hook: NetdevEgress, Order: 4},
 }
@@ -80,10 +86,12 @@ const MaxTailCalls = 33
 
 // Chains are the sequences of hooks one packet's stages can run through:
 // local delivery (and the netdev-ingress local stage) continue in the
-// pod-ingress stages.
+// pod-ingress stages; a packet from outside that nodeport sends to a pod
+// of another node continues in the pod-egress forwarding stage.
 var Chains = [][]Hook{
 	{PodEgress, PodIngress},
 	{NetdevIngress, PodIngress},
+	{NetdevIngress, PodEgress},
 	{NetdevEgress},
 }
 

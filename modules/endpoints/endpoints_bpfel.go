@@ -26,6 +26,8 @@ const (
 	endpointsMapWeirFrags          = "weir_frags"
 	endpointsMapWeirIpcache        = "weir_ipcache"
 	endpointsMapWeirMetrics        = "weir_metrics"
+	endpointsMapWeirNat            = "weir_nat"
+	endpointsMapWeirNatStats       = "weir_nat_stats"
 	endpointsMapWeirRevnat         = "weir_revnat"
 	endpointsMapWeirScratch        = "weir_scratch"
 	endpointsMapWeirServices       = "weir_services"
@@ -39,6 +41,7 @@ const (
 	endpointsVarEndpointsGatewayIp = "endpoints_gateway_ip"
 	endpointsVarWeirHookFirst      = "weir_hook_first"
 	endpointsVarWeirHookLast       = "weir_hook_last"
+	endpointsVarWeirSlotPodForward = "weir_slot_pod_forward"
 )
 
 // loadEndpoints returns the embedded CollectionSpec for endpoints.
@@ -102,6 +105,8 @@ type endpointsMapSpecs struct {
 	WeirFrags        *ebpf.MapSpec `ebpf:"weir_frags"`
 	WeirIpcache      *ebpf.MapSpec `ebpf:"weir_ipcache"`
 	WeirMetrics      *ebpf.MapSpec `ebpf:"weir_metrics"`
+	WeirNat          *ebpf.MapSpec `ebpf:"weir_nat"`
+	WeirNatStats     *ebpf.MapSpec `ebpf:"weir_nat_stats"`
 	WeirRevnat       *ebpf.MapSpec `ebpf:"weir_revnat"`
 	WeirScratch      *ebpf.MapSpec `ebpf:"weir_scratch"`
 	WeirServices     *ebpf.MapSpec `ebpf:"weir_services"`
@@ -118,6 +123,7 @@ type endpointsVariableSpecs struct {
 	EndpointsGatewayIp *ebpf.VariableSpec `ebpf:"endpoints_gateway_ip"`
 	WeirHookFirst      *ebpf.VariableSpec `ebpf:"weir_hook_first"`
 	WeirHookLast       *ebpf.VariableSpec `ebpf:"weir_hook_last"`
+	WeirSlotPodForward *ebpf.VariableSpec `ebpf:"weir_slot_pod_forward"`
 }
 
 // endpointsObjects contains all objects after they have been loaded into the kernel.
@@ -150,6 +156,8 @@ type endpointsMaps struct {
 	WeirFrags        *ebpf.Map `ebpf:"weir_frags"`
 	WeirIpcache      *ebpf.Map `ebpf:"weir_ipcache"`
 	WeirMetrics      *ebpf.Map `ebpf:"weir_metrics"`
+	WeirNat          *ebpf.Map `ebpf:"weir_nat"`
+	WeirNatStats     *ebpf.Map `ebpf:"weir_nat_stats"`
 	WeirRevnat       *ebpf.Map `ebpf:"weir_revnat"`
 	WeirScratch      *ebpf.Map `ebpf:"weir_scratch"`
 	WeirServices     *ebpf.Map `ebpf:"weir_services"`
@@ -171,6 +179,8 @@ func (m *endpointsMaps) Close() error {
 		m.WeirFrags,
 		m.WeirIpcache,
 		m.WeirMetrics,
+		m.WeirNat,
+		m.WeirNatStats,
 		m.WeirRevnat,
 		m.WeirScratch,
 		m.WeirServices,
@@ -188,6 +198,7 @@ type endpointsVariables struct {
 	EndpointsGatewayIp *ebpf.Variable `ebpf:"endpoints_gateway_ip"`
 	WeirHookFirst      *ebpf.Variable `ebpf:"weir_hook_first"`
 	WeirHookLast       *ebpf.Variable `ebpf:"weir_hook_last"`
+	WeirSlotPodForward *ebpf.Variable `ebpf:"weir_slot_pod_forward"`
 }
 
 // endpointsPrograms contains all programs after they have been loaded into the kernel.

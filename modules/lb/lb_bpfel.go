@@ -16,27 +16,30 @@ import (
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	lbMapWeirAffinity     = "weir_affinity"
-	lbMapWeirBackendAddrs = "weir_backend_addrs"
-	lbMapWeirBackends     = "weir_backends"
-	lbMapWeirCalls        = "weir_calls"
-	lbMapWeirCt           = "weir_ct"
-	lbMapWeirEndpoints    = "weir_endpoints"
-	lbMapWeirEvents       = "weir_events"
-	lbMapWeirFrags        = "weir_frags"
-	lbMapWeirIpcache      = "weir_ipcache"
-	lbMapWeirMetrics      = "weir_metrics"
-	lbMapWeirRevnat       = "weir_revnat"
-	lbMapWeirScratch      = "weir_scratch"
-	lbMapWeirServices     = "weir_services"
-	lbMapWeirSlotMask     = "weir_slot_mask"
-	lbMapWeirSockAffinity = "weir_sock_affinity"
-	lbMapWeirSockRev      = "weir_sock_rev"
-	lbMapWeirSockTerm     = "weir_sock_term"
-	lbProgLbPodEgress     = "lb_pod_egress"
-	lbProgLbPodIngress    = "lb_pod_ingress"
-	lbVarWeirHookFirst    = "weir_hook_first"
-	lbVarWeirHookLast     = "weir_hook_last"
+	lbMapWeirAffinity       = "weir_affinity"
+	lbMapWeirBackendAddrs   = "weir_backend_addrs"
+	lbMapWeirBackends       = "weir_backends"
+	lbMapWeirCalls          = "weir_calls"
+	lbMapWeirCt             = "weir_ct"
+	lbMapWeirEndpoints      = "weir_endpoints"
+	lbMapWeirEvents         = "weir_events"
+	lbMapWeirFrags          = "weir_frags"
+	lbMapWeirIpcache        = "weir_ipcache"
+	lbMapWeirMetrics        = "weir_metrics"
+	lbMapWeirNat            = "weir_nat"
+	lbMapWeirNatStats       = "weir_nat_stats"
+	lbMapWeirRevnat         = "weir_revnat"
+	lbMapWeirScratch        = "weir_scratch"
+	lbMapWeirServices       = "weir_services"
+	lbMapWeirSlotMask       = "weir_slot_mask"
+	lbMapWeirSockAffinity   = "weir_sock_affinity"
+	lbMapWeirSockRev        = "weir_sock_rev"
+	lbMapWeirSockTerm       = "weir_sock_term"
+	lbProgLbPodEgress       = "lb_pod_egress"
+	lbProgLbPodIngress      = "lb_pod_ingress"
+	lbVarWeirHookFirst      = "weir_hook_first"
+	lbVarWeirHookLast       = "weir_hook_last"
+	lbVarWeirSlotPodForward = "weir_slot_pod_forward"
 )
 
 // loadLb returns the embedded CollectionSpec for lb.
@@ -99,6 +102,8 @@ type lbMapSpecs struct {
 	WeirFrags        *ebpf.MapSpec `ebpf:"weir_frags"`
 	WeirIpcache      *ebpf.MapSpec `ebpf:"weir_ipcache"`
 	WeirMetrics      *ebpf.MapSpec `ebpf:"weir_metrics"`
+	WeirNat          *ebpf.MapSpec `ebpf:"weir_nat"`
+	WeirNatStats     *ebpf.MapSpec `ebpf:"weir_nat_stats"`
 	WeirRevnat       *ebpf.MapSpec `ebpf:"weir_revnat"`
 	WeirScratch      *ebpf.MapSpec `ebpf:"weir_scratch"`
 	WeirServices     *ebpf.MapSpec `ebpf:"weir_services"`
@@ -112,8 +117,9 @@ type lbMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type lbVariableSpecs struct {
-	WeirHookFirst *ebpf.VariableSpec `ebpf:"weir_hook_first"`
-	WeirHookLast  *ebpf.VariableSpec `ebpf:"weir_hook_last"`
+	WeirHookFirst      *ebpf.VariableSpec `ebpf:"weir_hook_first"`
+	WeirHookLast       *ebpf.VariableSpec `ebpf:"weir_hook_last"`
+	WeirSlotPodForward *ebpf.VariableSpec `ebpf:"weir_slot_pod_forward"`
 }
 
 // lbObjects contains all objects after they have been loaded into the kernel.
@@ -146,6 +152,8 @@ type lbMaps struct {
 	WeirFrags        *ebpf.Map `ebpf:"weir_frags"`
 	WeirIpcache      *ebpf.Map `ebpf:"weir_ipcache"`
 	WeirMetrics      *ebpf.Map `ebpf:"weir_metrics"`
+	WeirNat          *ebpf.Map `ebpf:"weir_nat"`
+	WeirNatStats     *ebpf.Map `ebpf:"weir_nat_stats"`
 	WeirRevnat       *ebpf.Map `ebpf:"weir_revnat"`
 	WeirScratch      *ebpf.Map `ebpf:"weir_scratch"`
 	WeirServices     *ebpf.Map `ebpf:"weir_services"`
@@ -167,6 +175,8 @@ func (m *lbMaps) Close() error {
 		m.WeirFrags,
 		m.WeirIpcache,
 		m.WeirMetrics,
+		m.WeirNat,
+		m.WeirNatStats,
 		m.WeirRevnat,
 		m.WeirScratch,
 		m.WeirServices,
@@ -181,8 +191,9 @@ func (m *lbMaps) Close() error {
 //
 // It can be passed to loadLbObjects or ebpf.CollectionSpec.LoadAndAssign.
 type lbVariables struct {
-	WeirHookFirst *ebpf.Variable `ebpf:"weir_hook_first"`
-	WeirHookLast  *ebpf.Variable `ebpf:"weir_hook_last"`
+	WeirHookFirst      *ebpf.Variable `ebpf:"weir_hook_first"`
+	WeirHookLast       *ebpf.Variable `ebpf:"weir_hook_last"`
+	WeirSlotPodForward *ebpf.Variable `ebpf:"weir_slot_pod_forward"`
 }
 
 // lbPrograms contains all programs after they have been loaded into the kernel.

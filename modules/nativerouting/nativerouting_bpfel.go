@@ -26,6 +26,8 @@ const (
 	nativeroutingMapWeirFrags             = "weir_frags"
 	nativeroutingMapWeirIpcache           = "weir_ipcache"
 	nativeroutingMapWeirMetrics           = "weir_metrics"
+	nativeroutingMapWeirNat               = "weir_nat"
+	nativeroutingMapWeirNatStats          = "weir_nat_stats"
 	nativeroutingMapWeirRevnat            = "weir_revnat"
 	nativeroutingMapWeirScratch           = "weir_scratch"
 	nativeroutingMapWeirServices          = "weir_services"
@@ -36,6 +38,7 @@ const (
 	nativeroutingProgNativeroutingForward = "nativerouting_forward"
 	nativeroutingVarWeirHookFirst         = "weir_hook_first"
 	nativeroutingVarWeirHookLast          = "weir_hook_last"
+	nativeroutingVarWeirSlotPodForward    = "weir_slot_pod_forward"
 )
 
 // loadNativerouting returns the embedded CollectionSpec for nativerouting.
@@ -97,6 +100,8 @@ type nativeroutingMapSpecs struct {
 	WeirFrags        *ebpf.MapSpec `ebpf:"weir_frags"`
 	WeirIpcache      *ebpf.MapSpec `ebpf:"weir_ipcache"`
 	WeirMetrics      *ebpf.MapSpec `ebpf:"weir_metrics"`
+	WeirNat          *ebpf.MapSpec `ebpf:"weir_nat"`
+	WeirNatStats     *ebpf.MapSpec `ebpf:"weir_nat_stats"`
 	WeirRevnat       *ebpf.MapSpec `ebpf:"weir_revnat"`
 	WeirScratch      *ebpf.MapSpec `ebpf:"weir_scratch"`
 	WeirServices     *ebpf.MapSpec `ebpf:"weir_services"`
@@ -110,8 +115,9 @@ type nativeroutingMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type nativeroutingVariableSpecs struct {
-	WeirHookFirst *ebpf.VariableSpec `ebpf:"weir_hook_first"`
-	WeirHookLast  *ebpf.VariableSpec `ebpf:"weir_hook_last"`
+	WeirHookFirst      *ebpf.VariableSpec `ebpf:"weir_hook_first"`
+	WeirHookLast       *ebpf.VariableSpec `ebpf:"weir_hook_last"`
+	WeirSlotPodForward *ebpf.VariableSpec `ebpf:"weir_slot_pod_forward"`
 }
 
 // nativeroutingObjects contains all objects after they have been loaded into the kernel.
@@ -144,6 +150,8 @@ type nativeroutingMaps struct {
 	WeirFrags        *ebpf.Map `ebpf:"weir_frags"`
 	WeirIpcache      *ebpf.Map `ebpf:"weir_ipcache"`
 	WeirMetrics      *ebpf.Map `ebpf:"weir_metrics"`
+	WeirNat          *ebpf.Map `ebpf:"weir_nat"`
+	WeirNatStats     *ebpf.Map `ebpf:"weir_nat_stats"`
 	WeirRevnat       *ebpf.Map `ebpf:"weir_revnat"`
 	WeirScratch      *ebpf.Map `ebpf:"weir_scratch"`
 	WeirServices     *ebpf.Map `ebpf:"weir_services"`
@@ -165,6 +173,8 @@ func (m *nativeroutingMaps) Close() error {
 		m.WeirFrags,
 		m.WeirIpcache,
 		m.WeirMetrics,
+		m.WeirNat,
+		m.WeirNatStats,
 		m.WeirRevnat,
 		m.WeirScratch,
 		m.WeirServices,
@@ -179,8 +189,9 @@ func (m *nativeroutingMaps) Close() error {
 //
 // It can be passed to loadNativeroutingObjects or ebpf.CollectionSpec.LoadAndAssign.
 type nativeroutingVariables struct {
-	WeirHookFirst *ebpf.Variable `ebpf:"weir_hook_first"`
-	WeirHookLast  *ebpf.Variable `ebpf:"weir_hook_last"`
+	WeirHookFirst      *ebpf.Variable `ebpf:"weir_hook_first"`
+	WeirHookLast       *ebpf.Variable `ebpf:"weir_hook_last"`
+	WeirSlotPodForward *ebpf.Variable `ebpf:"weir_slot_pod_forward"`
 }
 
 // nativeroutingPrograms contains all programs after they have been loaded into the kernel.

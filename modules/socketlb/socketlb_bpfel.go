@@ -16,34 +16,37 @@ import (
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	socketlbMapWeirAffinity      = "weir_affinity"
-	socketlbMapWeirBackendAddrs  = "weir_backend_addrs"
-	socketlbMapWeirBackends      = "weir_backends"
-	socketlbMapWeirCalls         = "weir_calls"
-	socketlbMapWeirCt            = "weir_ct"
-	socketlbMapWeirEndpoints     = "weir_endpoints"
-	socketlbMapWeirEvents        = "weir_events"
-	socketlbMapWeirFrags         = "weir_frags"
-	socketlbMapWeirIpcache       = "weir_ipcache"
-	socketlbMapWeirMetrics       = "weir_metrics"
-	socketlbMapWeirRevnat        = "weir_revnat"
-	socketlbMapWeirScratch       = "weir_scratch"
-	socketlbMapWeirServices      = "weir_services"
-	socketlbMapWeirSlotMask      = "weir_slot_mask"
-	socketlbMapWeirSockAffinity  = "weir_sock_affinity"
-	socketlbMapWeirSockRev       = "weir_sock_rev"
-	socketlbMapWeirSockTerm      = "weir_sock_term"
-	socketlbProgSock4Connect     = "sock4_connect"
-	socketlbProgSock4Getpeername = "sock4_getpeername"
-	socketlbProgSock4PostBind    = "sock4_post_bind"
-	socketlbProgSock4Recvmsg     = "sock4_recvmsg"
-	socketlbProgSock4Sendmsg     = "sock4_sendmsg"
-	socketlbProgSockTermTcp      = "sock_term_tcp"
-	socketlbProgSockTermUdp      = "sock_term_udp"
-	socketlbVarSocketlbHostNetns = "socketlb_host_netns"
-	socketlbVarSocketlbHostOnly  = "socketlb_host_only"
-	socketlbVarWeirHookFirst     = "weir_hook_first"
-	socketlbVarWeirHookLast      = "weir_hook_last"
+	socketlbMapWeirAffinity       = "weir_affinity"
+	socketlbMapWeirBackendAddrs   = "weir_backend_addrs"
+	socketlbMapWeirBackends       = "weir_backends"
+	socketlbMapWeirCalls          = "weir_calls"
+	socketlbMapWeirCt             = "weir_ct"
+	socketlbMapWeirEndpoints      = "weir_endpoints"
+	socketlbMapWeirEvents         = "weir_events"
+	socketlbMapWeirFrags          = "weir_frags"
+	socketlbMapWeirIpcache        = "weir_ipcache"
+	socketlbMapWeirMetrics        = "weir_metrics"
+	socketlbMapWeirNat            = "weir_nat"
+	socketlbMapWeirNatStats       = "weir_nat_stats"
+	socketlbMapWeirRevnat         = "weir_revnat"
+	socketlbMapWeirScratch        = "weir_scratch"
+	socketlbMapWeirServices       = "weir_services"
+	socketlbMapWeirSlotMask       = "weir_slot_mask"
+	socketlbMapWeirSockAffinity   = "weir_sock_affinity"
+	socketlbMapWeirSockRev        = "weir_sock_rev"
+	socketlbMapWeirSockTerm       = "weir_sock_term"
+	socketlbProgSock4Connect      = "sock4_connect"
+	socketlbProgSock4Getpeername  = "sock4_getpeername"
+	socketlbProgSock4PostBind     = "sock4_post_bind"
+	socketlbProgSock4Recvmsg      = "sock4_recvmsg"
+	socketlbProgSock4Sendmsg      = "sock4_sendmsg"
+	socketlbProgSockTermTcp       = "sock_term_tcp"
+	socketlbProgSockTermUdp       = "sock_term_udp"
+	socketlbVarSocketlbHostNetns  = "socketlb_host_netns"
+	socketlbVarSocketlbHostOnly   = "socketlb_host_only"
+	socketlbVarWeirHookFirst      = "weir_hook_first"
+	socketlbVarWeirHookLast       = "weir_hook_last"
+	socketlbVarWeirSlotPodForward = "weir_slot_pod_forward"
 )
 
 // loadSocketlb returns the embedded CollectionSpec for socketlb.
@@ -111,6 +114,8 @@ type socketlbMapSpecs struct {
 	WeirFrags        *ebpf.MapSpec `ebpf:"weir_frags"`
 	WeirIpcache      *ebpf.MapSpec `ebpf:"weir_ipcache"`
 	WeirMetrics      *ebpf.MapSpec `ebpf:"weir_metrics"`
+	WeirNat          *ebpf.MapSpec `ebpf:"weir_nat"`
+	WeirNatStats     *ebpf.MapSpec `ebpf:"weir_nat_stats"`
 	WeirRevnat       *ebpf.MapSpec `ebpf:"weir_revnat"`
 	WeirScratch      *ebpf.MapSpec `ebpf:"weir_scratch"`
 	WeirServices     *ebpf.MapSpec `ebpf:"weir_services"`
@@ -124,10 +129,11 @@ type socketlbMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type socketlbVariableSpecs struct {
-	SocketlbHostNetns *ebpf.VariableSpec `ebpf:"socketlb_host_netns"`
-	SocketlbHostOnly  *ebpf.VariableSpec `ebpf:"socketlb_host_only"`
-	WeirHookFirst     *ebpf.VariableSpec `ebpf:"weir_hook_first"`
-	WeirHookLast      *ebpf.VariableSpec `ebpf:"weir_hook_last"`
+	SocketlbHostNetns  *ebpf.VariableSpec `ebpf:"socketlb_host_netns"`
+	SocketlbHostOnly   *ebpf.VariableSpec `ebpf:"socketlb_host_only"`
+	WeirHookFirst      *ebpf.VariableSpec `ebpf:"weir_hook_first"`
+	WeirHookLast       *ebpf.VariableSpec `ebpf:"weir_hook_last"`
+	WeirSlotPodForward *ebpf.VariableSpec `ebpf:"weir_slot_pod_forward"`
 }
 
 // socketlbObjects contains all objects after they have been loaded into the kernel.
@@ -160,6 +166,8 @@ type socketlbMaps struct {
 	WeirFrags        *ebpf.Map `ebpf:"weir_frags"`
 	WeirIpcache      *ebpf.Map `ebpf:"weir_ipcache"`
 	WeirMetrics      *ebpf.Map `ebpf:"weir_metrics"`
+	WeirNat          *ebpf.Map `ebpf:"weir_nat"`
+	WeirNatStats     *ebpf.Map `ebpf:"weir_nat_stats"`
 	WeirRevnat       *ebpf.Map `ebpf:"weir_revnat"`
 	WeirScratch      *ebpf.Map `ebpf:"weir_scratch"`
 	WeirServices     *ebpf.Map `ebpf:"weir_services"`
@@ -181,6 +189,8 @@ func (m *socketlbMaps) Close() error {
 		m.WeirFrags,
 		m.WeirIpcache,
 		m.WeirMetrics,
+		m.WeirNat,
+		m.WeirNatStats,
 		m.WeirRevnat,
 		m.WeirScratch,
 		m.WeirServices,
@@ -195,10 +205,11 @@ func (m *socketlbMaps) Close() error {
 //
 // It can be passed to loadSocketlbObjects or ebpf.CollectionSpec.LoadAndAssign.
 type socketlbVariables struct {
-	SocketlbHostNetns *ebpf.Variable `ebpf:"socketlb_host_netns"`
-	SocketlbHostOnly  *ebpf.Variable `ebpf:"socketlb_host_only"`
-	WeirHookFirst     *ebpf.Variable `ebpf:"weir_hook_first"`
-	WeirHookLast      *ebpf.Variable `ebpf:"weir_hook_last"`
+	SocketlbHostNetns  *ebpf.Variable `ebpf:"socketlb_host_netns"`
+	SocketlbHostOnly   *ebpf.Variable `ebpf:"socketlb_host_only"`
+	WeirHookFirst      *ebpf.Variable `ebpf:"weir_hook_first"`
+	WeirHookLast       *ebpf.Variable `ebpf:"weir_hook_last"`
+	WeirSlotPodForward *ebpf.Variable `ebpf:"weir_slot_pod_forward"`
 }
 
 // socketlbPrograms contains all programs after they have been loaded into the kernel.

@@ -16,33 +16,36 @@ import (
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	tunnelMapWeirAffinity      = "weir_affinity"
-	tunnelMapWeirBackendAddrs  = "weir_backend_addrs"
-	tunnelMapWeirBackends      = "weir_backends"
-	tunnelMapWeirCalls         = "weir_calls"
-	tunnelMapWeirCt            = "weir_ct"
-	tunnelMapWeirEndpoints     = "weir_endpoints"
-	tunnelMapWeirEvents        = "weir_events"
-	tunnelMapWeirFrags         = "weir_frags"
-	tunnelMapWeirIpcache       = "weir_ipcache"
-	tunnelMapWeirMetrics       = "weir_metrics"
-	tunnelMapWeirRevnat        = "weir_revnat"
-	tunnelMapWeirScratch       = "weir_scratch"
-	tunnelMapWeirServices      = "weir_services"
-	tunnelMapWeirSlotMask      = "weir_slot_mask"
-	tunnelMapWeirSockAffinity  = "weir_sock_affinity"
-	tunnelMapWeirSockRev       = "weir_sock_rev"
-	tunnelMapWeirSockTerm      = "weir_sock_term"
-	tunnelProgTunnelDecap      = "tunnel_decap"
-	tunnelProgTunnelForward    = "tunnel_forward"
-	tunnelProgTunnelHostEgress = "tunnel_host_egress"
-	tunnelVarTunnelGeneve      = "tunnel_geneve"
-	tunnelVarTunnelNodeIp      = "tunnel_node_ip"
-	tunnelVarTunnelPort        = "tunnel_port"
-	tunnelVarTunnelUplink      = "tunnel_uplink"
-	tunnelVarTunnelVni         = "tunnel_vni"
-	tunnelVarWeirHookFirst     = "weir_hook_first"
-	tunnelVarWeirHookLast      = "weir_hook_last"
+	tunnelMapWeirAffinity       = "weir_affinity"
+	tunnelMapWeirBackendAddrs   = "weir_backend_addrs"
+	tunnelMapWeirBackends       = "weir_backends"
+	tunnelMapWeirCalls          = "weir_calls"
+	tunnelMapWeirCt             = "weir_ct"
+	tunnelMapWeirEndpoints      = "weir_endpoints"
+	tunnelMapWeirEvents         = "weir_events"
+	tunnelMapWeirFrags          = "weir_frags"
+	tunnelMapWeirIpcache        = "weir_ipcache"
+	tunnelMapWeirMetrics        = "weir_metrics"
+	tunnelMapWeirNat            = "weir_nat"
+	tunnelMapWeirNatStats       = "weir_nat_stats"
+	tunnelMapWeirRevnat         = "weir_revnat"
+	tunnelMapWeirScratch        = "weir_scratch"
+	tunnelMapWeirServices       = "weir_services"
+	tunnelMapWeirSlotMask       = "weir_slot_mask"
+	tunnelMapWeirSockAffinity   = "weir_sock_affinity"
+	tunnelMapWeirSockRev        = "weir_sock_rev"
+	tunnelMapWeirSockTerm       = "weir_sock_term"
+	tunnelProgTunnelDecap       = "tunnel_decap"
+	tunnelProgTunnelForward     = "tunnel_forward"
+	tunnelProgTunnelHostEgress  = "tunnel_host_egress"
+	tunnelVarTunnelGeneve       = "tunnel_geneve"
+	tunnelVarTunnelNodeIp       = "tunnel_node_ip"
+	tunnelVarTunnelPort         = "tunnel_port"
+	tunnelVarTunnelUplink       = "tunnel_uplink"
+	tunnelVarTunnelVni          = "tunnel_vni"
+	tunnelVarWeirHookFirst      = "weir_hook_first"
+	tunnelVarWeirHookLast       = "weir_hook_last"
+	tunnelVarWeirSlotPodForward = "weir_slot_pod_forward"
 )
 
 // loadTunnel returns the embedded CollectionSpec for tunnel.
@@ -106,6 +109,8 @@ type tunnelMapSpecs struct {
 	WeirFrags        *ebpf.MapSpec `ebpf:"weir_frags"`
 	WeirIpcache      *ebpf.MapSpec `ebpf:"weir_ipcache"`
 	WeirMetrics      *ebpf.MapSpec `ebpf:"weir_metrics"`
+	WeirNat          *ebpf.MapSpec `ebpf:"weir_nat"`
+	WeirNatStats     *ebpf.MapSpec `ebpf:"weir_nat_stats"`
 	WeirRevnat       *ebpf.MapSpec `ebpf:"weir_revnat"`
 	WeirScratch      *ebpf.MapSpec `ebpf:"weir_scratch"`
 	WeirServices     *ebpf.MapSpec `ebpf:"weir_services"`
@@ -119,13 +124,14 @@ type tunnelMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type tunnelVariableSpecs struct {
-	TunnelGeneve  *ebpf.VariableSpec `ebpf:"tunnel_geneve"`
-	TunnelNodeIp  *ebpf.VariableSpec `ebpf:"tunnel_node_ip"`
-	TunnelPort    *ebpf.VariableSpec `ebpf:"tunnel_port"`
-	TunnelUplink  *ebpf.VariableSpec `ebpf:"tunnel_uplink"`
-	TunnelVni     *ebpf.VariableSpec `ebpf:"tunnel_vni"`
-	WeirHookFirst *ebpf.VariableSpec `ebpf:"weir_hook_first"`
-	WeirHookLast  *ebpf.VariableSpec `ebpf:"weir_hook_last"`
+	TunnelGeneve       *ebpf.VariableSpec `ebpf:"tunnel_geneve"`
+	TunnelNodeIp       *ebpf.VariableSpec `ebpf:"tunnel_node_ip"`
+	TunnelPort         *ebpf.VariableSpec `ebpf:"tunnel_port"`
+	TunnelUplink       *ebpf.VariableSpec `ebpf:"tunnel_uplink"`
+	TunnelVni          *ebpf.VariableSpec `ebpf:"tunnel_vni"`
+	WeirHookFirst      *ebpf.VariableSpec `ebpf:"weir_hook_first"`
+	WeirHookLast       *ebpf.VariableSpec `ebpf:"weir_hook_last"`
+	WeirSlotPodForward *ebpf.VariableSpec `ebpf:"weir_slot_pod_forward"`
 }
 
 // tunnelObjects contains all objects after they have been loaded into the kernel.
@@ -158,6 +164,8 @@ type tunnelMaps struct {
 	WeirFrags        *ebpf.Map `ebpf:"weir_frags"`
 	WeirIpcache      *ebpf.Map `ebpf:"weir_ipcache"`
 	WeirMetrics      *ebpf.Map `ebpf:"weir_metrics"`
+	WeirNat          *ebpf.Map `ebpf:"weir_nat"`
+	WeirNatStats     *ebpf.Map `ebpf:"weir_nat_stats"`
 	WeirRevnat       *ebpf.Map `ebpf:"weir_revnat"`
 	WeirScratch      *ebpf.Map `ebpf:"weir_scratch"`
 	WeirServices     *ebpf.Map `ebpf:"weir_services"`
@@ -179,6 +187,8 @@ func (m *tunnelMaps) Close() error {
 		m.WeirFrags,
 		m.WeirIpcache,
 		m.WeirMetrics,
+		m.WeirNat,
+		m.WeirNatStats,
 		m.WeirRevnat,
 		m.WeirScratch,
 		m.WeirServices,
@@ -193,13 +203,14 @@ func (m *tunnelMaps) Close() error {
 //
 // It can be passed to loadTunnelObjects or ebpf.CollectionSpec.LoadAndAssign.
 type tunnelVariables struct {
-	TunnelGeneve  *ebpf.Variable `ebpf:"tunnel_geneve"`
-	TunnelNodeIp  *ebpf.Variable `ebpf:"tunnel_node_ip"`
-	TunnelPort    *ebpf.Variable `ebpf:"tunnel_port"`
-	TunnelUplink  *ebpf.Variable `ebpf:"tunnel_uplink"`
-	TunnelVni     *ebpf.Variable `ebpf:"tunnel_vni"`
-	WeirHookFirst *ebpf.Variable `ebpf:"weir_hook_first"`
-	WeirHookLast  *ebpf.Variable `ebpf:"weir_hook_last"`
+	TunnelGeneve       *ebpf.Variable `ebpf:"tunnel_geneve"`
+	TunnelNodeIp       *ebpf.Variable `ebpf:"tunnel_node_ip"`
+	TunnelPort         *ebpf.Variable `ebpf:"tunnel_port"`
+	TunnelUplink       *ebpf.Variable `ebpf:"tunnel_uplink"`
+	TunnelVni          *ebpf.Variable `ebpf:"tunnel_vni"`
+	WeirHookFirst      *ebpf.Variable `ebpf:"weir_hook_first"`
+	WeirHookLast       *ebpf.Variable `ebpf:"weir_hook_last"`
+	WeirSlotPodForward *ebpf.Variable `ebpf:"weir_slot_pod_forward"`
 }
 
 // tunnelPrograms contains all programs after they have been loaded into the kernel.

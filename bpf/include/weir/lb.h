@@ -25,6 +25,21 @@ WEIR_INLINE struct weir_svc_val *weir_lb_lookup(struct weir_svc_key *key, __be32
 	return svc;
 }
 
+/* Whether the translated flow of e still matches the service the packet
+ * is addressed to (svc, possibly gone) and a backend that keeps flows. */
+WEIR_INLINE int weir_lb_flow_current(const struct weir_ct_entry *e, const struct weir_svc_val *svc)
+{
+	struct weir_backend *be;
+	__u32 id = e->backend_id;
+
+	if (!svc || e->rev_nat != svc->rev_nat)
+		return 0;
+	be = bpf_map_lookup_elem(&weir_backends, &id);
+	/* A removed (or quarantined) backend loses its flows; a terminating
+	 * one keeps them. */
+	return be && be->state != WEIR_BACKEND_QUARANTINED && be->addr == e->nat_daddr && be->port == e->nat_dport;
+}
+
 /* Picks the backend of the frontend in key (as left by weir_lb_lookup) in
  * slot hash % count. Returns the backend or NULL when the frontend has
  * none. */
@@ -89,4 +104,30 @@ WEIR_INLINE void weir_lb_affinity_update(const struct weir_svc_val *svc, __be32 
 
 	if (svc->flags2 & WEIR_SVC_F2_AFFINITY)
 		bpf_map_update_elem(&weir_affinity, &key, &val, BPF_ANY);
+}
+
+/*
+ * The backend a new flow of client to the frontend in key (as left by
+ * weir_lb_lookup) gets: the one session affinity keeps it on, else a
+ * random one, remembered for affinity. Fills o's translation (the
+ * backend as destination, the flow's backend and frontend) and returns 0,
+ * or returns -1 when the frontend has no backend.
+ */
+WEIR_INLINE int weir_lb_choose(struct weir_svc_key *key, const struct weir_svc_val *svc, __be32 client, __u32 now,
+			       struct weir_ct_entry *o)
+{
+	struct weir_backend *be;
+	__u32 backend_id = 0;
+
+	be = weir_lb_affinity(svc, client, now, &backend_id);
+	if (!be)
+		be = weir_lb_pick(key, svc, &backend_id);
+	if (!be)
+		return -1;
+	weir_lb_affinity_update(svc, client, backend_id, now);
+	o->nat_daddr = be->addr;
+	o->nat_dport = be->port;
+	o->backend_id = backend_id;
+	o->rev_nat = svc->rev_nat;
+	return 0;
 }

@@ -53,6 +53,9 @@ enum weir_reason {
 	WEIR_DROP_NAT_NO_PORT = 20,     /* no free client port to keep a wire tuple unique */
 	WEIR_DROP_MISSED_TAIL_CALL = 21, /* a filled slot could not be entered */
 	WEIR_DROP_FRAG_STATE = 22,      /* a fragment's translation could not be remembered */
+	WEIR_DROP_NAT_EXHAUSTED = 23,   /* no free port in the source NAT range */
+	WEIR_DROP_NO_ROUTE = 24,        /* a translated packet has no route out */
+	WEIR_DROP_NAT_ORPHAN = 25,      /* a reply to a source NAT whose flow is gone */
 	WEIR_REASON_MAX = 32,
 };
 
@@ -121,7 +124,8 @@ enum weir_scope {
 	WEIR_SCOPE_INTERNAL = 1,
 };
 
-/* weir_svc_val.flags: the frontend type, for tools; datapath ignores it. */
+/* weir_svc_val.type: the frontend type. Traffic from outside the cluster
+ * is served by every type but ClusterIP. */
 enum weir_svc_type {
 	WEIR_SVC_CLUSTER_IP = 1,
 	WEIR_SVC_NODE_PORT = 2,
@@ -206,6 +210,8 @@ struct weir_ct_key {
 #define WEIR_CT_F_RST 0x0010         /* TCP: reset */
 #define WEIR_CT_F_RST_REPLY 0x0020   /* ... by the responder (else the initiator) */
 #define WEIR_CT_F_REMAPPED 0x0040    /* the client port was changed on the wire */
+#define WEIR_CT_F_NODEPORT 0x0080    /* a flow from outside to a NodePort, LB or external IP */
+#define WEIR_CT_F_SNAT 0x0100        /* ... whose source also leaves translated (weir_nat) */
 
 struct weir_ct_entry {
 	__u64 packets;    /* of this entry's direction */
@@ -237,6 +243,53 @@ struct weir_frag_entry {
 	__be16 sport;
 	__be16 dport;
 	__u32 created; /* boot-clock seconds */
+};
+
+/*
+ * weir_nat: source NAT (NodePort to remote backends, masquerade). A flow
+ * has two entries, written together or not at all: OUT, keyed by the
+ * tuple as it reaches the translation (before it), says which source it
+ * leaves with; IN, keyed by the replies' tuple on the wire (to the
+ * translated source), says which destination they get back. The flow's
+ * conntrack entry is keyed by the reverse of the OUT key: a NAT flow whose
+ * conntrack entry is gone is an orphan the agent collects.
+ */
+enum weir_nat_dir {
+	WEIR_NAT_OUT = 1,
+	WEIR_NAT_IN = 2,
+};
+
+struct weir_nat_key {
+	__be32 saddr;
+	__be32 daddr;
+	__be16 sport;
+	__be16 dport;
+	__u8 proto;
+	__u8 dir; /* enum weir_nat_dir */
+	__u8 pad[2];
+};
+
+/* weir_nat_entry.owner: which use made the entry (its port range). */
+enum weir_nat_owner {
+	WEIR_NAT_NODEPORT = 1,
+	WEIR_NAT_MASQUERADE = 2,
+};
+
+struct weir_nat_entry {
+	__be32 addr;   /* OUT: the new source; IN: the original source */
+	__be16 port;
+	__u8 owner;    /* enum weir_nat_owner */
+	__u8 pad;
+	__u32 created; /* boot-clock seconds */
+	__u32 pad2;
+};
+
+/* weir_nat_stats: per-CPU counts of port allocations, for the agent's
+ * pressure signal: a rising share of retries means the range is filling. */
+struct weir_nat_counters {
+	__u64 allocated; /* flows that got a port */
+	__u64 retries;   /* candidate ports found taken */
+	__u64 exhausted; /* flows that found none */
 };
 
 /* weir_endpoints: local pod address -> where and how to deliver. */
@@ -346,6 +399,9 @@ struct weir_event {
 /* Load-time constants, set by core in every object (core/datapath). */
 volatile const __u32 weir_hook_first[WEIR_HOOK_MAX] = {};
 volatile const __u32 weir_hook_last[WEIR_HOOK_MAX] = {};
+/* The prog-array index of pod-egress/forward, where packets translated
+ * elsewhere enter forwarding to another node. */
+volatile const __u32 weir_slot_pod_forward = 0;
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PROG_ARRAY);
@@ -468,6 +524,23 @@ struct {
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } weir_sock_term SEC(".maps");
+
+/* Sized by the agent at load time (datapath.natMaxEntries). */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 262144);
+	__type(key, struct weir_nat_key);
+	__type(value, struct weir_nat_entry);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} weir_nat SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct weir_nat_counters);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} weir_nat_stats SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);

@@ -117,6 +117,18 @@ WEIR_INLINE int weir_enter_hook(struct __sk_buff *skb, struct weir_ctx *ctx, __u
 	return weir_next(skb, ctx);
 }
 
+/* Continues the packet in the stages of hook from the slot at index slot
+ * on: a packet translated outside the pod hooks enters forwarding. */
+WEIR_INLINE int weir_enter_slot(struct __sk_buff *skb, struct weir_ctx *ctx, __u32 hook, __u32 slot)
+{
+	if (hook >= WEIR_HOOK_MAX || slot < weir_hook_first[hook] || slot > weir_hook_last[hook])
+		return weir_drop_ctx(skb, ctx, WEIR_DROP_SCRATCH);
+	ctx->hook = hook;
+	ctx->next = slot;
+	ctx->last = weir_hook_last[hook];
+	return weir_next(skb, ctx);
+}
+
 /* Stage prologue: fetch the context or drop (only if the kernel failed to
  * give the per-CPU scratch, which would be a bug). */
 #define WEIR_STAGE_CTX(skb, ctx)                                                \

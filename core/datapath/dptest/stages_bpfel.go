@@ -26,6 +26,8 @@ const (
 	stagesMapWeirFrags          = "weir_frags"
 	stagesMapWeirIpcache        = "weir_ipcache"
 	stagesMapWeirMetrics        = "weir_metrics"
+	stagesMapWeirNat            = "weir_nat"
+	stagesMapWeirNatStats       = "weir_nat_stats"
 	stagesMapWeirRevnat         = "weir_revnat"
 	stagesMapWeirScratch        = "weir_scratch"
 	stagesMapWeirServices       = "weir_services"
@@ -38,6 +40,7 @@ const (
 	stagesProgStageToPodIngress = "stage_to_pod_ingress"
 	stagesVarWeirHookFirst      = "weir_hook_first"
 	stagesVarWeirHookLast       = "weir_hook_last"
+	stagesVarWeirSlotPodForward = "weir_slot_pod_forward"
 )
 
 // loadStages returns the embedded CollectionSpec for stages.
@@ -101,6 +104,8 @@ type stagesMapSpecs struct {
 	WeirFrags        *ebpf.MapSpec `ebpf:"weir_frags"`
 	WeirIpcache      *ebpf.MapSpec `ebpf:"weir_ipcache"`
 	WeirMetrics      *ebpf.MapSpec `ebpf:"weir_metrics"`
+	WeirNat          *ebpf.MapSpec `ebpf:"weir_nat"`
+	WeirNatStats     *ebpf.MapSpec `ebpf:"weir_nat_stats"`
 	WeirRevnat       *ebpf.MapSpec `ebpf:"weir_revnat"`
 	WeirScratch      *ebpf.MapSpec `ebpf:"weir_scratch"`
 	WeirServices     *ebpf.MapSpec `ebpf:"weir_services"`
@@ -114,8 +119,9 @@ type stagesMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type stagesVariableSpecs struct {
-	WeirHookFirst *ebpf.VariableSpec `ebpf:"weir_hook_first"`
-	WeirHookLast  *ebpf.VariableSpec `ebpf:"weir_hook_last"`
+	WeirHookFirst      *ebpf.VariableSpec `ebpf:"weir_hook_first"`
+	WeirHookLast       *ebpf.VariableSpec `ebpf:"weir_hook_last"`
+	WeirSlotPodForward *ebpf.VariableSpec `ebpf:"weir_slot_pod_forward"`
 }
 
 // stagesObjects contains all objects after they have been loaded into the kernel.
@@ -148,6 +154,8 @@ type stagesMaps struct {
 	WeirFrags        *ebpf.Map `ebpf:"weir_frags"`
 	WeirIpcache      *ebpf.Map `ebpf:"weir_ipcache"`
 	WeirMetrics      *ebpf.Map `ebpf:"weir_metrics"`
+	WeirNat          *ebpf.Map `ebpf:"weir_nat"`
+	WeirNatStats     *ebpf.Map `ebpf:"weir_nat_stats"`
 	WeirRevnat       *ebpf.Map `ebpf:"weir_revnat"`
 	WeirScratch      *ebpf.Map `ebpf:"weir_scratch"`
 	WeirServices     *ebpf.Map `ebpf:"weir_services"`
@@ -169,6 +177,8 @@ func (m *stagesMaps) Close() error {
 		m.WeirFrags,
 		m.WeirIpcache,
 		m.WeirMetrics,
+		m.WeirNat,
+		m.WeirNatStats,
 		m.WeirRevnat,
 		m.WeirScratch,
 		m.WeirServices,
@@ -183,8 +193,9 @@ func (m *stagesMaps) Close() error {
 //
 // It can be passed to loadStagesObjects or ebpf.CollectionSpec.LoadAndAssign.
 type stagesVariables struct {
-	WeirHookFirst *ebpf.Variable `ebpf:"weir_hook_first"`
-	WeirHookLast  *ebpf.Variable `ebpf:"weir_hook_last"`
+	WeirHookFirst      *ebpf.Variable `ebpf:"weir_hook_first"`
+	WeirHookLast       *ebpf.Variable `ebpf:"weir_hook_last"`
+	WeirSlotPodForward *ebpf.Variable `ebpf:"weir_slot_pod_forward"`
 }
 
 // stagesPrograms contains all programs after they have been loaded into the kernel.

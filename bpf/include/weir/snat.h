@@ -1,0 +1,146 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/*
+ * Source NAT on weir_nat: a port from a use's range for a new flow, the
+ * two entries of the flow written together or not at all, and the lookups
+ * both directions need. maps.h describes the layout.
+ */
+#pragma once
+
+#include "maps.h"
+
+/* Candidate ports tried for a new flow before it is refused: the client's
+ * own when it is in the range, else a random one, then the ports after it
+ * in order (a range fills unevenly: a random probe keeps hitting the full
+ * part while the next ports are often free). */
+#define WEIR_NAT_TRIES 64
+
+/* A range of ports, in host order, inclusive. */
+struct weir_nat_range {
+	__u16 min;
+	__u16 max;
+};
+
+WEIR_INLINE void weir_nat_key_set(struct weir_nat_key *k, __be32 saddr, __be32 daddr, __be16 sport, __be16 dport,
+				  __u8 proto, __u8 dir)
+{
+	__builtin_memset(k, 0, sizeof(*k));
+	k->saddr = saddr;
+	k->daddr = daddr;
+	k->sport = sport;
+	k->dport = dport;
+	k->proto = proto;
+	k->dir = dir;
+}
+
+WEIR_INLINE void weir_nat_count(__u32 allocated, __u32 retries, __u32 exhausted)
+{
+	__u32 zero = 0;
+	struct weir_nat_counters *st = bpf_map_lookup_elem(&weir_nat_stats, &zero);
+
+	if (!st)
+		return;
+	/* Per-CPU value: no atomics needed. */
+	st->allocated += allocated;
+	st->retries += retries;
+	st->exhausted += exhausted;
+}
+
+/* The port after p in the range, wrapping. */
+WEIR_INLINE __u16 weir_nat_next_port(__u16 p, struct weir_nat_range r)
+{
+	return p >= r.max ? r.min : p + 1;
+}
+
+/*
+ * Gives the flow whose packets reach the translation as out (saddr:sport
+ * -> daddr:dport, dir OUT) the source to_addr and a port of range r.
+ * Returns the OUT entry (in the map) or NULL with *reason set: a flow that
+ * gets no port is refused whole, and entries of other flows are never
+ * touched.
+ */
+WEIR_INLINE struct weir_nat_entry *weir_snat_create(const struct weir_nat_key *out, __be32 to_addr,
+						     struct weir_nat_range r, __u8 owner, __u32 now, __u32 *reason)
+{
+	struct weir_nat_entry in_val = {.addr = out->saddr, .port = out->sport, .owner = owner, .created = now};
+	struct weir_nat_entry out_val = {.addr = to_addr, .owner = owner, .created = now};
+	__u16 span = r.max - r.min + 1;
+	__u16 port = bpf_ntohs(out->sport);
+	struct weir_nat_key in;
+	__u32 retries = 0;
+
+	if (r.min == 0 || r.max < r.min) {
+		*reason = WEIR_DROP_NAT_EXHAUSTED;
+		return NULL;
+	}
+	/* Keep the client's port when the range holds it: what the server
+	 * sees stays closer to what the client sent. */
+	if (port < r.min || port > r.max)
+		port = r.min + bpf_get_prandom_u32() % span;
+	for (int i = 0; i < WEIR_NAT_TRIES && i < span; i++) {
+		long err;
+
+		if (i == 1)
+			port = r.min + bpf_get_prandom_u32() % span;
+		else if (i > 1)
+			port = weir_nat_next_port(port, r);
+		weir_nat_key_set(&in, out->daddr, to_addr, out->dport, bpf_htons(port), out->proto, WEIR_NAT_IN);
+		/* The IN entry claims the port: atomically, so two flows
+		 * never get one tuple on the wire. */
+		err = bpf_map_update_elem(&weir_nat, &in, &in_val, BPF_NOEXIST);
+		if (err == -17 /* EEXIST */) {
+			retries++;
+			continue;
+		}
+		if (err) {
+			*reason = WEIR_DROP_CT_CREATE;
+			weir_nat_count(0, retries, 0);
+			return NULL;
+		}
+		out_val.port = bpf_htons(port);
+		err = bpf_map_update_elem(&weir_nat, out, &out_val, BPF_NOEXIST);
+		if (err) {
+			struct weir_nat_entry *won;
+
+			bpf_map_delete_elem(&weir_nat, &in);
+			/* Another CPU translated this very flow meanwhile: its
+			 * entries stand. */
+			won = err == -17 ? bpf_map_lookup_elem(&weir_nat, out) : NULL;
+			if (!won)
+				*reason = WEIR_DROP_CT_CREATE;
+			weir_nat_count(0, retries, 0);
+			return won;
+		}
+		weir_nat_count(1, retries, 0);
+		return bpf_map_lookup_elem(&weir_nat, out);
+	}
+	weir_nat_count(0, retries, 1);
+	*reason = WEIR_DROP_NAT_EXHAUSTED;
+	return NULL;
+}
+
+/* Deletes both entries of the flow whose OUT key is out and entry e. */
+WEIR_INLINE void weir_snat_delete(const struct weir_nat_key *out, const struct weir_nat_entry *e)
+{
+	struct weir_nat_key in;
+
+	weir_nat_key_set(&in, out->daddr, e->addr, out->dport, e->port, out->proto, WEIR_NAT_IN);
+	bpf_map_delete_elem(&weir_nat, &in);
+	bpf_map_delete_elem(&weir_nat, out);
+}
+
+/* The OUT entry of the flow saddr:sport -> daddr:dport, or NULL. */
+WEIR_INLINE struct weir_nat_entry *weir_snat_out(struct weir_nat_key *k, __be32 saddr, __be32 daddr, __be16 sport,
+						  __be16 dport, __u8 proto)
+{
+	weir_nat_key_set(k, saddr, daddr, sport, dport, proto, WEIR_NAT_OUT);
+	return bpf_map_lookup_elem(&weir_nat, k);
+}
+
+/* The IN entry of a reply saddr:sport -> daddr:dport on the wire, or NULL. */
+WEIR_INLINE struct weir_nat_entry *weir_snat_in(__be32 saddr, __be32 daddr, __be16 sport, __be16 dport, __u8 proto)
+{
+	struct weir_nat_key k;
+
+	weir_nat_key_set(&k, saddr, daddr, sport, dport, proto, WEIR_NAT_IN);
+	return bpf_map_lookup_elem(&weir_nat, &k);
+}

@@ -1,0 +1,211 @@
+package lab
+
+import (
+	"context"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/gopacket/gopacket"
+	"github.com/gopacket/gopacket/layers"
+
+	"github.com/weirnet/weir/core/datapath"
+)
+
+// Addresses a load balancer would announce, routed by the external client
+// to n1 and n2.
+const (
+	lbIP       = "198.51.100.10"
+	externalIP = "198.51.100.11"
+)
+
+const northSouthServices = `services:
+  - name: web
+    clusterIP: 10.96.0.10
+    type: LoadBalancer
+    loadBalancerIPs: [` + lbIP + `]
+    externalIPs: [` + externalIP + `]
+    ports:
+      - {name: http, port: 80, targetPort: 8080, nodePort: 30080}
+      - {name: udp, port: 53, targetPort: 5353, protocol: UDP, nodePort: 30053}
+    backends: [{ip: 10.244.1.11, nodeName: n1}, {ip: 10.244.2.11, nodeName: n2}, {ip: 10.244.3.11, nodeName: n3}]
+  - name: local
+    clusterIP: 10.96.0.40
+    type: NodePort
+    externalTrafficPolicy: Local
+    ports: [{port: 80, targetPort: 8080, nodePort: 30081}]
+    backends: [{ip: 10.244.1.11, nodeName: n1}, {ip: 10.244.2.11, nodeName: n2}]
+`
+
+// podNode says which node a lab pod of threeNodes runs on.
+var podNode = map[string]string{"web-1": "n1", "web-2": "n2", "web-3": "n3", "web-4": "n3"}
+
+// upNorthSouth is the multi-node lab of a forwarding mode with nodeport,
+// an external client on the underlay and the north-south services.
+func upNorthSouth(t *testing.T, m mode) *Lab {
+	t.Helper()
+	cfg := filepath.Join(t.TempDir(), "agent.yaml")
+	config := strings.Replace(m.config, "modules: [endpoints, lb,", "modules: [endpoints, lb, nodeport,", 1)
+	if err := os.WriteFile(cfg, []byte(config), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	spec := threeNodes(cfg)
+	spec.Externals = []ExternalSpec{{Name: "ext", Routes: map[string]string{lbIP + "/32": "n1", externalIP + "/32": "n2"}}}
+	l := up(t, spec)
+	for _, n := range l.Nodes {
+		if err := l.Apply(n.Name, []byte(northSouthServices)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	waitFor(t, 10*time.Second, "services on every node", func() bool {
+		for _, n := range l.Nodes {
+			if len(serviceRows(t, n)) != 11 { // every frontend and scope
+				return false
+			}
+		}
+		return true
+	})
+	return l
+}
+
+func TestNodePort(t *testing.T) {
+	for _, m := range modes[:3] {
+		t.Run(m.name, func(t *testing.T) {
+			l := upNorthSouth(t, m)
+			ctx := context.Background()
+			ext := l.External("ext")
+			c := HTTPClient(ext.NetnsPath(), 3*time.Second)
+
+			t.Run("NodePort on every node reaches local and remote backends", func(t *testing.T) {
+				for _, n := range l.Nodes {
+					local, remote := 0, 0
+					for range 30 {
+						got, err := Get(ctx, c, "http://"+n.IP+":30080/client")
+						if err != nil {
+							t.Fatalf("ext -> %s:30080: %v", n.Name, err)
+						}
+						pod, seen, _ := strings.Cut(got, " ")
+						from, err := netip.ParseAddrPort(seen)
+						if err != nil {
+							t.Fatalf("ext -> %s:30080: answer %q", n.Name, got)
+						}
+						// A local backend sees the client; a remote one
+						// the node that received the request (SNAT).
+						switch {
+						case podNode[pod] == n.Name && from.Addr().String() == ext.IP:
+							local++
+						case podNode[pod] != n.Name && from.Addr().String() == n.IP:
+							remote++
+						default:
+							t.Fatalf("ext -> %s:30080: backend %s (on %s) saw the client as %s", n.Name, pod, podNode[pod], from)
+						}
+					}
+					if local == 0 || remote == 0 {
+						t.Errorf("ext -> %s:30080: %d local, %d remote backends in 30 requests; want both", n.Name, local, remote)
+					}
+				}
+			})
+
+			t.Run("UDP NodePort answers from the address called", func(t *testing.T) {
+				for _, n := range l.Nodes {
+					// A connected UDP socket takes only datagrams from the
+					// address it sent to.
+					got, err := UDPAsk(ctx, ext.NetnsPath(), n.IP+":30053", "ping", 3*time.Second)
+					if err != nil || !strings.HasSuffix(got, ": ping") {
+						t.Errorf("ext -> %s:30053/udp: %q %v", n.Name, got, err)
+					}
+				}
+			})
+
+			t.Run("load-balancer and external IPs", func(t *testing.T) {
+				for _, addr := range []string{lbIP, externalIP} {
+					for range 6 {
+						got, err := Get(ctx, c, "http://"+addr+"/")
+						if err != nil || podNode[got] == "" {
+							t.Fatalf("ext -> %s:80: %q %v", addr, got, err)
+						}
+					}
+				}
+			})
+
+			t.Run("externalTrafficPolicy Local keeps the client address", func(t *testing.T) {
+				for _, n := range l.Nodes[:2] {
+					for range 5 {
+						got, err := Get(ctx, c, "http://"+n.IP+":30081/client")
+						if err != nil {
+							t.Fatalf("ext -> %s:30081: %v", n.Name, err)
+						}
+						pod, seen, _ := strings.Cut(got, " ")
+						from, _ := netip.ParseAddrPort(seen)
+						if podNode[pod] != n.Name || from.Addr().String() != ext.IP {
+							t.Fatalf("ext -> %s:30081: backend %s saw %s; want the local backend to see %s", n.Name, pod, seen, ext.IP)
+						}
+					}
+				}
+				// n3 has no local backend: the request is dropped and
+				// counted there, not sent elsewhere.
+				n3 := l.Node("n3")
+				before := metric(t, n3, "netdev-ingress", datapath.DropNoBackend)
+				short := HTTPClient(ext.NetnsPath(), 500*time.Millisecond)
+				if got, err := Get(ctx, short, "http://"+n3.IP+":30081/"); err == nil {
+					t.Errorf("ext -> n3:30081 answered %q; n3 has no local backend", got)
+				}
+				if after := metric(t, n3, "netdev-ingress", datapath.DropNoBackend); after <= before {
+					t.Errorf("no-backend drops on n3: %d -> %d", before, after)
+				}
+			})
+
+			t.Run("on the wire SNAT replies return through the receiving node", func(t *testing.T) {
+				n1 := l.Node("n1")
+				var toExt, fromBackend, direct, encap int
+				frames := capture(t, l, "u-n1", func() {
+					for range 20 {
+						if _, err := Get(ctx, c, "http://"+n1.IP+":30080/"); err != nil {
+							t.Errorf("ext -> n1:30080: %v", err)
+						}
+					}
+				})
+				extIP := netip.MustParseAddr(ext.IP)
+				for _, f := range frames {
+					pkt := gopacket.NewPacket(f, layers.LayerTypeEthernet, gopacket.Default)
+					ip, _ := pkt.Layer(layers.LayerTypeIPv4).(*layers.IPv4)
+					tcp, _ := pkt.Layer(layers.LayerTypeTCP).(*layers.TCP)
+					if ip == nil {
+						continue
+					}
+					src, _ := netip.AddrFromSlice(ip.SrcIP)
+					dst, _ := netip.AddrFromSlice(ip.DstIP)
+					if udp, _ := pkt.Layer(layers.LayerTypeUDP).(*layers.UDP); udp != nil && src.String() == n1.IP &&
+						(udp.DstPort == 8472 || udp.DstPort == 6081) {
+						encap++ // n1 toward a remote backend, tunnelled
+					}
+					if tcp == nil {
+						continue
+					}
+					switch {
+					case dst == extIP:
+						toExt++
+						if src.String() != n1.IP || tcp.SrcPort != 30080 {
+							t.Errorf("a reply to the client left n1 from %s:%d; want %s:30080", src, tcp.SrcPort, n1.IP)
+						}
+					case src.String() == n1.IP && dst.String() != ext.IP && uint16(tcp.SrcPort) >= 32768:
+						direct++ // n1 toward a remote backend, translated
+					case dst.String() == n1.IP && (strings.HasPrefix(src.String(), "10.244.2.") || strings.HasPrefix(src.String(), "10.244.3.")):
+						fromBackend++ // a remote backend's reply, back to n1
+					}
+				}
+				if toExt == 0 || fromBackend == 0 {
+					t.Errorf("on n1's uplink: %d frames to the client, %d replies from remote backends; want both", toExt, fromBackend)
+				}
+				// Requests to remote backends take the node's forwarding
+				// mode: tunnelled, or routed as they are.
+				if tunnelled := m.encap("n1", "n2") != ""; (tunnelled && encap == 0) || (!tunnelled && direct == 0) {
+					t.Errorf("on n1's uplink in %s mode: %d tunnelled and %d plain translated requests to remote backends", m.name, encap, direct)
+				}
+			})
+		})
+	}
+}

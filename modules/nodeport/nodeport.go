@@ -1,0 +1,228 @@
+// Package nodeport is the nodeport module: services reached from outside
+// the cluster — NodePorts on the node's addresses, load-balancer IPs and
+// external IPs — are served in BPF on the uplink's ingress. Backends on
+// the node get packets with the client's address; backends elsewhere get
+// them over the node's forwarding mode with the node's address as source
+// (SNAT), so that replies return through this node.
+package nodeport
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/netip"
+	"strconv"
+	"strings"
+
+	"github.com/cilium/ebpf"
+	"github.com/vishvananda/netlink"
+	"go.uber.org/fx"
+
+	"github.com/weirnet/weir/core/datapath"
+	"github.com/weirnet/weir/core/lbmap"
+	"github.com/weirnet/weir/core/module"
+	"github.com/weirnet/weir/core/node"
+	"github.com/weirnet/weir/modules/endpoints"
+	"github.com/weirnet/weir/modules/lb"
+)
+
+// Name is the module's name in configuration.
+const Name = "nodeport"
+
+// MaxAddresses is how many node addresses NodePorts can listen on
+// (NODEPORT_MAX_ADDRS in bpf/nodeport.c).
+const MaxAddresses = 8
+
+// Defaults: Kubernetes' NodePort range, and Cilium's range for the
+// ports NodePort SNAT gives flows (above Linux's default ephemeral ports'
+// start, below nothing: it must not overlap the NodePort range).
+const (
+	DefaultNodePortRange = "30000-32767"
+	DefaultSNATPortRange = "32768-65535"
+)
+
+// PortRange is an inclusive range of ports.
+type PortRange struct{ Min, Max uint16 }
+
+func (r PortRange) String() string { return fmt.Sprintf("%d-%d", r.Min, r.Max) }
+
+// Overlaps reports whether two ranges share a port.
+func (r PortRange) Overlaps(o PortRange) bool { return r.Min <= o.Max && o.Min <= r.Max }
+
+// Contains reports whether p is in the range.
+func (r PortRange) Contains(p uint16) bool { return p >= r.Min && p <= r.Max }
+
+// ParsePortRange reads "min-max" (1 to 65535, min ≤ max).
+func ParsePortRange(s string) (PortRange, error) {
+	lo, hi, ok := strings.Cut(s, "-")
+	if !ok {
+		return PortRange{}, fmt.Errorf("%q is not a port range such as 30000-32767", s)
+	}
+	a, err1 := strconv.ParseUint(strings.TrimSpace(lo), 10, 16)
+	b, err2 := strconv.ParseUint(strings.TrimSpace(hi), 10, 16)
+	if err1 != nil || err2 != nil || a == 0 || b == 0 {
+		return PortRange{}, fmt.Errorf("%q is not a port range such as 30000-32767 (ports 1 to 65535)", s)
+	}
+	if a > b {
+		return PortRange{}, fmt.Errorf("%q starts above its end", s)
+	}
+	return PortRange{uint16(a), uint16(b)}, nil
+}
+
+// Settings of the nodeport module.
+type Settings struct {
+	// NodePortRange is the range node ports are served in; a service's
+	// node port outside it is not served.
+	NodePortRange string `yaml:"nodePortRange"`
+	// SNATPortRange is where the source ports of flows sent to backends
+	// on other nodes come from; it must not overlap the NodePort range.
+	SNATPortRange string `yaml:"snatPortRange"`
+	// Addresses the node serves NodePorts on; empty: every IPv4 address
+	// of the uplink.
+	Addresses []string `yaml:"addresses"`
+
+	nodePorts, snat PortRange
+	addrs           []netip.Addr
+}
+
+// DefaultSettings returns the defaults.
+func DefaultSettings() *Settings {
+	return &Settings{NodePortRange: DefaultNodePortRange, SNATPortRange: DefaultSNATPortRange}
+}
+
+// Validate implements module.Settings.
+func (s *Settings) Validate() error {
+	np, err := ParsePortRange(s.NodePortRange)
+	if err != nil {
+		return &module.FieldError{Path: "nodePortRange", Msg: err.Error()}
+	}
+	sn, err := ParsePortRange(s.SNATPortRange)
+	if err != nil {
+		return &module.FieldError{Path: "snatPortRange", Msg: err.Error()}
+	}
+	if np.Overlaps(sn) {
+		return &module.FieldError{Path: "snatPortRange", Msg: fmt.Sprintf("%s overlaps nodePortRange %s: a translated flow's port would also be a node port", sn, np)}
+	}
+	if len(s.Addresses) > MaxAddresses {
+		return &module.FieldError{Path: "addresses", Msg: fmt.Sprintf("%d addresses; at most %d", len(s.Addresses), MaxAddresses)}
+	}
+	var addrs []netip.Addr
+	for i, a := range s.Addresses {
+		ip, err := netip.ParseAddr(a)
+		if err != nil || !ip.Is4() || ip.IsUnspecified() || ip.IsMulticast() {
+			return &module.FieldError{Path: fmt.Sprintf("addresses[%d]", i), Msg: fmt.Sprintf("%q is not a unicast IPv4 address", a)}
+		}
+		addrs = append(addrs, ip)
+	}
+	s.nodePorts, s.snat, s.addrs = np, sn, addrs
+	return nil
+}
+
+// NodePorts is the validated NodePort range.
+func (s *Settings) NodePorts() PortRange { return s.nodePorts }
+
+// Factory registers the module.
+var Factory = module.Factory{
+	Descriptor: module.Descriptor{
+		Name:    Name,
+		Summary: "NodePort, load-balancer and external IPs from outside the cluster, SNAT to remote backends",
+		// lb keeps the service maps and serves in-cluster clients of the
+		// same frontends; endpoints delivers to local backends.
+		Requires: []string{lb.Name, endpoints.Name},
+		Slots: []module.SlotClaim{
+			{Slot: "netdev-ingress/nodeport", Program: "nodeport_ingress"},
+			{Slot: "pod-egress/nodeport", Program: "nodeport_reply_local"},
+		},
+		NewSettings: func() module.Settings { return DefaultSettings() },
+	},
+	Provide: func(s module.Settings) fx.Option {
+		return fx.Options(fx.Supply(s.(*Settings)), module.Provide(New))
+	},
+}
+
+// Module is the running nodeport module.
+type Module struct {
+	s  *Settings
+	up node.Uplink
+}
+
+// New builds the module; taking the reconciler keeps the service maps.
+func New(s *Settings, info *node.Info, _ *lbmap.Reconciler) *Module {
+	return &Module{s: s, up: info.Uplink}
+}
+
+// Name implements module.Module.
+func (*Module) Name() string { return Name }
+
+// Object implements module.Module: the node's address (the SNAT source),
+// the addresses NodePorts listen on and the port ranges become load-time
+// constants.
+func (m *Module) Object() (*ebpf.CollectionSpec, error) {
+	if !m.up.Valid() {
+		return nil, errors.New("nodeport needs the node's uplink and address: give --node-ip or --uplink")
+	}
+	addrs := m.s.addrs
+	if len(addrs) == 0 {
+		var err error
+		if addrs, err = uplinkAddrs(m.up); err != nil {
+			return nil, err
+		}
+	}
+	return ObjectSpec(m.s, m.up.IP, addrs)
+}
+
+// uplinkAddrs lists the uplink's IPv4 addresses (at most MaxAddresses,
+// the node's own first).
+func uplinkAddrs(up node.Uplink) ([]netip.Addr, error) {
+	link, err := netlink.LinkByIndex(up.Index)
+	if err != nil {
+		return nil, fmt.Errorf("uplink %s: %w", up.Name, err)
+	}
+	list, err := netlink.AddrList(link, netlink.FAMILY_V4)
+	if err != nil {
+		return nil, fmt.Errorf("addresses of %s: %w", up.Name, err)
+	}
+	out := []netip.Addr{up.IP}
+	for _, a := range list {
+		if v, ok := netip.AddrFromSlice(a.IP.To4()); ok && v != up.IP && len(out) < MaxAddresses {
+			out = append(out, v)
+		}
+	}
+	return out, nil
+}
+
+// ObjectSpec returns the module's BPF object configured for a node whose
+// address is nodeIP, listening on addrs.
+func ObjectSpec(s *Settings, nodeIP netip.Addr, addrs []netip.Addr) (*ebpf.CollectionSpec, error) {
+	if len(addrs) > MaxAddresses {
+		return nil, fmt.Errorf("%d NodePort addresses; at most %d", len(addrs), MaxAddresses)
+	}
+	spec, err := loadNodeport()
+	if err != nil {
+		return nil, err
+	}
+	var list [MaxAddresses]uint32
+	for i, a := range addrs {
+		list[i] = datapath.AddrToBE(a)
+	}
+	for name, v := range map[string]any{
+		"nodeport_node_ip":    datapath.AddrToBE(nodeIP),
+		"nodeport_addrs":      list,
+		"nodeport_addr_count": uint32(len(addrs)),
+		"nodeport_min":        uint32(s.nodePorts.Min),
+		"nodeport_max":        uint32(s.nodePorts.Max),
+		"nodeport_snat_min":   uint32(s.snat.Min),
+		"nodeport_snat_max":   uint32(s.snat.Max),
+	} {
+		if err := spec.Variables[name].Set(v); err != nil {
+			return nil, fmt.Errorf("setting %s: %w", name, err)
+		}
+	}
+	return spec, nil
+}
+
+// Start implements module.Module.
+func (*Module) Start(context.Context) error { return nil }
+
+// Stop implements module.Module.
+func (*Module) Stop(context.Context) error { return nil }
