@@ -6,6 +6,7 @@ import (
 	"github.com/weirnet/weir/core/module"
 	"github.com/weirnet/weir/modules/endpoints"
 	"github.com/weirnet/weir/modules/lb"
+	"github.com/weirnet/weir/modules/masquerade"
 	"github.com/weirnet/weir/modules/nativerouting"
 	"github.com/weirnet/weir/modules/nodeport"
 	"github.com/weirnet/weir/modules/socketlb"
@@ -20,6 +21,7 @@ var Factories = []module.Factory{
 	nativerouting.Factory,
 	socketlb.Factory,
 	nodeport.Factory,
+	masquerade.Factory,
 }
 
 // Compile-time guards: each in-tree module satisfies the contract.
@@ -30,6 +32,7 @@ var (
 	_ module.Module = (*nativerouting.Module)(nil)
 	_ module.Module = (*socketlb.Module)(nil)
 	_ module.Module = (*nodeport.Module)(nil)
+	_ module.Module = (*masquerade.Module)(nil)
 )
 
 // Registry returns the catalog of in-tree modules.

@@ -3,10 +3,14 @@ package modules
 import (
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 
+	"go.uber.org/fx"
+
 	"github.com/weirnet/weir/core/config"
+	"github.com/weirnet/weir/core/module"
 )
 
 // The real registry's requirements reach the user as configuration errors
@@ -36,5 +40,51 @@ func TestRequirementsOfTheInTreeModules(t *testing.T) {
 	}
 	if _, err := config.Load(path, reg); err != nil {
 		t.Errorf("endpoints, lb, socketlb: %v", err)
+	}
+}
+
+// Settings of the north-south modules that cannot work together are
+// refused at load, naming the fields; so is a second NodePort dispatch
+// module.
+func TestNorthSouthConfigErrors(t *testing.T) {
+	reg, err := Registry()
+	if err != nil {
+		t.Fatal(err)
+	}
+	const base = "modules: [endpoints, lb, nodeport, masquerade]\n"
+	cases := map[string]string{
+		base + "settings:\n  masquerade: {portRange: 31000-40000}\n":                           `settings.nodeport.nodePortRange: 30000-32767 overlaps masquerade.portRange 31000-40000: ports that serve services cannot also be given to translated flows`,
+		base + "settings:\n  nodeport: {snatPortRange: 32000-65535}\n":                         `settings.nodeport.snatPortRange: 32000-65535 overlaps nodeport.nodePortRange 30000-32767: ports that serve services cannot also be given to translated flows`,
+		base + "settings:\n  nodeport: {nodePortRange: 32767-30000}\n":                         `settings.nodeport.nodePortRange: "32767-30000" starts above its end`,
+		base + "settings:\n  masquerade: {nonMasqueradeCIDRs: [10.0.0.0/8, 192.168.1.1/24]}\n": `settings.masquerade.nonMasqueradeCIDRs[1]: "192.168.1.1/24" has host bits set; the network is 192.168.1.0/24`,
+		base + "settings:\n  masquerade: {nonMasqueradeCIDRs: [10.0.0.0/33]}\n":                `settings.masquerade.nonMasqueradeCIDRs[0]: "10.0.0.0/33" is not an IPv4 CIDR such as 10.0.0.0/8`,
+		"modules: [endpoints, masquerade]\n":                                                   `module "masquerade" (modules[1]) requires module "lb", which is not enabled`,
+	}
+	for yaml, want := range cases {
+		path := filepath.Join(t.TempDir(), "weir.yaml")
+		if err := os.WriteFile(path, []byte(yaml), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		_, err := config.Load(path, reg)
+		if err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("%q: %v\nwant %q", yaml, err, want)
+		}
+	}
+
+	// A DSR module is another member of the NodePort dispatch group.
+	dsr := module.Factory{Descriptor: module.Descriptor{Name: "dsr-ipip", Requires: []string{"lb"},
+		Slots: []module.SlotClaim{{Slot: "netdev-ingress/nodeport", Program: "dsr_ingress"}}},
+		Provide: func(module.Settings) fx.Option { return fx.Options() }}
+	withDSR, err := module.NewRegistry(append(slices.Clone(Factories), dsr)...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	path := filepath.Join(t.TempDir(), "weir.yaml")
+	if err := os.WriteFile(path, []byte("modules: [endpoints, lb, nodeport, dsr-ipip]\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	_, err = config.Load(path, withDSR)
+	if err == nil || !strings.Contains(err.Error(), "NodePort dispatch") || !strings.Contains(err.Error(), `"nodeport"`) || !strings.Contains(err.Error(), `"dsr-ipip"`) {
+		t.Errorf("two NodePort dispatch modules: %v", err)
 	}
 }

@@ -9,6 +9,7 @@ import (
 	"gopkg.in/yaml.v3"
 
 	"github.com/weirnet/weir/core/module"
+	"github.com/weirnet/weir/core/portrange"
 	"github.com/weirnet/weir/core/strictyaml"
 )
 
@@ -203,7 +204,30 @@ func (b *builder) effective(set []entry, sc scope) (*Effective, error) {
 		}
 		eff.Settings[f.Name] = s
 	}
+	if err := b.checkPortRanges(eff, sc); err != nil {
+		return nil, err
+	}
 	return eff, nil
+}
+
+// checkPortRanges refuses a node whose modules serve ports (NodePorts)
+// that another range hands to translated flows: a reply to such a flow
+// would be taken for a request.
+func (b *builder) checkPortRanges(eff *Effective, sc scope) error {
+	var names []string
+	ranges := map[string][]portrange.Named{}
+	for _, f := range eff.Modules {
+		if h, ok := eff.Settings[f.Name].(portrange.Holder); ok {
+			names = append(names, f.Name)
+			ranges[f.Name] = h.PortRanges()
+		}
+	}
+	slices.Sort(names)
+	for _, c := range portrange.Clashes(names, ranges) {
+		return b.fail(sc.settings.key(c.ModB).key(c.B.Field), "%s overlaps %s.%s %s: ports that serve services cannot also be given to translated flows",
+			c.B.Range, c.ModA, c.A.Field, c.A.Range)
+	}
+	return nil
 }
 
 // checkNames reports unknown and repeated modules with their own line,

@@ -3,8 +3,11 @@ package lab
 import (
 	"bufio"
 	"context"
+	"crypto/tls"
 	"fmt"
+	"io"
 	"net"
+	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
@@ -330,7 +333,7 @@ func (e *echo) close() { e.c.Close() }
 // the tunnel, and relabelling n2 into the native pool changes how n1
 // reaches it, with traffic flowing on.
 func TestKubernetesMultiNode(t *testing.T) {
-	const config = `modules: [endpoints, lb, tunnel]
+	const config = `modules: [endpoints, lb, masquerade, tunnel]
 settings: {tunnel: {protocol: geneve}}
 nodePools:
   - name: native
@@ -377,6 +380,9 @@ nodePools:
 	conn := echoConn(t, client, vip)
 	defer conn.close()
 	conn.say("over geneve")
+	// The kubernetes service is backed by the control plane on the
+	// underlay, off the pod network: pods reach it through masquerade.
+	apiFromPod(t, client)
 
 	node, err := c.CoreV1().Nodes().Get(ctx, "n2", metav1.GetOptions{})
 	if err != nil {
@@ -393,6 +399,30 @@ nodePools:
 	conn.say("natively now")
 	if got := get(t, client, "http://"+vip+"/", 20); len(got) != 2 {
 		t.Fatalf("after the move: %v", got)
+	}
+	apiFromPod(t, client)
+}
+
+// apiFromPod asks the API server for its version through the kubernetes
+// service's ClusterIP (10.96.0.1:443) from a pod.
+func apiFromPod(t *testing.T, p *Pod) {
+	t.Helper()
+	tr := &http.Transport{
+		DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
+			return Dial(ctx, p.NetnsPath(), network, addr)
+		},
+		TLSClientConfig:   &tls.Config{InsecureSkipVerify: true}, // the lab's self-signed serving certificate
+		DisableKeepAlives: true,
+	}
+	c := &http.Client{Transport: tr, Timeout: 5 * time.Second}
+	resp, err := c.Get("https://10.96.0.1:443/version")
+	if err != nil {
+		t.Fatalf("%s -> the kubernetes service: %v", p.Name, err)
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(resp.Body)
+	if resp.StatusCode != http.StatusOK || !strings.Contains(string(body), `"gitVersion"`) {
+		t.Fatalf("%s -> the kubernetes service: HTTP %d %s", p.Name, resp.StatusCode, body)
 	}
 }
 

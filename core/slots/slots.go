@@ -76,8 +76,10 @@ var table = []Slot{
 	{Name: "pod-ingress/deliver", Hook: PodIngress, Order: 12},
 	{Name: "netdev-ingress/tunnel", Hook: NetdevIngress, Order: 4},
 	{Name: "netdev-ingress/nodeport", Hook: NetdevIngress, Order: 6, Group: GroupNodePortDispatch},
+	{Name: "netdev-ingress/masquerade", Hook: NetdevIngress, Order: 7},
 	{Name: "netdev-ingress/local", Hook: NetdevIngress, Order: 8},
 	{Name: "netdev-egress/tunnel", Hook: NetdevEgress, Order: 4},
+	{Name: "netdev-egress/masquerade", Hook: NetdevEgress, Order: 8},
 }
 
 // MaxTailCalls is the kernel's limit of tail calls in one chain

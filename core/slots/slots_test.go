@@ -50,7 +50,7 @@ func TestRanges(t *testing.T) {
 		t.Fatalf("netdev-ingress range = %d..%d", first, last)
 	}
 	first, last = Range(NetdevEgress)
-	if first != 3*PerHook || last != 3*PerHook+4 {
+	if first != 3*PerHook || last != 3*PerHook+8 {
 		t.Fatalf("netdev-egress range = %d..%d", first, last)
 	}
 	// A hook without slots has an empty range.

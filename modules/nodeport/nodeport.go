@@ -11,8 +11,6 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
-	"strconv"
-	"strings"
 
 	"github.com/cilium/ebpf"
 	"github.com/vishvananda/netlink"
@@ -22,6 +20,7 @@ import (
 	"github.com/weirnet/weir/core/lbmap"
 	"github.com/weirnet/weir/core/module"
 	"github.com/weirnet/weir/core/node"
+	"github.com/weirnet/weir/core/portrange"
 	"github.com/weirnet/weir/modules/endpoints"
 	"github.com/weirnet/weir/modules/lb"
 )
@@ -41,34 +40,6 @@ const (
 	DefaultSNATPortRange = "32768-65535"
 )
 
-// PortRange is an inclusive range of ports.
-type PortRange struct{ Min, Max uint16 }
-
-func (r PortRange) String() string { return fmt.Sprintf("%d-%d", r.Min, r.Max) }
-
-// Overlaps reports whether two ranges share a port.
-func (r PortRange) Overlaps(o PortRange) bool { return r.Min <= o.Max && o.Min <= r.Max }
-
-// Contains reports whether p is in the range.
-func (r PortRange) Contains(p uint16) bool { return p >= r.Min && p <= r.Max }
-
-// ParsePortRange reads "min-max" (1 to 65535, min ≤ max).
-func ParsePortRange(s string) (PortRange, error) {
-	lo, hi, ok := strings.Cut(s, "-")
-	if !ok {
-		return PortRange{}, fmt.Errorf("%q is not a port range such as 30000-32767", s)
-	}
-	a, err1 := strconv.ParseUint(strings.TrimSpace(lo), 10, 16)
-	b, err2 := strconv.ParseUint(strings.TrimSpace(hi), 10, 16)
-	if err1 != nil || err2 != nil || a == 0 || b == 0 {
-		return PortRange{}, fmt.Errorf("%q is not a port range such as 30000-32767 (ports 1 to 65535)", s)
-	}
-	if a > b {
-		return PortRange{}, fmt.Errorf("%q starts above its end", s)
-	}
-	return PortRange{uint16(a), uint16(b)}, nil
-}
-
 // Settings of the nodeport module.
 type Settings struct {
 	// NodePortRange is the range node ports are served in; a service's
@@ -81,7 +52,7 @@ type Settings struct {
 	// of the uplink.
 	Addresses []string `yaml:"addresses"`
 
-	nodePorts, snat PortRange
+	nodePorts, snat portrange.Range
 	addrs           []netip.Addr
 }
 
@@ -92,16 +63,13 @@ func DefaultSettings() *Settings {
 
 // Validate implements module.Settings.
 func (s *Settings) Validate() error {
-	np, err := ParsePortRange(s.NodePortRange)
+	np, err := portrange.Parse(s.NodePortRange)
 	if err != nil {
 		return &module.FieldError{Path: "nodePortRange", Msg: err.Error()}
 	}
-	sn, err := ParsePortRange(s.SNATPortRange)
+	sn, err := portrange.Parse(s.SNATPortRange)
 	if err != nil {
 		return &module.FieldError{Path: "snatPortRange", Msg: err.Error()}
-	}
-	if np.Overlaps(sn) {
-		return &module.FieldError{Path: "snatPortRange", Msg: fmt.Sprintf("%s overlaps nodePortRange %s: a translated flow's port would also be a node port", sn, np)}
 	}
 	if len(s.Addresses) > MaxAddresses {
 		return &module.FieldError{Path: "addresses", Msg: fmt.Sprintf("%d addresses; at most %d", len(s.Addresses), MaxAddresses)}
@@ -119,7 +87,18 @@ func (s *Settings) Validate() error {
 }
 
 // NodePorts is the validated NodePort range.
-func (s *Settings) NodePorts() PortRange { return s.nodePorts }
+func (s *Settings) NodePorts() portrange.Range { return s.nodePorts }
+
+// PortRanges implements portrange.Holder: config checks that no served
+// range overlaps a translating one, this module's or another's.
+func (s *Settings) PortRanges() []portrange.Named {
+	return []portrange.Named{
+		{Field: "nodePortRange", Use: portrange.Serve, Range: s.nodePorts},
+		{Field: "snatPortRange", Use: portrange.Translate, Range: s.snat},
+	}
+}
+
+var _ portrange.Holder = (*Settings)(nil)
 
 // Factory registers the module.
 var Factory = module.Factory{

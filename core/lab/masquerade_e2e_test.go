@@ -1,0 +1,238 @@
+package lab
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/gopacket/gopacket"
+	"github.com/gopacket/gopacket/layers"
+	"golang.org/x/net/icmp"
+	"golang.org/x/net/ipv4"
+
+	"github.com/weirnet/weir/core/netns"
+)
+
+// The "internet" host beyond the lab's router.
+const inetIP = "203.0.113.10"
+
+// upMasquerade is the multi-node lab of a forwarding mode with masquerade,
+// an internet host beyond the router and a client on the underlay.
+func upMasquerade(t *testing.T, m mode) *Lab {
+	t.Helper()
+	cfg := filepath.Join(t.TempDir(), "agent.yaml")
+	config := strings.Replace(m.config, "modules: [endpoints, lb,", "modules: [endpoints, lb, masquerade,", 1)
+	if err := os.WriteFile(cfg, []byte(config), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	spec := threeNodes(cfg)
+	spec.Externals = []ExternalSpec{
+		{Name: "inet", Subnet: "203.0.113.0/24", Serve: Workload{HTTP: 8080, UDP: 5353, Echo: 9000}},
+		{Name: "ext", Serve: Workload{HTTP: 8080}},
+	}
+	l := up(t, spec)
+	for _, n := range l.Nodes {
+		if err := l.Apply(n.Name, []byte(crossServices)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	waitFor(t, 10*time.Second, "services on every node", func() bool {
+		for _, n := range l.Nodes {
+			if len(serviceRows(t, n)) != 4 {
+				return false
+			}
+		}
+		return true
+	})
+	return l
+}
+
+func TestMasquerade(t *testing.T) {
+	for _, m := range []mode{modes[0], modes[2]} {
+		t.Run(m.name, func(t *testing.T) {
+			l := upMasquerade(t, m)
+			ctx := context.Background()
+			ext := l.External("ext")
+
+			t.Run("pods reach the internet host with their node's address", func(t *testing.T) {
+				for _, pod := range []string{"client", "peer-2", "web-3"} {
+					p := l.Pod(pod)
+					n := l.Node(p.Node)
+					for _, host := range []string{inetIP, ext.IP} {
+						got, err := Get(ctx, HTTPClient(p.NetnsPath(), 3*time.Second), "http://"+host+":8080/client")
+						if err != nil {
+							t.Fatalf("%s -> %s: %v", pod, host, err)
+						}
+						_, seen, _ := strings.Cut(got, " ")
+						if from, err := netip.ParseAddrPort(seen); err != nil || from.Addr().String() != n.IP {
+							t.Errorf("%s -> %s: the host saw %q; want the node's address %s", pod, host, seen, n.IP)
+						}
+					}
+					got, err := UDPAsk(ctx, p.NetnsPath(), inetIP+":5353", "ping", 3*time.Second)
+					if err != nil || got != "inet: ping" {
+						t.Errorf("%s -> %s:5353/udp: %q %v", pod, inetIP, got, err)
+					}
+				}
+			})
+
+			t.Run("ICMP echo", func(t *testing.T) {
+				client := l.Pod("client")
+				n1 := l.Node("n1")
+				var seen []string
+				frames := captureOn(t, l.External("inet").NetnsPath(), "eth0", func() {
+					for seq := 1; seq <= 3; seq++ {
+						if err := ping(client.NetnsPath(), inetIP, seq); err != nil {
+							t.Errorf("client -> %s ping %d: %v", inetIP, seq, err)
+						}
+					}
+				})
+				for _, f := range frames {
+					pkt := gopacket.NewPacket(f, layers.LayerTypeEthernet, gopacket.Default)
+					ip, _ := pkt.Layer(layers.LayerTypeIPv4).(*layers.IPv4)
+					ic, _ := pkt.Layer(layers.LayerTypeICMPv4).(*layers.ICMPv4)
+					if ip != nil && ic != nil && ic.TypeCode.Type() == layers.ICMPv4TypeEchoRequest {
+						seen = append(seen, ip.SrcIP.String())
+					}
+				}
+				if len(seen) < 3 {
+					t.Fatalf("the internet host saw %d echo requests, want 3", len(seen))
+				}
+				for _, s := range seen {
+					if s != n1.IP {
+						t.Errorf("an echo request reached the internet host from %s; want n1's %s", s, n1.IP)
+					}
+				}
+			})
+
+			t.Run("1000 concurrent connections from pods all complete", func(t *testing.T) {
+				const conns = 1000
+				pods := []*Pod{l.Pod("client"), l.Pod("peer-2"), l.Pod("web-3"), l.Pod("web-4")}
+				var (
+					wg     sync.WaitGroup
+					mu     sync.Mutex
+					failed []string
+					open   sync.WaitGroup
+				)
+				release := make(chan struct{})
+				open.Add(conns)
+				for i := range conns {
+					p := pods[i%len(pods)]
+					wg.Go(func() {
+						err := func() error {
+							dctx, cancel := context.WithTimeout(ctx, 20*time.Second)
+							defer cancel()
+							c, err := Dial(dctx, p.NetnsPath(), "tcp4", inetIP+":9000")
+							open.Done()
+							if err != nil {
+								return err
+							}
+							defer c.Close()
+							// Every connection stays open until all are.
+							<-release
+							_ = c.SetDeadline(time.Now().Add(20 * time.Second))
+							msg := fmt.Sprintf("conn-%d", i)
+							if _, err := fmt.Fprintln(c, msg); err != nil {
+								return err
+							}
+							line, err := bufio.NewReader(c).ReadString('\n')
+							if err != nil {
+								return err
+							}
+							if strings.TrimSpace(line) != "inet: "+msg {
+								return fmt.Errorf("answer %q", line)
+							}
+							return nil
+						}()
+						if err != nil {
+							mu.Lock()
+							failed = append(failed, fmt.Sprintf("%s #%d: %v", p.Name, i, err))
+							mu.Unlock()
+						}
+					})
+				}
+				open.Wait()
+				close(release)
+				wg.Wait()
+				if len(failed) > 0 {
+					t.Errorf("%d of %d connections failed; first: %s", len(failed), conns, failed[0])
+				}
+			})
+
+			t.Run("on the wire only node addresses leave for the internet", func(t *testing.T) {
+				frames := capture(t, l, "u-rt", func() {
+					for _, pod := range []string{"client", "web-3"} {
+						if _, err := Get(ctx, HTTPClient(l.Pod(pod).NetnsPath(), 3*time.Second), "http://"+inetIP+":8080/"); err != nil {
+							t.Errorf("%s -> internet: %v", pod, err)
+						}
+					}
+				})
+				nodes := map[string]bool{}
+				for _, n := range l.Nodes {
+					nodes[n.IP] = true
+				}
+				toInet := 0
+				for _, f := range frames {
+					pkt := gopacket.NewPacket(f, layers.LayerTypeEthernet, gopacket.Default)
+					ip, _ := pkt.Layer(layers.LayerTypeIPv4).(*layers.IPv4)
+					if ip == nil || ip.DstIP.String() != inetIP {
+						continue
+					}
+					toInet++
+					if !nodes[ip.SrcIP.String()] {
+						t.Errorf("a packet left for the internet from %s, not a node address", ip.SrcIP)
+					}
+				}
+				if toInet == 0 {
+					t.Error("no packet to the internet host crossed the router's port")
+				}
+			})
+		})
+	}
+}
+
+// ping sends one ICMP echo request from the namespace and waits for its
+// reply.
+func ping(nsPath, addr string, seq int) error {
+	var c *icmp.PacketConn
+	if err := netns.Do(nsPath, func() error {
+		var err error
+		c, err = icmp.ListenPacket("ip4:icmp", "0.0.0.0")
+		return err
+	}); err != nil {
+		return err
+	}
+	defer c.Close()
+	id := os.Getpid() & 0xffff
+	msg := icmp.Message{Type: ipv4.ICMPTypeEcho, Body: &icmp.Echo{ID: id, Seq: seq, Data: []byte("weir")}}
+	b, err := msg.Marshal(nil)
+	if err != nil {
+		return err
+	}
+	dst := &net.IPAddr{IP: net.ParseIP(addr)}
+	if _, err := c.WriteTo(b, dst); err != nil {
+		return err
+	}
+	_ = c.SetReadDeadline(time.Now().Add(3 * time.Second))
+	buf := make([]byte, 1500)
+	for {
+		n, from, err := c.ReadFrom(buf)
+		if err != nil {
+			return err
+		}
+		rm, err := icmp.ParseMessage(1, buf[:n])
+		if err != nil || rm.Type != ipv4.ICMPTypeEchoReply || from.String() != addr {
+			continue
+		}
+		if e, ok := rm.Body.(*icmp.Echo); ok && e.Seq == seq && e.ID == id {
+			return nil
+		}
+	}
+}

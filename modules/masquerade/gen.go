@@ -1,0 +1,5 @@
+package masquerade
+
+// Shared types come from core/datapath; -no-global-types keeps this object's
+// bindings to its programs.
+//go:generate go tool bpf2go -tags linux -target bpfel -cc clang-16 -strip llvm-strip-16 -no-global-types -cflags "-O2 -g -Wall -Werror -mcpu=v3 -I/usr/include/x86_64-linux-gnu" masquerade ../../bpf/masquerade.c -- -I../../bpf/include
