@@ -88,7 +88,7 @@ int masq_egress(struct __sk_buff *skb)
 	__be16 sport = ctx->sport, dport = ctx->dport;
 	__u32 now, reason = WEIR_DROP_CT_CREATE;
 	__u8 type = 0;
-	int icmp = ctx->proto == IPPROTO_ICMP;
+	int icmp = ctx->proto == IPPROTO_ICMP, fresh = 0;
 
 	if (ctx->l3 != WEIR_L3_IPV4 || (ctx->flags & WEIR_CTX_FRAGMENT) ||
 	    (ctx->proto != IPPROTO_TCP && ctx->proto != IPPROTO_UDP && !icmp))
@@ -120,6 +120,7 @@ int masq_egress(struct __sk_buff *skb)
 		e = weir_ct_create(&key, &o, ctx->tcp_flags, skb->len, now, &reason);
 		if (!e)
 			return weir_drop_ctx(skb, ctx, reason);
+		fresh = 1;
 	} else if (icmp) {
 		weir_ct_touch(&key, e, 0, skb->len, now);
 	}
@@ -131,8 +132,12 @@ int masq_egress(struct __sk_buff *skb)
 	}
 	if (!nat) {
 		nat = weir_snat_create(&k, masq_node_ip, r, WEIR_NAT_MASQUERADE, now, &reason);
-		if (!nat)
+		if (!nat) {
+			/* A flow that gets no port leaves no state of ours. */
+			if (fresh)
+				weir_ct_delete_flow(&key, e);
 			return weir_drop_ctx(skb, ctx, reason);
+		}
 	}
 	if (icmp) {
 		if (masq_icmp_rewrite(skb, ctx, 1, nat->addr, sport, nat->port))

@@ -96,7 +96,8 @@ WEIR_INLINE struct weir_nat_entry *nodeport_snat(const struct weir_ctx *ctx, __u
 /* A packet of a flow from outside leaves as its conntrack entry says
  * (the backend as destination), and with the node as source when the
  * backend is elsewhere. */
-WEIR_INLINE int nodeport_leave(struct __sk_buff *skb, struct weir_ctx *ctx, const struct weir_ct_entry *e, __u32 now)
+WEIR_INLINE int nodeport_leave(struct __sk_buff *skb, struct weir_ctx *ctx, const struct weir_ct_key *key,
+				struct weir_ct_entry *e, int fresh, __u32 now)
 {
 	struct weir_nat_entry *nat;
 	__u32 reason = WEIR_DROP_CT_CREATE;
@@ -107,8 +108,13 @@ WEIR_INLINE int nodeport_leave(struct __sk_buff *skb, struct weir_ctx *ctx, cons
 	if (!(e->flags & WEIR_CT_F_SNAT))
 		return weir_next(skb, ctx);
 	nat = nodeport_snat(ctx, now, &reason);
-	if (!nat)
+	if (!nat) {
+		/* A new flow that gets no port leaves no state: its retries
+		 * start afresh, and may find a port freed meanwhile. */
+		if (fresh)
+			weir_ct_delete_flow(key, e);
 		return weir_drop_ctx(skb, ctx, reason);
+	}
 	if (weir_nat4(skb, ctx, 1, nat->addr, nat->port))
 		return weir_drop_ctx(skb, ctx, WEIR_DROP_CSUM_REWRITE);
 	return nodeport_forward(skb, ctx);
@@ -182,7 +188,7 @@ int nodeport_ingress(struct __sk_buff *skb)
 	}
 	if (e) {
 		weir_ct_touch(&key, e, ctx->tcp_flags, skb->len, now);
-		return nodeport_leave(skb, ctx, e, now);
+		return nodeport_leave(skb, ctx, &key, e, 0, now);
 	}
 	if (!svc)
 		return weir_next(skb, ctx);
@@ -197,7 +203,7 @@ int nodeport_ingress(struct __sk_buff *skb)
 	e = weir_ct_create(&key, &o, ctx->tcp_flags, skb->len, now, &reason);
 	if (!e)
 		return weir_drop_ctx(skb, ctx, reason);
-	return nodeport_leave(skb, ctx, e, now);
+	return nodeport_leave(skb, ctx, &key, e, 1, now);
 }
 
 /* pod-egress/nodeport: a local backend's replies to a client outside

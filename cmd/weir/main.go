@@ -40,6 +40,7 @@ Datapath of a node (--lab NAME --node N, or --pin-dir DIR):
   bpf lb list [-o json]                  raw services map entries
   bpf ct list [-o json]                  live conntrack entries
   bpf nat list [-o json]                 source NAT entries (both directions of every flow)
+  monitor [-o json] [--count N]          drops as they happen, with reason and tuple
   bpf endpoint list [-o json]            local endpoints
   bpf ipcache list [-o json]             where addresses live, and how they are reached
   bpf metrics list [-o json]             packet counters by hook and reason
@@ -69,6 +70,8 @@ func run(args []string, out io.Writer) error {
 		return runStatus(args[1:], out)
 	case "connect-latency":
 		return runConnLatency(args[1:], out)
+	case "monitor":
+		return runMonitor(args[1:], out)
 	case "service":
 		if len(args) >= 2 && args[1] == "list" {
 			return runMaps("service", args[2:], out)

@@ -1,7 +1,10 @@
 package lab
 
 import (
+	"bufio"
 	"context"
+	"fmt"
+	"net"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -208,4 +211,119 @@ func TestNodePort(t *testing.T) {
 			})
 		})
 	}
+}
+
+// With a deliberately tiny SNAT range, flows beyond it are refused with a
+// counted drop and an event naming the tuple, established flows keep
+// working, and new flows succeed again once the old ones are over.
+func TestNodePortSNATExhaustion(t *testing.T) {
+	cfg := filepath.Join(t.TempDir(), "agent.yaml")
+	const config = "modules: [endpoints, lb, nodeport, nativerouting]\nsettings:\n  nodeport: {snatPortRange: 40000-40003}\n"
+	if err := os.WriteFile(cfg, []byte(config), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	spec := threeNodes(cfg)
+	spec.Externals = []ExternalSpec{{Name: "ext"}}
+	l := up(t, spec)
+	// One remote backend: every flow through n1 needs a port of the four
+	// for the same backend tuple.
+	const svc = `services:
+  - name: echo
+    clusterIP: 10.96.0.50
+    type: NodePort
+    ports: [{port: 9000, nodePort: 30090}]
+    backends: [{ip: 10.244.2.11, nodeName: n2}]
+`
+	for _, n := range l.Nodes {
+		if err := l.Apply(n.Name, []byte(svc)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	n1 := l.Node("n1")
+	waitFor(t, 10*time.Second, "the service on n1", func() bool { return len(serviceRows(t, n1)) == 2 })
+	ext := l.External("ext")
+	events, err := datapath.OpenEvents(n1.PinDir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer events.Close()
+	ctx := context.Background()
+	addr := n1.IP + ":30090"
+	type conn struct {
+		c net.Conn
+		r *bufio.Reader
+	}
+	say := func(c conn, msg string) error {
+		_ = c.c.SetDeadline(time.Now().Add(3 * time.Second))
+		if _, err := fmt.Fprintln(c.c, msg); err != nil {
+			return err
+		}
+		line, err := c.r.ReadString('\n')
+		if err != nil {
+			return err
+		}
+		if strings.TrimSpace(line) != "web-2: "+msg {
+			return fmt.Errorf("answer %q", line)
+		}
+		return nil
+	}
+	open := func(timeout time.Duration) (conn, error) {
+		dctx, cancel := context.WithTimeout(ctx, timeout)
+		defer cancel()
+		c, err := Dial(dctx, ext.NetnsPath(), "tcp4", addr)
+		if err != nil {
+			return conn{}, err
+		}
+		cn := conn{c, bufio.NewReader(c)}
+		if err := say(cn, "hello"); err != nil {
+			c.Close()
+			return conn{}, err
+		}
+		return cn, nil
+	}
+	var held []conn
+	for i := range 4 {
+		c, err := open(3 * time.Second)
+		if err != nil {
+			t.Fatalf("connection %d of 4: %v", i+1, err)
+		}
+		held = append(held, c)
+	}
+	before := metric(t, n1, "netdev-ingress", datapath.DropNATExhausted)
+	if c, err := open(1500 * time.Millisecond); err == nil {
+		c.c.Close()
+		t.Fatal("a fifth connection got through a SNAT range of four ports")
+	}
+	if after := metric(t, n1, "netdev-ingress", datapath.DropNATExhausted); after <= before {
+		t.Errorf("NAT exhaustion drops on n1: %d -> %d", before, after)
+	}
+	ev, err := events.Read(time.Now().Add(3 * time.Second))
+	for err == nil && ev.Code != uint8(datapath.DropNATExhausted) {
+		ev, err = events.Read(time.Now().Add(3 * time.Second))
+	}
+	if err != nil {
+		t.Fatalf("no NAT exhaustion event: %v", err)
+	}
+	if ev.Hook != "netdev-ingress" || ev.Src.Addr().String() != ext.IP || ev.Dst.String() != "10.244.2.11:9000" || ev.Proto != "TCP" {
+		t.Errorf("event %v: want the client's flow to the backend", ev)
+	}
+	for i, c := range held {
+		if err := say(c, "still here"); err != nil {
+			t.Errorf("established connection %d after the refusal: %v", i+1, err)
+		}
+	}
+	// Reset closes the flows; their ports come back once their
+	// conntrack entries expire.
+	for _, c := range held {
+		_ = c.c.(*net.TCPConn).SetLinger(0)
+		c.c.Close()
+	}
+	waitFor(t, 30*time.Second, "a new connection once the old flows are over", func() bool {
+		c, err := open(1500 * time.Millisecond)
+		if err != nil {
+			return false
+		}
+		c.c.Close()
+		return true
+	})
 }

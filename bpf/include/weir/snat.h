@@ -51,6 +51,42 @@ WEIR_INLINE __u16 weir_nat_next_port(__u16 p, struct weir_nat_range r)
 	return p >= r.max ? r.min : p + 1;
 }
 
+/* A NAT flow is not written at once with its conntrack entry: younger
+ * than this, it is never taken for an orphan. */
+#define WEIR_NAT_MIN_AGE 2
+
+/*
+ * Frees the port the IN entry at in holds when its flow is over: the
+ * flow's conntrack entry (keyed by the reverse of its OUT tuple) is gone
+ * or expired. The collector would delete it later; a range that is full
+ * gets its port back now. Returns 1 when the port was freed.
+ */
+WEIR_INLINE int weir_snat_reclaim(const struct weir_nat_key *in, __u32 now)
+{
+	struct weir_nat_entry *held = bpf_map_lookup_elem(&weir_nat, in), *o;
+	struct weir_nat_key out;
+	struct weir_ct_entry *ct;
+	struct weir_ct_key ck = {};
+
+	if (!held || now - held->created < WEIR_NAT_MIN_AGE)
+		return 0;
+	ck.saddr = in->saddr;
+	ck.daddr = held->addr;
+	ck.sport = in->sport;
+	ck.dport = held->port;
+	ck.proto = in->proto;
+	ct = bpf_map_lookup_elem(&weir_ct, &ck);
+	if (ct && ct->lifetime > now)
+		return 0;
+	weir_nat_key_set(&out, held->addr, in->saddr, held->port, in->sport, in->proto, WEIR_NAT_OUT);
+	o = bpf_map_lookup_elem(&weir_nat, &out);
+	/* The OUT half goes only while it still points here. */
+	if (o && o->addr == in->daddr && o->port == in->dport)
+		bpf_map_delete_elem(&weir_nat, &out);
+	bpf_map_delete_elem(&weir_nat, in);
+	return 1;
+}
+
 /*
  * Gives the flow whose packets reach the translation as out (saddr:sport
  * -> daddr:dport, dir OUT) the source to_addr and a port of range r.
@@ -87,6 +123,8 @@ WEIR_INLINE struct weir_nat_entry *weir_snat_create(const struct weir_nat_key *o
 		/* The IN entry claims the port: atomically, so two flows
 		 * never get one tuple on the wire. */
 		err = bpf_map_update_elem(&weir_nat, &in, &in_val, BPF_NOEXIST);
+		if (err == -17 /* EEXIST */ && weir_snat_reclaim(&in, now))
+			err = bpf_map_update_elem(&weir_nat, &in, &in_val, BPF_NOEXIST);
 		if (err == -17 /* EEXIST */) {
 			retries++;
 			continue;
