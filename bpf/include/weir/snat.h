@@ -45,12 +45,6 @@ WEIR_INLINE void weir_nat_count(__u32 allocated, __u32 retries, __u32 exhausted)
 	st->exhausted += exhausted;
 }
 
-/* The port after p in the range, wrapping. */
-WEIR_INLINE __u16 weir_nat_next_port(__u16 p, struct weir_nat_range r)
-{
-	return p >= r.max ? r.min : p + 1;
-}
-
 /* A NAT flow is not written at once with its conntrack entry: younger
  * than this, it is never taken for an orphan. */
 #define WEIR_NAT_MIN_AGE 2
@@ -87,6 +81,47 @@ WEIR_INLINE int weir_snat_reclaim(const struct weir_nat_key *in, __u32 now)
 	return 1;
 }
 
+/* The search for a free port, shared with its bpf_loop callback: the
+ * verifier checks the callback once instead of every try. */
+struct weir_snat_search {
+	struct weir_nat_key in;        /* the IN key; dport is the candidate */
+	struct weir_nat_entry in_val;
+	__u32 now;
+	__u32 retries;
+	__u16 port; /* the candidate, host order */
+	__u16 min;
+	__u16 max;
+	__u16 span;
+	int result; /* 0: searching, 1: claimed, -1: a map error */
+};
+
+/* One try: the client's port (or a random one) first, a random one
+ * second, then the ports after it. Returns 1 to stop. */
+static __attribute__((noinline)) long weir_snat_try(__u32 i, void *data)
+{
+	struct weir_snat_search *s = data;
+	long err;
+
+	if (s->span == 0)
+		return 1;
+	if (i == 1)
+		s->port = s->min + bpf_get_prandom_u32() % s->span;
+	else if (i > 1)
+		s->port = s->port >= s->max ? s->min : s->port + 1;
+	s->in.dport = bpf_htons(s->port);
+	/* The IN entry claims the port: atomically, so two flows never get
+	 * one tuple on the wire. */
+	err = bpf_map_update_elem(&weir_nat, &s->in, &s->in_val, BPF_NOEXIST);
+	if (err == -17 /* EEXIST */ && weir_snat_reclaim(&s->in, s->now))
+		err = bpf_map_update_elem(&weir_nat, &s->in, &s->in_val, BPF_NOEXIST);
+	if (err == -17 /* EEXIST */) {
+		s->retries++;
+		return 0;
+	}
+	s->result = err ? -1 : 1;
+	return 1;
+}
+
 /*
  * Gives the flow whose packets reach the translation as out (saddr:sport
  * -> daddr:dport, dir OUT) the source to_addr and a port of range r.
@@ -97,63 +132,55 @@ WEIR_INLINE int weir_snat_reclaim(const struct weir_nat_key *in, __u32 now)
 WEIR_INLINE struct weir_nat_entry *weir_snat_create(const struct weir_nat_key *out, __be32 to_addr,
 						     struct weir_nat_range r, __u8 owner, __u32 now, __u32 *reason)
 {
-	struct weir_nat_entry in_val = {.addr = out->saddr, .port = out->sport, .owner = owner, .created = now};
 	struct weir_nat_entry out_val = {.addr = to_addr, .owner = owner, .created = now};
-	__u16 span = r.max - r.min + 1;
-	__u16 port = bpf_ntohs(out->sport);
-	struct weir_nat_key in;
-	__u32 retries = 0;
+	struct weir_snat_search s = {
+		.in_val = {.addr = out->saddr, .port = out->sport, .owner = owner, .created = now},
+		.now = now,
+		.min = r.min,
+		.max = r.max,
+	};
+	__u32 tries;
+	long err;
 
 	if (r.min == 0 || r.max < r.min) {
 		*reason = WEIR_DROP_NAT_EXHAUSTED;
 		return NULL;
 	}
+	s.span = r.max - r.min + 1;
+	weir_nat_key_set(&s.in, out->daddr, to_addr, out->dport, 0, out->proto, WEIR_NAT_IN);
 	/* Keep the client's port when the range holds it: what the server
 	 * sees stays closer to what the client sent. */
-	if (port < r.min || port > r.max)
-		port = r.min + bpf_get_prandom_u32() % span;
-	for (int i = 0; i < WEIR_NAT_TRIES && i < span; i++) {
-		long err;
-
-		if (i == 1)
-			port = r.min + bpf_get_prandom_u32() % span;
-		else if (i > 1)
-			port = weir_nat_next_port(port, r);
-		weir_nat_key_set(&in, out->daddr, to_addr, out->dport, bpf_htons(port), out->proto, WEIR_NAT_IN);
-		/* The IN entry claims the port: atomically, so two flows
-		 * never get one tuple on the wire. */
-		err = bpf_map_update_elem(&weir_nat, &in, &in_val, BPF_NOEXIST);
-		if (err == -17 /* EEXIST */ && weir_snat_reclaim(&in, now))
-			err = bpf_map_update_elem(&weir_nat, &in, &in_val, BPF_NOEXIST);
-		if (err == -17 /* EEXIST */) {
-			retries++;
-			continue;
-		}
-		if (err) {
-			*reason = WEIR_DROP_CT_CREATE;
-			weir_nat_count(0, retries, 0);
-			return NULL;
-		}
-		out_val.port = bpf_htons(port);
-		err = bpf_map_update_elem(&weir_nat, out, &out_val, BPF_NOEXIST);
-		if (err) {
-			struct weir_nat_entry *won;
-
-			bpf_map_delete_elem(&weir_nat, &in);
-			/* Another CPU translated this very flow meanwhile: its
-			 * entries stand. */
-			won = err == -17 ? bpf_map_lookup_elem(&weir_nat, out) : NULL;
-			if (!won)
-				*reason = WEIR_DROP_CT_CREATE;
-			weir_nat_count(0, retries, 0);
-			return won;
-		}
-		weir_nat_count(1, retries, 0);
-		return bpf_map_lookup_elem(&weir_nat, out);
+	s.port = bpf_ntohs(out->sport);
+	if (s.port < r.min || s.port > r.max)
+		s.port = r.min + bpf_get_prandom_u32() % s.span;
+	tries = s.span < WEIR_NAT_TRIES ? s.span : WEIR_NAT_TRIES;
+	bpf_loop(tries, weir_snat_try, &s, 0);
+	if (s.result == 0) {
+		weir_nat_count(0, s.retries, 1);
+		*reason = WEIR_DROP_NAT_EXHAUSTED;
+		return NULL;
 	}
-	weir_nat_count(0, retries, 1);
-	*reason = WEIR_DROP_NAT_EXHAUSTED;
-	return NULL;
+	if (s.result < 0) {
+		weir_nat_count(0, s.retries, 0);
+		*reason = WEIR_DROP_CT_CREATE;
+		return NULL;
+	}
+	out_val.port = s.in.dport;
+	err = bpf_map_update_elem(&weir_nat, out, &out_val, BPF_NOEXIST);
+	if (err) {
+		struct weir_nat_entry *won;
+
+		bpf_map_delete_elem(&weir_nat, &s.in);
+		/* Another CPU translated this very flow meanwhile: its
+		 * entries stand. */
+		won = err == -17 ? bpf_map_lookup_elem(&weir_nat, out) : NULL;
+		if (!won)
+			*reason = WEIR_DROP_CT_CREATE;
+		weir_nat_count(0, s.retries, 0);
+		return won;
+	}
+	weir_nat_count(1, s.retries, 0);
+	return bpf_map_lookup_elem(&weir_nat, out);
 }
 
 /* Deletes both entries of the flow whose OUT key is out and entry e. */
