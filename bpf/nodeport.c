@@ -52,6 +52,19 @@ WEIR_INLINE struct weir_svc_val *nodeport_lookup(struct weir_svc_key *k, const s
 	return svc && svc->type == WEIR_SVC_NODE_PORT ? svc : NULL;
 }
 
+/* Whether the frontend in ctx takes no traffic from ctx's client: it has
+ * loadBalancerSourceRanges and none holds the client. */
+WEIR_INLINE int nodeport_refuses(const struct weir_ctx *ctx)
+{
+	struct weir_src_frontend_key fk = {.addr = ctx->daddr, .port = ctx->dport, .proto = ctx->proto};
+	struct weir_src_range_key rk = {.prefixlen = 96, .faddr = ctx->daddr, .fport = ctx->dport, .proto = ctx->proto,
+					.client = ctx->saddr};
+
+	if (!bpf_map_lookup_elem(&weir_src_frontends, &fk))
+		return 0;
+	return !bpf_map_lookup_elem(&weir_src_ranges, &rk);
+}
+
 /* Sends a translated packet on toward its destination: a pod of another
  * node through the forwarding mode's stage, anything else by the FIB. */
 WEIR_INLINE int nodeport_forward(struct __sk_buff *skb, struct weir_ctx *ctx)
@@ -192,6 +205,8 @@ int nodeport_ingress(struct __sk_buff *skb)
 	}
 	if (!svc)
 		return weir_next(skb, ctx);
+	if (nodeport_refuses(ctx))
+		return weir_drop_ctx(skb, ctx, WEIR_DROP_SOURCE_RANGE);
 	if (weir_lb_choose(&skey, svc, ctx->saddr, now, &o))
 		return weir_drop_ctx(skb, ctx, WEIR_DROP_NO_BACKEND);
 	o.nat_saddr = ctx->saddr;

@@ -255,6 +255,7 @@ const (
 	coreWeirReasonWEIR_DROP_NAT_EXHAUSTED       coreWeirReason = 23
 	coreWeirReasonWEIR_DROP_NO_ROUTE            coreWeirReason = 24
 	coreWeirReasonWEIR_DROP_NAT_ORPHAN          coreWeirReason = 25
+	coreWeirReasonWEIR_DROP_SOURCE_RANGE        coreWeirReason = 26
 	coreWeirReasonWEIR_REASON_MAX               coreWeirReason = 32
 )
 
@@ -302,6 +303,24 @@ type coreWeirSockTermKey struct {
 	BackendPort uint16
 	Proto       uint8
 	Pad         uint8
+}
+
+type coreWeirSrcFrontendKey struct {
+	_     structs.HostLayout
+	Addr  uint32
+	Port  uint16
+	Proto uint8
+	Pad   uint8
+}
+
+type coreWeirSrcRangeKey struct {
+	_         structs.HostLayout
+	Prefixlen uint32
+	Faddr     uint32
+	Fport     uint16
+	Proto     uint8
+	Pad       uint8
+	Client    uint32
 }
 
 type coreWeirSvcKey struct {
@@ -356,6 +375,8 @@ const (
 	coreMapWeirSockAffinity      = "weir_sock_affinity"
 	coreMapWeirSockRev           = "weir_sock_rev"
 	coreMapWeirSockTerm          = "weir_sock_term"
+	coreMapWeirSrcFrontends      = "weir_src_frontends"
+	coreMapWeirSrcRanges         = "weir_src_ranges"
 	coreProgWeirNetdevEgress     = "weir_netdev_egress"
 	coreProgWeirNetdevIngress    = "weir_netdev_ingress"
 	coreProgWeirPodEgress        = "weir_pod_egress"
@@ -387,6 +408,8 @@ const (
 	coreVarWeirBtfReason         = "weir_btf_reason"
 	coreVarWeirBtfRevnatEntry    = "weir_btf_revnat_entry"
 	coreVarWeirBtfScope          = "weir_btf_scope"
+	coreVarWeirBtfSrcFrontendKey = "weir_btf_src_frontend_key"
+	coreVarWeirBtfSrcRangeKey    = "weir_btf_src_range_key"
 	coreVarWeirBtfSvcKey         = "weir_btf_svc_key"
 	coreVarWeirBtfSvcType        = "weir_btf_svc_type"
 	coreVarWeirBtfSvcVal         = "weir_btf_svc_val"
@@ -466,6 +489,8 @@ type coreMapSpecs struct {
 	WeirSockAffinity *ebpf.MapSpec `ebpf:"weir_sock_affinity"`
 	WeirSockRev      *ebpf.MapSpec `ebpf:"weir_sock_rev"`
 	WeirSockTerm     *ebpf.MapSpec `ebpf:"weir_sock_term"`
+	WeirSrcFrontends *ebpf.MapSpec `ebpf:"weir_src_frontends"`
+	WeirSrcRanges    *ebpf.MapSpec `ebpf:"weir_src_ranges"`
 }
 
 // coreVariableSpecs contains global variables before they are loaded into the kernel.
@@ -499,6 +524,8 @@ type coreVariableSpecs struct {
 	WeirBtfReason         *ebpf.VariableSpec `ebpf:"weir_btf_reason"`
 	WeirBtfRevnatEntry    *ebpf.VariableSpec `ebpf:"weir_btf_revnat_entry"`
 	WeirBtfScope          *ebpf.VariableSpec `ebpf:"weir_btf_scope"`
+	WeirBtfSrcFrontendKey *ebpf.VariableSpec `ebpf:"weir_btf_src_frontend_key"`
+	WeirBtfSrcRangeKey    *ebpf.VariableSpec `ebpf:"weir_btf_src_range_key"`
 	WeirBtfSvcKey         *ebpf.VariableSpec `ebpf:"weir_btf_svc_key"`
 	WeirBtfSvcType        *ebpf.VariableSpec `ebpf:"weir_btf_svc_type"`
 	WeirBtfSvcVal         *ebpf.VariableSpec `ebpf:"weir_btf_svc_val"`
@@ -546,6 +573,8 @@ type coreMaps struct {
 	WeirSockAffinity *ebpf.Map `ebpf:"weir_sock_affinity"`
 	WeirSockRev      *ebpf.Map `ebpf:"weir_sock_rev"`
 	WeirSockTerm     *ebpf.Map `ebpf:"weir_sock_term"`
+	WeirSrcFrontends *ebpf.Map `ebpf:"weir_src_frontends"`
+	WeirSrcRanges    *ebpf.Map `ebpf:"weir_src_ranges"`
 }
 
 func (m *coreMaps) Close() error {
@@ -569,6 +598,8 @@ func (m *coreMaps) Close() error {
 		m.WeirSockAffinity,
 		m.WeirSockRev,
 		m.WeirSockTerm,
+		m.WeirSrcFrontends,
+		m.WeirSrcRanges,
 	)
 }
 
@@ -603,6 +634,8 @@ type coreVariables struct {
 	WeirBtfReason         *ebpf.Variable `ebpf:"weir_btf_reason"`
 	WeirBtfRevnatEntry    *ebpf.Variable `ebpf:"weir_btf_revnat_entry"`
 	WeirBtfScope          *ebpf.Variable `ebpf:"weir_btf_scope"`
+	WeirBtfSrcFrontendKey *ebpf.Variable `ebpf:"weir_btf_src_frontend_key"`
+	WeirBtfSrcRangeKey    *ebpf.Variable `ebpf:"weir_btf_src_range_key"`
 	WeirBtfSvcKey         *ebpf.Variable `ebpf:"weir_btf_svc_key"`
 	WeirBtfSvcType        *ebpf.Variable `ebpf:"weir_btf_svc_type"`
 	WeirBtfSvcVal         *ebpf.Variable `ebpf:"weir_btf_svc_val"`

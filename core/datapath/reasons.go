@@ -33,6 +33,7 @@ const (
 	DropNATExhausted      = Reason(coreWeirReasonWEIR_DROP_NAT_EXHAUSTED)
 	DropNoRoute           = Reason(coreWeirReasonWEIR_DROP_NO_ROUTE)
 	DropNATOrphan         = Reason(coreWeirReasonWEIR_DROP_NAT_ORPHAN)
+	DropSourceRange       = Reason(coreWeirReasonWEIR_DROP_SOURCE_RANGE)
 )
 
 var reasonNames = map[Reason]string{
@@ -54,6 +55,7 @@ var reasonNames = map[Reason]string{
 	DropNATExhausted:      "source NAT port range exhausted",
 	DropNoRoute:           "no route for a translated packet",
 	DropNATOrphan:         "reply to a source NAT whose flow is gone",
+	DropSourceRange:       "client outside the service's loadBalancerSourceRanges",
 	DropChecksumRewrite:   "header rewrite failed",
 	DropTTLExceeded:       "TTL exceeded",
 	DropScratch:           "per-CPU scratch unavailable",

@@ -60,6 +60,10 @@ type (
 	NATEntry = coreWeirNatEntry
 	// NATCounters is one CPU's weir_nat_stats value.
 	NATCounters = coreWeirNatCounters
+	// SrcFrontendKey keys weir_src_frontends.
+	SrcFrontendKey = coreWeirSrcFrontendKey
+	// SrcRangeKey keys weir_src_ranges (an LPM trie).
+	SrcRangeKey = coreWeirSrcRangeKey
 )
 
 // NAT entry directions stored in NATKey.Dir.

@@ -65,9 +65,15 @@ type Service struct {
 	// ExternalTrafficPolicy is Cluster (the default) or Local: traffic
 	// from outside the cluster goes only to backends on the node it
 	// reached, which keeps the client's address.
-	ExternalTrafficPolicy string        `yaml:"externalTrafficPolicy"`
-	Ports                 []ServicePort `yaml:"ports"`
-	Backends              []Backend     `yaml:"backends"`
+	ExternalTrafficPolicy string `yaml:"externalTrafficPolicy"`
+	// HealthCheckNodePort is where, with externalTrafficPolicy Local,
+	// every node answers load balancers whether it has local backends.
+	HealthCheckNodePort int `yaml:"healthCheckNodePort"`
+	// LoadBalancerSourceRanges restrict the clients outside the cluster a
+	// LoadBalancer service's load-balancer IPs take traffic from.
+	LoadBalancerSourceRanges []string      `yaml:"loadBalancerSourceRanges"`
+	Ports                    []ServicePort `yaml:"ports"`
+	Backends                 []Backend     `yaml:"backends"`
 }
 
 // ServicePort is one port of a service; each becomes a frontend.
@@ -182,7 +188,14 @@ func ParseContents(file string, data []byte) (*Contents, error) {
 			}
 			states = append(states, st)
 		}
-		svc := &model.Service{Name: name}
+		svc := &model.Service{Name: name, HealthCheckNodePort: uint16(s.HealthCheckNodePort), SourceRanges: ext.sourceRanges}
+		if s.HealthCheckNodePort != 0 {
+			hc := model.FrontendKey{Addr: netip.AddrPortFrom(netip.IPv4Unspecified(), uint16(s.HealthCheckNodePort)), Proto: model.TCP}
+			if owner, dup := frontends[hc]; dup {
+				return nil, fail(strictyaml.Key(sp, "healthCheckNodePort"), "port %d is already used by %s", s.HealthCheckNodePort, owner)
+			}
+			frontends[hc] = fmt.Sprintf("%s (%s) as its health check port", sp, name)
+		}
 		portNames := map[string]int{}
 		for j, p := range s.Ports {
 			pp := strictyaml.Index(strictyaml.Key(sp, "ports"), j)
@@ -259,6 +272,7 @@ type external struct {
 		typ  model.FrontendType
 	}
 	nodePorts, local bool
+	sourceRanges     []netip.Prefix
 }
 
 func parseExternal(s *Service, sp string, fail func(path, format string, a ...any) error) (external, error) {
@@ -281,6 +295,24 @@ func parseExternal(s *Service, sp string, fail func(path, format string, a ...an
 	}
 	if len(s.LoadBalancerIPs) > 0 && s.Type != "LoadBalancer" {
 		return out, fail(strictyaml.Key(sp, "loadBalancerIPs"), "only services of type LoadBalancer have load-balancer IPs")
+	}
+	if s.HealthCheckNodePort != 0 {
+		if !out.local || !out.nodePorts {
+			return out, fail(strictyaml.Key(sp, "healthCheckNodePort"), "only NodePort and LoadBalancer services with externalTrafficPolicy Local have a health check port")
+		}
+		if s.HealthCheckNodePort < 1 || s.HealthCheckNodePort > 65535 {
+			return out, fail(strictyaml.Key(sp, "healthCheckNodePort"), "%d is not a valid port (1 to 65535)", s.HealthCheckNodePort)
+		}
+	}
+	if len(s.LoadBalancerSourceRanges) > 0 && s.Type != "LoadBalancer" {
+		return out, fail(strictyaml.Key(sp, "loadBalancerSourceRanges"), "only services of type LoadBalancer have source ranges")
+	}
+	for j, r := range s.LoadBalancerSourceRanges {
+		p, err := netip.ParsePrefix(r)
+		if err != nil || !p.Addr().Is4() {
+			return out, fail(strictyaml.Index(strictyaml.Key(sp, "loadBalancerSourceRanges"), j), "%q is not an IPv4 CIDR such as 203.0.113.0/24", r)
+		}
+		out.sourceRanges = append(out.sourceRanges, p.Masked())
 	}
 	for _, list := range []struct {
 		key string

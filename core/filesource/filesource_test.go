@@ -271,7 +271,7 @@ func TestParseErrors(t *testing.T) {
 		{
 			name: "unknown service field",
 			doc:  with(map[int]string{4: "    clusterIp: 10.96.0.10"}),
-			want: `svc.yaml:4:5: services[0]: unknown field "clusterIp"; allowed fields: backends, clusterIP, externalIPs, externalTrafficPolicy, loadBalancerIPs, name, namespace, ports, type`,
+			want: `svc.yaml:4:5: services[0]: unknown field "clusterIp"; allowed fields: backends, clusterIP, externalIPs, externalTrafficPolicy, healthCheckNodePort, loadBalancerIPs, loadBalancerSourceRanges, name, namespace, ports, type`,
 		},
 		{
 			name: "unknown port field",
@@ -578,6 +578,28 @@ func TestParseErrors(t *testing.T) {
 			name: "external IP that is not an address",
 			doc:  lines("services:", "  - name: web", "    clusterIP: 10.96.0.10", "    externalIPs: [198.51.100.1, nope]", "    ports: [{port: 80}]"),
 			want: `svc.yaml:4:33: services[0].externalIPs[1]: "nope" is not an IPv4 address`,
+		},
+		{
+			name: "health check port without externalTrafficPolicy Local",
+			doc:  lines("services:", "  - name: web", "    clusterIP: 10.96.0.10", "    type: LoadBalancer", "    healthCheckNodePort: 31000", "    ports: [{port: 80}]"),
+			want: `svc.yaml:5:26: services[0].healthCheckNodePort: only NodePort and LoadBalancer services with externalTrafficPolicy Local have a health check port`,
+		},
+		{
+			name: "health check port taken by a node port",
+			doc: lines("services:",
+				"  - name: web", "    clusterIP: 10.96.0.10", "    type: NodePort", "    ports: [{port: 80, nodePort: 31000}]",
+				"  - name: api", "    clusterIP: 10.96.0.11", "    type: LoadBalancer", "    externalTrafficPolicy: Local", "    healthCheckNodePort: 31000", "    ports: [{port: 80}]"),
+			want: `svc.yaml:10:26: services[1].healthCheckNodePort: port 31000 is already used by services[0].ports[0] (default/web)`,
+		},
+		{
+			name: "source range that is not a CIDR",
+			doc:  lines("services:", "  - name: web", "    clusterIP: 10.96.0.10", "    type: LoadBalancer", "    loadBalancerSourceRanges: [10.0.0.0/8, 10.1.2.3]", "    ports: [{port: 80}]"),
+			want: `svc.yaml:5:44: services[0].loadBalancerSourceRanges[1]: "10.1.2.3" is not an IPv4 CIDR such as 203.0.113.0/24`,
+		},
+		{
+			name: "source ranges on a NodePort service",
+			doc:  lines("services:", "  - name: web", "    clusterIP: 10.96.0.10", "    type: NodePort", "    loadBalancerSourceRanges: [10.0.0.0/8]", "    ports: [{port: 80}]"),
+			want: `svc.yaml:5:31: services[0].loadBalancerSourceRanges: only services of type LoadBalancer have source ranges`,
 		},
 		{
 			name: "unknown traffic policy",

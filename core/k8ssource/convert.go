@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"net/netip"
 	"slices"
+	"strings"
 
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
@@ -30,9 +31,28 @@ func convert(svc *service, eps []*endpointSlice) *model.Service {
 		return nil
 	}
 	out := &model.Service{
-		Name:            model.ServiceName{Namespace: svc.Namespace, Name: svc.Name},
-		Source:          Name,
-		AffinityTimeout: svc.affinity,
+		Name:                model.ServiceName{Namespace: svc.Namespace, Name: svc.Name},
+		Source:              Name,
+		AffinityTimeout:     svc.affinity,
+		HealthCheckNodePort: svc.healthCheck,
+	}
+	// Ranges that do not parse are left out and said so, as kube-proxy
+	// leaves them out (the API server validates them on write).
+	for _, r := range svc.sourceRanges {
+		p, err := netip.ParsePrefix(strings.TrimSpace(r))
+		if err != nil {
+			out.Unserved = append(out.Unserved, fmt.Sprintf("loadBalancerSourceRanges %q is not a CIDR", r))
+			continue
+		}
+		if !p.Addr().Is4() {
+			continue // the IPv6 proxy's
+		}
+		out.SourceRanges = append(out.SourceRanges, p.Masked())
+	}
+	// Ranges given but none usable: closed to every client, not open to
+	// all (0.0.0.0 is never a source).
+	if len(svc.sourceRanges) > 0 && len(out.SourceRanges) == 0 && len(out.Unserved) > 0 {
+		out.SourceRanges = []netip.Prefix{netip.PrefixFrom(netip.IPv4Unspecified(), 32)}
 	}
 	// A service whose cluster IPs are all IPv6 belongs to an IPv6 proxy,
 	// as with kube-proxy's IPv4 proxier: none of its frontends are ours.

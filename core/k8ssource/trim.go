@@ -38,6 +38,8 @@ type service struct {
 	lbIPs         []string // ingress IPs in VIP mode
 	ports         []corev1.ServicePort
 	affinity      uint32 // seconds of sessionAffinity ClientIP, 0 without
+	healthCheck   uint16 // healthCheckNodePort, 0 without
+	sourceRanges  []string
 	internalLocal bool
 	externalLocal bool
 }
@@ -55,6 +57,12 @@ func compactService(svc *corev1.Service) *service {
 		externalIPs:   svc.Spec.ExternalIPs,
 		internalLocal: svc.Spec.InternalTrafficPolicy != nil && *svc.Spec.InternalTrafficPolicy == corev1.ServiceInternalTrafficPolicyLocal,
 		externalLocal: svc.Spec.ExternalTrafficPolicy == corev1.ServiceExternalTrafficPolicyLocal,
+	}
+	if out.externalLocal && svc.Spec.HealthCheckNodePort > 0 && svc.Spec.HealthCheckNodePort <= 65535 {
+		out.healthCheck = uint16(svc.Spec.HealthCheckNodePort)
+	}
+	if svc.Spec.Type == corev1.ServiceTypeLoadBalancer {
+		out.sourceRanges = svc.Spec.LoadBalancerSourceRanges
 	}
 	if len(out.clusterIPs) == 0 && svc.Spec.ClusterIP != "" {
 		out.clusterIPs = []string{svc.Spec.ClusterIP}

@@ -3,8 +3,10 @@ package lab
 import (
 	"bufio"
 	"context"
+	"encoding/json"
 	"fmt"
 	"net"
+	"net/http"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -23,6 +25,7 @@ import (
 const (
 	lbIP       = "198.51.100.10"
 	externalIP = "198.51.100.11"
+	closedIP   = "198.51.100.12"
 )
 
 const northSouthServices = `services:
@@ -39,9 +42,27 @@ const northSouthServices = `services:
     clusterIP: 10.96.0.40
     type: NodePort
     externalTrafficPolicy: Local
+    healthCheckNodePort: 30999
     ports: [{port: 80, targetPort: 8080, nodePort: 30081}]
     backends: [{ip: 10.244.1.11, nodeName: n1}, {ip: 10.244.2.11, nodeName: n2}]
+  - name: closed
+    clusterIP: 10.96.0.60
+    type: LoadBalancer
+    loadBalancerIPs: [` + closedIP + `]
+    loadBalancerSourceRanges: [10.0.0.0/8, 172.16.0.0/12]
+    ports: [{port: 80, targetPort: 8080}]
+    backends: [{ip: 10.244.1.11, nodeName: n1}, {ip: 10.244.3.11, nodeName: n3}]
 `
+
+// hcAnswer is kube-proxy's health check answer.
+type hcAnswer struct {
+	Service struct {
+		Namespace string `json:"namespace"`
+		Name      string `json:"name"`
+	} `json:"service"`
+	LocalEndpoints      int  `json:"localEndpoints"`
+	ServiceProxyHealthy bool `json:"serviceProxyHealthy"`
+}
 
 // podNode says which node a lab pod of threeNodes runs on.
 var podNode = map[string]string{"web-1": "n1", "web-2": "n2", "web-3": "n3", "web-4": "n3"}
@@ -56,7 +77,7 @@ func upNorthSouth(t *testing.T, m mode) *Lab {
 		t.Fatal(err)
 	}
 	spec := threeNodes(cfg)
-	spec.Externals = []ExternalSpec{{Name: "ext", Routes: map[string]string{lbIP + "/32": "n1", externalIP + "/32": "n2"}}}
+	spec.Externals = []ExternalSpec{{Name: "ext", Routes: map[string]string{lbIP + "/32": "n1", externalIP + "/32": "n2", closedIP + "/32": "n1"}}}
 	l := up(t, spec)
 	for _, n := range l.Nodes {
 		if err := l.Apply(n.Name, []byte(northSouthServices)); err != nil {
@@ -65,7 +86,7 @@ func upNorthSouth(t *testing.T, m mode) *Lab {
 	}
 	waitFor(t, 10*time.Second, "services on every node", func() bool {
 		for _, n := range l.Nodes {
-			if len(serviceRows(t, n)) != 11 { // every frontend and scope
+			if len(serviceRows(t, n)) != 13 { // every frontend and scope
 				return false
 			}
 		}
@@ -134,6 +155,38 @@ func TestNodePort(t *testing.T) {
 				}
 			})
 
+			t.Run("loadBalancerSourceRanges", func(t *testing.T) {
+				n1 := l.Node("n1")
+				before := metric(t, n1, "netdev-ingress", datapath.DropSourceRange)
+				short := HTTPClient(ext.NetnsPath(), 500*time.Millisecond)
+				if got, err := Get(ctx, short, "http://"+closedIP+"/"); err == nil {
+					t.Errorf("ext -> %s answered %q; the client is outside the service's source ranges", closedIP, got)
+				}
+				if after := metric(t, n1, "netdev-ingress", datapath.DropSourceRange); after <= before {
+					t.Errorf("source range drops on n1: %d -> %d", before, after)
+				}
+				// The client's network joins the ranges: served.
+				open := strings.Replace(northSouthServices, "[10.0.0.0/8, 172.16.0.0/12]", "[10.0.0.0/8, "+ext.IP+"/32]", 1)
+				for _, n := range l.Nodes {
+					if err := l.Apply(n.Name, []byte(open)); err != nil {
+						t.Fatal(err)
+					}
+				}
+				waitFor(t, 10*time.Second, "the client to be let in", func() bool {
+					got, err := Get(ctx, short, "http://"+closedIP+"/")
+					return err == nil && podNode[got] != ""
+				})
+				for _, n := range l.Nodes {
+					if err := l.Apply(n.Name, []byte(northSouthServices)); err != nil {
+						t.Fatal(err)
+					}
+				}
+				waitFor(t, 10*time.Second, "the client to be refused again", func() bool {
+					_, err := Get(ctx, short, "http://"+closedIP+"/")
+					return err != nil
+				})
+			})
+
 			t.Run("externalTrafficPolicy Local keeps the client address", func(t *testing.T) {
 				for _, n := range l.Nodes[:2] {
 					for range 5 {
@@ -159,6 +212,51 @@ func TestNodePort(t *testing.T) {
 				if after := metric(t, n3, "netdev-ingress", datapath.DropNoBackend); after <= before {
 					t.Errorf("no-backend drops on n3: %d -> %d", before, after)
 				}
+			})
+
+			t.Run("health check node port answers as kube-proxy", func(t *testing.T) {
+				check := func(n *Node) (int, hcAnswer) {
+					var ans hcAnswer
+					resp, err := c.Get("http://" + n.IP + ":30999/")
+					if err != nil {
+						return 0, ans
+					}
+					defer resp.Body.Close()
+					_ = json.NewDecoder(resp.Body).Decode(&ans)
+					return resp.StatusCode, ans
+				}
+				want := map[string]int{"n1": http.StatusOK, "n2": http.StatusOK, "n3": http.StatusServiceUnavailable}
+				for _, n := range l.Nodes {
+					code, ans := check(n)
+					wantLocal := 1
+					if n.Name == "n3" {
+						wantLocal = 0
+					}
+					if code != want[n.Name] || ans.LocalEndpoints != wantLocal || ans.Service.Name != "local" || ans.Service.Namespace != "default" || !ans.ServiceProxyHealthy {
+						t.Errorf("%s:30999: HTTP %d %+v; want %d with %d local endpoints", n.Name, code, ans, want[n.Name], wantLocal)
+					}
+				}
+				// n1's backend goes: n1 answers 503; it comes back: 200.
+				gone := strings.Replace(northSouthServices, "backends: [{ip: 10.244.1.11, nodeName: n1}, {ip: 10.244.2.11, nodeName: n2}]", "backends: [{ip: 10.244.2.11, nodeName: n2}]", 1)
+				for _, n := range l.Nodes {
+					if err := l.Apply(n.Name, []byte(gone)); err != nil {
+						t.Fatal(err)
+					}
+				}
+				n1 := l.Node("n1")
+				waitFor(t, 10*time.Second, "n1's health check to say 503", func() bool {
+					code, ans := check(n1)
+					return code == http.StatusServiceUnavailable && ans.LocalEndpoints == 0
+				})
+				for _, n := range l.Nodes {
+					if err := l.Apply(n.Name, []byte(northSouthServices)); err != nil {
+						t.Fatal(err)
+					}
+				}
+				waitFor(t, 10*time.Second, "n1's health check to say 200 again", func() bool {
+					code, ans := check(n1)
+					return code == http.StatusOK && ans.LocalEndpoints == 1
+				})
 			})
 
 			t.Run("on the wire SNAT replies return through the receiving node", func(t *testing.T) {

@@ -175,6 +175,13 @@ type Service struct {
 	// AffinityTimeout, when non-zero, keeps a client on one backend for
 	// that many seconds (sessionAffinity: ClientIP).
 	AffinityTimeout uint32
+	// HealthCheckNodePort, when non-zero, is the port on every node where
+	// external load balancers learn whether the node has local backends
+	// (externalTrafficPolicy Local), as kube-proxy answers it.
+	HealthCheckNodePort uint16
+	// SourceRanges, when set, are the only clients outside the cluster
+	// its load-balancer IPs take traffic from (loadBalancerSourceRanges).
+	SourceRanges []netip.Prefix
 	// Source names the source that defined the service.
 	Source string
 	// Unserved lists what a source left out because the datapath cannot

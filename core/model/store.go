@@ -477,7 +477,8 @@ func (s *Service) Equal(o *Service) bool {
 	if s == nil || o == nil {
 		return false
 	}
-	return s.Name == o.Name && s.AffinityTimeout == o.AffinityTimeout &&
+	return s.Name == o.Name && s.AffinityTimeout == o.AffinityTimeout && s.HealthCheckNodePort == o.HealthCheckNodePort &&
+		slices.Equal(s.SourceRanges, o.SourceRanges) &&
 		slices.Equal(s.Unserved, o.Unserved) && slices.EqualFunc(s.Frontends, o.Frontends, func(a, b Frontend) bool {
 		return a.Addr == b.Addr && a.Proto == b.Proto && a.Type == b.Type && a.PortName == b.PortName &&
 			a.InternalLocal == b.InternalLocal && a.ExternalLocal == b.ExternalLocal && slices.Equal(a.Backends, b.Backends)

@@ -35,6 +35,8 @@ const (
 	endpointsMapWeirSockAffinity   = "weir_sock_affinity"
 	endpointsMapWeirSockRev        = "weir_sock_rev"
 	endpointsMapWeirSockTerm       = "weir_sock_term"
+	endpointsMapWeirSrcFrontends   = "weir_src_frontends"
+	endpointsMapWeirSrcRanges      = "weir_src_ranges"
 	endpointsProgEndpointsArp      = "endpoints_arp"
 	endpointsProgEndpointsDeliver  = "endpoints_deliver"
 	endpointsProgEndpointsLocal    = "endpoints_local"
@@ -114,6 +116,8 @@ type endpointsMapSpecs struct {
 	WeirSockAffinity *ebpf.MapSpec `ebpf:"weir_sock_affinity"`
 	WeirSockRev      *ebpf.MapSpec `ebpf:"weir_sock_rev"`
 	WeirSockTerm     *ebpf.MapSpec `ebpf:"weir_sock_term"`
+	WeirSrcFrontends *ebpf.MapSpec `ebpf:"weir_src_frontends"`
+	WeirSrcRanges    *ebpf.MapSpec `ebpf:"weir_src_ranges"`
 }
 
 // endpointsVariableSpecs contains global variables before they are loaded into the kernel.
@@ -165,6 +169,8 @@ type endpointsMaps struct {
 	WeirSockAffinity *ebpf.Map `ebpf:"weir_sock_affinity"`
 	WeirSockRev      *ebpf.Map `ebpf:"weir_sock_rev"`
 	WeirSockTerm     *ebpf.Map `ebpf:"weir_sock_term"`
+	WeirSrcFrontends *ebpf.Map `ebpf:"weir_src_frontends"`
+	WeirSrcRanges    *ebpf.Map `ebpf:"weir_src_ranges"`
 }
 
 func (m *endpointsMaps) Close() error {
@@ -188,6 +194,8 @@ func (m *endpointsMaps) Close() error {
 		m.WeirSockAffinity,
 		m.WeirSockRev,
 		m.WeirSockTerm,
+		m.WeirSrcFrontends,
+		m.WeirSrcRanges,
 	)
 }
 

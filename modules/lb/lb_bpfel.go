@@ -35,6 +35,8 @@ const (
 	lbMapWeirSockAffinity   = "weir_sock_affinity"
 	lbMapWeirSockRev        = "weir_sock_rev"
 	lbMapWeirSockTerm       = "weir_sock_term"
+	lbMapWeirSrcFrontends   = "weir_src_frontends"
+	lbMapWeirSrcRanges      = "weir_src_ranges"
 	lbProgLbPodEgress       = "lb_pod_egress"
 	lbProgLbPodIngress      = "lb_pod_ingress"
 	lbVarWeirHookFirst      = "weir_hook_first"
@@ -111,6 +113,8 @@ type lbMapSpecs struct {
 	WeirSockAffinity *ebpf.MapSpec `ebpf:"weir_sock_affinity"`
 	WeirSockRev      *ebpf.MapSpec `ebpf:"weir_sock_rev"`
 	WeirSockTerm     *ebpf.MapSpec `ebpf:"weir_sock_term"`
+	WeirSrcFrontends *ebpf.MapSpec `ebpf:"weir_src_frontends"`
+	WeirSrcRanges    *ebpf.MapSpec `ebpf:"weir_src_ranges"`
 }
 
 // lbVariableSpecs contains global variables before they are loaded into the kernel.
@@ -161,6 +165,8 @@ type lbMaps struct {
 	WeirSockAffinity *ebpf.Map `ebpf:"weir_sock_affinity"`
 	WeirSockRev      *ebpf.Map `ebpf:"weir_sock_rev"`
 	WeirSockTerm     *ebpf.Map `ebpf:"weir_sock_term"`
+	WeirSrcFrontends *ebpf.Map `ebpf:"weir_src_frontends"`
+	WeirSrcRanges    *ebpf.Map `ebpf:"weir_src_ranges"`
 }
 
 func (m *lbMaps) Close() error {
@@ -184,6 +190,8 @@ func (m *lbMaps) Close() error {
 		m.WeirSockAffinity,
 		m.WeirSockRev,
 		m.WeirSockTerm,
+		m.WeirSrcFrontends,
+		m.WeirSrcRanges,
 	)
 }
 

@@ -35,6 +35,8 @@ const (
 	masqueradeMapWeirSockAffinity   = "weir_sock_affinity"
 	masqueradeMapWeirSockRev        = "weir_sock_rev"
 	masqueradeMapWeirSockTerm       = "weir_sock_term"
+	masqueradeMapWeirSrcFrontends   = "weir_src_frontends"
+	masqueradeMapWeirSrcRanges      = "weir_src_ranges"
 	masqueradeProgMasqEgress        = "masq_egress"
 	masqueradeProgMasqIngress       = "masq_ingress"
 	masqueradeVarMasqMax            = "masq_max"
@@ -117,6 +119,8 @@ type masqueradeMapSpecs struct {
 	WeirSockAffinity *ebpf.MapSpec `ebpf:"weir_sock_affinity"`
 	WeirSockRev      *ebpf.MapSpec `ebpf:"weir_sock_rev"`
 	WeirSockTerm     *ebpf.MapSpec `ebpf:"weir_sock_term"`
+	WeirSrcFrontends *ebpf.MapSpec `ebpf:"weir_src_frontends"`
+	WeirSrcRanges    *ebpf.MapSpec `ebpf:"weir_src_ranges"`
 }
 
 // masqueradeVariableSpecs contains global variables before they are loaded into the kernel.
@@ -173,6 +177,8 @@ type masqueradeMaps struct {
 	WeirSockAffinity *ebpf.Map `ebpf:"weir_sock_affinity"`
 	WeirSockRev      *ebpf.Map `ebpf:"weir_sock_rev"`
 	WeirSockTerm     *ebpf.Map `ebpf:"weir_sock_term"`
+	WeirSrcFrontends *ebpf.Map `ebpf:"weir_src_frontends"`
+	WeirSrcRanges    *ebpf.Map `ebpf:"weir_src_ranges"`
 }
 
 func (m *masqueradeMaps) Close() error {
@@ -196,6 +202,8 @@ func (m *masqueradeMaps) Close() error {
 		m.WeirSockAffinity,
 		m.WeirSockRev,
 		m.WeirSockTerm,
+		m.WeirSrcFrontends,
+		m.WeirSrcRanges,
 	)
 }
 

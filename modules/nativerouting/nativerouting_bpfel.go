@@ -35,6 +35,8 @@ const (
 	nativeroutingMapWeirSockAffinity      = "weir_sock_affinity"
 	nativeroutingMapWeirSockRev           = "weir_sock_rev"
 	nativeroutingMapWeirSockTerm          = "weir_sock_term"
+	nativeroutingMapWeirSrcFrontends      = "weir_src_frontends"
+	nativeroutingMapWeirSrcRanges         = "weir_src_ranges"
 	nativeroutingProgNativeroutingForward = "nativerouting_forward"
 	nativeroutingVarWeirHookFirst         = "weir_hook_first"
 	nativeroutingVarWeirHookLast          = "weir_hook_last"
@@ -109,6 +111,8 @@ type nativeroutingMapSpecs struct {
 	WeirSockAffinity *ebpf.MapSpec `ebpf:"weir_sock_affinity"`
 	WeirSockRev      *ebpf.MapSpec `ebpf:"weir_sock_rev"`
 	WeirSockTerm     *ebpf.MapSpec `ebpf:"weir_sock_term"`
+	WeirSrcFrontends *ebpf.MapSpec `ebpf:"weir_src_frontends"`
+	WeirSrcRanges    *ebpf.MapSpec `ebpf:"weir_src_ranges"`
 }
 
 // nativeroutingVariableSpecs contains global variables before they are loaded into the kernel.
@@ -159,6 +163,8 @@ type nativeroutingMaps struct {
 	WeirSockAffinity *ebpf.Map `ebpf:"weir_sock_affinity"`
 	WeirSockRev      *ebpf.Map `ebpf:"weir_sock_rev"`
 	WeirSockTerm     *ebpf.Map `ebpf:"weir_sock_term"`
+	WeirSrcFrontends *ebpf.Map `ebpf:"weir_src_frontends"`
+	WeirSrcRanges    *ebpf.Map `ebpf:"weir_src_ranges"`
 }
 
 func (m *nativeroutingMaps) Close() error {
@@ -182,6 +188,8 @@ func (m *nativeroutingMaps) Close() error {
 		m.WeirSockAffinity,
 		m.WeirSockRev,
 		m.WeirSockTerm,
+		m.WeirSrcFrontends,
+		m.WeirSrcRanges,
 	)
 }
 

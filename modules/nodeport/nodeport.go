@@ -10,7 +10,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net/netip"
+	"sync"
 
 	"github.com/cilium/ebpf"
 	"github.com/vishvananda/netlink"
@@ -18,6 +20,7 @@ import (
 
 	"github.com/weirnet/weir/core/datapath"
 	"github.com/weirnet/weir/core/lbmap"
+	"github.com/weirnet/weir/core/model"
 	"github.com/weirnet/weir/core/module"
 	"github.com/weirnet/weir/core/node"
 	"github.com/weirnet/weir/core/portrange"
@@ -119,15 +122,35 @@ var Factory = module.Factory{
 	},
 }
 
-// Module is the running nodeport module.
-type Module struct {
-	s  *Settings
-	up node.Uplink
+// Params are what the module is built from.
+type Params struct {
+	fx.In
+	Settings *Settings
+	Info     *node.Info
+	// Taking the reconciler keeps the service maps.
+	Reconciler *lbmap.Reconciler
+	Store      *model.Store
+	Datapath   *datapath.Datapath
+	Log        *slog.Logger
 }
 
-// New builds the module; taking the reconciler keeps the service maps.
-func New(s *Settings, info *node.Info, _ *lbmap.Reconciler) *Module {
-	return &Module{s: s, up: info.Uplink}
+// Module is the running nodeport module.
+type Module struct {
+	s      *Settings
+	up     node.Uplink
+	store  *model.Store
+	log    *slog.Logger
+	health *healthChecks
+	ranges *sourceRanges
+	cancel context.CancelFunc
+	done   chan struct{}
+}
+
+// New builds the module.
+func New(p Params) *Module {
+	log := p.Log.With("module", Name)
+	return &Module{s: p.Settings, up: p.Info.Uplink, store: p.Store, log: log, health: newHealthChecks(p.Info.Name, log),
+		ranges: newSourceRanges(p.Datapath)}
 }
 
 // Name implements module.Module.
@@ -200,8 +223,27 @@ func ObjectSpec(s *Settings, nodeIP netip.Addr, addrs []netip.Addr) (*ebpf.Colle
 	return spec, nil
 }
 
-// Start implements module.Module.
-func (*Module) Start(context.Context) error { return nil }
+// Start implements module.Module: health checks and source ranges
+// follow the services.
+func (m *Module) Start(context.Context) error {
+	ctx, cancel := context.WithCancel(context.Background())
+	m.cancel, m.done = cancel, make(chan struct{})
+	var wg sync.WaitGroup
+	wg.Go(func() { model.FollowServices(ctx, m.store, m.log, "serving health checks", m.health.apply) })
+	wg.Go(func() { model.FollowServices(ctx, m.store, m.log, "writing source ranges", m.ranges.apply) })
+	go func() {
+		wg.Wait()
+		close(m.done)
+	}()
+	return nil
+}
 
 // Stop implements module.Module.
-func (*Module) Stop(context.Context) error { return nil }
+func (m *Module) Stop(context.Context) error {
+	if m.cancel != nil {
+		m.cancel()
+		<-m.done
+	}
+	m.health.close()
+	return nil
+}

@@ -35,6 +35,8 @@ const (
 	nodeportMapWeirSockAffinity    = "weir_sock_affinity"
 	nodeportMapWeirSockRev         = "weir_sock_rev"
 	nodeportMapWeirSockTerm        = "weir_sock_term"
+	nodeportMapWeirSrcFrontends    = "weir_src_frontends"
+	nodeportMapWeirSrcRanges       = "weir_src_ranges"
 	nodeportProgNodeportIngress    = "nodeport_ingress"
 	nodeportProgNodeportReplyLocal = "nodeport_reply_local"
 	nodeportVarNodeportAddrCount   = "nodeport_addr_count"
@@ -118,6 +120,8 @@ type nodeportMapSpecs struct {
 	WeirSockAffinity *ebpf.MapSpec `ebpf:"weir_sock_affinity"`
 	WeirSockRev      *ebpf.MapSpec `ebpf:"weir_sock_rev"`
 	WeirSockTerm     *ebpf.MapSpec `ebpf:"weir_sock_term"`
+	WeirSrcFrontends *ebpf.MapSpec `ebpf:"weir_src_frontends"`
+	WeirSrcRanges    *ebpf.MapSpec `ebpf:"weir_src_ranges"`
 }
 
 // nodeportVariableSpecs contains global variables before they are loaded into the kernel.
@@ -175,6 +179,8 @@ type nodeportMaps struct {
 	WeirSockAffinity *ebpf.Map `ebpf:"weir_sock_affinity"`
 	WeirSockRev      *ebpf.Map `ebpf:"weir_sock_rev"`
 	WeirSockTerm     *ebpf.Map `ebpf:"weir_sock_term"`
+	WeirSrcFrontends *ebpf.Map `ebpf:"weir_src_frontends"`
+	WeirSrcRanges    *ebpf.Map `ebpf:"weir_src_ranges"`
 }
 
 func (m *nodeportMaps) Close() error {
@@ -198,6 +204,8 @@ func (m *nodeportMaps) Close() error {
 		m.WeirSockAffinity,
 		m.WeirSockRev,
 		m.WeirSockTerm,
+		m.WeirSrcFrontends,
+		m.WeirSrcRanges,
 	)
 }
 

@@ -35,6 +35,8 @@ const (
 	socketlbMapWeirSockAffinity   = "weir_sock_affinity"
 	socketlbMapWeirSockRev        = "weir_sock_rev"
 	socketlbMapWeirSockTerm       = "weir_sock_term"
+	socketlbMapWeirSrcFrontends   = "weir_src_frontends"
+	socketlbMapWeirSrcRanges      = "weir_src_ranges"
 	socketlbProgSock4Connect      = "sock4_connect"
 	socketlbProgSock4Getpeername  = "sock4_getpeername"
 	socketlbProgSock4PostBind     = "sock4_post_bind"
@@ -123,6 +125,8 @@ type socketlbMapSpecs struct {
 	WeirSockAffinity *ebpf.MapSpec `ebpf:"weir_sock_affinity"`
 	WeirSockRev      *ebpf.MapSpec `ebpf:"weir_sock_rev"`
 	WeirSockTerm     *ebpf.MapSpec `ebpf:"weir_sock_term"`
+	WeirSrcFrontends *ebpf.MapSpec `ebpf:"weir_src_frontends"`
+	WeirSrcRanges    *ebpf.MapSpec `ebpf:"weir_src_ranges"`
 }
 
 // socketlbVariableSpecs contains global variables before they are loaded into the kernel.
@@ -175,6 +179,8 @@ type socketlbMaps struct {
 	WeirSockAffinity *ebpf.Map `ebpf:"weir_sock_affinity"`
 	WeirSockRev      *ebpf.Map `ebpf:"weir_sock_rev"`
 	WeirSockTerm     *ebpf.Map `ebpf:"weir_sock_term"`
+	WeirSrcFrontends *ebpf.Map `ebpf:"weir_src_frontends"`
+	WeirSrcRanges    *ebpf.Map `ebpf:"weir_src_ranges"`
 }
 
 func (m *socketlbMaps) Close() error {
@@ -198,6 +204,8 @@ func (m *socketlbMaps) Close() error {
 		m.WeirSockAffinity,
 		m.WeirSockRev,
 		m.WeirSockTerm,
+		m.WeirSrcFrontends,
+		m.WeirSrcRanges,
 	)
 }
 

@@ -35,6 +35,8 @@ const (
 	tunnelMapWeirSockAffinity   = "weir_sock_affinity"
 	tunnelMapWeirSockRev        = "weir_sock_rev"
 	tunnelMapWeirSockTerm       = "weir_sock_term"
+	tunnelMapWeirSrcFrontends   = "weir_src_frontends"
+	tunnelMapWeirSrcRanges      = "weir_src_ranges"
 	tunnelProgTunnelDecap       = "tunnel_decap"
 	tunnelProgTunnelForward     = "tunnel_forward"
 	tunnelProgTunnelHostEgress  = "tunnel_host_egress"
@@ -118,6 +120,8 @@ type tunnelMapSpecs struct {
 	WeirSockAffinity *ebpf.MapSpec `ebpf:"weir_sock_affinity"`
 	WeirSockRev      *ebpf.MapSpec `ebpf:"weir_sock_rev"`
 	WeirSockTerm     *ebpf.MapSpec `ebpf:"weir_sock_term"`
+	WeirSrcFrontends *ebpf.MapSpec `ebpf:"weir_src_frontends"`
+	WeirSrcRanges    *ebpf.MapSpec `ebpf:"weir_src_ranges"`
 }
 
 // tunnelVariableSpecs contains global variables before they are loaded into the kernel.
@@ -173,6 +177,8 @@ type tunnelMaps struct {
 	WeirSockAffinity *ebpf.Map `ebpf:"weir_sock_affinity"`
 	WeirSockRev      *ebpf.Map `ebpf:"weir_sock_rev"`
 	WeirSockTerm     *ebpf.Map `ebpf:"weir_sock_term"`
+	WeirSrcFrontends *ebpf.Map `ebpf:"weir_src_frontends"`
+	WeirSrcRanges    *ebpf.Map `ebpf:"weir_src_ranges"`
 }
 
 func (m *tunnelMaps) Close() error {
@@ -196,6 +202,8 @@ func (m *tunnelMaps) Close() error {
 		m.WeirSockAffinity,
 		m.WeirSockRev,
 		m.WeirSockTerm,
+		m.WeirSrcFrontends,
+		m.WeirSrcRanges,
 	)
 }
 

@@ -56,6 +56,7 @@ enum weir_reason {
 	WEIR_DROP_NAT_EXHAUSTED = 23,   /* no free port in the source NAT range */
 	WEIR_DROP_NO_ROUTE = 24,        /* a translated packet has no route out */
 	WEIR_DROP_NAT_ORPHAN = 25,      /* a reply to a source NAT whose flow is gone */
+	WEIR_DROP_SOURCE_RANGE = 26,    /* client outside a frontend's loadBalancerSourceRanges */
 	WEIR_REASON_MAX = 32,
 };
 
@@ -292,6 +293,27 @@ struct weir_nat_counters {
 	__u64 exhausted; /* flows that found none */
 };
 
+/* weir_src_frontends: load-balancer frontends restricted to clients in
+ * their loadBalancerSourceRanges (the value: how many ranges), and
+ * weir_src_ranges, the ranges (LPM: the frontend exactly, 64 bits, then
+ * the client's prefix). The agent writes ranges before it marks a
+ * frontend restricted and unmarks it before it deletes them. */
+struct weir_src_frontend_key {
+	__be32 addr;
+	__be16 port;
+	__u8 proto;
+	__u8 pad;
+};
+
+struct weir_src_range_key {
+	__u32 prefixlen; /* 64 + the client prefix's bits */
+	__be32 faddr;
+	__be16 fport;
+	__u8 proto;
+	__u8 pad;
+	__be32 client;
+};
+
 /* weir_endpoints: local pod address -> where and how to deliver. */
 struct weir_endpoint_key {
 	__be32 addr;
@@ -524,6 +546,24 @@ struct {
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } weir_sock_term SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 16384);
+	__type(key, struct weir_src_frontend_key);
+	__type(value, __u32);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} weir_src_frontends SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, 65536);
+	__type(key, struct weir_src_range_key);
+	__type(value, __u8);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} weir_src_ranges SEC(".maps");
 
 /* Sized by the agent at load time (datapath.natMaxEntries). */
 struct {

@@ -35,6 +35,8 @@ const (
 	stagesMapWeirSockAffinity   = "weir_sock_affinity"
 	stagesMapWeirSockRev        = "weir_sock_rev"
 	stagesMapWeirSockTerm       = "weir_sock_term"
+	stagesMapWeirSrcFrontends   = "weir_src_frontends"
+	stagesMapWeirSrcRanges      = "weir_src_ranges"
 	stagesProgStagePass         = "stage_pass"
 	stagesProgStageReenter      = "stage_reenter"
 	stagesProgStageToPodIngress = "stage_to_pod_ingress"
@@ -113,6 +115,8 @@ type stagesMapSpecs struct {
 	WeirSockAffinity *ebpf.MapSpec `ebpf:"weir_sock_affinity"`
 	WeirSockRev      *ebpf.MapSpec `ebpf:"weir_sock_rev"`
 	WeirSockTerm     *ebpf.MapSpec `ebpf:"weir_sock_term"`
+	WeirSrcFrontends *ebpf.MapSpec `ebpf:"weir_src_frontends"`
+	WeirSrcRanges    *ebpf.MapSpec `ebpf:"weir_src_ranges"`
 }
 
 // stagesVariableSpecs contains global variables before they are loaded into the kernel.
@@ -163,6 +167,8 @@ type stagesMaps struct {
 	WeirSockAffinity *ebpf.Map `ebpf:"weir_sock_affinity"`
 	WeirSockRev      *ebpf.Map `ebpf:"weir_sock_rev"`
 	WeirSockTerm     *ebpf.Map `ebpf:"weir_sock_term"`
+	WeirSrcFrontends *ebpf.Map `ebpf:"weir_src_frontends"`
+	WeirSrcRanges    *ebpf.Map `ebpf:"weir_src_ranges"`
 }
 
 func (m *stagesMaps) Close() error {
@@ -186,6 +192,8 @@ func (m *stagesMaps) Close() error {
 		m.WeirSockAffinity,
 		m.WeirSockRev,
 		m.WeirSockTerm,
+		m.WeirSrcFrontends,
+		m.WeirSrcRanges,
 	)
 }
 
