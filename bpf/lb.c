@@ -115,6 +115,25 @@ WEIR_INLINE int lb_icmp_error(struct __sk_buff *skb, struct weir_ctx *ctx, __u8 
 	return weir_next(skb, ctx);
 }
 
+/* The frontend a pod's packet is addressed to: a ClusterIP, load-balancer
+ * or external IP, or a NodePort on any node's address (in-cluster clients
+ * of NodePorts are translated here, at their own node, as kube-proxy
+ * does). The internal scope: in-cluster traffic uses every backend. */
+WEIR_INLINE struct weir_svc_val *lb_frontend(struct weir_svc_key *skey, const struct weir_ctx *ctx)
+{
+	struct weir_svc_val *svc = weir_lb_lookup(skey, ctx->daddr, ctx->dport, ctx->proto, 1);
+	struct weir_ipcache_key ik = {.prefixlen = 32, .addr = ctx->daddr};
+	struct weir_ipcache_entry *node;
+
+	if (svc)
+		return svc;
+	node = bpf_map_lookup_elem(&weir_ipcache, &ik);
+	if (!node || !(node->flags & WEIR_IPCACHE_NODE))
+		return NULL;
+	svc = weir_lb_lookup(skey, 0, ctx->dport, ctx->proto, 1);
+	return svc && svc->type == WEIR_SVC_NODE_PORT ? svc : NULL;
+}
+
 /* pod-egress/lb */
 SEC("tc")
 int lb_pod_egress(struct __sk_buff *skb)
@@ -140,9 +159,16 @@ int lb_pod_egress(struct __sk_buff *skb)
 
 	weir_ct_key_set(&key, ctx->saddr, ctx->daddr, ctx->sport, ctx->dport, ctx->proto);
 	e = bpf_map_lookup_elem(&weir_ct, &key);
-	/* A reply leaving a local server: translated on delivery. */
-	if (e && e->dir != WEIR_CT_ORIG)
+	if (e && e->dir != WEIR_CT_ORIG) {
+		/* A pod answering itself through a service: the reply turns
+		 * back here, to the frontend the pod called. */
+		if ((e->flags & WEIR_CT_F_HAIRPIN) && !weir_ct_expired(e, now)) {
+			weir_ct_touch(&key, e, ctx->tcp_flags, skb->len, now);
+			return lb_leave(skb, ctx, e, &key, now);
+		}
+		/* A reply leaving a local server: translated on delivery. */
 		return weir_next(skb, ctx);
+	}
 	/* A later fragment never revives or starts a flow. */
 	if (later && (!e || weir_ct_expired(e, now)))
 		return weir_next(skb, ctx);
@@ -151,13 +177,13 @@ int lb_pod_egress(struct __sk_buff *skb)
 	 * conntrack), and pod-to-pod packets pay no service lookup. */
 	svc = NULL;
 	if (!e || e->rev_nat)
-		svc = weir_lb_lookup(&skey, ctx->daddr, ctx->dport, ctx->proto, 1);
+		svc = lb_frontend(&skey, ctx);
 	if (e && !later &&
 	    (weir_ct_expired(e, now) || weir_ct_reopens(e, ctx->proto, ctx->tcp_flags) ||
 	     (e->rev_nat && !weir_lb_flow_current(e, svc)))) {
 		weir_ct_delete_flow(&key, e);
 		e = NULL;
-		svc = weir_lb_lookup(&skey, ctx->daddr, ctx->dport, ctx->proto, 1);
+		svc = lb_frontend(&skey, ctx);
 	}
 	if (e) {
 		weir_ct_touch(&key, e, ctx->tcp_flags, skb->len, now);
@@ -169,6 +195,10 @@ int lb_pod_egress(struct __sk_buff *skb)
 		if (svc) {
 			if (weir_lb_choose(&skey, svc, ctx->saddr, now, &o))
 				return weir_drop_ctx(skb, ctx, WEIR_DROP_NO_BACKEND);
+			if (o.nat_daddr == ctx->saddr) {
+				o.nat_saddr = WEIR_HAIRPIN_ADDR;
+				o.flags |= WEIR_CT_F_HAIRPIN;
+			}
 		} else if (!lb_track_direct(ctx, now)) {
 			return weir_next(skb, ctx);
 		}

@@ -82,10 +82,9 @@ type ServiceRow struct {
 	Scope    string         `json:"scope"`
 	// Served says who reaches the frontend on this node: "yes" (a
 	// ClusterIP from pods; any other type once a NodePort dispatch
-	// module serves traffic from outside), "from pods only"
-	// (LoadBalancer and external IPs without one: in-cluster traffic is
-	// translated, traffic from outside is not), "not served on this
-	// node" (NodePort without one).
+	// module serves traffic from outside), "from pods only" (NodePort,
+	// LoadBalancer and external IPs without one: in-cluster traffic is
+	// translated, traffic from outside is not).
 	Served   string       `json:"served"`
 	Backends []BackendRow `json:"backends"`
 }
@@ -93,18 +92,14 @@ type ServiceRow struct {
 // Reach of frontends the north-south modules would serve.
 const (
 	ServedYes      = "yes"
-	ServedPodsOnly = "from pods only (no north-south module on this node)"
-	ServedNo       = "not served on this node (no north-south module)"
+	ServedPodsOnly = "from pods only (no NodePort dispatch module on this node)"
 )
 
 // served says who reaches a frontend of type typ on this node, given
 // whether a NodePort dispatch stage is filled.
 func served(typ string, dispatch bool) string {
-	switch {
-	case typ == "ClusterIP" || dispatch:
+	if typ == "ClusterIP" || dispatch {
 		return ServedYes
-	case typ == "NodePort":
-		return ServedNo
 	}
 	return ServedPodsOnly
 }
@@ -297,7 +292,7 @@ func ctFlags(f uint16) string {
 		name string
 	}{{CTFlagSeenReply, "SEEN_REPLY"}, {CTFlagEstablished, "ESTABLISHED"}, {CTFlagFINOrig, "FIN_ORIG"}, {CTFlagFINReply, "FIN_REPLY"},
 		{CTFlagRST, "RST"}, {CTFlagRSTReply, "RST_REPLY"}, {CTFlagRemapped, "REMAPPED"}, {CTFlagNodePort, "NODEPORT"},
-		{CTFlagSNAT, "SNAT"}} {
+		{CTFlagSNAT, "SNAT"}, {CTFlagHairpin, "HAIRPIN"}} {
 		if f&b.bit != 0 {
 			s = append(s, b.name)
 		}

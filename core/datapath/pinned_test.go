@@ -11,8 +11,9 @@ import (
 )
 
 // `weir service list` says which frontends this node serves: NodePort,
-// LoadBalancer and external-IP frontends are stored, but nothing serves
-// traffic from outside until a north-south module does.
+// LoadBalancer and external-IP frontends are reached from pods (lb
+// translates them), and from outside once a NodePort dispatch module
+// fills its slot.
 func TestServiceListSaysWhatIsServed(t *testing.T) {
 	dp := dptest.Open(t)
 	be := []model.Backend{{Addr: netip.MustParseAddrPort("10.244.1.11:8080")}}
@@ -35,7 +36,7 @@ func TestServiceListSaysWhatIsServed(t *testing.T) {
 		t.Fatal(err)
 	}
 	want := map[string]string{
-		"ClusterIP": datapath.ServedYes, "NodePort": datapath.ServedNo,
+		"ClusterIP": datapath.ServedYes, "NodePort": datapath.ServedPodsOnly,
 		"LoadBalancer": datapath.ServedPodsOnly, "ExternalIP": datapath.ServedPodsOnly,
 	}
 	if len(rows) != 4 {
@@ -44,6 +45,15 @@ func TestServiceListSaysWhatIsServed(t *testing.T) {
 	for _, r := range rows {
 		if r.Served != want[r.Type] {
 			t.Errorf("%s %v: served %q, want %q", r.Type, r.Frontend, r.Served, want[r.Type])
+		}
+	}
+	dptest.Install(t, dp, dptest.StageObject(t, map[string]string{"netdev-ingress/nodeport": "stage_pass"}))
+	if rows, err = p.Services(); err != nil {
+		t.Fatal(err)
+	}
+	for _, r := range rows {
+		if r.Served != datapath.ServedYes {
+			t.Errorf("with a NodePort dispatch module: %s %v served %q", r.Type, r.Frontend, r.Served)
 		}
 	}
 }

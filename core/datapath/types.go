@@ -122,6 +122,7 @@ const (
 	CTFlagRemapped    = 0x0040
 	CTFlagNodePort    = 0x0080
 	CTFlagSNAT        = 0x0100
+	CTFlagHairpin     = 0x0200
 )
 
 // IPCacheEntry.Flags bits (WEIR_IPCACHE_* in maps.h).

@@ -214,6 +214,42 @@ func TestNodePort(t *testing.T) {
 				}
 			})
 
+			t.Run("pods reach NodePorts and load-balancer IPs, themselves included", func(t *testing.T) {
+				for _, pod := range []string{"client", "web-3"} {
+					pc := HTTPClient(l.Pod(pod).NetnsPath(), 3*time.Second)
+					for _, url := range []string{"http://" + l.Node("n1").IP + ":30080/", "http://" + l.Node("n3").IP + ":30080/", "http://" + lbIP + "/", "http://" + externalIP + "/"} {
+						if got, err := Get(ctx, pc, url); err != nil || podNode[got] == "" {
+							t.Errorf("%s -> %s: %q %v", pod, url, got, err)
+						}
+					}
+				}
+				// A backend reaching itself through its own service (a
+				// hairpin) sees the hairpin address as the client, not
+				// its own (which its stack would drop as a martian).
+				web1 := l.Pod("web-1")
+				pc := HTTPClient(web1.NetnsPath(), 3*time.Second)
+				for _, url := range []string{"http://" + l.Node("n1").IP + ":30080/client", "http://10.96.0.10/client"} {
+					self := 0
+					for range 30 {
+						got, err := Get(ctx, pc, url)
+						if err != nil {
+							t.Fatalf("web-1 -> %s: %v", url, err)
+						}
+						pod, seen, _ := strings.Cut(got, " ")
+						if pod != "web-1" {
+							continue
+						}
+						self++
+						if from, err := netip.ParseAddrPort(seen); err != nil || from.Addr().String() != "169.254.42.1" {
+							t.Errorf("web-1 -> %s -> web-1: the backend saw %q, want 169.254.42.1", url, seen)
+						}
+					}
+					if self == 0 {
+						t.Errorf("web-1 -> %s never reached web-1 in 30 requests", url)
+					}
+				}
+			})
+
 			t.Run("health check node port answers as kube-proxy", func(t *testing.T) {
 				check := func(n *Node) (int, hcAnswer) {
 					var ans hcAnswer

@@ -266,7 +266,7 @@ WEIR_INLINE __be16 weir_ct_random_port(void)
  * live flow holds that tuple on the wire, the initiator's port is changed
  * on the wire (o->nat_sport) until a free one is found, as the kernel's NAT
  * does; an expired holder is removed. The kind bits of o->flags
- * (WEIR_CT_F_NODEPORT, WEIR_CT_F_SNAT) are kept. Returns the ORIG entry in the map or
+ * (WEIR_CT_F_KINDS) are kept. Returns the ORIG entry in the map or
  * NULL with *reason set.
  */
 WEIR_INLINE struct weir_ct_entry *weir_ct_create(struct weir_ct_key *okey, struct weir_ct_entry *o, __u8 tcp,
@@ -281,7 +281,7 @@ WEIR_INLINE struct weir_ct_entry *weir_ct_create(struct weir_ct_key *okey, struc
 	o->dir = WEIR_CT_ORIG;
 	o->created = now;
 	/* What kind of flow it is (set by the caller) stays with it. */
-	o->flags = (o->flags & (WEIR_CT_F_NODEPORT | WEIR_CT_F_SNAT)) | weir_ct_next_flags(0, proto, WEIR_CT_ORIG, tcp, now, 0);
+	o->flags = (o->flags & WEIR_CT_F_KINDS) | weir_ct_next_flags(0, proto, WEIR_CT_ORIG, tcp, now, 0);
 	o->lifetime = now + weir_ct_timeout(proto, o->flags);
 	o->packets = 1;
 	o->bytes = len;

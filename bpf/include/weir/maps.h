@@ -213,6 +213,14 @@ struct weir_ct_key {
 #define WEIR_CT_F_REMAPPED 0x0040    /* the client port was changed on the wire */
 #define WEIR_CT_F_NODEPORT 0x0080    /* a flow from outside to a NodePort, LB or external IP */
 #define WEIR_CT_F_SNAT 0x0100        /* ... whose source also leaves translated (weir_nat) */
+#define WEIR_CT_F_HAIRPIN 0x0200     /* a pod reaching itself through a service */
+/* The kinds of flow: set by whoever makes the flow, kept for its life. */
+#define WEIR_CT_F_KINDS (WEIR_CT_F_NODEPORT | WEIR_CT_F_SNAT | WEIR_CT_F_HAIRPIN)
+
+/* The source a pod sees on packets it sent itself through a service (a
+ * hairpin): its own address as source would be dropped as a martian. A
+ * link-local address no pod or node holds. */
+#define WEIR_HAIRPIN_ADDR bpf_htonl(0xa9fe2a01) /* 169.254.42.1 */
 
 struct weir_ct_entry {
 	__u64 packets;    /* of this entry's direction */
