@@ -11,6 +11,8 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -18,6 +20,7 @@ import (
 	"github.com/gopacket/gopacket/layers"
 
 	"github.com/weirnet/weir/core/datapath"
+	"github.com/weirnet/weir/core/proc"
 )
 
 // Addresses a load balancer would announce, routed by the external client
@@ -460,4 +463,125 @@ func TestNodePortSNATExhaustion(t *testing.T) {
 		c.c.Close()
 		return true
 	})
+}
+
+// NodePort (SNAT to a remote backend, and a local backend) and masquerade
+// flows carry on through a graceful agent restart and a kill -9: the
+// datapath, its conntrack and NAT entries stay while no agent runs, and
+// the next agent takes them over.
+func TestNorthSouthSurvivesAgentRestarts(t *testing.T) {
+	cfg := filepath.Join(t.TempDir(), "agent.yaml")
+	const config = "modules: [endpoints, lb, nodeport, masquerade, tunnel]\n"
+	if err := os.WriteFile(cfg, []byte(config), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	spec := threeNodes(cfg)
+	spec.Externals = []ExternalSpec{{Name: "ext"}, {Name: "inet", Subnet: "203.0.113.0/24", Serve: Workload{Echo: 9000}}}
+	l := up(t, spec)
+	const svc = `services:
+  - name: echo-remote
+    clusterIP: 10.96.0.50
+    type: NodePort
+    ports: [{port: 9000, nodePort: 30090}]
+    backends: [{ip: 10.244.2.11, nodeName: n2}]
+  - name: echo-local
+    clusterIP: 10.96.0.51
+    type: NodePort
+    ports: [{port: 9000, nodePort: 30091}]
+    backends: [{ip: 10.244.1.11, nodeName: n1}]
+`
+	for _, n := range l.Nodes {
+		if err := l.Apply(n.Name, []byte(svc)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	n1 := l.Node("n1")
+	waitFor(t, 10*time.Second, "the services on n1", func() bool { return len(serviceRows(t, n1)) == 4 })
+	ctx := context.Background()
+	type flow struct {
+		name, ns, addr, want string
+	}
+	var flows []flow
+	for i := range 4 {
+		flows = append(flows,
+			flow{fmt.Sprintf("ext->n1:30090 #%d", i), l.External("ext").NetnsPath(), n1.IP + ":30090", "web-2"},
+			flow{fmt.Sprintf("ext->n1:30091 #%d", i), l.External("ext").NetnsPath(), n1.IP + ":30091", "web-1"},
+			flow{fmt.Sprintf("client->internet #%d", i), l.Pod("client").NetnsPath(), inetIP + ":9000", "inet"})
+	}
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	exchanges := map[string]int{}
+	var failures []string
+	for _, f := range flows {
+		c, err := Dial(ctx, f.ns, "tcp4", f.addr)
+		if err != nil {
+			t.Fatalf("%s: %v", f.name, err)
+		}
+		defer c.Close()
+		r := bufio.NewReader(c)
+		wg.Go(func() {
+			for n := 0; ; n++ {
+				select {
+				case <-stop:
+					return
+				case <-time.After(20 * time.Millisecond):
+				}
+				_ = c.SetDeadline(time.Now().Add(5 * time.Second))
+				msg := fmt.Sprintf("m%d", n)
+				_, err := fmt.Fprintln(c, msg)
+				var line string
+				if err == nil {
+					line, err = r.ReadString('\n')
+				}
+				if err == nil && strings.TrimSpace(line) != f.want+": "+msg {
+					err = fmt.Errorf("answer %q", line)
+				}
+				mu.Lock()
+				if err != nil {
+					failures = append(failures, fmt.Sprintf("%s: %v", f.name, err))
+					mu.Unlock()
+					return
+				}
+				exchanges[f.name]++
+				mu.Unlock()
+			}
+		})
+	}
+	// Traffic flows while the agent restarts gracefully, then dies.
+	atLeast := func(n int) func() bool {
+		return func() bool {
+			mu.Lock()
+			defer mu.Unlock()
+			for _, f := range flows {
+				if exchanges[f.name] < n {
+					return false
+				}
+			}
+			return true
+		}
+	}
+	waitFor(t, 10*time.Second, "traffic on every flow", atLeast(5))
+	if err := l.StopAgent("n1"); err != nil {
+		t.Fatal(err)
+	}
+	if err := l.StartAgent(ctx, "n1"); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 10*time.Second, "traffic after the restart", atLeast(30))
+	pid := n1.AgentPID
+	if err := syscall.Kill(pid, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 10*time.Second, "the agent to die", func() bool { return !proc.Alive(pid) })
+	waitFor(t, 10*time.Second, "traffic with no agent", atLeast(50))
+	if err := l.StartAgent(ctx, "n1"); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 10*time.Second, "traffic after the kill", atLeast(80))
+	close(stop)
+	wg.Wait()
+	if len(failures) > 0 {
+		t.Errorf("%d flows broke: %v", len(failures), failures)
+	}
 }
