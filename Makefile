@@ -7,7 +7,7 @@ PKGS      := ./...
 # Tests create network namespaces, links, pins and cgroups; they need root.
 TEST_FLAGS ?= -count=1 -timeout 30m
 
-.PHONY: all build generate check-generate deps-bpf deps-test k8s vet fmt-check test bench demo demo-k8s clean
+.PHONY: all build generate check-generate deps-bpf deps-test deps-bench k8s vet fmt-check test bench demo demo-k8s clean
 
 all: build
 
@@ -45,6 +45,11 @@ deps-test:
 	@command -v etcd >/dev/null && command -v dig >/dev/null && command -v curl >/dev/null || { \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq etcd-server dnsutils curl >/dev/null; }
 
+# iptables for the benchmarks' kube-proxy-shaped baselines.
+deps-bench:
+	@command -v iptables >/dev/null || { \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iptables >/dev/null; }
+
 vet:
 	$(GO) vet $(PKGS)
 
@@ -68,5 +73,5 @@ clean:
 	rm -rf $(BIN)
 
 # Benchmarks: each scenario once, with its baseline from the same run.
-bench: build deps-test k8s
+bench: build deps-test deps-bench k8s
 	$(GO) test -run '^$$' -bench . -benchtime 1x -timeout 60m ./core/lab/ ./core/datapath/ ./core/lbmap/ ./modules/...
