@@ -153,14 +153,17 @@ func (g *GC) Run(ctx context.Context) {
 }
 
 // WatchNAT reads the datapath's NAT allocation counters every period and
-// wakes the collector when the last period shows a range filling up: a
-// flow refused, or more candidate ports found taken than flows given one
-// (the first candidate of a free range is almost always free).
+// wakes the collector (at most once per MinInterval) when they show a
+// range or the map filling up: a flow refused, more candidate ports found
+// taken than flows given one (the first candidate of a free range is
+// almost always free), or, from the last pass's count and the flows given
+// a port since (two entries each), the map past PressureFill.
 func (g *GC) WatchNAT(ctx context.Context, period time.Duration) {
 	if g.opts.NATStats == nil {
 		return
 	}
 	var last datapath.NATCounters
+	var woke time.Time
 	for {
 		select {
 		case <-ctx.Done():
@@ -171,13 +174,33 @@ func (g *GC) WatchNAT(ctx context.Context, period time.Duration) {
 		if err != nil {
 			continue
 		}
-		alloc, retries, refused := cur.Allocated-last.Allocated, cur.Retries-last.Retries, cur.Exhausted-last.Exhausted
+		g.mu.Lock()
+		pass := g.stats.NAT
+		g.mu.Unlock()
+		why := natPressure(pass, last, cur)
 		last = cur
-		if refused > 0 || (retries > 0 && retries >= alloc) {
-			g.opts.Log.Debug("NAT pressure: collecting early", "allocated", alloc, "retries", retries, "refused", refused)
+		if why != "" && time.Since(woke) >= g.opts.MinInterval {
+			g.opts.Log.Debug("NAT pressure: collecting early", "why", why)
+			woke = time.Now()
 			g.Wake()
 		}
 	}
+}
+
+// natPressure says why the counters, read at prev and then at cur, call
+// for an early pass after the pass that left pass ("" when they do not).
+func natPressure(pass *NATStats, prev, cur datapath.NATCounters) string {
+	alloc, retries := cur.Allocated-prev.Allocated, cur.Retries-prev.Retries
+	switch {
+	case cur.Exhausted > prev.Exhausted:
+		return "flows refused for want of a port"
+	case retries > 0 && retries >= alloc:
+		return "ports found taken"
+	case pass != nil && pass.MaxEntries > 0 && cur.Allocated >= pass.Allocated &&
+		float64(pass.Entries)+2*float64(cur.Allocated-pass.Allocated) >= PressureFill*float64(pass.MaxEntries):
+		return "the map filling up"
+	}
+	return ""
 }
 
 // natCounters sums the per-CPU NAT allocation counters.

@@ -216,3 +216,30 @@ func TestPassCollectsOrphanNATEntries(t *testing.T) {
 		t.Errorf("NAT stats %+v, want 5 orphans deleted and 4 entries left", st.NAT)
 	}
 }
+
+// The NAT counters wake the collector early when flows are refused, when
+// ports are found taken more often than given, and when the map (by the
+// last pass's count and the flows since) passes PressureFill.
+func TestNATPressureSignal(t *testing.T) {
+	pass := &NATStats{Entries: 1000, MaxEntries: 10000, Allocated: 500}
+	prev := datapath.NATCounters{Allocated: 500}
+	cases := []struct {
+		name string
+		cur  datapath.NATCounters
+		want bool
+	}{
+		{"quiet", datapath.NATCounters{Allocated: 600, Retries: 5}, false},
+		{"a flow refused", datapath.NATCounters{Allocated: 500, Exhausted: 1}, true},
+		{"ports found taken", datapath.NATCounters{Allocated: 510, Retries: 40}, true},
+		{"map at 78%", datapath.NATCounters{Allocated: 500 + 3400}, false},
+		{"map at 80%", datapath.NATCounters{Allocated: 500 + 3500}, true},
+	}
+	for _, c := range cases {
+		if got := natPressure(pass, prev, c.cur) != ""; got != c.want {
+			t.Errorf("%s: pressure %v, want %v", c.name, got, c.want)
+		}
+	}
+	if natPressure(nil, prev, datapath.NATCounters{Allocated: 1 << 30}) != "" {
+		t.Error("no pass yet: the fill cannot be estimated")
+	}
+}

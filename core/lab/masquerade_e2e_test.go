@@ -83,6 +83,20 @@ func TestMasquerade(t *testing.T) {
 				}
 			})
 
+			t.Run("curl from a pod", func(t *testing.T) {
+				client := l.Pod("client")
+				cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+				defer cancel()
+				out, err := Exec(cctx, client.NetnsPath(), filepath.Join(l.Node("n1").Cgroup, "pods"),
+					"curl", "-sS", "--max-time", "5", "http://"+inetIP+":8080/client")
+				if err != nil {
+					t.Fatal(err)
+				}
+				if who, seen, _ := strings.Cut(strings.TrimSpace(out), " "); who != "inet" || !strings.HasPrefix(seen, l.Node("n1").IP+":") {
+					t.Errorf("curl from client: %q; want the internet host to see n1's %s", out, l.Node("n1").IP)
+				}
+			})
+
 			t.Run("ICMP echo", func(t *testing.T) {
 				client := l.Pod("client")
 				n1 := l.Node("n1")

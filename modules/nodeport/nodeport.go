@@ -12,6 +12,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net/netip"
+	"strings"
 	"sync"
 
 	"github.com/cilium/ebpf"
@@ -231,10 +232,49 @@ func (m *Module) Start(context.Context) error {
 	var wg sync.WaitGroup
 	wg.Go(func() { model.FollowServices(ctx, m.store, m.log, "serving health checks", m.health.apply) })
 	wg.Go(func() { model.FollowServices(ctx, m.store, m.log, "writing source ranges", m.ranges.apply) })
+	wg.Go(func() { model.FollowServices(ctx, m.store, m.log, "checking node ports", m.outOfRange().apply) })
 	go func() {
 		wg.Wait()
 		close(m.done)
 	}()
+	return nil
+}
+
+// outOfRange reports NodePorts outside nodePortRange: the datapath does
+// not serve them, and a user must hear of it rather than find out.
+func (m *Module) outOfRange() *rangeCheck {
+	return &rangeCheck{r: m.s.nodePorts, log: m.log, told: map[model.ServiceName]string{}}
+}
+
+type rangeCheck struct {
+	r    portrange.Range
+	log  *slog.Logger
+	told map[model.ServiceName]string
+}
+
+func (c *rangeCheck) apply(d model.Delta) error {
+	if d.Full {
+		clear(c.told)
+	}
+	for name, svc := range d.Services {
+		var out []string
+		if svc != nil {
+			for _, f := range svc.Frontends {
+				if f.Type == model.NodePort && !c.r.Contains(f.Addr.Port()) {
+					out = append(out, f.Key().String())
+				}
+			}
+		}
+		msg := strings.Join(out, ", ")
+		if msg != "" && c.told[name] != msg {
+			c.log.Warn("node ports outside nodePortRange are not served from outside", "service", name.String(), "frontends", msg, "nodePortRange", c.r.String())
+		}
+		if msg == "" {
+			delete(c.told, name)
+		} else {
+			c.told[name] = msg
+		}
+	}
 	return nil
 }
 
