@@ -102,7 +102,8 @@ WEIR_INLINE int tunnel_too_big(struct __sk_buff *skb, struct weir_ctx *ctx, __u3
 	return seg + TUNNEL_OVERHEAD > *mtu;
 }
 
-/* pod-egress/forward: to a pod on another node. */
+/* pod-egress/forward: to a pod on another node, or to the address of a
+ * node this one tunnels to. */
 SEC("tc")
 int tunnel_forward(struct __sk_buff *skb)
 {
@@ -116,7 +117,8 @@ int tunnel_forward(struct __sk_buff *skb)
 	if (ctx->l3 != WEIR_L3_IPV4)
 		return weir_next(skb, ctx);
 	e = weir_ipcache_lookup(ctx->daddr);
-	if (!e || !(e->flags & WEIR_IPCACHE_REMOTE_POD))
+	if (!e || (!(e->flags & WEIR_IPCACHE_REMOTE_POD) &&
+		   (e->flags & (WEIR_IPCACHE_NODE | WEIR_IPCACHE_ENCAP)) != (WEIR_IPCACHE_NODE | WEIR_IPCACHE_ENCAP)))
 		return weir_next(skb, ctx);
 	remote = e->node_ip;
 	if (!(e->flags & WEIR_IPCACHE_ENCAP)) {

@@ -81,16 +81,22 @@ func (r *Reconciler) Desired(nodes []*model.Node) map[datapath.IPCacheKey]datapa
 	for _, n := range nodes {
 		local := n.Name == r.o.Self
 		flags := uint16(datapath.IPCacheRemotePod)
+		nodeFlags := uint16(datapath.IPCacheNode)
 		if local {
 			flags = datapath.IPCacheLocalPod
 		} else if r.o.SelfKey != "" && r.o.PeerKey != nil && r.o.PeerKey(n.Labels) == r.o.SelfKey {
+			// Pods reach a tunnel peer's own address through the tunnel
+			// too: a pod's address never travels the underlay bare (a
+			// remote NodePort backend's replies, a pod calling a
+			// kubelet).
 			flags |= datapath.IPCacheEncap
+			nodeFlags |= datapath.IPCacheEncap
 		}
 		ip := datapath.AddrToBE(n.IP)
 		for _, c := range n.PodCIDRs {
 			out[key(c)] = datapath.IPCacheEntry{NodeIp: ip, Flags: flags}
 		}
-		out[key(netip.PrefixFrom(n.IP, 32))] = datapath.IPCacheEntry{NodeIp: ip, Flags: datapath.IPCacheNode}
+		out[key(netip.PrefixFrom(n.IP, 32))] = datapath.IPCacheEntry{NodeIp: ip, Flags: nodeFlags}
 	}
 	return out
 }

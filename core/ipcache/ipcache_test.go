@@ -44,9 +44,15 @@ func TestDesiredEntries(t *testing.T) {
 			t.Errorf("%s: %+v, want %+v", p, got, e)
 		}
 	}
+	// A tunnel peer's own address is reached through the tunnel, as
+	// its pods are.
 	for _, n := range nodes() {
-		if got := d[key(netip.PrefixFrom(n.IP, 32))]; got.Flags != datapath.IPCacheNode {
-			t.Errorf("node %s address: %+v", n.Name, got)
+		want := uint16(datapath.IPCacheNode)
+		if n.Name == "n2" {
+			want |= datapath.IPCacheEncap
+		}
+		if got := d[key(netip.PrefixFrom(n.IP, 32))]; got.Flags != want {
+			t.Errorf("node %s address: %+v, want flags %#x", n.Name, got, want)
 		}
 	}
 	if len(d) != 8 {

@@ -300,7 +300,7 @@ func TestNodePort(t *testing.T) {
 
 			t.Run("on the wire SNAT replies return through the receiving node", func(t *testing.T) {
 				n1 := l.Node("n1")
-				var toExt, fromBackend, direct, encap int
+				var toExt, fromBackend, direct, encap, encapIn int
 				frames := capture(t, l, "u-n1", func() {
 					for range 20 {
 						if _, err := Get(ctx, c, "http://"+n1.IP+":30080/"); err != nil {
@@ -318,9 +318,14 @@ func TestNodePort(t *testing.T) {
 					}
 					src, _ := netip.AddrFromSlice(ip.SrcIP)
 					dst, _ := netip.AddrFromSlice(ip.DstIP)
-					if udp, _ := pkt.Layer(layers.LayerTypeUDP).(*layers.UDP); udp != nil && src.String() == n1.IP &&
-						(udp.DstPort == 8472 || udp.DstPort == 6081) {
-						encap++ // n1 toward a remote backend, tunnelled
+					if udp, _ := pkt.Layer(layers.LayerTypeUDP).(*layers.UDP); udp != nil && (udp.DstPort == 8472 || udp.DstPort == 6081) {
+						switch {
+						case src.String() == n1.IP:
+							encap++ // n1 toward a remote backend, tunnelled
+						case dst.String() == n1.IP:
+							encapIn++ // a remote backend's reply, tunnelled back to n1
+						}
+						continue
 					}
 					if tcp == nil {
 						continue
@@ -337,13 +342,18 @@ func TestNodePort(t *testing.T) {
 						fromBackend++ // a remote backend's reply, back to n1
 					}
 				}
-				if toExt == 0 || fromBackend == 0 {
-					t.Errorf("on n1's uplink: %d frames to the client, %d replies from remote backends; want both", toExt, fromBackend)
+				// Requests to remote backends and their replies take the
+				// forwarding mode: tunnelled both ways (a pod's address
+				// never crosses the underlay bare), or routed as they are.
+				tunnelled := m.encap("n1", "n2") != ""
+				if toExt == 0 {
+					t.Errorf("on n1's uplink: no frame to the client")
 				}
-				// Requests to remote backends take the node's forwarding
-				// mode: tunnelled, or routed as they are.
-				if tunnelled := m.encap("n1", "n2") != ""; (tunnelled && encap == 0) || (!tunnelled && direct == 0) {
-					t.Errorf("on n1's uplink in %s mode: %d tunnelled and %d plain translated requests to remote backends", m.name, encap, direct)
+				if tunnelled && (encap == 0 || encapIn == 0 || fromBackend != 0) {
+					t.Errorf("on n1's uplink in %s mode: %d tunnelled requests, %d tunnelled replies, %d bare replies from pod addresses; want only tunnelled", m.name, encap, encapIn, fromBackend)
+				}
+				if !tunnelled && (direct == 0 || fromBackend == 0) {
+					t.Errorf("on n1's uplink in %s mode: %d translated requests and %d replies from remote backends; want both", m.name, direct, fromBackend)
 				}
 			})
 		})
