@@ -81,6 +81,17 @@ func runStatus(args []string, out io.Writer) error {
 			fmt.Fprintf(out, "  last refusal: %s\n", k.LastError)
 		}
 	}
+	if c := st.Conntrack; c != nil && c.Passes > 0 {
+		fmt.Fprintf(out, "conntrack collector: %d passes, last deleted %d, next in %s\n", c.Passes, c.Deleted, c.Next)
+		if n := c.NAT; n != nil {
+			pressure := ""
+			if n.Pressure {
+				pressure = "; under pressure"
+			}
+			fmt.Fprintf(out, "  NAT: %d orphans deleted last pass, %d early passes; %d flows given a port, %d ports found taken, %d flows refused%s\n",
+				n.Orphans, n.Wakeups, n.Allocated, n.Retries, n.Exhausted, pressure)
+		}
+	}
 	if len(st.Maps) == 0 {
 		return nil
 	}

@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"net/netip"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -459,6 +460,36 @@ func TestNodePortSNATExhaustion(t *testing.T) {
 			t.Errorf("established connection %d after the refusal: %v", i+1, err)
 		}
 	}
+	// weir bpf nat list shows the four flows, both halves each, on the
+	// range's four ports.
+	out, err := exec.Command(bin.weir, "bpf", "nat", "list", "--pin-dir", n1.PinDir, "-o", "json").Output()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var rows []datapath.NATRow
+	if err := json.Unmarshal(out, &rows); err != nil {
+		t.Fatal(err)
+	}
+	ports := map[uint16]bool{}
+	for _, r := range rows {
+		p := r.To.Port()
+		if r.Dir == "in" {
+			p = r.Dst.Port()
+		}
+		if r.Owner != "nodeport" || p < 40000 || p > 40003 {
+			t.Errorf("NAT entry %+v: want a nodeport entry on ports 40000-40003", r)
+		}
+		ports[p] = true
+	}
+	if len(rows) != 8 || len(ports) != 4 {
+		t.Errorf("weir bpf nat list: %d entries on %d ports, want 8 on 4:\n%s", len(rows), len(ports), out)
+	}
+	// The agent's status counts the refusal (the collector's pressure
+	// signal).
+	waitFor(t, 10*time.Second, "the refusal in the agent's status", func() bool {
+		st, err := n1.Client().Status(ctx)
+		return err == nil && st.Conntrack != nil && st.Conntrack.NAT != nil && st.Conntrack.NAT.Exhausted > 0
+	})
 	// Reset closes the flows; their ports come back once their
 	// conntrack entries expire.
 	for _, c := range held {
