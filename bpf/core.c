@@ -84,7 +84,6 @@ const struct weir_nat_entry *weir_btf_nat_entry __attribute__((unused));
 const enum weir_nat_dir *weir_btf_nat_dir __attribute__((unused));
 const enum weir_nat_owner *weir_btf_nat_owner __attribute__((unused));
 const struct weir_nat_counters *weir_btf_nat_stats __attribute__((unused));
-const struct weir_src_frontend_key *weir_btf_src_frontend_key __attribute__((unused));
 const struct weir_src_range_key *weir_btf_src_range_key __attribute__((unused));
 
 /* netdev-ingress: tc ingress on the node's uplink: tunnel traffic to

@@ -118,8 +118,11 @@ WEIR_INLINE int lb_icmp_error(struct __sk_buff *skb, struct weir_ctx *ctx, __u8 
 /* The frontend a pod's packet is addressed to: a ClusterIP, load-balancer
  * or external IP, or a NodePort on any node's address (in-cluster clients
  * of NodePorts are translated here, at their own node, as kube-proxy
- * does). The internal scope: in-cluster traffic uses every backend. */
-WEIR_INLINE struct weir_svc_val *lb_frontend(struct weir_svc_key *skey, const struct weir_ctx *ctx)
+ * does). The internal scope: in-cluster traffic uses every backend. A
+ * packet that would start a flow (fresh) to a node's address must start
+ * a connection: a pod's answer to a node (a SYN-ACK) whose port is also a
+ * NodePort is not taken for a request to it. */
+WEIR_INLINE struct weir_svc_val *lb_frontend(struct weir_svc_key *skey, const struct weir_ctx *ctx, int fresh)
 {
 	struct weir_svc_val *svc = weir_lb_lookup(skey, ctx->daddr, ctx->dport, ctx->proto, 1);
 	struct weir_ipcache_key ik = {.prefixlen = 32, .addr = ctx->daddr};
@@ -127,6 +130,8 @@ WEIR_INLINE struct weir_svc_val *lb_frontend(struct weir_svc_key *skey, const st
 
 	if (svc)
 		return svc;
+	if (fresh && ctx->proto == IPPROTO_TCP && !weir_tcp_bare_syn(ctx->tcp_flags))
+		return NULL;
 	node = bpf_map_lookup_elem(&weir_ipcache, &ik);
 	if (!node || !(node->flags & WEIR_IPCACHE_NODE))
 		return NULL;
@@ -177,13 +182,13 @@ int lb_pod_egress(struct __sk_buff *skb)
 	 * conntrack), and pod-to-pod packets pay no service lookup. */
 	svc = NULL;
 	if (!e || e->rev_nat)
-		svc = lb_frontend(&skey, ctx);
+		svc = lb_frontend(&skey, ctx, !e);
 	if (e && !later &&
 	    (weir_ct_expired(e, now) || weir_ct_reopens(e, ctx->proto, ctx->tcp_flags) ||
 	     (e->rev_nat && !weir_lb_flow_current(e, svc)))) {
 		weir_ct_delete_flow(&key, e);
 		e = NULL;
-		svc = lb_frontend(&skey, ctx);
+		svc = lb_frontend(&skey, ctx, 1);
 	}
 	if (e) {
 		weir_ct_touch(&key, e, ctx->tcp_flags, skb->len, now);

@@ -112,6 +112,19 @@ int masq_egress(struct __sk_buff *skb)
 		weir_ct_delete_flow(&key, e);
 		e = NULL;
 	}
+	/* The pod answers a connection that came from outside: it answers
+	 * with the address it was called at (as the kernel's MASQUERADE,
+	 * which translates only connections started from inside). */
+	if (e && e->dir == WEIR_CT_REPLY) {
+		weir_ct_touch(&key, e, ctx->tcp_flags, skb->len, now);
+		return weir_next(skb, ctx);
+	}
+	/* A TCP packet past the handshake starts no connection; it goes on
+	 * as a translated flow only when its NAT entries say it is one whose
+	 * conntrack entry was lost. */
+	if (!e && ctx->proto == IPPROTO_TCP && !weir_tcp_bare_syn(ctx->tcp_flags) &&
+	    !weir_snat_out(&k, ctx->saddr, ctx->daddr, sport, dport, ctx->proto))
+		return weir_next(skb, ctx);
 	if (!e) {
 		o.nat_saddr = ctx->saddr;
 		o.nat_daddr = ctx->daddr;
@@ -125,8 +138,8 @@ int masq_egress(struct __sk_buff *skb)
 		weir_ct_touch(&key, e, 0, skb->len, now);
 	}
 	nat = weir_snat_out(&k, ctx->saddr, ctx->daddr, sport, dport, ctx->proto);
-	if (nat && !weir_snat_in(ctx->daddr, nat->addr, dport, nat->port, ctx->proto)) {
-		/* The LRU took the reply half: the flow takes a port anew. */
+	if (nat && !weir_snat_owns(&k, nat, now)) {
+		/* The port went to another flow: this one takes a port anew. */
 		bpf_map_delete_elem(&weir_nat, &k);
 		nat = NULL;
 	}
@@ -148,8 +161,45 @@ int masq_egress(struct __sk_buff *skb)
 	return weir_next(skb, ctx);
 }
 
+/* Tracks a connection from outside the cluster to a local pod (one whose
+ * client masquerade would translate), so that the pod's answers keep the
+ * pod's address: their conntrack entry is the REPLY of this one. */
+WEIR_INLINE int masq_track_inbound(struct __sk_buff *skb, struct weir_ctx *ctx)
+{
+	struct weir_ipcache_entry *dst;
+	struct weir_ct_entry o = {}, *e;
+	struct weir_ct_key key;
+	__u32 now, reason = WEIR_DROP_CT_CREATE;
+
+	if (ctx->proto != IPPROTO_TCP && ctx->proto != IPPROTO_UDP)
+		return weir_next(skb, ctx);
+	dst = weir_ipcache_lookup(ctx->daddr);
+	if (!dst || !(dst->flags & WEIR_IPCACHE_LOCAL_POD) || masq_keeps(ctx->saddr))
+		return weir_next(skb, ctx);
+	now = weir_now_sec();
+	weir_ct_key_set(&key, ctx->saddr, ctx->daddr, ctx->sport, ctx->dport, ctx->proto);
+	e = bpf_map_lookup_elem(&weir_ct, &key);
+	if (e && !weir_ct_expired(e, now)) {
+		if (e->dir == WEIR_CT_ORIG && !e->rev_nat)
+			weir_ct_touch(&key, e, ctx->tcp_flags, skb->len, now);
+		return weir_next(skb, ctx);
+	}
+	if (ctx->proto == IPPROTO_TCP && !weir_tcp_bare_syn(ctx->tcp_flags))
+		return weir_next(skb, ctx);
+	if (e)
+		weir_ct_delete_flow(&key, e);
+	o.nat_saddr = ctx->saddr;
+	o.nat_daddr = ctx->daddr;
+	o.nat_sport = ctx->sport;
+	o.nat_dport = ctx->dport;
+	if (!weir_ct_create(&key, &o, ctx->tcp_flags, skb->len, now, &reason))
+		return weir_drop_ctx(skb, ctx, reason);
+	return weir_next(skb, ctx);
+}
+
 /* netdev-ingress/masquerade: replies to a masqueraded flow get the pod
- * back as their destination and go on to delivery. */
+ * back as their destination and go on to delivery; connections from
+ * outside to a pod are tracked so that its answers are not masqueraded. */
 SEC("tc")
 int masq_ingress(struct __sk_buff *skb)
 {
@@ -161,9 +211,11 @@ int masq_ingress(struct __sk_buff *skb)
 	__u8 type = 0;
 	int icmp = ctx->proto == IPPROTO_ICMP;
 
-	if (ctx->l3 != WEIR_L3_IPV4 || ctx->daddr != masq_node_ip || (ctx->flags & WEIR_CTX_FRAGMENT) ||
+	if (ctx->l3 != WEIR_L3_IPV4 || (ctx->flags & WEIR_CTX_FRAGMENT) ||
 	    (ctx->proto != IPPROTO_TCP && ctx->proto != IPPROTO_UDP && !icmp))
 		return weir_next(skb, ctx);
+	if (ctx->daddr != masq_node_ip)
+		return masq_track_inbound(skb, ctx);
 	if (icmp) {
 		if (masq_icmp(skb, ctx, &type, &dport) || type != ICMP_ECHOREPLY)
 			return weir_next(skb, ctx);

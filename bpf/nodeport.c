@@ -52,15 +52,14 @@ WEIR_INLINE struct weir_svc_val *nodeport_lookup(struct weir_svc_key *k, const s
 	return svc && svc->type == WEIR_SVC_NODE_PORT ? svc : NULL;
 }
 
-/* Whether the frontend in ctx takes no traffic from ctx's client: it has
- * loadBalancerSourceRanges and none holds the client. */
-WEIR_INLINE int nodeport_refuses(const struct weir_ctx *ctx)
+/* Whether the frontend svc in ctx takes no traffic from ctx's client: it
+ * has loadBalancerSourceRanges and none holds the client. */
+WEIR_INLINE int nodeport_refuses(const struct weir_ctx *ctx, const struct weir_svc_val *svc)
 {
-	struct weir_src_frontend_key fk = {.addr = ctx->daddr, .port = ctx->dport, .proto = ctx->proto};
 	struct weir_src_range_key rk = {.prefixlen = 96, .faddr = ctx->daddr, .fport = ctx->dport, .proto = ctx->proto,
 					.client = ctx->saddr};
 
-	if (!bpf_map_lookup_elem(&weir_src_frontends, &fk))
+	if (!(svc->flags2 & WEIR_SVC_F2_SOURCE_RANGES))
 		return 0;
 	return !bpf_map_lookup_elem(&weir_src_ranges, &rk);
 }
@@ -86,19 +85,12 @@ WEIR_INLINE int nodeport_forward(struct __sk_buff *skb, struct weir_ctx *ctx)
 WEIR_INLINE struct weir_nat_entry *nodeport_snat(const struct weir_ctx *ctx, __u32 now, __u32 *reason)
 {
 	struct weir_nat_range r = {.min = nodeport_snat_min, .max = nodeport_snat_max};
-	struct weir_nat_entry *o, *in;
+	struct weir_nat_entry *o;
 	struct weir_nat_key k;
 
 	o = weir_snat_out(&k, ctx->saddr, ctx->daddr, ctx->sport, ctx->dport, ctx->proto);
 	if (o) {
-		struct weir_nat_entry back = {.addr = ctx->saddr, .port = ctx->sport, .owner = o->owner, .created = now};
-		struct weir_nat_key ik;
-
-		in = weir_snat_in(ctx->daddr, o->addr, ctx->dport, o->port, ctx->proto);
-		if (in && in->addr == ctx->saddr && in->port == ctx->sport)
-			return o;
-		weir_nat_key_set(&ik, ctx->daddr, o->addr, ctx->dport, o->port, ctx->proto, WEIR_NAT_IN);
-		if (!in && !bpf_map_update_elem(&weir_nat, &ik, &back, BPF_NOEXIST))
+		if (weir_snat_owns(&k, o, now))
 			return o;
 		/* The port went to another flow meanwhile: take another. */
 		bpf_map_delete_elem(&weir_nat, &k);
@@ -205,7 +197,7 @@ int nodeport_ingress(struct __sk_buff *skb)
 	}
 	if (!svc)
 		return weir_next(skb, ctx);
-	if (nodeport_refuses(ctx))
+	if (nodeport_refuses(ctx, svc))
 		return weir_drop_ctx(skb, ctx, WEIR_DROP_SOURCE_RANGE);
 	if (weir_lb_choose(&skey, svc, ctx->saddr, now, &o))
 		return weir_drop_ctx(skb, ctx, WEIR_DROP_NO_BACKEND);

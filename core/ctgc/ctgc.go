@@ -358,7 +358,20 @@ func (g *GC) natPass(nat, ct *ebpf.Map, now int64) (*NATStats, error) {
 		return nil, fmt.Errorf("reading the NAT map: %w", err)
 	}
 	orphans := 0
-	del := func(k datapath.NATKey) error {
+	// del deletes the entry at k only while it still holds what keep
+	// says: the datapath may have given the key to another flow since the
+	// map was read (a reclaimed port, a repaired half).
+	del := func(k datapath.NATKey, keep func(datapath.NATEntry) bool) error {
+		var cur datapath.NATEntry
+		if err := nat.Lookup(k, &cur); err != nil {
+			if errors.Is(err, ebpf.ErrKeyNotExist) {
+				return nil
+			}
+			return fmt.Errorf("reading the NAT map: %w", err)
+		}
+		if !keep(cur) {
+			return nil
+		}
 		err := nat.Delete(k)
 		if err == nil {
 			orphans++
@@ -380,12 +393,13 @@ func (g *GC) natPass(nat, ct *ebpf.Map, now int64) (*NATStats, error) {
 			if live {
 				continue
 			}
-			// The reply half first: a port is free only once nothing
-			// points at it.
-			if err := del(in); err != nil {
+			// The reply half first, while it is this flow's (points
+			// back to it): a port is free only once nothing points at
+			// it.
+			if err := del(in, func(c datapath.NATEntry) bool { return c.Addr == e.key.Saddr && c.Port == e.key.Sport }); err != nil {
 				return nil, err
 			}
-			if err := del(e.key); err != nil {
+			if err := del(e.key, func(c datapath.NATEntry) bool { return c == e.val }); err != nil {
 				return nil, err
 			}
 		case datapath.NATIn:
@@ -398,7 +412,7 @@ func (g *GC) natPass(nat, ct *ebpf.Map, now int64) (*NATStats, error) {
 			if err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 				return nil, fmt.Errorf("reading the NAT map: %w", err)
 			}
-			if err := del(e.key); err != nil {
+			if err := del(e.key, func(c datapath.NATEntry) bool { return c == e.val }); err != nil {
 				return nil, err
 			}
 		}

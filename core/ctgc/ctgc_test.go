@@ -203,6 +203,11 @@ func TestPassCollectsOrphanNATEntries(t *testing.T) {
 		o, in := natFlow(t, nat, now, port, uint16(50000+i), c.age, c.out, c.in)
 		keys[i] = [2]datapath.NATKey{o, in}
 	}
+	// An orphan OUT half whose port a live flow (client port 41000) has
+	// taken since: the OUT half goes, the live flow's IN entry stays.
+	reply(41000, 100)
+	stale, _ := natFlow(t, nat, now, 40100, 50100, 30, true, false)
+	_, taken := natFlow(t, nat, now, 41000, 50100, 30, true, true)
 	st, err := New(Options{Map: dp.CT, NAT: dp.NAT, NATStats: dp.NATStats, Interval: time.Minute}).Pass()
 	if err != nil {
 		t.Fatal(err)
@@ -212,8 +217,12 @@ func TestPassCollectsOrphanNATEntries(t *testing.T) {
 			t.Errorf("%s: NAT halves present %+v, want %+v", c.name, got, c.want)
 		}
 	}
-	if st.NAT == nil || st.NAT.Orphans != 5 || st.NAT.Entries != 4 {
-		t.Errorf("NAT stats %+v, want 5 orphans deleted and 4 entries left", st.NAT)
+	if natPresent(t, nat, stale) || !natPresent(t, nat, taken) {
+		t.Errorf("orphan OUT half present %v, the live flow's IN entry on its old port present %v; want false, true",
+			natPresent(t, nat, stale), natPresent(t, nat, taken))
+	}
+	if st.NAT == nil || st.NAT.Orphans != 6 || st.NAT.Entries != 6 {
+		t.Errorf("NAT stats %+v, want 6 orphans deleted and 6 entries left", st.NAT)
 	}
 }
 

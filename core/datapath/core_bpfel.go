@@ -305,14 +305,6 @@ type coreWeirSockTermKey struct {
 	Pad         uint8
 }
 
-type coreWeirSrcFrontendKey struct {
-	_     structs.HostLayout
-	Addr  uint32
-	Port  uint16
-	Proto uint8
-	Pad   uint8
-}
-
 type coreWeirSrcRangeKey struct {
 	_         structs.HostLayout
 	Prefixlen uint32
@@ -375,7 +367,6 @@ const (
 	coreMapWeirSockAffinity      = "weir_sock_affinity"
 	coreMapWeirSockRev           = "weir_sock_rev"
 	coreMapWeirSockTerm          = "weir_sock_term"
-	coreMapWeirSrcFrontends      = "weir_src_frontends"
 	coreMapWeirSrcRanges         = "weir_src_ranges"
 	coreProgWeirNetdevEgress     = "weir_netdev_egress"
 	coreProgWeirNetdevIngress    = "weir_netdev_ingress"
@@ -408,7 +399,6 @@ const (
 	coreVarWeirBtfReason         = "weir_btf_reason"
 	coreVarWeirBtfRevnatEntry    = "weir_btf_revnat_entry"
 	coreVarWeirBtfScope          = "weir_btf_scope"
-	coreVarWeirBtfSrcFrontendKey = "weir_btf_src_frontend_key"
 	coreVarWeirBtfSrcRangeKey    = "weir_btf_src_range_key"
 	coreVarWeirBtfSvcKey         = "weir_btf_svc_key"
 	coreVarWeirBtfSvcType        = "weir_btf_svc_type"
@@ -489,7 +479,6 @@ type coreMapSpecs struct {
 	WeirSockAffinity *ebpf.MapSpec `ebpf:"weir_sock_affinity"`
 	WeirSockRev      *ebpf.MapSpec `ebpf:"weir_sock_rev"`
 	WeirSockTerm     *ebpf.MapSpec `ebpf:"weir_sock_term"`
-	WeirSrcFrontends *ebpf.MapSpec `ebpf:"weir_src_frontends"`
 	WeirSrcRanges    *ebpf.MapSpec `ebpf:"weir_src_ranges"`
 }
 
@@ -524,7 +513,6 @@ type coreVariableSpecs struct {
 	WeirBtfReason         *ebpf.VariableSpec `ebpf:"weir_btf_reason"`
 	WeirBtfRevnatEntry    *ebpf.VariableSpec `ebpf:"weir_btf_revnat_entry"`
 	WeirBtfScope          *ebpf.VariableSpec `ebpf:"weir_btf_scope"`
-	WeirBtfSrcFrontendKey *ebpf.VariableSpec `ebpf:"weir_btf_src_frontend_key"`
 	WeirBtfSrcRangeKey    *ebpf.VariableSpec `ebpf:"weir_btf_src_range_key"`
 	WeirBtfSvcKey         *ebpf.VariableSpec `ebpf:"weir_btf_svc_key"`
 	WeirBtfSvcType        *ebpf.VariableSpec `ebpf:"weir_btf_svc_type"`
@@ -573,7 +561,6 @@ type coreMaps struct {
 	WeirSockAffinity *ebpf.Map `ebpf:"weir_sock_affinity"`
 	WeirSockRev      *ebpf.Map `ebpf:"weir_sock_rev"`
 	WeirSockTerm     *ebpf.Map `ebpf:"weir_sock_term"`
-	WeirSrcFrontends *ebpf.Map `ebpf:"weir_src_frontends"`
 	WeirSrcRanges    *ebpf.Map `ebpf:"weir_src_ranges"`
 }
 
@@ -598,7 +585,6 @@ func (m *coreMaps) Close() error {
 		m.WeirSockAffinity,
 		m.WeirSockRev,
 		m.WeirSockTerm,
-		m.WeirSrcFrontends,
 		m.WeirSrcRanges,
 	)
 }
@@ -634,7 +620,6 @@ type coreVariables struct {
 	WeirBtfReason         *ebpf.Variable `ebpf:"weir_btf_reason"`
 	WeirBtfRevnatEntry    *ebpf.Variable `ebpf:"weir_btf_revnat_entry"`
 	WeirBtfScope          *ebpf.Variable `ebpf:"weir_btf_scope"`
-	WeirBtfSrcFrontendKey *ebpf.Variable `ebpf:"weir_btf_src_frontend_key"`
 	WeirBtfSrcRangeKey    *ebpf.Variable `ebpf:"weir_btf_src_range_key"`
 	WeirBtfSvcKey         *ebpf.Variable `ebpf:"weir_btf_svc_key"`
 	WeirBtfSvcType        *ebpf.Variable `ebpf:"weir_btf_svc_type"`

@@ -36,7 +36,6 @@ const (
 	MapAffinity     = "weir_affinity"
 	MapNAT          = "weir_nat"
 	MapNATStats     = "weir_nat_stats"
-	MapSrcFrontends = "weir_src_frontends"
 	MapSrcRanges    = "weir_src_ranges"
 	MapIPCache      = "weir_ipcache"
 	MapMetrics      = "weir_metrics"
@@ -346,7 +345,6 @@ func (d *Datapath) Map(name string) (*ebpf.Map, error) {
 		MapIPCache:      d.core.WeirIpcache,
 		MapNAT:          d.core.WeirNat,
 		MapNATStats:     d.core.WeirNatStats,
-		MapSrcFrontends: d.core.WeirSrcFrontends,
 		MapSrcRanges:    d.core.WeirSrcRanges,
 		MapMetrics:      d.core.WeirMetrics,
 		MapEvents:       d.core.WeirEvents,

@@ -60,8 +60,6 @@ type (
 	NATEntry = coreWeirNatEntry
 	// NATCounters is one CPU's weir_nat_stats value.
 	NATCounters = coreWeirNatCounters
-	// SrcFrontendKey keys weir_src_frontends.
-	SrcFrontendKey = coreWeirSrcFrontendKey
 	// SrcRangeKey keys weir_src_ranges (an LPM trie).
 	SrcRangeKey = coreWeirSrcRangeKey
 )
@@ -96,6 +94,8 @@ const (
 const (
 	SvcFlagAffinity  = 0x01
 	SvcFlagTwoScopes = 0x02
+	// SvcFlagSourceRanges: clients from outside only from weir_src_ranges.
+	SvcFlagSourceRanges = 0x04
 )
 
 // Backend states stored in Backend.State.

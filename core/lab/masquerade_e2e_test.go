@@ -36,7 +36,9 @@ func upMasquerade(t *testing.T, m mode) *Lab {
 	spec := threeNodes(cfg)
 	spec.Externals = []ExternalSpec{
 		{Name: "inet", Subnet: "203.0.113.0/24", Serve: Workload{HTTP: 8080, UDP: 5353, Echo: 9000}},
-		{Name: "ext", Serve: Workload{HTTP: 8080}},
+		// ext also reaches n1's pods directly, as routable pod
+		// addresses are reached.
+		{Name: "ext", Serve: Workload{HTTP: 8080}, Routes: map[string]string{"10.244.1.0/24": "n1"}},
 	}
 	l := up(t, spec)
 	for _, n := range l.Nodes {
@@ -80,6 +82,19 @@ func TestMasquerade(t *testing.T) {
 					if err != nil || got != "inet: ping" {
 						t.Errorf("%s -> %s:5353/udp: %q %v", pod, inetIP, got, err)
 					}
+				}
+			})
+
+			t.Run("a pod answers connections from outside with its own address", func(t *testing.T) {
+				got, err := Get(ctx, HTTPClient(ext.NetnsPath(), 3*time.Second), "http://10.244.1.11:8080/client")
+				if err != nil {
+					t.Fatalf("ext -> web-1 directly: %v", err)
+				}
+				if who, seen, _ := strings.Cut(got, " "); who != "web-1" || !strings.HasPrefix(seen, ext.IP+":") {
+					t.Errorf("ext -> web-1: %q", got)
+				}
+				if got, err := UDPAsk(ctx, ext.NetnsPath(), "10.244.1.11:5353", "ping", 3*time.Second); err != nil || got != "web-1: ping" {
+					t.Errorf("ext -> web-1:5353/udp: %q %v", got, err)
 				}
 			})
 
@@ -212,6 +227,22 @@ func TestMasquerade(t *testing.T) {
 	}
 }
 
+// icmpSum is the ones' complement sum of an ICMP message, checksum
+// included: 0xffff when the checksum is right.
+func icmpSum(b []byte) uint16 {
+	var s uint32
+	for i := 0; i+1 < len(b); i += 2 {
+		s += uint32(b[i])<<8 | uint32(b[i+1])
+	}
+	if len(b)%2 == 1 {
+		s += uint32(b[len(b)-1]) << 8
+	}
+	for s>>16 != 0 {
+		s = s&0xffff + s>>16
+	}
+	return uint16(s)
+}
+
 // ping sends one ICMP echo request from the namespace and waits for its
 // reply.
 func ping(nsPath, addr string, seq int) error {
@@ -246,6 +277,11 @@ func ping(nsPath, addr string, seq int) error {
 			continue
 		}
 		if e, ok := rm.Body.(*icmp.Echo); ok && e.Seq == seq && e.ID == id {
+			// The reply's identifier was translated back: its
+			// checksum must still hold (ParseMessage does not check).
+			if sum := icmpSum(buf[:n]); sum != 0xffff {
+				return fmt.Errorf("echo reply with a bad checksum (sums to %#x)", sum)
+			}
 			return nil
 		}
 	}

@@ -186,8 +186,9 @@ func TestNodePort(t *testing.T) {
 					}
 				}
 				waitFor(t, 10*time.Second, "the client to be refused again", func() bool {
+					before := metric(t, n1, "netdev-ingress", datapath.DropSourceRange)
 					_, err := Get(ctx, short, "http://"+closedIP+"/")
-					return err != nil
+					return err != nil && metric(t, n1, "netdev-ingress", datapath.DropSourceRange) > before
 				})
 			})
 

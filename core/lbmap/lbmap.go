@@ -989,6 +989,11 @@ func scopeFrontend(node string, svc *model.Service, f *model.Frontend) []scopedF
 		if sf.df.affinity > 0 {
 			sf.df.flags2 |= datapath.SvcFlagAffinity
 		}
+		// loadBalancerSourceRanges restrict load-balancer IPs; the
+		// nodeport module writes the ranges the flag points to.
+		if f.Type == model.LoadBalancer && len(svc.SourceRanges) > 0 {
+			sf.df.flags2 |= datapath.SvcFlagSourceRanges
+		}
 		var active, terminating []backendKey
 		for _, b := range bes {
 			bk := mkBackendKey(b.Addr, f.Proto)

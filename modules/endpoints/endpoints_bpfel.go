@@ -35,7 +35,6 @@ const (
 	endpointsMapWeirSockAffinity   = "weir_sock_affinity"
 	endpointsMapWeirSockRev        = "weir_sock_rev"
 	endpointsMapWeirSockTerm       = "weir_sock_term"
-	endpointsMapWeirSrcFrontends   = "weir_src_frontends"
 	endpointsMapWeirSrcRanges      = "weir_src_ranges"
 	endpointsProgEndpointsArp      = "endpoints_arp"
 	endpointsProgEndpointsDeliver  = "endpoints_deliver"
@@ -116,7 +115,6 @@ type endpointsMapSpecs struct {
 	WeirSockAffinity *ebpf.MapSpec `ebpf:"weir_sock_affinity"`
 	WeirSockRev      *ebpf.MapSpec `ebpf:"weir_sock_rev"`
 	WeirSockTerm     *ebpf.MapSpec `ebpf:"weir_sock_term"`
-	WeirSrcFrontends *ebpf.MapSpec `ebpf:"weir_src_frontends"`
 	WeirSrcRanges    *ebpf.MapSpec `ebpf:"weir_src_ranges"`
 }
 
@@ -169,7 +167,6 @@ type endpointsMaps struct {
 	WeirSockAffinity *ebpf.Map `ebpf:"weir_sock_affinity"`
 	WeirSockRev      *ebpf.Map `ebpf:"weir_sock_rev"`
 	WeirSockTerm     *ebpf.Map `ebpf:"weir_sock_term"`
-	WeirSrcFrontends *ebpf.Map `ebpf:"weir_src_frontends"`
 	WeirSrcRanges    *ebpf.Map `ebpf:"weir_src_ranges"`
 }
 
@@ -194,7 +191,6 @@ func (m *endpointsMaps) Close() error {
 		m.WeirSockAffinity,
 		m.WeirSockRev,
 		m.WeirSockTerm,
-		m.WeirSrcFrontends,
 		m.WeirSrcRanges,
 	)
 }

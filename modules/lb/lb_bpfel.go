@@ -35,7 +35,6 @@ const (
 	lbMapWeirSockAffinity   = "weir_sock_affinity"
 	lbMapWeirSockRev        = "weir_sock_rev"
 	lbMapWeirSockTerm       = "weir_sock_term"
-	lbMapWeirSrcFrontends   = "weir_src_frontends"
 	lbMapWeirSrcRanges      = "weir_src_ranges"
 	lbProgLbPodEgress       = "lb_pod_egress"
 	lbProgLbPodIngress      = "lb_pod_ingress"
@@ -113,7 +112,6 @@ type lbMapSpecs struct {
 	WeirSockAffinity *ebpf.MapSpec `ebpf:"weir_sock_affinity"`
 	WeirSockRev      *ebpf.MapSpec `ebpf:"weir_sock_rev"`
 	WeirSockTerm     *ebpf.MapSpec `ebpf:"weir_sock_term"`
-	WeirSrcFrontends *ebpf.MapSpec `ebpf:"weir_src_frontends"`
 	WeirSrcRanges    *ebpf.MapSpec `ebpf:"weir_src_ranges"`
 }
 
@@ -165,7 +163,6 @@ type lbMaps struct {
 	WeirSockAffinity *ebpf.Map `ebpf:"weir_sock_affinity"`
 	WeirSockRev      *ebpf.Map `ebpf:"weir_sock_rev"`
 	WeirSockTerm     *ebpf.Map `ebpf:"weir_sock_term"`
-	WeirSrcFrontends *ebpf.Map `ebpf:"weir_src_frontends"`
 	WeirSrcRanges    *ebpf.Map `ebpf:"weir_src_ranges"`
 }
 
@@ -190,7 +187,6 @@ func (m *lbMaps) Close() error {
 		m.WeirSockAffinity,
 		m.WeirSockRev,
 		m.WeirSockTerm,
-		m.WeirSrcFrontends,
 		m.WeirSrcRanges,
 	)
 }

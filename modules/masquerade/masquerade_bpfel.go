@@ -35,7 +35,6 @@ const (
 	masqueradeMapWeirSockAffinity   = "weir_sock_affinity"
 	masqueradeMapWeirSockRev        = "weir_sock_rev"
 	masqueradeMapWeirSockTerm       = "weir_sock_term"
-	masqueradeMapWeirSrcFrontends   = "weir_src_frontends"
 	masqueradeMapWeirSrcRanges      = "weir_src_ranges"
 	masqueradeProgMasqEgress        = "masq_egress"
 	masqueradeProgMasqIngress       = "masq_ingress"
@@ -119,7 +118,6 @@ type masqueradeMapSpecs struct {
 	WeirSockAffinity *ebpf.MapSpec `ebpf:"weir_sock_affinity"`
 	WeirSockRev      *ebpf.MapSpec `ebpf:"weir_sock_rev"`
 	WeirSockTerm     *ebpf.MapSpec `ebpf:"weir_sock_term"`
-	WeirSrcFrontends *ebpf.MapSpec `ebpf:"weir_src_frontends"`
 	WeirSrcRanges    *ebpf.MapSpec `ebpf:"weir_src_ranges"`
 }
 
@@ -177,7 +175,6 @@ type masqueradeMaps struct {
 	WeirSockAffinity *ebpf.Map `ebpf:"weir_sock_affinity"`
 	WeirSockRev      *ebpf.Map `ebpf:"weir_sock_rev"`
 	WeirSockTerm     *ebpf.Map `ebpf:"weir_sock_term"`
-	WeirSrcFrontends *ebpf.Map `ebpf:"weir_src_frontends"`
 	WeirSrcRanges    *ebpf.Map `ebpf:"weir_src_ranges"`
 }
 
@@ -202,7 +199,6 @@ func (m *masqueradeMaps) Close() error {
 		m.WeirSockAffinity,
 		m.WeirSockRev,
 		m.WeirSockTerm,
-		m.WeirSrcFrontends,
 		m.WeirSrcRanges,
 	)
 }

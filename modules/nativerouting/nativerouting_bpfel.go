@@ -35,7 +35,6 @@ const (
 	nativeroutingMapWeirSockAffinity      = "weir_sock_affinity"
 	nativeroutingMapWeirSockRev           = "weir_sock_rev"
 	nativeroutingMapWeirSockTerm          = "weir_sock_term"
-	nativeroutingMapWeirSrcFrontends      = "weir_src_frontends"
 	nativeroutingMapWeirSrcRanges         = "weir_src_ranges"
 	nativeroutingProgNativeroutingForward = "nativerouting_forward"
 	nativeroutingVarWeirHookFirst         = "weir_hook_first"
@@ -111,7 +110,6 @@ type nativeroutingMapSpecs struct {
 	WeirSockAffinity *ebpf.MapSpec `ebpf:"weir_sock_affinity"`
 	WeirSockRev      *ebpf.MapSpec `ebpf:"weir_sock_rev"`
 	WeirSockTerm     *ebpf.MapSpec `ebpf:"weir_sock_term"`
-	WeirSrcFrontends *ebpf.MapSpec `ebpf:"weir_src_frontends"`
 	WeirSrcRanges    *ebpf.MapSpec `ebpf:"weir_src_ranges"`
 }
 
@@ -163,7 +161,6 @@ type nativeroutingMaps struct {
 	WeirSockAffinity *ebpf.Map `ebpf:"weir_sock_affinity"`
 	WeirSockRev      *ebpf.Map `ebpf:"weir_sock_rev"`
 	WeirSockTerm     *ebpf.Map `ebpf:"weir_sock_term"`
-	WeirSrcFrontends *ebpf.Map `ebpf:"weir_src_frontends"`
 	WeirSrcRanges    *ebpf.Map `ebpf:"weir_src_ranges"`
 }
 
@@ -188,7 +185,6 @@ func (m *nativeroutingMaps) Close() error {
 		m.WeirSockAffinity,
 		m.WeirSockRev,
 		m.WeirSockTerm,
-		m.WeirSrcFrontends,
 		m.WeirSrcRanges,
 	)
 }

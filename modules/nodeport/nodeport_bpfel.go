@@ -35,7 +35,6 @@ const (
 	nodeportMapWeirSockAffinity    = "weir_sock_affinity"
 	nodeportMapWeirSockRev         = "weir_sock_rev"
 	nodeportMapWeirSockTerm        = "weir_sock_term"
-	nodeportMapWeirSrcFrontends    = "weir_src_frontends"
 	nodeportMapWeirSrcRanges       = "weir_src_ranges"
 	nodeportProgNodeportIngress    = "nodeport_ingress"
 	nodeportProgNodeportReplyLocal = "nodeport_reply_local"
@@ -120,7 +119,6 @@ type nodeportMapSpecs struct {
 	WeirSockAffinity *ebpf.MapSpec `ebpf:"weir_sock_affinity"`
 	WeirSockRev      *ebpf.MapSpec `ebpf:"weir_sock_rev"`
 	WeirSockTerm     *ebpf.MapSpec `ebpf:"weir_sock_term"`
-	WeirSrcFrontends *ebpf.MapSpec `ebpf:"weir_src_frontends"`
 	WeirSrcRanges    *ebpf.MapSpec `ebpf:"weir_src_ranges"`
 }
 
@@ -179,7 +177,6 @@ type nodeportMaps struct {
 	WeirSockAffinity *ebpf.Map `ebpf:"weir_sock_affinity"`
 	WeirSockRev      *ebpf.Map `ebpf:"weir_sock_rev"`
 	WeirSockTerm     *ebpf.Map `ebpf:"weir_sock_term"`
-	WeirSrcFrontends *ebpf.Map `ebpf:"weir_src_frontends"`
 	WeirSrcRanges    *ebpf.Map `ebpf:"weir_src_ranges"`
 }
 
@@ -204,7 +201,6 @@ func (m *nodeportMaps) Close() error {
 		m.WeirSockAffinity,
 		m.WeirSockRev,
 		m.WeirSockTerm,
-		m.WeirSrcFrontends,
 		m.WeirSrcRanges,
 	)
 }

@@ -17,40 +17,30 @@ type srcFront struct {
 	proto model.Proto
 }
 
-func (f srcFront) key() datapath.SrcFrontendKey {
-	return datapath.SrcFrontendKey{Addr: datapath.AddrToBE(f.addr.Addr()), Port: datapath.PortToBE(f.addr.Port()), Proto: uint8(f.proto)}
-}
-
 func (f srcFront) rangeKey(p netip.Prefix) datapath.SrcRangeKey {
-	k := f.key()
-	return datapath.SrcRangeKey{Prefixlen: 64 + uint32(p.Bits()), Faddr: k.Addr, Fport: k.Port, Proto: k.Proto, Client: datapath.AddrToBE(p.Addr())}
+	return datapath.SrcRangeKey{Prefixlen: 64 + uint32(p.Bits()), Faddr: datapath.AddrToBE(f.addr.Addr()),
+		Fport: datapath.PortToBE(f.addr.Port()), Proto: uint8(f.proto), Client: datapath.AddrToBE(p.Addr())}
 }
 
-// sourceRanges keeps weir_src_frontends and weir_src_ranges as the
-// services' loadBalancerSourceRanges say, make-before-break: a frontend's
-// new ranges are written before it is marked restricted, and it is
-// unmarked before its ranges go, so a client in a range is never refused
-// by a half-written change.
+// sourceRanges keeps weir_src_ranges as the services' loadBalancerSourceRanges
+// say. Whether a frontend is restricted is the service maps' flag
+// (written by core's reconciler), so a frontend is closed, not open, until
+// its ranges are written; here a frontend's new ranges go in before its
+// old ones go, and the old ones stay while any new one could not be
+// written, so a change never refuses a client both versions let in.
 type sourceRanges struct {
-	maps func() (fronts, ranges *ebpf.Map, err error)
+	ranges func() (*ebpf.Map, error)
 
 	// byService are the restricted frontends each service wants.
 	byService map[model.ServiceName]map[srcFront][]netip.Prefix
-	// applied is what the maps hold; nil until read.
+	// applied is what the map holds; nil until read.
 	applied map[srcFront]map[netip.Prefix]bool
 }
 
 func newSourceRanges(dp *datapath.Datapath) *sourceRanges {
 	return &sourceRanges{
 		byService: map[model.ServiceName]map[srcFront][]netip.Prefix{},
-		maps: func() (*ebpf.Map, *ebpf.Map, error) {
-			f, err := dp.Map(datapath.MapSrcFrontends)
-			if err != nil {
-				return nil, nil, err
-			}
-			r, err := dp.Map(datapath.MapSrcRanges)
-			return f, r, err
-		},
+		ranges:    func() (*ebpf.Map, error) { return dp.Map(datapath.MapSrcRanges) },
 	}
 }
 
@@ -69,37 +59,20 @@ func restricted(svc *model.Service) map[srcFront][]netip.Prefix {
 	return out
 }
 
-// read loads what the maps hold (after a restart, the last agent's).
-func (s *sourceRanges) read(fronts, ranges *ebpf.Map) error {
+// read loads what the map holds (after a restart, the last agent's).
+func (s *sourceRanges) read(ranges *ebpf.Map) error {
 	s.applied = map[srcFront]map[netip.Prefix]bool{}
-	var (
-		fk datapath.SrcFrontendKey
-		n  uint32
-	)
-	it := fronts.Iterate()
-	for it.Next(&fk, &n) {
-		f := srcFront{netip.AddrPortFrom(datapath.AddrFromBE(fk.Addr), datapath.PortFromBE(fk.Port)), model.Proto(fk.Proto)}
-		if s.applied[f] == nil {
-			s.applied[f] = map[netip.Prefix]bool{}
-		}
-	}
-	if err := it.Err(); err != nil {
-		return fmt.Errorf("reading %s: %w", datapath.MapSrcFrontends, err)
-	}
 	var (
 		rk datapath.SrcRangeKey
 		v  uint8
 	)
-	it = ranges.Iterate()
+	it := ranges.Iterate()
 	for it.Next(&rk, &v) {
 		f := srcFront{netip.AddrPortFrom(datapath.AddrFromBE(rk.Faddr), datapath.PortFromBE(rk.Fport)), model.Proto(rk.Proto)}
-		p := netip.PrefixFrom(datapath.AddrFromBE(rk.Client), int(rk.Prefixlen)-64)
 		if s.applied[f] == nil {
-			// Ranges of a frontend not marked restricted (a write cut
-			// short): they go with the first apply.
 			s.applied[f] = map[netip.Prefix]bool{}
 		}
-		s.applied[f][p] = true
+		s.applied[f][netip.PrefixFrom(datapath.AddrFromBE(rk.Client), int(rk.Prefixlen)-64)] = true
 	}
 	if err := it.Err(); err != nil {
 		return fmt.Errorf("reading %s: %w", datapath.MapSrcRanges, err)
@@ -109,12 +82,12 @@ func (s *sourceRanges) read(fronts, ranges *ebpf.Map) error {
 
 // apply follows a change of services.
 func (s *sourceRanges) apply(d model.Delta) error {
-	fronts, ranges, err := s.maps()
+	ranges, err := s.ranges()
 	if err != nil {
 		return err
 	}
 	if s.applied == nil || d.Full {
-		if err := s.read(fronts, ranges); err != nil {
+		if err := s.read(ranges); err != nil {
 			return err
 		}
 	}
@@ -128,49 +101,48 @@ func (s *sourceRanges) apply(d model.Delta) error {
 			delete(s.byService, name)
 		}
 	}
-	desired := map[srcFront][]netip.Prefix{}
+	desired := map[srcFront]map[netip.Prefix]bool{}
 	for _, fs := range s.byService {
 		for f, ps := range fs {
-			desired[f] = ps
+			set := map[netip.Prefix]bool{}
+			for _, p := range ps {
+				set[p] = true
+			}
+			desired[f] = set
 		}
 	}
 	var errs []error
-	for f, want := range desired {
-		have := s.applied[f]
+	fronts := map[srcFront]bool{}
+	for f := range desired {
+		fronts[f] = true
+	}
+	for f := range s.applied {
+		fronts[f] = true
+	}
+	for f := range fronts {
+		want, have := desired[f], s.applied[f]
 		if have == nil {
 			have = map[netip.Prefix]bool{}
+			s.applied[f] = have
 		}
-		for _, p := range want {
-			if !have[p] {
-				if err := ranges.Put(f.rangeKey(p), uint8(1)); err != nil {
-					errs = append(errs, fmt.Errorf("source range %s of %s: %w", p, f.addr, err))
-					continue
-				}
-				have[p] = true
-			}
-		}
-		// Marked restricted only once every range is in.
-		if len(errs) == 0 {
-			if err := fronts.Put(f.key(), uint32(len(want))); err != nil {
-				errs = append(errs, fmt.Errorf("restricting %s: %w", f.addr, err))
-			}
-		}
-		s.applied[f] = have
-	}
-	for f, have := range s.applied {
-		want, keep := desired[f]
-		if !keep {
-			if err := fronts.Delete(f.key()); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
-				errs = append(errs, fmt.Errorf("unrestricting %s: %w", f.addr, err))
+		added := true
+		for p := range want {
+			if have[p] {
 				continue
 			}
+			if err := ranges.Put(f.rangeKey(p), uint8(1)); err != nil {
+				errs = append(errs, fmt.Errorf("source range %s of %s: %w", p, f.addr, err))
+				added = false
+				continue
+			}
+			have[p] = true
 		}
-		wanted := map[netip.Prefix]bool{}
-		for _, p := range want {
-			wanted[p] = true
+		// Old ranges go only once every new one is in.
+		if !added {
+			continue
 		}
 		for p := range have {
-			if wanted[p] {
+			if want[p] {
 				continue
 			}
 			if err := ranges.Delete(f.rangeKey(p)); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
@@ -179,7 +151,7 @@ func (s *sourceRanges) apply(d model.Delta) error {
 			}
 			delete(have, p)
 		}
-		if !keep && len(have) == 0 {
+		if len(have) == 0 {
 			delete(s.applied, f)
 		}
 	}

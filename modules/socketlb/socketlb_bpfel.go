@@ -35,7 +35,6 @@ const (
 	socketlbMapWeirSockAffinity   = "weir_sock_affinity"
 	socketlbMapWeirSockRev        = "weir_sock_rev"
 	socketlbMapWeirSockTerm       = "weir_sock_term"
-	socketlbMapWeirSrcFrontends   = "weir_src_frontends"
 	socketlbMapWeirSrcRanges      = "weir_src_ranges"
 	socketlbProgSock4Connect      = "sock4_connect"
 	socketlbProgSock4Getpeername  = "sock4_getpeername"
@@ -125,7 +124,6 @@ type socketlbMapSpecs struct {
 	WeirSockAffinity *ebpf.MapSpec `ebpf:"weir_sock_affinity"`
 	WeirSockRev      *ebpf.MapSpec `ebpf:"weir_sock_rev"`
 	WeirSockTerm     *ebpf.MapSpec `ebpf:"weir_sock_term"`
-	WeirSrcFrontends *ebpf.MapSpec `ebpf:"weir_src_frontends"`
 	WeirSrcRanges    *ebpf.MapSpec `ebpf:"weir_src_ranges"`
 }
 
@@ -179,7 +177,6 @@ type socketlbMaps struct {
 	WeirSockAffinity *ebpf.Map `ebpf:"weir_sock_affinity"`
 	WeirSockRev      *ebpf.Map `ebpf:"weir_sock_rev"`
 	WeirSockTerm     *ebpf.Map `ebpf:"weir_sock_term"`
-	WeirSrcFrontends *ebpf.Map `ebpf:"weir_src_frontends"`
 	WeirSrcRanges    *ebpf.Map `ebpf:"weir_src_ranges"`
 }
 
@@ -204,7 +201,6 @@ func (m *socketlbMaps) Close() error {
 		m.WeirSockAffinity,
 		m.WeirSockRev,
 		m.WeirSockTerm,
-		m.WeirSrcFrontends,
 		m.WeirSrcRanges,
 	)
 }

@@ -35,7 +35,6 @@ const (
 	tunnelMapWeirSockAffinity   = "weir_sock_affinity"
 	tunnelMapWeirSockRev        = "weir_sock_rev"
 	tunnelMapWeirSockTerm       = "weir_sock_term"
-	tunnelMapWeirSrcFrontends   = "weir_src_frontends"
 	tunnelMapWeirSrcRanges      = "weir_src_ranges"
 	tunnelProgTunnelDecap       = "tunnel_decap"
 	tunnelProgTunnelForward     = "tunnel_forward"
@@ -120,7 +119,6 @@ type tunnelMapSpecs struct {
 	WeirSockAffinity *ebpf.MapSpec `ebpf:"weir_sock_affinity"`
 	WeirSockRev      *ebpf.MapSpec `ebpf:"weir_sock_rev"`
 	WeirSockTerm     *ebpf.MapSpec `ebpf:"weir_sock_term"`
-	WeirSrcFrontends *ebpf.MapSpec `ebpf:"weir_src_frontends"`
 	WeirSrcRanges    *ebpf.MapSpec `ebpf:"weir_src_ranges"`
 }
 
@@ -177,7 +175,6 @@ type tunnelMaps struct {
 	WeirSockAffinity *ebpf.Map `ebpf:"weir_sock_affinity"`
 	WeirSockRev      *ebpf.Map `ebpf:"weir_sock_rev"`
 	WeirSockTerm     *ebpf.Map `ebpf:"weir_sock_term"`
-	WeirSrcFrontends *ebpf.Map `ebpf:"weir_src_frontends"`
 	WeirSrcRanges    *ebpf.Map `ebpf:"weir_src_ranges"`
 }
 
@@ -202,7 +199,6 @@ func (m *tunnelMaps) Close() error {
 		m.WeirSockAffinity,
 		m.WeirSockRev,
 		m.WeirSockTerm,
-		m.WeirSrcFrontends,
 		m.WeirSrcRanges,
 	)
 }

@@ -137,6 +137,7 @@ enum weir_svc_type {
 /* weir_svc_val.flags2 */
 #define WEIR_SVC_F2_AFFINITY 0x01
 #define WEIR_SVC_F2_TWO_SCOPES 0x02 /* an internal-scope entry exists */
+#define WEIR_SVC_F2_SOURCE_RANGES 0x04 /* clients from outside only from weir_src_ranges */
 
 struct weir_svc_val {
 	__u32 backend_id;       /* slots 1..count */
@@ -301,18 +302,11 @@ struct weir_nat_counters {
 	__u64 exhausted; /* flows that found none */
 };
 
-/* weir_src_frontends: load-balancer frontends restricted to clients in
- * their loadBalancerSourceRanges (the value: how many ranges), and
- * weir_src_ranges, the ranges (LPM: the frontend exactly, 64 bits, then
- * the client's prefix). The agent writes ranges before it marks a
- * frontend restricted and unmarks it before it deletes them. */
-struct weir_src_frontend_key {
-	__be32 addr;
-	__be16 port;
-	__u8 proto;
-	__u8 pad;
-};
-
+/* weir_src_ranges: the loadBalancerSourceRanges of load-balancer
+ * frontends flagged WEIR_SVC_F2_SOURCE_RANGES (LPM: the frontend exactly,
+ * 64 bits, then the client's prefix). A flagged frontend takes only
+ * clients a range here holds: closed, not open, while its ranges are
+ * still being written. */
 struct weir_src_range_key {
 	__u32 prefixlen; /* 64 + the client prefix's bits */
 	__be32 faddr;
@@ -554,15 +548,6 @@ struct {
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } weir_sock_term SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 16384);
-	__type(key, struct weir_src_frontend_key);
-	__type(value, __u32);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} weir_src_frontends SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LPM_TRIE);

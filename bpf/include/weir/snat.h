@@ -96,7 +96,9 @@ struct weir_snat_search {
 };
 
 /* One try: the client's port (or a random one) first, a random one
- * second, then the ports after it. Returns 1 to stop. */
+ * second, then the ports after it; a range no larger than the tries is
+ * walked from the first candidate, so every port of it is tried. Returns
+ * 1 to stop. */
 static __attribute__((noinline)) long weir_snat_try(__u32 i, void *data)
 {
 	struct weir_snat_search *s = data;
@@ -104,9 +106,9 @@ static __attribute__((noinline)) long weir_snat_try(__u32 i, void *data)
 
 	if (s->span == 0)
 		return 1;
-	if (i == 1)
+	if (i == 1 && s->span > WEIR_NAT_TRIES)
 		s->port = s->min + bpf_get_prandom_u32() % s->span;
-	else if (i > 1)
+	else if (i > 0)
 		s->port = s->port >= s->max ? s->min : s->port + 1;
 	s->in.dport = bpf_htons(s->port);
 	/* The IN entry claims the port: atomically, so two flows never get
@@ -186,11 +188,36 @@ WEIR_INLINE struct weir_nat_entry *weir_snat_create(const struct weir_nat_key *o
 /* Deletes both entries of the flow whose OUT key is out and entry e. */
 WEIR_INLINE void weir_snat_delete(const struct weir_nat_key *out, const struct weir_nat_entry *e)
 {
+	struct weir_nat_entry *back;
 	struct weir_nat_key in;
 
 	weir_nat_key_set(&in, out->daddr, e->addr, out->dport, e->port, out->proto, WEIR_NAT_IN);
-	bpf_map_delete_elem(&weir_nat, &in);
+	back = bpf_map_lookup_elem(&weir_nat, &in);
+	/* The port may belong to another flow by now: its entry stays. */
+	if (back && back->addr == out->saddr && back->port == out->sport)
+		bpf_map_delete_elem(&weir_nat, &in);
 	bpf_map_delete_elem(&weir_nat, out);
+}
+
+/* Whether the IN entry of the flow whose OUT key is out and entry o
+ * exists and points back to it: the flow owns its port. A missing IN
+ * entry (the LRU took it) is written again when the port is still free;
+ * returns 0 when the port went to another flow. */
+WEIR_INLINE int weir_snat_owns(const struct weir_nat_key *out, const struct weir_nat_entry *o, __u32 now)
+{
+	struct weir_nat_entry back = {.addr = out->saddr, .port = out->sport, .owner = o->owner, .created = now};
+	struct weir_nat_entry *in;
+	struct weir_nat_key ik;
+
+	weir_nat_key_set(&ik, out->daddr, o->addr, out->dport, o->port, out->proto, WEIR_NAT_IN);
+	in = bpf_map_lookup_elem(&weir_nat, &ik);
+	if (!in && bpf_map_update_elem(&weir_nat, &ik, &back, BPF_NOEXIST) == 0)
+		return 1;
+	/* Written meanwhile by another CPU repairing the same flow, or
+	 * taken by another flow. */
+	if (!in)
+		in = bpf_map_lookup_elem(&weir_nat, &ik);
+	return in && in->addr == out->saddr && in->port == out->sport;
 }
 
 /* The OUT entry of the flow saddr:sport -> daddr:dport, or NULL. */

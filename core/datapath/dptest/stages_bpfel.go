@@ -35,7 +35,6 @@ const (
 	stagesMapWeirSockAffinity   = "weir_sock_affinity"
 	stagesMapWeirSockRev        = "weir_sock_rev"
 	stagesMapWeirSockTerm       = "weir_sock_term"
-	stagesMapWeirSrcFrontends   = "weir_src_frontends"
 	stagesMapWeirSrcRanges      = "weir_src_ranges"
 	stagesProgStagePass         = "stage_pass"
 	stagesProgStageReenter      = "stage_reenter"
@@ -115,7 +114,6 @@ type stagesMapSpecs struct {
 	WeirSockAffinity *ebpf.MapSpec `ebpf:"weir_sock_affinity"`
 	WeirSockRev      *ebpf.MapSpec `ebpf:"weir_sock_rev"`
 	WeirSockTerm     *ebpf.MapSpec `ebpf:"weir_sock_term"`
-	WeirSrcFrontends *ebpf.MapSpec `ebpf:"weir_src_frontends"`
 	WeirSrcRanges    *ebpf.MapSpec `ebpf:"weir_src_ranges"`
 }
 
@@ -167,7 +165,6 @@ type stagesMaps struct {
 	WeirSockAffinity *ebpf.Map `ebpf:"weir_sock_affinity"`
 	WeirSockRev      *ebpf.Map `ebpf:"weir_sock_rev"`
 	WeirSockTerm     *ebpf.Map `ebpf:"weir_sock_term"`
-	WeirSrcFrontends *ebpf.Map `ebpf:"weir_src_frontends"`
 	WeirSrcRanges    *ebpf.Map `ebpf:"weir_src_ranges"`
 }
 
@@ -192,7 +189,6 @@ func (m *stagesMaps) Close() error {
 		m.WeirSockAffinity,
 		m.WeirSockRev,
 		m.WeirSockTerm,
-		m.WeirSrcFrontends,
 		m.WeirSrcRanges,
 	)
 }
