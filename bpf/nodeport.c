@@ -9,10 +9,33 @@
  */
 #include "weir/ct.h"
 #include "weir/fwd.h"
+#include "weir/icmp.h"
 #include "weir/lb.h"
 #include "weir/snat.h"
 
-/* Load-time settings (modules/nodeport). */
+/* How flows to backends on other nodes are dispatched (the module that
+ * loads this object): with the node as source (SNAT), or by DSR, the
+ * service address travelling with the request and the backend's node
+ * answering the client directly. */
+#define NODEPORT_SNAT 0
+#define NODEPORT_DSR_OPTION 1
+
+/* The DSR IPv4 option (Cilium's layout): copied, class 0, number 26. */
+#define DSR_OPT_TYPE 0x9a
+#define DSR_OPT_LEN 8
+
+struct dsr_opt {
+	__u8 type;
+	__u8 len;
+	__be16 port; /* the service's, as the client called it */
+	__be32 addr;
+} __attribute__((packed));
+
+/* Load-time settings (modules/nodeport, modules/dsr-*). */
+volatile const __u32 nodeport_dispatch = NODEPORT_SNAT;
+/* Protocols dispatched by DSR (bit 0 TCP, bit 1 UDP): the module's mode
+ * (dsr: both; hybrid: TCP only). The rest use SNAT. */
+volatile const __u32 nodeport_dsr_protos = 0;
 #define NODEPORT_MAX_ADDRS 8
 volatile const __be32 nodeport_node_ip = 0; /* the source remote backends see */
 volatile const __be32 nodeport_addrs[NODEPORT_MAX_ADDRS] = {};
@@ -98,6 +121,106 @@ WEIR_INLINE struct weir_nat_entry *nodeport_snat(const struct weir_ctx *ctx, __u
 	return weir_snat_create(&k, nodeport_node_ip, r, WEIR_NAT_NODEPORT, now, reason);
 }
 
+WEIR_INLINE int nodeport_uses_dsr(__u8 proto)
+{
+	if (nodeport_dispatch == NODEPORT_SNAT)
+		return 0;
+	if (proto == IPPROTO_TCP)
+		return nodeport_dsr_protos & 1;
+	return proto == IPPROTO_UDP && (nodeport_dsr_protos & 2);
+}
+
+/* Whether a packet of a DSR flow carries the service address: the TCP
+ * SYN (the backend's node learns the flow from it), every UDP datagram. */
+WEIR_INLINE int nodeport_dsr_carries(const struct weir_ctx *ctx)
+{
+	return ctx->proto == IPPROTO_UDP || weir_tcp_bare_syn(ctx->tcp_flags);
+}
+
+/* Whether the DSR option fits the path: a packet that would not gets
+ * ICMP "fragmentation needed" with the room left (DF set) or is dropped
+ * and counted. Returns -1 to go on, else a verdict. */
+WEIR_INLINE int nodeport_dsr_mtu(struct __sk_buff *skb, struct weir_ctx *ctx)
+{
+	__u32 mtu = 0;
+	__u8 frag;
+
+	if (bpf_check_mtu(skb, 0, &mtu, DSR_OPT_LEN, 0) != BPF_MTU_CHK_RET_FRAG_NEEDED)
+		return -1;
+	if (bpf_skb_load_bytes(skb, ETH_HLEN + 6, &frag, 1) == 0 && (frag & 0x40) && mtu > DSR_OPT_LEN + 68)
+		return weir_icmp_frag_needed(skb, ctx, nodeport_node_ip, mtu - DSR_OPT_LEN);
+	return weir_drop_ctx(skb, ctx, WEIR_DROP_FRAG_NEEDED);
+}
+
+/* Adds the DSR option with the service address addr:port after the IPv4
+ * header (which has none), fixing IHL, the total length and the header
+ * checksum; the L4 checksum does not cover them. */
+WEIR_INLINE int nodeport_dsr_insert(struct __sk_buff *skb, struct weir_ctx *ctx, __be32 addr, __be16 port)
+{
+	struct dsr_opt opt = {.type = DSR_OPT_TYPE, .len = DSR_OPT_LEN, .port = port, .addr = addr};
+	__be32 old_word, new_word;
+	__u8 w[4]; /* version and IHL, TOS, total length */
+	__u32 diff;
+
+	if (ctx->l4_off != ETH_HLEN + sizeof(struct iphdr))
+		return -1;
+	if (bpf_skb_load_bytes(skb, ETH_HLEN, w, sizeof(w)))
+		return -1;
+	__builtin_memcpy(&old_word, w, sizeof(old_word));
+	w[0] += DSR_OPT_LEN / 4;
+	*(__be16 *)&w[2] = bpf_htons(bpf_ntohs(*(__be16 *)&w[2]) + DSR_OPT_LEN);
+	__builtin_memcpy(&new_word, w, sizeof(new_word));
+	if (bpf_skb_adjust_room(skb, DSR_OPT_LEN, BPF_ADJ_ROOM_NET, BPF_F_ADJ_ROOM_FIXED_GSO))
+		return -1;
+	if (bpf_l3_csum_replace(skb, WEIR_IP_CSUM_OFF, old_word, new_word, sizeof(new_word)))
+		return -1;
+	diff = bpf_csum_diff(NULL, 0, (__be32 *)&opt, sizeof(opt), 0);
+	if (bpf_l3_csum_replace(skb, WEIR_IP_CSUM_OFF, 0, diff, 0))
+		return -1;
+	if (bpf_skb_store_bytes(skb, ETH_HLEN, w, sizeof(w), 0) ||
+	    bpf_skb_store_bytes(skb, ETH_HLEN + sizeof(struct iphdr), &opt, sizeof(opt), 0))
+		return -1;
+	ctx->l4_off += DSR_OPT_LEN;
+	return 0;
+}
+
+/*
+ * On the backend's node: a request carrying the DSR option for a local
+ * pod starts (or refreshes) a conntrack entry keyed by the tuple the
+ * client sent, whose REPLY half sends the pod's answers to the client
+ * from the service address. Returns -1 to go on, else a verdict.
+ */
+WEIR_INLINE int nodeport_dsr_receive(struct __sk_buff *skb, struct weir_ctx *ctx, __u32 now)
+{
+	struct weir_endpoint_key ep = {.addr = ctx->daddr};
+	struct weir_ct_entry o = {}, *e;
+	struct weir_ct_key key;
+	struct dsr_opt opt;
+	__u32 reason = WEIR_DROP_CT_CREATE;
+
+	if (ctx->l4_off < ETH_HLEN + sizeof(struct iphdr) + DSR_OPT_LEN ||
+	    bpf_skb_load_bytes(skb, ETH_HLEN + sizeof(struct iphdr), &opt, sizeof(opt)) ||
+	    opt.type != DSR_OPT_TYPE || opt.len != DSR_OPT_LEN || !bpf_map_lookup_elem(&weir_endpoints, &ep))
+		return -1;
+	weir_ct_key_set(&key, ctx->saddr, opt.addr, ctx->sport, opt.port, ctx->proto);
+	e = bpf_map_lookup_elem(&weir_ct, &key);
+	if (e && e->dir == WEIR_CT_ORIG && (e->flags & WEIR_CT_F_DSR) && !weir_ct_expired(e, now) &&
+	    !weir_ct_reopens(e, ctx->proto, ctx->tcp_flags) && e->nat_daddr == ctx->daddr && e->nat_dport == ctx->dport) {
+		weir_ct_touch(&key, e, ctx->tcp_flags, skb->len, now);
+		return weir_next(skb, ctx);
+	}
+	if (e)
+		weir_ct_delete_flow(&key, e);
+	o.nat_saddr = ctx->saddr;
+	o.nat_sport = ctx->sport;
+	o.nat_daddr = ctx->daddr;
+	o.nat_dport = ctx->dport;
+	o.flags = WEIR_CT_F_NODEPORT | WEIR_CT_F_DSR;
+	if (!weir_ct_create(&key, &o, ctx->tcp_flags, skb->len, now, &reason))
+		return weir_drop_ctx(skb, ctx, reason);
+	return weir_next(skb, ctx);
+}
+
 /* A packet of a flow from outside leaves as its conntrack entry says
  * (the backend as destination), and with the node as source when the
  * backend is elsewhere. */
@@ -107,6 +230,22 @@ WEIR_INLINE int nodeport_leave(struct __sk_buff *skb, struct weir_ctx *ctx, cons
 	struct weir_nat_entry *nat;
 	__u32 reason = WEIR_DROP_CT_CREATE;
 
+	if (e->flags & WEIR_CT_F_DSR) {
+		int carries = nodeport_dsr_carries(ctx), rc;
+
+		if (carries && (rc = nodeport_dsr_mtu(skb, ctx)) >= 0)
+			return rc;
+		/* The client answers the backend's SYN-ACK only once it came:
+		 * the flow is established although this node never sees the
+		 * replies (without this it would live as a SYN). */
+		if (ctx->proto == IPPROTO_TCP && !(ctx->tcp_flags & WEIR_TCP_SYN) && !(e->flags & WEIR_CT_F_ESTABLISHED))
+			weir_ct_change(e, WEIR_CT_F_SEEN_REPLY | WEIR_CT_F_ESTABLISHED, 0, key->proto, now);
+		if (weir_ct_apply(skb, ctx, e))
+			return weir_drop_ctx(skb, ctx, WEIR_DROP_CSUM_REWRITE);
+		if (carries && nodeport_dsr_insert(skb, ctx, key->daddr, key->dport))
+			return weir_drop_ctx(skb, ctx, WEIR_DROP_DSR);
+		return nodeport_forward(skb, ctx);
+	}
 	if (weir_ct_apply(skb, ctx, e))
 		return weir_drop_ctx(skb, ctx, WEIR_DROP_CSUM_REWRITE);
 	/* A local backend: the netdev-ingress local stage delivers it. */
@@ -176,6 +315,12 @@ int nodeport_ingress(struct __sk_buff *skb)
 	    (ctx->flags & WEIR_CTX_FRAGMENT))
 		return weir_next(skb, ctx);
 	now = weir_now_sec();
+	if (nodeport_dispatch == NODEPORT_DSR_OPTION) {
+		int rc = nodeport_dsr_receive(skb, ctx, now);
+
+		if (rc >= 0)
+			return rc;
+	}
 	in = weir_snat_in(ctx->saddr, ctx->daddr, ctx->sport, ctx->dport, ctx->proto);
 	if (in && in->owner == WEIR_NAT_NODEPORT)
 		return nodeport_reply(skb, ctx, in, now);
@@ -206,7 +351,7 @@ int nodeport_ingress(struct __sk_buff *skb)
 	o.flags = WEIR_CT_F_NODEPORT;
 	ep.addr = o.nat_daddr;
 	if (!bpf_map_lookup_elem(&weir_endpoints, &ep))
-		o.flags |= WEIR_CT_F_SNAT;
+		o.flags |= nodeport_uses_dsr(ctx->proto) ? WEIR_CT_F_DSR : WEIR_CT_F_SNAT;
 	e = weir_ct_create(&key, &o, ctx->tcp_flags, skb->len, now, &reason);
 	if (!e)
 		return weir_drop_ctx(skb, ctx, reason);

@@ -4,6 +4,7 @@ package modules
 
 import (
 	"github.com/weirnet/weir/core/module"
+	dsripoption "github.com/weirnet/weir/modules/dsr-ipoption"
 	"github.com/weirnet/weir/modules/endpoints"
 	"github.com/weirnet/weir/modules/lb"
 	"github.com/weirnet/weir/modules/masquerade"
@@ -22,6 +23,7 @@ var Factories = []module.Factory{
 	socketlb.Factory,
 	nodeport.Factory,
 	masquerade.Factory,
+	dsripoption.Factory,
 }
 
 // Compile-time guards: each in-tree module satisfies the contract.

@@ -59,6 +59,12 @@ func TestNorthSouthConfigErrors(t *testing.T) {
 		base + "settings:\n  masquerade: {nonMasqueradeCIDRs: [10.0.0.0/8, 192.168.1.1/24]}\n": `settings.masquerade.nonMasqueradeCIDRs[1]: "192.168.1.1/24" has host bits set; the network is 192.168.1.0/24`,
 		base + "settings:\n  masquerade: {nonMasqueradeCIDRs: [10.0.0.0/33]}\n":                `settings.masquerade.nonMasqueradeCIDRs[0]: "10.0.0.0/33" is not an IPv4 CIDR such as 10.0.0.0/8`,
 		"modules: [endpoints, masquerade]\n":                                                   `module "masquerade" (modules[1]) requires module "lb", which is not enabled`,
+		// DSR needs the client's address to reach the backend's node as
+		// it is: native routing.
+		"modules: [endpoints, lb, tunnel, dsr-ipoption]\n":                                                   `module "dsr-ipoption" (modules[3]) requires module "nativerouting", which is not enabled`,
+		"modules: [endpoints, lb, nativerouting, dsr-ipoption]\nsettings:\n  dsr-ipoption: {mode: direct}\n": `settings.dsr-ipoption.mode: "direct" is not one of snat, dsr, hybrid`,
+		"modules: [endpoints, lb, nodeport]\nsettings:\n  nodeport: {mode: dsr}\n":                           `settings.nodeport.mode: "dsr" needs a DSR module (dsr-ipoption); nodeport dispatches by snat only`,
+		"modules: [endpoints, lb, nativerouting, nodeport, dsr-ipoption]\n":                                  `modules "dsr-ipoption" (modules[4]) and "nodeport" (modules[3]) both claim slot netdev-ingress/nodeport (NodePort dispatch); enable only one`,
 	}
 	for yaml, want := range cases {
 		path := filepath.Join(t.TempDir(), "weir.yaml")

@@ -256,6 +256,7 @@ const (
 	coreWeirReasonWEIR_DROP_NO_ROUTE            coreWeirReason = 24
 	coreWeirReasonWEIR_DROP_NAT_ORPHAN          coreWeirReason = 25
 	coreWeirReasonWEIR_DROP_SOURCE_RANGE        coreWeirReason = 26
+	coreWeirReasonWEIR_DROP_DSR                 coreWeirReason = 27
 	coreWeirReasonWEIR_REASON_MAX               coreWeirReason = 32
 )
 

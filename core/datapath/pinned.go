@@ -292,7 +292,7 @@ func ctFlags(f uint16) string {
 		name string
 	}{{CTFlagSeenReply, "SEEN_REPLY"}, {CTFlagEstablished, "ESTABLISHED"}, {CTFlagFINOrig, "FIN_ORIG"}, {CTFlagFINReply, "FIN_REPLY"},
 		{CTFlagRST, "RST"}, {CTFlagRSTReply, "RST_REPLY"}, {CTFlagRemapped, "REMAPPED"}, {CTFlagNodePort, "NODEPORT"},
-		{CTFlagSNAT, "SNAT"}, {CTFlagHairpin, "HAIRPIN"}} {
+		{CTFlagSNAT, "SNAT"}, {CTFlagHairpin, "HAIRPIN"}, {CTFlagDSR, "DSR"}} {
 		if f&b.bit != 0 {
 			s = append(s, b.name)
 		}

@@ -34,6 +34,7 @@ const (
 	DropNoRoute           = Reason(coreWeirReasonWEIR_DROP_NO_ROUTE)
 	DropNATOrphan         = Reason(coreWeirReasonWEIR_DROP_NAT_ORPHAN)
 	DropSourceRange       = Reason(coreWeirReasonWEIR_DROP_SOURCE_RANGE)
+	DropDSR               = Reason(coreWeirReasonWEIR_DROP_DSR)
 )
 
 var reasonNames = map[Reason]string{
@@ -56,6 +57,7 @@ var reasonNames = map[Reason]string{
 	DropNoRoute:           "no route for a translated packet",
 	DropNATOrphan:         "reply to a source NAT whose flow is gone",
 	DropSourceRange:       "client outside the service's loadBalancerSourceRanges",
+	DropDSR:               "the service address could not be added for DSR",
 	DropChecksumRewrite:   "header rewrite failed",
 	DropTTLExceeded:       "TTL exceeded",
 	DropScratch:           "per-CPU scratch unavailable",

@@ -123,6 +123,7 @@ const (
 	CTFlagNodePort    = 0x0080
 	CTFlagSNAT        = 0x0100
 	CTFlagHairpin     = 0x0200
+	CTFlagDSR         = 0x0400
 )
 
 // IPCacheEntry.Flags bits (WEIR_IPCACHE_* in maps.h).

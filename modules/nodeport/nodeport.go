@@ -27,6 +27,7 @@ import (
 	"github.com/weirnet/weir/core/portrange"
 	"github.com/weirnet/weir/modules/endpoints"
 	"github.com/weirnet/weir/modules/lb"
+	"github.com/weirnet/weir/modules/nativerouting"
 )
 
 // Name is the module's name in configuration.
@@ -55,14 +56,43 @@ type Settings struct {
 	// Addresses the node serves NodePorts on; empty: every IPv4 address
 	// of the uplink.
 	Addresses []string `yaml:"addresses"`
+	// Mode says how flows to backends on other nodes are dispatched:
+	// snat, dsr, or hybrid (DSR for TCP, SNAT for UDP). The nodeport
+	// module only does snat; the DSR modules default to dsr.
+	Mode string `yaml:"mode"`
 
+	dispatch        Dispatch
 	nodePorts, snat portrange.Range
 	addrs           []netip.Addr
 }
 
-// DefaultSettings returns the defaults.
-func DefaultSettings() *Settings {
-	return &Settings{NodePortRange: DefaultNodePortRange, SNATPortRange: DefaultSNATPortRange}
+// Dispatch is how a module sends flows to backends on other nodes when
+// its mode says DSR (the NodePort dispatch group's members).
+type Dispatch uint32
+
+// Dispatch kinds (NODEPORT_* in bpf/nodeport.c).
+const (
+	SNAT      Dispatch = 0
+	DSROption Dispatch = 1
+)
+
+// Modes of the mode setting.
+const (
+	ModeSNAT   = "snat"
+	ModeDSR    = "dsr"
+	ModeHybrid = "hybrid"
+)
+
+// DefaultSettings returns the defaults of the nodeport module.
+func DefaultSettings() *Settings { return DefaultSettingsFor(SNAT) }
+
+// DefaultSettingsFor returns the defaults of the dispatch module d.
+func DefaultSettingsFor(d Dispatch) *Settings {
+	mode := ModeSNAT
+	if d != SNAT {
+		mode = ModeDSR
+	}
+	return &Settings{NodePortRange: DefaultNodePortRange, SNATPortRange: DefaultSNATPortRange, Mode: mode, dispatch: d}
 }
 
 // Validate implements module.Settings.
@@ -86,8 +116,29 @@ func (s *Settings) Validate() error {
 		}
 		addrs = append(addrs, ip)
 	}
+	switch s.Mode {
+	case ModeSNAT:
+	case ModeDSR, ModeHybrid:
+		if s.dispatch == SNAT {
+			return &module.FieldError{Path: "mode", Msg: fmt.Sprintf("%q needs a DSR module (dsr-ipoption); nodeport dispatches by snat only", s.Mode)}
+		}
+	default:
+		return &module.FieldError{Path: "mode", Msg: fmt.Sprintf("%q is not one of snat, dsr, hybrid", s.Mode)}
+	}
 	s.nodePorts, s.snat, s.addrs = np, sn, addrs
 	return nil
+}
+
+// dsrProtos are the protocols the mode dispatches by DSR (bit 0 TCP,
+// bit 1 UDP).
+func (s *Settings) dsrProtos() uint32 {
+	switch s.Mode {
+	case ModeDSR:
+		return 3
+	case ModeHybrid:
+		return 1
+	}
+	return 0
 }
 
 // NodePorts is the validated NodePort range.
@@ -105,22 +156,39 @@ func (s *Settings) PortRanges() []portrange.Named {
 var _ portrange.Holder = (*Settings)(nil)
 
 // Factory registers the module.
-var Factory = module.Factory{
-	Descriptor: module.Descriptor{
-		Name:    Name,
-		Summary: "NodePort, load-balancer and external IPs from outside the cluster, SNAT to remote backends",
-		// lb keeps the service maps and serves in-cluster clients of the
-		// same frontends; endpoints delivers to local backends.
-		Requires: []string{lb.Name, endpoints.Name},
-		Slots: []module.SlotClaim{
-			{Slot: "netdev-ingress/nodeport", Program: "nodeport_ingress"},
-			{Slot: "pod-egress/nodeport", Program: "nodeport_reply_local"},
+var Factory = DispatchFactory(Name, "NodePort, load-balancer and external IPs from outside the cluster, SNAT to remote backends", SNAT)
+
+// DispatchFactory is the factory of a member of the NodePort dispatch
+// group: nodeport, and the DSR modules, which share its programs (and
+// serve SNAT too, for the protocols their mode leaves to it). DSR needs
+// native routing: the request keeps the client's address on its way to
+// the backend's node, which answers the client itself.
+func DispatchFactory(name, summary string, d Dispatch) module.Factory {
+	requires := []string{lb.Name, endpoints.Name}
+	if d != SNAT {
+		requires = append(requires, nativerouting.Name)
+	}
+	return module.Factory{
+		Descriptor: module.Descriptor{
+			Name:    name,
+			Summary: summary,
+			// lb keeps the service maps and serves in-cluster clients of
+			// the same frontends; endpoints delivers to local backends.
+			Requires: requires,
+			Slots: []module.SlotClaim{
+				{Slot: "netdev-ingress/nodeport", Program: "nodeport_ingress"},
+				{Slot: "pod-egress/nodeport", Program: "nodeport_reply_local"},
+			},
+			NewSettings: func() module.Settings { return DefaultSettingsFor(d) },
 		},
-		NewSettings: func() module.Settings { return DefaultSettings() },
-	},
-	Provide: func(s module.Settings) fx.Option {
-		return fx.Options(fx.Supply(s.(*Settings)), module.Provide(New))
-	},
+		Provide: func(s module.Settings) fx.Option {
+			return fx.Options(fx.Supply(s.(*Settings)), module.Provide(func(p Params) *Module {
+				m := New(p)
+				m.name = name
+				return m
+			}))
+		},
+	}
 }
 
 // Params are what the module is built from.
@@ -135,8 +203,9 @@ type Params struct {
 	Log        *slog.Logger
 }
 
-// Module is the running nodeport module.
+// Module is the running nodeport module (or a DSR module).
 type Module struct {
+	name   string
 	s      *Settings
 	up     node.Uplink
 	store  *model.Store
@@ -150,12 +219,12 @@ type Module struct {
 // New builds the module.
 func New(p Params) *Module {
 	log := p.Log.With("module", Name)
-	return &Module{s: p.Settings, up: p.Info.Uplink, store: p.Store, log: log, health: newHealthChecks(p.Info.Name, log),
+	return &Module{name: Name, s: p.Settings, up: p.Info.Uplink, store: p.Store, log: log, health: newHealthChecks(p.Info.Name, log),
 		ranges: newSourceRanges(p.Datapath)}
 }
 
 // Name implements module.Module.
-func (*Module) Name() string { return Name }
+func (m *Module) Name() string { return m.name }
 
 // Object implements module.Module: the node's address (the SNAT source),
 // the addresses NodePorts listen on and the port ranges become load-time
@@ -216,6 +285,8 @@ func ObjectSpec(s *Settings, nodeIP netip.Addr, addrs []netip.Addr) (*ebpf.Colle
 		"nodeport_max":        uint32(s.nodePorts.Max),
 		"nodeport_snat_min":   uint32(s.snat.Min),
 		"nodeport_snat_max":   uint32(s.snat.Max),
+		"nodeport_dispatch":   uint32(s.dispatch),
+		"nodeport_dsr_protos": s.dsrProtos(),
 	} {
 		if err := spec.Variables[name].Set(v); err != nil {
 			return nil, fmt.Errorf("setting %s: %w", name, err)

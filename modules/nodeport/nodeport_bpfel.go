@@ -40,6 +40,8 @@ const (
 	nodeportProgNodeportReplyLocal = "nodeport_reply_local"
 	nodeportVarNodeportAddrCount   = "nodeport_addr_count"
 	nodeportVarNodeportAddrs       = "nodeport_addrs"
+	nodeportVarNodeportDispatch    = "nodeport_dispatch"
+	nodeportVarNodeportDsrProtos   = "nodeport_dsr_protos"
 	nodeportVarNodeportMax         = "nodeport_max"
 	nodeportVarNodeportMin         = "nodeport_min"
 	nodeportVarNodeportNodeIp      = "nodeport_node_ip"
@@ -128,6 +130,8 @@ type nodeportMapSpecs struct {
 type nodeportVariableSpecs struct {
 	NodeportAddrCount  *ebpf.VariableSpec `ebpf:"nodeport_addr_count"`
 	NodeportAddrs      *ebpf.VariableSpec `ebpf:"nodeport_addrs"`
+	NodeportDispatch   *ebpf.VariableSpec `ebpf:"nodeport_dispatch"`
+	NodeportDsrProtos  *ebpf.VariableSpec `ebpf:"nodeport_dsr_protos"`
 	NodeportMax        *ebpf.VariableSpec `ebpf:"nodeport_max"`
 	NodeportMin        *ebpf.VariableSpec `ebpf:"nodeport_min"`
 	NodeportNodeIp     *ebpf.VariableSpec `ebpf:"nodeport_node_ip"`
@@ -211,6 +215,8 @@ func (m *nodeportMaps) Close() error {
 type nodeportVariables struct {
 	NodeportAddrCount  *ebpf.Variable `ebpf:"nodeport_addr_count"`
 	NodeportAddrs      *ebpf.Variable `ebpf:"nodeport_addrs"`
+	NodeportDispatch   *ebpf.Variable `ebpf:"nodeport_dispatch"`
+	NodeportDsrProtos  *ebpf.Variable `ebpf:"nodeport_dsr_protos"`
 	NodeportMax        *ebpf.Variable `ebpf:"nodeport_max"`
 	NodeportMin        *ebpf.Variable `ebpf:"nodeport_min"`
 	NodeportNodeIp     *ebpf.Variable `ebpf:"nodeport_node_ip"`

@@ -57,6 +57,7 @@ enum weir_reason {
 	WEIR_DROP_NO_ROUTE = 24,        /* a translated packet has no route out */
 	WEIR_DROP_NAT_ORPHAN = 25,      /* a reply to a source NAT whose flow is gone */
 	WEIR_DROP_SOURCE_RANGE = 26,    /* client outside a frontend's loadBalancerSourceRanges */
+	WEIR_DROP_DSR = 27,             /* the service address could not be added for DSR */
 	WEIR_REASON_MAX = 32,
 };
 
@@ -215,8 +216,9 @@ struct weir_ct_key {
 #define WEIR_CT_F_NODEPORT 0x0080    /* a flow from outside to a NodePort, LB or external IP */
 #define WEIR_CT_F_SNAT 0x0100        /* ... whose source also leaves translated (weir_nat) */
 #define WEIR_CT_F_HAIRPIN 0x0200     /* a pod reaching itself through a service */
+#define WEIR_CT_F_DSR 0x0400         /* a NodePort flow whose backend answers the client directly */
 /* The kinds of flow: set by whoever makes the flow, kept for its life. */
-#define WEIR_CT_F_KINDS (WEIR_CT_F_NODEPORT | WEIR_CT_F_SNAT | WEIR_CT_F_HAIRPIN)
+#define WEIR_CT_F_KINDS (WEIR_CT_F_NODEPORT | WEIR_CT_F_SNAT | WEIR_CT_F_HAIRPIN | WEIR_CT_F_DSR)
 
 /* The source a pod sees on packets it sent itself through a service (a
  * hairpin): its own address as source would be dropped as a martian. A
