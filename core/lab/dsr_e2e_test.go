@@ -1,18 +1,26 @@
 package lab
 
 import (
+	"bufio"
 	"context"
 	"encoding/binary"
+	"fmt"
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
+	"sync"
+	"syscall"
 	"testing"
 	"time"
 
 	"github.com/gopacket/gopacket"
 	"github.com/gopacket/gopacket/layers"
+	"golang.org/x/sys/unix"
+
+	"github.com/weirnet/weir/core/proc"
 )
 
 const dsrServices = `services:
@@ -23,6 +31,7 @@ const dsrServices = `services:
     ports:
       - {name: http, port: 80, targetPort: 8080, nodePort: 30080}
       - {name: udp, port: 53, targetPort: 5353, protocol: UDP, nodePort: 30053}
+      - {name: echo, port: 9000, nodePort: 30090}
     backends: [{ip: 10.244.2.11, nodeName: n2}]
 `
 
@@ -43,7 +52,7 @@ func upDSR(t *testing.T, mode string) *Lab {
 	}
 	waitFor(t, 10*time.Second, "services on every node", func() bool {
 		for _, n := range l.Nodes {
-			if len(serviceRows(t, n)) != 6 {
+			if len(serviceRows(t, n)) != 9 {
 				return false
 			}
 		}
@@ -142,5 +151,212 @@ func TestDSRIPOption(t *testing.T) {
 	}
 	if opts[n1.IP+":30080"] != 5 || opts[n1.IP+":30053"] != 5 || len(opts) != 2 {
 		t.Errorf("DSR options reaching n2: %v; want 5 naming %s:30080 (SYNs) and 5 naming %s:30053 (datagrams)", opts, n1.IP, n1.IP)
+	}
+}
+
+// Hybrid mode: TCP by DSR (replies leave n2 for the client), UDP by SNAT
+// (replies come back through n1), both seen on the wire.
+func TestDSRHybrid(t *testing.T) {
+	l := upDSR(t, "hybrid")
+	ctx := context.Background()
+	ext := l.External("ext")
+	n1 := l.Node("n1")
+	c := HTTPClient(ext.NetnsPath(), 3*time.Second)
+	var atN1, atN2 [][]byte
+	atN1 = capture(t, l, "u-n1", func() {
+		atN2 = capture(t, l, "u-n2", func() {
+			for range 5 {
+				if got, err := Get(ctx, c, "http://"+n1.IP+":30080/client"); err != nil || !strings.HasPrefix(got, "web-2 "+ext.IP+":") {
+					t.Errorf("ext -> n1:30080: %q %v", got, err)
+				}
+				if got, err := UDPAsk(ctx, ext.NetnsPath(), n1.IP+":30053", "ping", 3*time.Second); err != nil || got != "web-2: ping" {
+					t.Errorf("ext -> n1:30053/udp: %q %v", got, err)
+				}
+			}
+		})
+	})
+	w1, w2 := wire(atN1, ext.IP), wire(atN2, ext.IP)
+	tcp, udp := n1.IP+":30080 TCP", n1.IP+":30053 UDP"
+	if w2.toExt[tcp] == 0 || w1.toExt[tcp] != 0 {
+		t.Errorf("TCP replies to the client: %d from n2, %d from n1; want them from n2 only (DSR)", w2.toExt[tcp], w1.toExt[tcp])
+	}
+	if w1.toExt[udp] != 5 || w2.toExt[udp] != 0 {
+		t.Errorf("UDP replies to the client: %d from n1, %d from n2; want 5 from n1 only (SNAT)", w1.toExt[udp], w2.toExt[udp])
+	}
+	for _, o := range w2.dsrOptions {
+		if o != n1.IP+":30080" {
+			t.Errorf("a DSR option for %s reached n2; UDP goes by SNAT in hybrid mode", o)
+		}
+	}
+}
+
+// A datagram the option would push past the path MTU is answered with
+// ICMP fragmentation needed announcing the room left: the client's kernel
+// learns a path MTU 8 bytes smaller, and smaller datagrams go through.
+func TestDSRIPOptionMTU(t *testing.T) {
+	l := upDSR(t, "dsr")
+	ext := l.External("ext")
+	n1 := l.Node("n1")
+	fd := dgramSocket(t, ext.NetnsPath())
+	dst := &unix.SockaddrInet4{Port: 30053, Addr: netip.MustParseAddr(n1.IP).As4()}
+	if err := unix.Connect(fd, dst); err != nil {
+		t.Fatal(err)
+	}
+	full := make([]byte, 1500-20-8) // a 1,500-byte IP packet: the uplink's MTU
+	if _, err := unix.Write(fd, full); err != nil {
+		t.Fatalf("first send: %v", err)
+	}
+	waitFor(t, 5*time.Second, "the client to learn the path MTU", func() bool {
+		mtu, err := unix.GetsockoptInt(fd, unix.IPPROTO_IP, unix.IP_MTU)
+		return err == nil && mtu == 1492
+	})
+	_ = unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &unix.Timeval{Sec: 3})
+	fits := make([]byte, 1492-20-8)
+	copy(fits, "fits")
+	// The ICMP error is also reported on the connected socket, once: the
+	// next call returns it.
+	if _, err := unix.Write(fd, fits); err == unix.EMSGSIZE {
+		_, err = unix.Write(fd, fits)
+		if err != nil {
+			t.Fatalf("send within the path MTU: %v", err)
+		}
+	} else if err != nil {
+		t.Fatalf("send within the path MTU: %v", err)
+	}
+	buf := make([]byte, 2048)
+	n, err := unix.Read(fd, buf)
+	if err != nil || !strings.HasPrefix(string(buf[:n]), "web-2: fits") {
+		t.Fatalf("answer to a datagram that fits: %q %v", buf[:min(n, 20)], err)
+	}
+}
+
+// 1,000 DSR connections held open at once all complete, and DSR flows
+// carry on while the backend node's agent restarts and is killed.
+func TestDSRUnderLoad(t *testing.T) {
+	l := upDSR(t, "dsr")
+	ctx := context.Background()
+	ext := l.External("ext")
+	n1 := l.Node("n1")
+	addr := n1.IP + ":30090"
+	const conns = 1000
+	var (
+		wg      sync.WaitGroup
+		open    sync.WaitGroup
+		mu      sync.Mutex
+		failed  []string
+		release = make(chan struct{})
+	)
+	open.Add(conns)
+	for i := range conns {
+		wg.Go(func() {
+			err := func() error {
+				dctx, cancel := context.WithTimeout(ctx, 20*time.Second)
+				defer cancel()
+				c, err := Dial(dctx, ext.NetnsPath(), "tcp4", addr)
+				open.Done()
+				if err != nil {
+					return err
+				}
+				defer c.Close()
+				<-release
+				_ = c.SetDeadline(time.Now().Add(20 * time.Second))
+				msg := fmt.Sprintf("conn-%d", i)
+				if _, err := fmt.Fprintln(c, msg); err != nil {
+					return err
+				}
+				line, err := bufio.NewReader(c).ReadString('\n')
+				if err != nil {
+					return err
+				}
+				if strings.TrimSpace(line) != "web-2: "+msg {
+					return fmt.Errorf("answer %q", line)
+				}
+				return nil
+			}()
+			if err != nil {
+				mu.Lock()
+				failed = append(failed, fmt.Sprintf("#%d: %v", i, err))
+				mu.Unlock()
+			}
+		})
+	}
+	open.Wait()
+	close(release)
+	wg.Wait()
+	if len(failed) > 0 {
+		t.Fatalf("%d of %d DSR connections failed; first: %s", len(failed), conns, failed[0])
+	}
+
+	// Long-lived flows through the agent's restart and kill on n2, the
+	// node that holds their DSR state.
+	stop := make(chan struct{})
+	counts := make([]int, 20)
+	var errs []string
+	var lw sync.WaitGroup
+	for i := range counts {
+		c, err := Dial(ctx, ext.NetnsPath(), "tcp4", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		r := bufio.NewReader(c)
+		lw.Go(func() {
+			for n := 0; ; n++ {
+				select {
+				case <-stop:
+					return
+				case <-time.After(20 * time.Millisecond):
+				}
+				_ = c.SetDeadline(time.Now().Add(5 * time.Second))
+				msg := fmt.Sprintf("m%d", n)
+				_, err := fmt.Fprintln(c, msg)
+				var line string
+				if err == nil {
+					line, err = r.ReadString('\n')
+				}
+				if err == nil && strings.TrimSpace(line) != "web-2: "+msg {
+					err = fmt.Errorf("answer %q", line)
+				}
+				mu.Lock()
+				if err != nil {
+					errs = append(errs, fmt.Sprintf("flow %d: %v", i, err))
+					mu.Unlock()
+					return
+				}
+				counts[i]++
+				mu.Unlock()
+			}
+		})
+	}
+	atLeast := func(n int) func() bool {
+		return func() bool {
+			mu.Lock()
+			defer mu.Unlock()
+			return slices.Min(counts) >= n
+		}
+	}
+	waitFor(t, 10*time.Second, "traffic on every flow", atLeast(5))
+	if err := l.StopAgent("n2"); err != nil {
+		t.Fatal(err)
+	}
+	if err := l.StartAgent(ctx, "n2"); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 10*time.Second, "traffic after the restart", atLeast(30))
+	n2 := l.Node("n2")
+	pid := n2.AgentPID
+	if err := syscall.Kill(pid, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 10*time.Second, "the agent to die", func() bool { return !proc.Alive(pid) })
+	waitFor(t, 10*time.Second, "traffic with no agent", atLeast(50))
+	if err := l.StartAgent(ctx, "n2"); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 10*time.Second, "traffic after the kill", atLeast(80))
+	close(stop)
+	lw.Wait()
+	if len(errs) > 0 {
+		t.Errorf("%d flows broke: %v", len(errs), errs)
 	}
 }
