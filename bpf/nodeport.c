@@ -121,10 +121,14 @@ WEIR_INLINE struct weir_nat_entry *nodeport_snat(const struct weir_ctx *ctx, __u
 	return weir_snat_create(&k, nodeport_node_ip, r, WEIR_NAT_NODEPORT, now, reason);
 }
 
-WEIR_INLINE int nodeport_uses_dsr(__u8 proto)
+/* Whether a new flow of proto to the frontend svc goes by DSR: the
+ * service's own mode if it has one, else the pool's (the module's). */
+WEIR_INLINE int nodeport_uses_dsr(__u8 proto, const struct weir_svc_val *svc)
 {
-	if (nodeport_dispatch == NODEPORT_SNAT)
+	if (nodeport_dispatch == NODEPORT_SNAT || (svc->flags2 & WEIR_SVC_F2_MODE_SNAT))
 		return 0;
+	if (svc->flags2 & WEIR_SVC_F2_MODE_DSR)
+		return proto == IPPROTO_TCP || proto == IPPROTO_UDP;
 	if (proto == IPPROTO_TCP)
 		return nodeport_dsr_protos & 1;
 	return proto == IPPROTO_UDP && (nodeport_dsr_protos & 2);
@@ -351,7 +355,7 @@ int nodeport_ingress(struct __sk_buff *skb)
 	o.flags = WEIR_CT_F_NODEPORT;
 	ep.addr = o.nat_daddr;
 	if (!bpf_map_lookup_elem(&weir_endpoints, &ep))
-		o.flags |= nodeport_uses_dsr(ctx->proto) ? WEIR_CT_F_DSR : WEIR_CT_F_SNAT;
+		o.flags |= nodeport_uses_dsr(ctx->proto, svc) ? WEIR_CT_F_DSR : WEIR_CT_F_SNAT;
 	e = weir_ct_create(&key, &o, ctx->tcp_flags, skb->len, now, &reason);
 	if (!e)
 		return weir_drop_ctx(skb, ctx, reason);

@@ -96,6 +96,10 @@ const (
 	SvcFlagTwoScopes = 0x02
 	// SvcFlagSourceRanges: clients from outside only from weir_src_ranges.
 	SvcFlagSourceRanges = 0x04
+	// SvcFlagModeSNAT and SvcFlagModeDSR: the service's own forwarding
+	// mode for this frontend, over the node pool's.
+	SvcFlagModeSNAT = 0x08
+	SvcFlagModeDSR  = 0x10
 )
 
 // Backend states stored in Backend.State.

@@ -71,9 +71,13 @@ type Service struct {
 	HealthCheckNodePort int `yaml:"healthCheckNodePort"`
 	// LoadBalancerSourceRanges restrict the clients outside the cluster a
 	// LoadBalancer service's load-balancer IPs take traffic from.
-	LoadBalancerSourceRanges []string      `yaml:"loadBalancerSourceRanges"`
-	Ports                    []ServicePort `yaml:"ports"`
-	Backends                 []Backend     `yaml:"backends"`
+	LoadBalancerSourceRanges []string `yaml:"loadBalancerSourceRanges"`
+	// ForwardingMode overrides the node pool's NodePort dispatch mode
+	// for this service: snat, dsr or hybrid (the annotation
+	// service.weir.dev/forwarding-mode in Kubernetes).
+	ForwardingMode string        `yaml:"forwardingMode"`
+	Ports          []ServicePort `yaml:"ports"`
+	Backends       []Backend     `yaml:"backends"`
 }
 
 // ServicePort is one port of a service; each becomes a frontend.
@@ -188,7 +192,11 @@ func ParseContents(file string, data []byte) (*Contents, error) {
 			}
 			states = append(states, st)
 		}
-		svc := &model.Service{Name: name, HealthCheckNodePort: uint16(s.HealthCheckNodePort), SourceRanges: ext.sourceRanges}
+		mode, err := model.ParseForwardingMode(s.ForwardingMode)
+		if err != nil {
+			return nil, fail(strictyaml.Key(sp, "forwardingMode"), "%v", err)
+		}
+		svc := &model.Service{Name: name, HealthCheckNodePort: uint16(s.HealthCheckNodePort), SourceRanges: ext.sourceRanges, ForwardingMode: mode}
 		if s.HealthCheckNodePort != 0 {
 			hc := model.FrontendKey{Addr: netip.AddrPortFrom(netip.IPv4Unspecified(), uint16(s.HealthCheckNodePort)), Proto: model.TCP}
 			if owner, dup := frontends[hc]; dup {

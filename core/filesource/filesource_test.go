@@ -271,7 +271,7 @@ func TestParseErrors(t *testing.T) {
 		{
 			name: "unknown service field",
 			doc:  with(map[int]string{4: "    clusterIp: 10.96.0.10"}),
-			want: `svc.yaml:4:5: services[0]: unknown field "clusterIp"; allowed fields: backends, clusterIP, externalIPs, externalTrafficPolicy, healthCheckNodePort, loadBalancerIPs, loadBalancerSourceRanges, name, namespace, ports, type`,
+			want: `svc.yaml:4:5: services[0]: unknown field "clusterIp"; allowed fields: backends, clusterIP, externalIPs, externalTrafficPolicy, forwardingMode, healthCheckNodePort, loadBalancerIPs, loadBalancerSourceRanges, name, namespace, ports, type`,
 		},
 		{
 			name: "unknown port field",
@@ -600,6 +600,11 @@ func TestParseErrors(t *testing.T) {
 			name: "source ranges on a NodePort service",
 			doc:  lines("services:", "  - name: web", "    clusterIP: 10.96.0.10", "    type: NodePort", "    loadBalancerSourceRanges: [10.0.0.0/8]", "    ports: [{port: 80}]"),
 			want: `svc.yaml:5:31: services[0].loadBalancerSourceRanges: only services of type LoadBalancer have source ranges`,
+		},
+		{
+			name: "unknown forwarding mode",
+			doc:  lines("services:", "  - name: web", "    clusterIP: 10.96.0.10", "    forwardingMode: direct", "    ports: [{port: 80}]"),
+			want: `svc.yaml:4:21: services[0].forwardingMode: "direct" is not one of snat, dsr, hybrid`,
 		},
 		{
 			name: "unknown traffic policy",

@@ -36,6 +36,13 @@ func convert(svc *service, eps []*endpointSlice) *model.Service {
 		AffinityTimeout:     svc.affinity,
 		HealthCheckNodePort: svc.healthCheck,
 	}
+	// An annotation value the datapath does not know leaves the pool's
+	// mode in force, and is said so.
+	if mode, err := model.ParseForwardingMode(svc.mode); err != nil {
+		out.Unserved = append(out.Unserved, fmt.Sprintf("annotation %s: %v; the node pool's mode applies", model.ForwardingModeAnnotation, err))
+	} else {
+		out.ForwardingMode = mode
+	}
 	// Ranges that do not parse are left out and said so, as kube-proxy
 	// leaves them out (the API server validates them on write).
 	for _, r := range svc.sourceRanges {

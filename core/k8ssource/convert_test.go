@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"net/netip"
 	"reflect"
+	"slices"
 	"strings"
 	"testing"
 
@@ -736,5 +737,45 @@ func TestConvertValidates(t *testing.T) {
 	}
 	if err := m.Validate(); err != nil {
 		t.Fatalf("Validate: %v\n%s", err, dump(m))
+	}
+}
+
+// The forwarding-mode annotation sets the service's own mode; a value
+// the datapath does not know leaves the pool's mode and is reported.
+// Health check ports and source ranges come through as written.
+func TestNorthSouthFields(t *testing.T) {
+	ann := func(v string) svcOpt {
+		return func(s *corev1.Service) {
+			s.Annotations = map[string]string{"service.weir.dev/forwarding-mode": v}
+		}
+	}
+	lb := func(s *corev1.Service) {
+		s.Spec.Type = corev1.ServiceTypeLoadBalancer
+		s.Spec.ExternalTrafficPolicy = corev1.ServiceExternalTrafficPolicyLocal
+		s.Spec.HealthCheckNodePort = 31999
+		s.Spec.LoadBalancerSourceRanges = []string{"203.0.113.0/24", "2001:db8::/32", "10.1.2.3/8"}
+	}
+	m := Convert(svc(ann("hybrid"), lb), nil)
+	if m.ForwardingMode != "hybrid" || len(m.Unserved) != 0 {
+		t.Errorf("annotation hybrid: mode %q, unserved %q", m.ForwardingMode, m.Unserved)
+	}
+	if m.HealthCheckNodePort != 31999 {
+		t.Errorf("health check port %d, want 31999", m.HealthCheckNodePort)
+	}
+	// The IPv6 range is the IPv6 proxy's; host bits are masked.
+	if want := []netip.Prefix{netip.MustParsePrefix("203.0.113.0/24"), netip.MustParsePrefix("10.0.0.0/8")}; !slices.Equal(m.SourceRanges, want) {
+		t.Errorf("source ranges %v, want %v", m.SourceRanges, want)
+	}
+	m = Convert(svc(ann("direct")), nil)
+	if m.ForwardingMode != "" || len(m.Unserved) != 1 || !strings.Contains(m.Unserved[0], `"direct" is not one of snat, dsr, hybrid; the node pool's mode applies`) {
+		t.Errorf("annotation direct: mode %q, unserved %q", m.ForwardingMode, m.Unserved)
+	}
+	// Ranges given but none usable: closed, not open.
+	m = Convert(svc(func(s *corev1.Service) {
+		s.Spec.Type = corev1.ServiceTypeLoadBalancer
+		s.Spec.LoadBalancerSourceRanges = []string{"nope"}
+	}), nil)
+	if len(m.SourceRanges) != 1 || m.SourceRanges[0] != netip.MustParsePrefix("0.0.0.0/32") {
+		t.Errorf("unusable ranges: %v, want only 0.0.0.0/32 (no client)", m.SourceRanges)
 	}
 }

@@ -39,6 +39,7 @@ type service struct {
 	ports         []corev1.ServicePort
 	affinity      uint32 // seconds of sessionAffinity ClientIP, 0 without
 	healthCheck   uint16 // healthCheckNodePort, 0 without
+	mode          string // the forwarding-mode annotation, as written
 	sourceRanges  []string
 	internalLocal bool
 	externalLocal bool
@@ -58,6 +59,7 @@ func compactService(svc *corev1.Service) *service {
 		internalLocal: svc.Spec.InternalTrafficPolicy != nil && *svc.Spec.InternalTrafficPolicy == corev1.ServiceInternalTrafficPolicyLocal,
 		externalLocal: svc.Spec.ExternalTrafficPolicy == corev1.ServiceExternalTrafficPolicyLocal,
 	}
+	out.mode = svc.Annotations[model.ForwardingModeAnnotation]
 	if out.externalLocal && svc.Spec.HealthCheckNodePort > 0 && svc.Spec.HealthCheckNodePort <= 65535 {
 		out.healthCheck = uint16(svc.Spec.HealthCheckNodePort)
 	}

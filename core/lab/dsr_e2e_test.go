@@ -360,3 +360,55 @@ func TestDSRUnderLoad(t *testing.T) {
 		t.Errorf("%d flows broke: %v", len(errs), errs)
 	}
 }
+
+// A service's own forwarding mode overrides the pool's, and changing it
+// moves only new flows: an established DSR flow keeps working.
+func TestDSRPerServiceMode(t *testing.T) {
+	l := upDSR(t, "dsr")
+	ctx := context.Background()
+	ext := l.External("ext")
+	n1 := l.Node("n1")
+	c := HTTPClient(ext.NetnsPath(), 3*time.Second)
+	seen := func() string {
+		got, err := Get(ctx, c, "http://"+n1.IP+":30080/client")
+		if err != nil {
+			t.Fatalf("ext -> n1:30080: %v", err)
+		}
+		_, from, _ := strings.Cut(got, " ")
+		a, _, _ := strings.Cut(from, ":")
+		return a
+	}
+	if got := seen(); got != ext.IP {
+		t.Fatalf("the pool's mode (dsr): the backend saw %s, want the client %s", got, ext.IP)
+	}
+	conn, err := Dial(ctx, ext.NetnsPath(), "tcp4", n1.IP+":30090")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	r := bufio.NewReader(conn)
+	say := func(msg string) {
+		t.Helper()
+		_ = conn.SetDeadline(time.Now().Add(3 * time.Second))
+		if _, err := fmt.Fprintln(conn, msg); err != nil {
+			t.Fatal(err)
+		}
+		if line, err := r.ReadString('\n'); err != nil || strings.TrimSpace(line) != "web-2: "+msg {
+			t.Fatalf("established flow: %q %v", line, err)
+		}
+	}
+	say("before")
+	snat := strings.Replace(dsrServices, "    type: LoadBalancer\n", "    type: LoadBalancer\n    forwardingMode: snat\n", 1)
+	for _, n := range l.Nodes {
+		if err := l.Apply(n.Name, []byte(snat)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	waitFor(t, 10*time.Second, "new flows to go by SNAT", func() bool { return seen() == n1.IP })
+	say("after the change")
+	for range 5 {
+		if got := seen(); got != n1.IP {
+			t.Errorf("service mode snat: the backend saw %s, want n1 %s", got, n1.IP)
+		}
+	}
+}

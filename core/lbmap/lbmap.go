@@ -994,6 +994,20 @@ func scopeFrontend(node string, svc *model.Service, f *model.Frontend) []scopedF
 		if f.Type == model.LoadBalancer && len(svc.SourceRanges) > 0 {
 			sf.df.flags2 |= datapath.SvcFlagSourceRanges
 		}
+		// The service's own forwarding mode, per frontend (hybrid is DSR
+		// for TCP, SNAT for the rest); without one the pool's applies.
+		switch svc.ForwardingMode {
+		case model.ForwardSNAT:
+			sf.df.flags2 |= datapath.SvcFlagModeSNAT
+		case model.ForwardDSR:
+			sf.df.flags2 |= datapath.SvcFlagModeDSR
+		case model.ForwardHybrid:
+			if f.Proto == model.TCP {
+				sf.df.flags2 |= datapath.SvcFlagModeDSR
+			} else {
+				sf.df.flags2 |= datapath.SvcFlagModeSNAT
+			}
+		}
 		var active, terminating []backendKey
 		for _, b := range bes {
 			bk := mkBackendKey(b.Addr, f.Proto)

@@ -126,6 +126,26 @@ func (s BackendState) String() string {
 	return "active"
 }
 
+// Forwarding modes a service can ask for.
+const (
+	ForwardSNAT   = "snat"
+	ForwardDSR    = "dsr"
+	ForwardHybrid = "hybrid"
+)
+
+// ForwardingModeAnnotation is the Service annotation (and the services
+// file's forwardingMode) that overrides the pool's mode for one service.
+const ForwardingModeAnnotation = "service.weir.dev/forwarding-mode"
+
+// ParseForwardingMode checks a forwarding mode's value.
+func ParseForwardingMode(s string) (string, error) {
+	switch s {
+	case "", ForwardSNAT, ForwardDSR, ForwardHybrid:
+		return s, nil
+	}
+	return "", fmt.Errorf("%q is not one of snat, dsr, hybrid", s)
+}
+
 // ServiceName identifies a service.
 type ServiceName struct {
 	Namespace, Name string
@@ -182,6 +202,10 @@ type Service struct {
 	// SourceRanges, when set, are the only clients outside the cluster
 	// its load-balancer IPs take traffic from (loadBalancerSourceRanges).
 	SourceRanges []netip.Prefix
+	// ForwardingMode overrides, for this service, how the node pool's
+	// NodePort dispatch module sends flows to backends on other nodes:
+	// ForwardSNAT, ForwardDSR, ForwardHybrid, or "" for the pool's mode.
+	ForwardingMode string
 	// Source names the source that defined the service.
 	Source string
 	// Unserved lists what a source left out because the datapath cannot

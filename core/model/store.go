@@ -478,6 +478,7 @@ func (s *Service) Equal(o *Service) bool {
 		return false
 	}
 	return s.Name == o.Name && s.AffinityTimeout == o.AffinityTimeout && s.HealthCheckNodePort == o.HealthCheckNodePort &&
+		s.ForwardingMode == o.ForwardingMode &&
 		slices.Equal(s.SourceRanges, o.SourceRanges) &&
 		slices.Equal(s.Unserved, o.Unserved) && slices.EqualFunc(s.Frontends, o.Frontends, func(a, b Frontend) bool {
 		return a.Addr == b.Addr && a.Proto == b.Proto && a.Type == b.Type && a.PortName == b.PortName &&

@@ -139,6 +139,8 @@ enum weir_svc_type {
 #define WEIR_SVC_F2_AFFINITY 0x01
 #define WEIR_SVC_F2_TWO_SCOPES 0x02 /* an internal-scope entry exists */
 #define WEIR_SVC_F2_SOURCE_RANGES 0x04 /* clients from outside only from weir_src_ranges */
+#define WEIR_SVC_F2_MODE_SNAT 0x08     /* flows to other nodes' backends by SNAT, whatever the pool says */
+#define WEIR_SVC_F2_MODE_DSR 0x10      /* ... by DSR, where the pool's dispatch module can */
 
 struct weir_svc_val {
 	__u32 backend_id;       /* slots 1..count */
