@@ -19,6 +19,15 @@
  * answering the client directly. */
 #define NODEPORT_SNAT 0
 #define NODEPORT_DSR_OPTION 1
+#define NODEPORT_DSR_IPIP 2
+
+#ifndef IPPROTO_IPIP
+#define IPPROTO_IPIP 4
+#endif
+/* The outer header of DSR by IP-in-IP. */
+#define IPIP_HLEN 20
+/* Backend slots searched for the backend a request names (bpf_loop). */
+#define IPIP_MAX_SLOTS 4096
 
 /* The DSR IPv4 option (Cilium's layout): copied, class 0, number 26. */
 #define DSR_OPT_TYPE 0x9a
@@ -225,6 +234,184 @@ WEIR_INLINE int nodeport_dsr_receive(struct __sk_buff *skb, struct weir_ctx *ctx
 	return weir_next(skb, ctx);
 }
 
+/* The frontend a DSR request was addressed to, as the backend's node
+ * sees it: a load-balancer or external IP, or a NodePort on another
+ * node's address. */
+WEIR_INLINE struct weir_svc_val *nodeport_dsr_frontend(struct weir_svc_key *k, __be32 addr, __be16 port, __u8 proto)
+{
+	struct weir_svc_val *svc = weir_lb_lookup(k, addr, port, proto, 0);
+	struct weir_ipcache_entry *node;
+
+	if (svc)
+		return svc->type == WEIR_SVC_CLUSTER_IP ? NULL : svc;
+	node = weir_ipcache_lookup(addr);
+	if (!node || !(node->flags & WEIR_IPCACHE_NODE))
+		return NULL;
+	svc = weir_lb_lookup(k, 0, port, proto, 0);
+	return svc && svc->type == WEIR_SVC_NODE_PORT ? svc : NULL;
+}
+
+/* The search of a frontend's slots for the backend at an address. */
+struct ipip_search {
+	struct weir_svc_key key;
+	__be32 addr;
+	__u32 count;
+	__u32 id;
+	__be16 port;
+	__u16 found;
+};
+
+static __attribute__((noinline)) long ipip_search_slot(__u32 i, void *data)
+{
+	struct ipip_search *s = data;
+	struct weir_svc_val *slot;
+	struct weir_backend *be;
+	__u32 id;
+
+	if (i >= s->count)
+		return 1;
+	s->key.slot = i + 1;
+	slot = bpf_map_lookup_elem(&weir_services, &s->key);
+	if (!slot)
+		return 0;
+	id = slot->backend_id;
+	be = bpf_map_lookup_elem(&weir_backends, &id);
+	if (!be || be->addr != s->addr)
+		return 0;
+	s->id = id;
+	s->port = be->port;
+	s->found = 1;
+	return 1;
+}
+
+/* Sends a request of a DSR flow to its backend inside an outer IPv4
+ * header (protocol 4) from this node to the backend's address, whose node
+ * decapsulates it: the request itself is untouched, the client's address
+ * and the address it called included. */
+WEIR_INLINE int nodeport_ipip_send(struct __sk_buff *skb, struct weir_ctx *ctx, const struct weir_ct_entry *e)
+{
+	__u64 flags = BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 | BPF_F_ADJ_ROOM_FIXED_GSO;
+	struct iphdr ip = {};
+	__u32 mtu = 0;
+	__u8 frag;
+	int rc;
+
+	if (bpf_check_mtu(skb, 0, &mtu, IPIP_HLEN, 0) == BPF_MTU_CHK_RET_FRAG_NEEDED) {
+		if (!skb->gso_size && bpf_skb_load_bytes(skb, ETH_HLEN + 6, &frag, 1) == 0 && (frag & 0x40) &&
+		    mtu > IPIP_HLEN + 68)
+			return weir_icmp_frag_needed(skb, ctx, nodeport_node_ip, mtu - IPIP_HLEN);
+		return weir_drop_ctx(skb, ctx, WEIR_DROP_FRAG_NEEDED);
+	}
+	if (bpf_skb_adjust_room(skb, IPIP_HLEN, BPF_ADJ_ROOM_MAC, flags))
+		return weir_drop_ctx(skb, ctx, WEIR_DROP_ENCAP);
+	ip.version = 4;
+	ip.ihl = 5;
+	ip.tot_len = bpf_htons(skb->len - ETH_HLEN);
+	ip.frag_off = bpf_htons(0x4000); /* DF: the path MTU was checked */
+	ip.ttl = 64;
+	ip.protocol = IPPROTO_IPIP;
+	ip.saddr = nodeport_node_ip;
+	ip.daddr = e->nat_daddr;
+	ip.check = weir_csum_fold(bpf_csum_diff(NULL, 0, (__be32 *)&ip, sizeof(ip), 0));
+	if (bpf_skb_store_bytes(skb, ETH_HLEN, &ip, sizeof(ip), 0))
+		return weir_drop_ctx(skb, ctx, WEIR_DROP_ENCAP);
+	/* The FIB routes the outer packet toward the backend's node. */
+	ctx->saddr = ip.saddr;
+	ctx->daddr = ip.daddr;
+	ctx->proto = IPPROTO_IPIP;
+	ctx->sport = ctx->dport = 0;
+	ctx->l4_off = ETH_HLEN + IPIP_HLEN;
+	rc = weir_fib_forward(skb, ctx);
+	return rc >= 0 ? rc : weir_drop_ctx(skb, ctx, WEIR_DROP_NO_ROUTE);
+}
+
+/* Reads the request a decapsulated IP-in-IP packet carries into ctx.
+ * Returns 0, or -1 for anything but an unfragmented TCP or UDP packet
+ * with a plain IPv4 header. */
+WEIR_INLINE int ipip_inner(struct __sk_buff *skb, struct weir_ctx *ctx)
+{
+	struct iphdr ip;
+	__be16 ports[2];
+	__u8 flags = 0;
+
+	if (bpf_skb_load_bytes(skb, ETH_HLEN, &ip, sizeof(ip)) || ip.version != 4 || ip.ihl != 5 ||
+	    (ip.frag_off & bpf_htons(0x3fff)) || (ip.protocol != IPPROTO_TCP && ip.protocol != IPPROTO_UDP))
+		return -1;
+	if (bpf_skb_load_bytes(skb, ETH_HLEN + sizeof(ip), ports, sizeof(ports)))
+		return -1;
+	if (ip.protocol == IPPROTO_TCP && bpf_skb_load_bytes(skb, ETH_HLEN + sizeof(ip) + 13, &flags, 1))
+		return -1;
+	ctx->saddr = ip.saddr;
+	ctx->daddr = ip.daddr;
+	ctx->proto = ip.protocol;
+	ctx->sport = ports[0];
+	ctx->dport = ports[1];
+	ctx->tcp_flags = flags;
+	ctx->l4_off = ETH_HLEN + sizeof(ip);
+	ctx->ip_id = ip.id;
+	ctx->flags &= WEIR_CTX_AT_INGRESS;
+	ctx->len = skb->len;
+	return 0;
+}
+
+/*
+ * On the backend's node: an IP-in-IP request for a local pod loses its
+ * outer header; the request inside, addressed to the service, goes to
+ * that pod (the outer destination), and a conntrack entry keyed by the
+ * tuple the client sent sends the pod's answers to the client from the
+ * service address. Returns -1 to go on, else a verdict.
+ */
+WEIR_INLINE int nodeport_ipip_receive(struct __sk_buff *skb, struct weir_ctx *ctx, __u32 now)
+{
+	struct weir_endpoint_key ep = {.addr = ctx->daddr};
+	struct ipip_search s = {.addr = ctx->daddr};
+	struct weir_ct_entry o = {}, *e;
+	struct weir_svc_val *svc;
+	struct weir_ct_key key;
+	__u32 reason = WEIR_DROP_CT_CREATE;
+
+	if (ctx->l4_off != ETH_HLEN + IPIP_HLEN || (ctx->flags & WEIR_CTX_FRAGMENT) ||
+	    !bpf_map_lookup_elem(&weir_endpoints, &ep))
+		return -1;
+	if (bpf_skb_adjust_room(skb, -IPIP_HLEN, BPF_ADJ_ROOM_MAC, BPF_F_ADJ_ROOM_FIXED_GSO))
+		return weir_drop_ctx(skb, ctx, WEIR_DROP_DECAP);
+	/* What this stage needs of the request inside (a plain IPv4 header,
+	 * TCP or UDP, not a fragment), read here: the full parser on top of
+	 * conntrack would take the verifier past its budget. */
+	if (ipip_inner(skb, ctx))
+		return weir_drop_ctx(skb, ctx, WEIR_DROP_DSR);
+	weir_ct_key_set(&key, ctx->saddr, ctx->daddr, ctx->sport, ctx->dport, ctx->proto);
+	e = bpf_map_lookup_elem(&weir_ct, &key);
+	if (e && e->dir == WEIR_CT_ORIG && (e->flags & WEIR_CT_F_DSR) && !weir_ct_expired(e, now) &&
+	    !weir_ct_reopens(e, ctx->proto, ctx->tcp_flags) && e->nat_daddr == s.addr) {
+		weir_ct_touch(&key, e, ctx->tcp_flags, skb->len, now);
+	} else {
+		if (e)
+			weir_ct_delete_flow(&key, e);
+		svc = nodeport_dsr_frontend(&s.key, ctx->daddr, ctx->dport, ctx->proto);
+		if (!svc)
+			return weir_drop_ctx(skb, ctx, WEIR_DROP_DSR);
+		s.count = svc->count < IPIP_MAX_SLOTS ? svc->count : IPIP_MAX_SLOTS;
+		bpf_loop(IPIP_MAX_SLOTS, ipip_search_slot, &s, 0);
+		if (!s.found)
+			return weir_drop_ctx(skb, ctx, WEIR_DROP_DSR);
+		o.nat_saddr = ctx->saddr;
+		o.nat_sport = ctx->sport;
+		o.nat_daddr = s.addr;
+		o.nat_dport = s.port;
+		o.backend_id = s.id;
+		o.rev_nat = svc->rev_nat;
+		o.flags = WEIR_CT_F_NODEPORT | WEIR_CT_F_DSR;
+		reason = WEIR_DROP_CT_CREATE;
+		e = weir_ct_create(&key, &o, ctx->tcp_flags, skb->len, now, &reason);
+		if (!e)
+			return weir_drop_ctx(skb, ctx, reason);
+	}
+	if (weir_ct_apply(skb, ctx, e))
+		return weir_drop_ctx(skb, ctx, WEIR_DROP_CSUM_REWRITE);
+	return weir_next(skb, ctx);
+}
+
 /* A packet of a flow from outside leaves as its conntrack entry says
  * (the backend as destination), and with the node as source when the
  * backend is elsewhere. */
@@ -234,6 +421,11 @@ WEIR_INLINE int nodeport_leave(struct __sk_buff *skb, struct weir_ctx *ctx, cons
 	struct weir_nat_entry *nat;
 	__u32 reason = WEIR_DROP_CT_CREATE;
 
+	if ((e->flags & WEIR_CT_F_DSR) && nodeport_dispatch == NODEPORT_DSR_IPIP) {
+		if (ctx->proto == IPPROTO_TCP && !(ctx->tcp_flags & WEIR_TCP_SYN) && !(e->flags & WEIR_CT_F_ESTABLISHED))
+			weir_ct_change(e, WEIR_CT_F_SEEN_REPLY | WEIR_CT_F_ESTABLISHED, 0, key->proto, now);
+		return nodeport_ipip_send(skb, ctx, e);
+	}
 	if (e->flags & WEIR_CT_F_DSR) {
 		int carries = nodeport_dsr_carries(ctx), rc;
 
@@ -325,6 +517,7 @@ int nodeport_ingress(struct __sk_buff *skb)
 		if (rc >= 0)
 			return rc;
 	}
+
 	in = weir_snat_in(ctx->saddr, ctx->daddr, ctx->sport, ctx->dport, ctx->proto);
 	if (in && in->owner == WEIR_NAT_NODEPORT)
 		return nodeport_reply(skb, ctx, in, now);
@@ -360,6 +553,22 @@ int nodeport_ingress(struct __sk_buff *skb)
 	if (!e)
 		return weir_drop_ctx(skb, ctx, reason);
 	return nodeport_leave(skb, ctx, &key, e, 1, now);
+}
+
+/* netdev-ingress/dsr-receive (dsr-ipip): IP-in-IP requests for local
+ * pods are decapsulated and translated to their backend here, in a stage
+ * of their own (the verifier checks it apart from the dispatch stage);
+ * the dispatch stage then lets them through to delivery. */
+SEC("tc")
+int nodeport_dsr_decap(struct __sk_buff *skb)
+{
+	WEIR_STAGE_CTX(skb, ctx);
+	int rc;
+
+	if (ctx->l3 != WEIR_L3_IPV4 || ctx->proto != IPPROTO_IPIP)
+		return weir_next(skb, ctx);
+	rc = nodeport_ipip_receive(skb, ctx, weir_now_sec());
+	return rc >= 0 ? rc : weir_next(skb, ctx);
 }
 
 /* pod-egress/nodeport: a local backend's replies to a client outside

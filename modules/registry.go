@@ -4,6 +4,7 @@ package modules
 
 import (
 	"github.com/weirnet/weir/core/module"
+	dsripip "github.com/weirnet/weir/modules/dsr-ipip"
 	dsripoption "github.com/weirnet/weir/modules/dsr-ipoption"
 	"github.com/weirnet/weir/modules/endpoints"
 	"github.com/weirnet/weir/modules/lb"
@@ -24,6 +25,7 @@ var Factories = []module.Factory{
 	nodeport.Factory,
 	masquerade.Factory,
 	dsripoption.Factory,
+	dsripip.Factory,
 }
 
 // Compile-time guards: each in-tree module satisfies the contract.

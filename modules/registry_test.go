@@ -63,7 +63,7 @@ func TestNorthSouthConfigErrors(t *testing.T) {
 		// it is: native routing.
 		"modules: [endpoints, lb, tunnel, dsr-ipoption]\n":                                                   `module "dsr-ipoption" (modules[3]) requires module "nativerouting", which is not enabled`,
 		"modules: [endpoints, lb, nativerouting, dsr-ipoption]\nsettings:\n  dsr-ipoption: {mode: direct}\n": `settings.dsr-ipoption.mode: "direct" is not one of snat, dsr, hybrid`,
-		"modules: [endpoints, lb, nodeport]\nsettings:\n  nodeport: {mode: dsr}\n":                           `settings.nodeport.mode: "dsr" needs a DSR module (dsr-ipoption); nodeport dispatches by snat only`,
+		"modules: [endpoints, lb, nodeport]\nsettings:\n  nodeport: {mode: dsr}\n":                           `settings.nodeport.mode: "dsr" needs a DSR module (dsr-ipoption or dsr-ipip); nodeport dispatches by snat only`,
 		"modules: [endpoints, lb, nativerouting, nodeport, dsr-ipoption]\n":                                  `modules "dsr-ipoption" (modules[4]) and "nodeport" (modules[3]) both claim slot netdev-ingress/nodeport (NodePort dispatch); enable only one`,
 	}
 	for yaml, want := range cases {

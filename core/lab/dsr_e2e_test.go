@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/binary"
 	"fmt"
+	"net"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -20,6 +21,7 @@ import (
 	"github.com/gopacket/gopacket/layers"
 	"golang.org/x/sys/unix"
 
+	"github.com/weirnet/weir/core/netns"
 	"github.com/weirnet/weir/core/proc"
 )
 
@@ -35,10 +37,12 @@ const dsrServices = `services:
     backends: [{ip: 10.244.2.11, nodeName: n2}]
 `
 
-func upDSR(t *testing.T, mode string) *Lab {
+func upDSR(t *testing.T, mode string) *Lab { return upDSRWith(t, "dsr-ipoption", mode) }
+
+func upDSRWith(t *testing.T, module, mode string) *Lab {
 	t.Helper()
 	cfg := filepath.Join(t.TempDir(), "agent.yaml")
-	config := "modules: [endpoints, lb, nativerouting, dsr-ipoption]\nsettings:\n  dsr-ipoption: {mode: " + mode + "}\n"
+	config := "modules: [endpoints, lb, nativerouting, " + module + "]\nsettings:\n  " + module + ": {mode: " + mode + "}\n"
 	if err := os.WriteFile(cfg, []byte(config), 0o600); err != nil {
 		t.Fatal(err)
 	}
@@ -410,5 +414,85 @@ func TestDSRPerServiceMode(t *testing.T) {
 		if got := seen(); got != n1.IP {
 			t.Errorf("service mode snat: the backend saw %s, want n1 %s", got, n1.IP)
 		}
+	}
+}
+
+// DSR by IP-in-IP, native routing: requests reach n2 inside an outer IPv4
+// header from n1 to the backend, the request itself untouched (the client
+// and the address it called); n2 decapsulates and its replies leave for
+// the client from the service address without passing n1. Pods get an MTU
+// 20 bytes smaller.
+func TestDSRIPIP(t *testing.T) {
+	l := upDSRWith(t, "dsr-ipip", "dsr")
+	ctx := context.Background()
+	ext := l.External("ext")
+	n1 := l.Node("n1")
+	c := HTTPClient(ext.NetnsPath(), 3*time.Second)
+	for _, url := range []string{"http://" + n1.IP + ":30080/client", "http://" + lbIP + "/client"} {
+		got, err := Get(ctx, c, url)
+		if err != nil {
+			t.Fatalf("ext -> %s: %v", url, err)
+		}
+		if who, seen, _ := strings.Cut(got, " "); who != "web-2" || !strings.HasPrefix(seen, ext.IP+":") {
+			t.Errorf("ext -> %s: %q; want web-2 to see the client %s", url, got, ext.IP)
+		}
+	}
+	var atN1, atN2 [][]byte
+	atN1 = capture(t, l, "u-n1", func() {
+		atN2 = capture(t, l, "u-n2", func() {
+			for range 5 {
+				if _, err := Get(ctx, c, "http://"+n1.IP+":30080/"); err != nil {
+					t.Errorf("ext -> n1:30080: %v", err)
+				}
+				if got, err := UDPAsk(ctx, ext.NetnsPath(), n1.IP+":30053", "ping", 3*time.Second); err != nil || got != "web-2: ping" {
+					t.Errorf("ext -> n1:30053/udp: %q %v", got, err)
+				}
+			}
+		})
+	})
+	w1, w2 := wire(atN1, ext.IP), wire(atN2, ext.IP)
+	if w1.framesToExt != 0 {
+		t.Errorf("%d frames to the client crossed n1's port: %v", w1.framesToExt, w1.toExt)
+	}
+	if w2.toExt[n1.IP+":30080 TCP"] == 0 || w2.toExt[n1.IP+":30053 UDP"] == 0 || len(w2.toExt) != 2 {
+		t.Errorf("replies to the client leaving n2: %v; want them from %s:30080 and :30053 only", w2.toExt, n1.IP)
+	}
+	inner := map[string]int{}
+	for _, f := range atN2 {
+		pkt := gopacket.NewPacket(f, layers.LayerTypeEthernet, gopacket.Default)
+		var ips []*layers.IPv4
+		for _, ly := range pkt.Layers() {
+			if ip, ok := ly.(*layers.IPv4); ok {
+				ips = append(ips, ip)
+			}
+		}
+		if len(ips) != 2 || ips[0].Protocol != layers.IPProtocolIPv4 {
+			continue
+		}
+		out, in := ips[0], ips[1]
+		if out.SrcIP.String() != n1.IP || out.DstIP.String() != "10.244.2.11" || out.Flags&layers.IPv4DontFragment == 0 {
+			t.Errorf("outer header %s -> %s flags %v; want %s -> 10.244.2.11 with DF", out.SrcIP, out.DstIP, out.Flags, n1.IP)
+		}
+		var dport int
+		if tcp, _ := pkt.Layer(layers.LayerTypeTCP).(*layers.TCP); tcp != nil {
+			dport = int(tcp.DstPort)
+		} else if udp, _ := pkt.Layer(layers.LayerTypeUDP).(*layers.UDP); udp != nil {
+			dport = int(udp.DstPort)
+		}
+		inner[in.SrcIP.String()+" -> "+in.DstIP.String()+":"+strconv.Itoa(dport)]++
+	}
+	want1, want2 := ext.IP+" -> "+n1.IP+":30080", ext.IP+" -> "+n1.IP+":30053"
+	if inner[want1] == 0 || inner[want2] != 5 || len(inner) != 2 {
+		t.Errorf("requests inside IP-in-IP reaching n2: %v; want %q and 5 of %q", inner, want1, want2)
+	}
+	var mtu int
+	if err := netns.Do(l.Pod("web-2").NetnsPath(), func() error {
+		ifi, err := net.InterfaceByName("eth0")
+		if err == nil {
+			mtu = ifi.MTU
+		}
+		return err
+	}); err != nil || mtu != 1480 {
+		t.Errorf("web-2's MTU %d (%v), want 1480: room for the outer header", mtu, err)
 	}
 }

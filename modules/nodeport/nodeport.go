@@ -74,7 +74,12 @@ type Dispatch uint32
 const (
 	SNAT      Dispatch = 0
 	DSROption Dispatch = 1
+	DSRIPIP   Dispatch = 2
 )
+
+// IPIPOverhead is the outer header DSR by IP-in-IP adds: pods get an MTU
+// that much smaller, so their TCP peers' segments fit once encapsulated.
+const IPIPOverhead = 20
 
 // Modes of the mode setting.
 const (
@@ -120,7 +125,7 @@ func (s *Settings) Validate() error {
 	case ModeSNAT:
 	case ModeDSR, ModeHybrid:
 		if s.dispatch == SNAT {
-			return &module.FieldError{Path: "mode", Msg: fmt.Sprintf("%q needs a DSR module (dsr-ipoption); nodeport dispatches by snat only", s.Mode)}
+			return &module.FieldError{Path: "mode", Msg: fmt.Sprintf("%q needs a DSR module (dsr-ipoption or dsr-ipip); nodeport dispatches by snat only", s.Mode)}
 		}
 	default:
 		return &module.FieldError{Path: "mode", Msg: fmt.Sprintf("%q is not one of snat, dsr, hybrid", s.Mode)}
@@ -168,25 +173,33 @@ func DispatchFactory(name, summary string, d Dispatch) module.Factory {
 	if d != SNAT {
 		requires = append(requires, nativerouting.Name)
 	}
+	claims := []module.SlotClaim{
+		{Slot: "netdev-ingress/nodeport", Program: "nodeport_ingress"},
+		{Slot: "pod-egress/nodeport", Program: "nodeport_reply_local"},
+	}
+	if d == DSRIPIP {
+		claims = append(claims, module.SlotClaim{Slot: "netdev-ingress/dsr-receive", Program: "nodeport_dsr_decap"})
+	}
 	return module.Factory{
 		Descriptor: module.Descriptor{
 			Name:    name,
 			Summary: summary,
 			// lb keeps the service maps and serves in-cluster clients of
 			// the same frontends; endpoints delivers to local backends.
-			Requires: requires,
-			Slots: []module.SlotClaim{
-				{Slot: "netdev-ingress/nodeport", Program: "nodeport_ingress"},
-				{Slot: "pod-egress/nodeport", Program: "nodeport_reply_local"},
-			},
+			Requires:    requires,
+			Slots:       claims,
 			NewSettings: func() module.Settings { return DefaultSettingsFor(d) },
 		},
 		Provide: func(s module.Settings) fx.Option {
-			return fx.Options(fx.Supply(s.(*Settings)), module.Provide(func(p Params) *Module {
+			opts := []fx.Option{fx.Supply(s.(*Settings)), module.Provide(func(p Params) *Module {
 				m := New(p)
 				m.name = name
 				return m
-			}))
+			})}
+			if d == DSRIPIP {
+				opts = append(opts, fx.Provide(fx.Annotate(func() module.MTUOverhead { return IPIPOverhead }, fx.ResultTags(module.MTUOverheadTag))))
+			}
+			return fx.Options(opts...)
 		},
 	}
 }

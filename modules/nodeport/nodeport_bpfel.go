@@ -36,6 +36,7 @@ const (
 	nodeportMapWeirSockRev         = "weir_sock_rev"
 	nodeportMapWeirSockTerm        = "weir_sock_term"
 	nodeportMapWeirSrcRanges       = "weir_src_ranges"
+	nodeportProgNodeportDsrDecap   = "nodeport_dsr_decap"
 	nodeportProgNodeportIngress    = "nodeport_ingress"
 	nodeportProgNodeportReplyLocal = "nodeport_reply_local"
 	nodeportVarNodeportAddrCount   = "nodeport_addr_count"
@@ -94,6 +95,7 @@ type nodeportSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type nodeportProgramSpecs struct {
+	NodeportDsrDecap   *ebpf.ProgramSpec `ebpf:"nodeport_dsr_decap"`
 	NodeportIngress    *ebpf.ProgramSpec `ebpf:"nodeport_ingress"`
 	NodeportReplyLocal *ebpf.ProgramSpec `ebpf:"nodeport_reply_local"`
 }
@@ -231,12 +233,14 @@ type nodeportVariables struct {
 //
 // It can be passed to loadNodeportObjects or ebpf.CollectionSpec.LoadAndAssign.
 type nodeportPrograms struct {
+	NodeportDsrDecap   *ebpf.Program `ebpf:"nodeport_dsr_decap"`
 	NodeportIngress    *ebpf.Program `ebpf:"nodeport_ingress"`
 	NodeportReplyLocal *ebpf.Program `ebpf:"nodeport_reply_local"`
 }
 
 func (p *nodeportPrograms) Close() error {
 	return _NodeportClose(
+		p.NodeportDsrDecap,
 		p.NodeportIngress,
 		p.NodeportReplyLocal,
 	)
