@@ -3,14 +3,10 @@ package modules
 import (
 	"os"
 	"path/filepath"
-	"slices"
 	"strings"
 	"testing"
 
-	"go.uber.org/fx"
-
 	"github.com/weirnet/weir/core/config"
-	"github.com/weirnet/weir/core/module"
 )
 
 // The real registry's requirements reach the user as configuration errors
@@ -77,20 +73,13 @@ func TestNorthSouthConfigErrors(t *testing.T) {
 		}
 	}
 
-	// A DSR module is another member of the NodePort dispatch group.
-	dsr := module.Factory{Descriptor: module.Descriptor{Name: "dsr-ipip", Requires: []string{"lb"},
-		Slots: []module.SlotClaim{{Slot: "netdev-ingress/nodeport", Program: "dsr_ingress"}}},
-		Provide: func(module.Settings) fx.Option { return fx.Options() }}
-	withDSR, err := module.NewRegistry(append(slices.Clone(Factories), dsr)...)
-	if err != nil {
-		t.Fatal(err)
-	}
+	// The two DSR modules are members of the group too.
 	path := filepath.Join(t.TempDir(), "weir.yaml")
-	if err := os.WriteFile(path, []byte("modules: [endpoints, lb, nodeport, dsr-ipip]\n"), 0o600); err != nil {
+	if err := os.WriteFile(path, []byte("modules: [endpoints, lb, nativerouting, dsr-ipoption, dsr-ipip]\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	_, err = config.Load(path, withDSR)
-	if err == nil || !strings.Contains(err.Error(), "NodePort dispatch") || !strings.Contains(err.Error(), `"nodeport"`) || !strings.Contains(err.Error(), `"dsr-ipip"`) {
-		t.Errorf("two NodePort dispatch modules: %v", err)
+	_, err = config.Load(path, reg)
+	if want := `modules "dsr-ipip" (modules[4]) and "dsr-ipoption" (modules[3]) both claim slot netdev-ingress/nodeport (NodePort dispatch); enable only one`; err == nil || !strings.Contains(err.Error(), want) {
+		t.Errorf("two DSR modules: %v; want %q", err, want)
 	}
 }
