@@ -229,7 +229,7 @@ WEIR_INLINE int nodeport_dsr_receive(struct __sk_buff *skb, struct weir_ctx *ctx
 	o.nat_daddr = ctx->daddr;
 	o.nat_dport = ctx->dport;
 	o.flags = WEIR_CT_F_NODEPORT | WEIR_CT_F_DSR;
-	if (!weir_ct_create(&key, &o, ctx->tcp_flags, skb->len, now, &reason))
+	if (!weir_ct_create_dsr(&key, &o, 1, ctx->tcp_flags, skb->len, now, &reason))
 		return weir_drop_ctx(skb, ctx, reason);
 	return weir_next(skb, ctx);
 }
@@ -403,7 +403,7 @@ WEIR_INLINE int nodeport_ipip_receive(struct __sk_buff *skb, struct weir_ctx *ct
 		o.rev_nat = svc->rev_nat;
 		o.flags = WEIR_CT_F_NODEPORT | WEIR_CT_F_DSR;
 		reason = WEIR_DROP_CT_CREATE;
-		e = weir_ct_create(&key, &o, ctx->tcp_flags, skb->len, now, &reason);
+		e = weir_ct_create_dsr(&key, &o, 1, ctx->tcp_flags, skb->len, now, &reason);
 		if (!e)
 			return weir_drop_ctx(skb, ctx, reason);
 	}
@@ -549,7 +549,10 @@ int nodeport_ingress(struct __sk_buff *skb)
 	ep.addr = o.nat_daddr;
 	if (!bpf_map_lookup_elem(&weir_endpoints, &ep))
 		o.flags |= nodeport_uses_dsr(ctx->proto, svc) ? WEIR_CT_F_DSR : WEIR_CT_F_SNAT;
-	e = weir_ct_create(&key, &o, ctx->tcp_flags, skb->len, now, &reason);
+	if (o.flags & WEIR_CT_F_DSR)
+		e = weir_ct_create_dsr(&key, &o, 0, ctx->tcp_flags, skb->len, now, &reason);
+	else
+		e = weir_ct_create(&key, &o, ctx->tcp_flags, skb->len, now, &reason);
 	if (!e)
 		return weir_drop_ctx(skb, ctx, reason);
 	return nodeport_leave(skb, ctx, &key, e, 1, now);

@@ -367,6 +367,7 @@ func labServe(args []string) error {
 	fs.IntVar(&w.UDP, "udp", 0, "UDP echo port")
 	fs.IntVar(&w.Echo, "echo", 0, "TCP line echo port")
 	fs.IntVar(&w.Sink, "sink", 0, "TCP sink port (answers the byte count)")
+	fs.IntVar(&w.Source, "source", 0, "TCP source port (sends the byte count it is asked for)")
 	fs.IntVar(&w.DNS, "dns", 0, "DNS port (UDP): TXT questions get the pod name")
 	if err := fs.Parse(args); err != nil {
 		return err

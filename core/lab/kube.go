@@ -122,7 +122,7 @@ func (l *Lab) startKubelet(n *Node) error {
 // "weir lab serve".
 func workloadArgs(w Workload) []string {
 	var args []string
-	for flag, port := range map[string]int{"--http": w.HTTP, "--udp": w.UDP, "--echo": w.Echo, "--sink": w.Sink, "--dns": w.DNS} {
+	for flag, port := range map[string]int{"--http": w.HTTP, "--udp": w.UDP, "--echo": w.Echo, "--sink": w.Sink, "--dns": w.DNS, "--source": w.Source} {
 		if port != 0 {
 			args = append(args, flag+"="+strconv.Itoa(port))
 		}

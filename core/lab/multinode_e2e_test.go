@@ -23,7 +23,7 @@ import (
 	"github.com/weirnet/weir/core/proc"
 )
 
-var serverWork = Workload{HTTP: 8080, UDP: 5353, Echo: 9000, Sink: 7000}
+var serverWork = Workload{HTTP: 8080, UDP: 5353, Echo: 9000, Sink: 7000, Source: 7100}
 
 // threeNodes is the multi-node lab: three nodes on one underlay, two pods
 // each.

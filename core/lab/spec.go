@@ -189,7 +189,7 @@ func (s *Spec) Validate() error {
 				return fmt.Errorf("%s.ip: %s is already used by pod %s", pp, a, other)
 			}
 			ips[a] = p.Name
-			for _, port := range []int{p.Serve.HTTP, p.Serve.UDP, p.Serve.Echo, p.Serve.Sink, p.Serve.DNS} {
+			for _, port := range []int{p.Serve.HTTP, p.Serve.UDP, p.Serve.Echo, p.Serve.Sink, p.Serve.DNS, p.Serve.Source} {
 				if port < 0 || port > 65535 {
 					return fmt.Errorf("%s.serve: port %d is out of range (1 to 65535)", pp, port)
 				}

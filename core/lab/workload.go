@@ -37,11 +37,14 @@ type Workload struct {
 	// DNS port (UDP): a name server answering every TXT question with the
 	// pod's name (for real resolvers such as dig).
 	DNS int `yaml:"dns" json:"dns,omitempty"`
+	// Source port (TCP): reads a byte count on a line, sends that many
+	// bytes and closes (bulk from the server to the client).
+	Source int `yaml:"source" json:"source,omitempty"`
 }
 
 // Empty reports whether the workload serves nothing.
 func (w Workload) Empty() bool {
-	return w.HTTP == 0 && w.UDP == 0 && w.Echo == 0 && w.Sink == 0 && w.DNS == 0
+	return w.HTTP == 0 && w.UDP == 0 && w.Echo == 0 && w.Sink == 0 && w.DNS == 0 && w.Source == 0
 }
 
 // Servers are a running workload.
@@ -111,6 +114,14 @@ func Serve(name, nsPath string, w Workload) (*Servers, error) {
 			}
 			s.closers = append(s.closers, ln)
 			s.wg.Go(func() { sink(ln) })
+		}
+		if w.Source != 0 {
+			ln, err := net.Listen("tcp4", fmt.Sprintf(":%d", w.Source))
+			if err != nil {
+				return err
+			}
+			s.closers = append(s.closers, ln)
+			s.wg.Go(func() { source(ln) })
 		}
 		return nil
 	}
@@ -219,6 +230,43 @@ func sink(ln net.Listener) {
 		n, _ := io.Copy(io.Discard, c)
 		fmt.Fprintf(c, "%d\n", n)
 	})
+}
+
+// maxSource bounds what a source sends on one connection (16 GiB).
+const maxSource = 16 << 30
+
+func source(ln net.Listener) {
+	serveConns(ln, func(c net.Conn) {
+		var n int64
+		if _, err := fmt.Fscanln(c, &n); err != nil || n < 0 || n > maxSource {
+			return
+		}
+		buf := make([]byte, 256<<10)
+		for sent := int64(0); sent < n; {
+			k := min(int64(len(buf)), n-sent)
+			if _, err := c.Write(buf[:k]); err != nil {
+				return
+			}
+			sent += k
+		}
+	})
+}
+
+// Fetch asks a source for size bytes over a new connection from inside
+// the namespace and returns how many arrived.
+func Fetch(ctx context.Context, nsPath, addr string, size int64) (int64, error) {
+	c, err := Dial(ctx, nsPath, "tcp4", addr)
+	if err != nil {
+		return 0, err
+	}
+	defer c.Close()
+	if d, ok := ctx.Deadline(); ok {
+		_ = c.SetDeadline(d)
+	}
+	if _, err := fmt.Fprintf(c, "%d\n", size); err != nil {
+		return 0, err
+	}
+	return io.Copy(io.Discard, c)
 }
 
 // Send writes size bytes over a new connection from inside the namespace

@@ -193,6 +193,10 @@ WEIR_INLINE void weir_ct_mirror(const struct weir_ct_key *key, const struct weir
 
 	weir_ct_twin_key(&twin, e, key->proto);
 	t = bpf_map_lookup_elem(&weir_ct, &twin);
+	/* A DSR flow's entry on the node that received it has no twin: the
+	 * replies never come back there. */
+	if (!t && (e->flags & WEIR_CT_F_DSR) && e->dir == WEIR_CT_ORIG)
+		return;
 	if (!t) {
 		struct weir_ct_entry r = {
 			.created = now,
@@ -349,6 +353,66 @@ WEIR_INLINE struct weir_ct_entry *weir_ct_create(struct weir_ct_key *okey, struc
 	}
 	if (bpf_map_update_elem(&weir_ct, okey, o, BPF_ANY)) {
 		bpf_map_delete_elem(&weir_ct, &rkey);
+		*reason = WEIR_DROP_CT_CREATE;
+		return NULL;
+	}
+	cur = bpf_map_lookup_elem(&weir_ct, okey);
+	if (!cur)
+		*reason = WEIR_DROP_CT_CREATE;
+	return cur;
+}
+
+/* Fills o as the first packet of a new flow makes it (ORIG). */
+WEIR_INLINE void weir_ct_init(struct weir_ct_entry *o, __u8 proto, __u8 tcp, __u32 len, __u32 now)
+{
+	o->dir = WEIR_CT_ORIG;
+	o->created = now;
+	o->flags = (o->flags & WEIR_CT_F_KINDS) | weir_ct_next_flags(0, proto, WEIR_CT_ORIG, tcp, now, 0);
+	o->lifetime = now + weir_ct_timeout(proto, o->flags);
+	o->packets = 1;
+	o->bytes = len;
+}
+
+/*
+ * The entries of a new DSR flow. Its tuple on the wire is the client's
+ * own, which no translation here may change (the replies do not come back
+ * through this node to be changed back): no client port is remapped.
+ * With reply set (the backend's node), the REPLY entry is written too,
+ * over a flow that held its tuple (one the client's reuse of its port
+ * ended: the pod has one socket for the tuple); without (the node that
+ * received the request), only ORIG is. Returns the ORIG entry or NULL
+ * with *reason set.
+ */
+WEIR_INLINE struct weir_ct_entry *weir_ct_create_dsr(struct weir_ct_key *okey, struct weir_ct_entry *o, int reply,
+						      __u8 tcp, __u32 len, __u32 now, __u32 *reason)
+{
+	struct weir_ct_entry r = {}, *cur;
+	struct weir_ct_key rkey;
+
+	weir_ct_init(o, okey->proto, tcp, len, now);
+	if (reply) {
+		weir_ct_twin_key(&rkey, o, okey->proto);
+		cur = bpf_map_lookup_elem(&weir_ct, &rkey);
+		if (cur)
+			weir_ct_delete_flow(&rkey, cur);
+		r.dir = WEIR_CT_REPLY;
+		r.created = now;
+		r.flags = o->flags;
+		r.lifetime = o->lifetime;
+		r.backend_id = o->backend_id;
+		r.rev_nat = o->rev_nat;
+		r.nat_saddr = okey->daddr;
+		r.nat_daddr = okey->saddr;
+		r.nat_sport = okey->dport;
+		r.nat_dport = okey->sport;
+		if (bpf_map_update_elem(&weir_ct, &rkey, &r, BPF_ANY)) {
+			*reason = WEIR_DROP_CT_CREATE;
+			return NULL;
+		}
+	}
+	if (bpf_map_update_elem(&weir_ct, okey, o, BPF_ANY)) {
+		if (reply)
+			bpf_map_delete_elem(&weir_ct, &rkey);
 		*reason = WEIR_DROP_CT_CREATE;
 		return NULL;
 	}
