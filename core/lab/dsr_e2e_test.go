@@ -496,3 +496,58 @@ func TestDSRIPIP(t *testing.T) {
 		t.Errorf("web-2's MTU %d (%v), want 1480: room for the outer header", mtu, err)
 	}
 }
+
+// A client port used at once for a SNAT flow and a DSR flow to the same
+// backend (the kernel picks ports per destination): the DSR flow keeps the
+// client's port on the wire, so its replies, which bypass the receiving
+// node, reach the client's socket. (A remapped port broke such flows.)
+func TestDSRAndSNATShareAClientPort(t *testing.T) {
+	l := upDSR(t, "dsr")
+	for _, n := range l.Nodes {
+		if err := l.Apply(n.Name, []byte(dsrBenchServices)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	n1 := l.Node("n1")
+	waitFor(t, 10*time.Second, "the services on n1", func() bool { return len(serviceRows(t, n1)) == 12 })
+	ext := l.External("ext")
+	dial := func(port int) net.Conn {
+		t.Helper()
+		var c net.Conn
+		err := netns.Do(ext.NetnsPath(), func() error {
+			d := net.Dialer{
+				Timeout:   3 * time.Second,
+				LocalAddr: &net.TCPAddr{IP: net.ParseIP(ext.IP), Port: 45000},
+				Control: func(_, _ string, rc syscall.RawConn) error {
+					var serr error
+					if err := rc.Control(func(fd uintptr) {
+						serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_REUSEADDR, 1)
+					}); err != nil {
+						return err
+					}
+					return serr
+				},
+			}
+			var err error
+			c, err = d.Dial("tcp4", net.JoinHostPort(n1.IP, strconv.Itoa(port)))
+			return err
+		})
+		if err != nil {
+			t.Fatalf("dial n1:%d from port 45000: %v", port, err)
+		}
+		t.Cleanup(func() { c.Close() })
+		return c
+	}
+	snat, dsr := dial(30190), dial(30191)
+	for i, c := range []net.Conn{snat, dsr, snat, dsr} {
+		_ = c.SetDeadline(time.Now().Add(3 * time.Second))
+		msg := fmt.Sprintf("hello %d", i)
+		if _, err := fmt.Fprintln(c, msg); err != nil {
+			t.Fatal(err)
+		}
+		line, err := bufio.NewReader(c).ReadString('\n')
+		if err != nil || strings.TrimSpace(line) != "web-2: "+msg {
+			t.Fatalf("exchange %d on %s: %q %v", i, c.RemoteAddr(), line, err)
+		}
+	}
+}
