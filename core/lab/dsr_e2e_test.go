@@ -235,9 +235,16 @@ func TestDSRIPOptionMTU(t *testing.T) {
 }
 
 // 1,000 DSR connections held open at once all complete, and DSR flows
-// carry on while the backend node's agent restarts and is killed.
+// carry on while the backend node's agent restarts and is killed, with
+// either DSR module.
 func TestDSRUnderLoad(t *testing.T) {
-	l := upDSR(t, "dsr")
+	for _, module := range []string{"dsr-ipoption", "dsr-ipip"} {
+		t.Run(module, func(t *testing.T) { dsrUnderLoad(t, module) })
+	}
+}
+
+func dsrUnderLoad(t *testing.T, module string) {
+	l := upDSRWith(t, module, "dsr")
 	ctx := context.Background()
 	ext := l.External("ext")
 	n1 := l.Node("n1")
