@@ -7,6 +7,7 @@
  * forwarding mode with the source translated to this node (SNAT, weir_nat),
  * so its replies come back here to be translated back.
  */
+#define WEIR_MAGLEV
 #include "weir/ct.h"
 #include "weir/fwd.h"
 #include "weir/icmp.h"
@@ -45,6 +46,8 @@ volatile const __u32 nodeport_dispatch = NODEPORT_SNAT;
 /* Protocols dispatched by DSR (bit 0 TCP, bit 1 UDP): the module's mode
  * (dsr: both; hybrid: TCP only). The rest use SNAT. */
 volatile const __u32 nodeport_dsr_protos = 0;
+/* 1: backends are chosen by Maglev (weir_maglev), else at random. */
+volatile const __u32 nodeport_maglev = 0;
 #define NODEPORT_MAX_ADDRS 8
 volatile const __be32 nodeport_node_ip = 0; /* the source remote backends see */
 volatile const __be32 nodeport_addrs[NODEPORT_MAX_ADDRS] = {};
@@ -94,6 +97,41 @@ WEIR_INLINE int nodeport_refuses(const struct weir_ctx *ctx, const struct weir_s
 	if (!(svc->flags2 & WEIR_SVC_F2_SOURCE_RANGES))
 		return 0;
 	return !bpf_map_lookup_elem(&weir_src_ranges, &rk);
+}
+
+/* A flow's hash for Maglev, the same on every node: the client's address
+ * and port, the port called and the protocol, not the address called
+ * (NodePorts are called at each node's own). */
+WEIR_INLINE __u32 nodeport_flow_hash(const struct weir_ctx *ctx)
+{
+	__u32 h = ctx->saddr;
+
+	h ^= ((__u32)ctx->sport << 16 | ctx->dport) * 0x9e3779b1;
+	h ^= (__u32)ctx->proto << 24;
+	/* murmur3's finaliser */
+	h ^= h >> 16;
+	h *= 0x85ebca6b;
+	h ^= h >> 13;
+	h *= 0xc2b2ae35;
+	h ^= h >> 16;
+	return h;
+}
+
+/* The backend Maglev's table of the frontend gives the flow, or 0. */
+WEIR_INLINE __u32 nodeport_maglev_pick(const struct weir_ctx *ctx, const struct weir_svc_val *svc)
+{
+	__u32 rev_nat = svc->rev_nat, idx;
+	void *table;
+	__u32 *id;
+
+	if (!nodeport_maglev)
+		return 0;
+	table = bpf_map_lookup_elem(&weir_maglev, &rev_nat);
+	if (!table)
+		return 0;
+	idx = nodeport_flow_hash(ctx) % WEIR_MAGLEV_M;
+	id = bpf_map_lookup_elem(table, &idx);
+	return id ? *id : 0;
 }
 
 /* Sends a translated packet on toward its destination: a pod of another
@@ -541,7 +579,7 @@ int nodeport_ingress(struct __sk_buff *skb)
 		return weir_next(skb, ctx);
 	if (nodeport_refuses(ctx, svc))
 		return weir_drop_ctx(skb, ctx, WEIR_DROP_SOURCE_RANGE);
-	if (weir_lb_choose(&skey, svc, ctx->saddr, now, &o))
+	if (weir_lb_choose_pref(&skey, svc, ctx->saddr, now, &o, nodeport_maglev_pick(ctx, svc)))
 		return weir_drop_ctx(skb, ctx, WEIR_DROP_NO_BACKEND);
 	o.nat_saddr = ctx->saddr;
 	o.nat_sport = ctx->sport;

@@ -60,6 +60,11 @@ type Settings struct {
 	// snat, dsr, or hybrid (DSR for TCP, SNAT for UDP). The nodeport
 	// module only does snat; the DSR modules default to dsr.
 	Mode string `yaml:"mode"`
+	// Maglev chooses backends for flows from outside by Maglev's
+	// consistent hashing, the same on every node, so a flow that reaches
+	// another node mid-way (an ECMP rehash, a drained node) keeps its
+	// backend; without, at random.
+	Maglev bool `yaml:"maglev"`
 
 	dispatch        Dispatch
 	nodePorts, snat portrange.Range
@@ -225,6 +230,8 @@ type Module struct {
 	log    *slog.Logger
 	health *healthChecks
 	ranges *sourceRanges
+	maglev *maglevWriter
+	spec   *ebpf.CollectionSpec
 	cancel context.CancelFunc
 	done   chan struct{}
 }
@@ -233,7 +240,15 @@ type Module struct {
 func New(p Params) *Module {
 	log := p.Log.With("module", Name)
 	return &Module{name: Name, s: p.Settings, up: p.Info.Uplink, store: p.Store, log: log, health: newHealthChecks(p.Info.Name, log),
-		ranges: newSourceRanges(p.Datapath)}
+		ranges: newSourceRanges(p.Datapath),
+		maglev: &maglevWriter{byService: map[model.ServiceName][]maglevFront{}, services: func() (*ebpf.Map, *ebpf.Map, error) {
+			s, err := p.Datapath.Map(datapath.MapServices)
+			if err != nil {
+				return nil, nil, err
+			}
+			a, err := p.Datapath.Map(datapath.MapBackendAddrs)
+			return s, a, err
+		}}}
 }
 
 // Name implements module.Module.
@@ -253,7 +268,9 @@ func (m *Module) Object() (*ebpf.CollectionSpec, error) {
 			return nil, err
 		}
 	}
-	return ObjectSpec(m.s, m.up.IP, addrs)
+	spec, err := ObjectSpec(m.s, m.up.IP, addrs)
+	m.spec = spec
+	return spec, err
 }
 
 // uplinkAddrs lists the uplink's IPv4 addresses (at most MaxAddresses,
@@ -300,12 +317,36 @@ func ObjectSpec(s *Settings, nodeIP netip.Addr, addrs []netip.Addr) (*ebpf.Colle
 		"nodeport_snat_max":   uint32(s.snat.Max),
 		"nodeport_dispatch":   uint32(s.dispatch),
 		"nodeport_dsr_protos": s.dsrProtos(),
+		"nodeport_maglev":     boolU32(s.Maglev),
 	} {
 		if err := spec.Variables[name].Set(v); err != nil {
 			return nil, fmt.Errorf("setting %s: %w", name, err)
 		}
 	}
 	return spec, nil
+}
+
+func boolU32(b bool) uint32 {
+	if b {
+		return 1
+	}
+	return 0
+}
+
+var _ module.Loaded = (*Module)(nil)
+
+// Loaded implements module.Loaded: the Maglev tables go in the loaded
+// object's map.
+func (m *Module) Loaded(coll *ebpf.Collection) error {
+	if !m.s.Maglev {
+		return nil
+	}
+	outer, ok := coll.Maps["weir_maglev"]
+	if !ok || m.spec == nil || m.spec.Maps["weir_maglev"] == nil || m.spec.Maps["weir_maglev"].InnerMap == nil {
+		return errors.New("the nodeport object has no Maglev map")
+	}
+	m.maglev.outer, m.maglev.inner = outer, m.spec.Maps["weir_maglev"].InnerMap.Copy()
+	return nil
 }
 
 // Start implements module.Module: health checks and source ranges
@@ -317,6 +358,9 @@ func (m *Module) Start(context.Context) error {
 	wg.Go(func() { model.FollowServices(ctx, m.store, m.log, "serving health checks", m.health.apply) })
 	wg.Go(func() { model.FollowServices(ctx, m.store, m.log, "writing source ranges", m.ranges.apply) })
 	wg.Go(func() { model.FollowServices(ctx, m.store, m.log, "checking node ports", m.outOfRange().apply) })
+	if m.s.Maglev {
+		wg.Go(func() { model.FollowServices(ctx, m.store, m.log, "writing Maglev tables", m.maglev.apply) })
+	}
 	go func() {
 		wg.Wait()
 		close(m.done)

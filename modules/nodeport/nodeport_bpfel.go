@@ -25,6 +25,7 @@ const (
 	nodeportMapWeirEvents          = "weir_events"
 	nodeportMapWeirFrags           = "weir_frags"
 	nodeportMapWeirIpcache         = "weir_ipcache"
+	nodeportMapWeirMaglev          = "weir_maglev"
 	nodeportMapWeirMetrics         = "weir_metrics"
 	nodeportMapWeirNat             = "weir_nat"
 	nodeportMapWeirNatStats        = "weir_nat_stats"
@@ -43,6 +44,7 @@ const (
 	nodeportVarNodeportAddrs       = "nodeport_addrs"
 	nodeportVarNodeportDispatch    = "nodeport_dispatch"
 	nodeportVarNodeportDsrProtos   = "nodeport_dsr_protos"
+	nodeportVarNodeportMaglev      = "nodeport_maglev"
 	nodeportVarNodeportMax         = "nodeport_max"
 	nodeportVarNodeportMin         = "nodeport_min"
 	nodeportVarNodeportNodeIp      = "nodeport_node_ip"
@@ -113,6 +115,7 @@ type nodeportMapSpecs struct {
 	WeirEvents       *ebpf.MapSpec `ebpf:"weir_events"`
 	WeirFrags        *ebpf.MapSpec `ebpf:"weir_frags"`
 	WeirIpcache      *ebpf.MapSpec `ebpf:"weir_ipcache"`
+	WeirMaglev       *ebpf.MapSpec `ebpf:"weir_maglev"`
 	WeirMetrics      *ebpf.MapSpec `ebpf:"weir_metrics"`
 	WeirNat          *ebpf.MapSpec `ebpf:"weir_nat"`
 	WeirNatStats     *ebpf.MapSpec `ebpf:"weir_nat_stats"`
@@ -134,6 +137,7 @@ type nodeportVariableSpecs struct {
 	NodeportAddrs      *ebpf.VariableSpec `ebpf:"nodeport_addrs"`
 	NodeportDispatch   *ebpf.VariableSpec `ebpf:"nodeport_dispatch"`
 	NodeportDsrProtos  *ebpf.VariableSpec `ebpf:"nodeport_dsr_protos"`
+	NodeportMaglev     *ebpf.VariableSpec `ebpf:"nodeport_maglev"`
 	NodeportMax        *ebpf.VariableSpec `ebpf:"nodeport_max"`
 	NodeportMin        *ebpf.VariableSpec `ebpf:"nodeport_min"`
 	NodeportNodeIp     *ebpf.VariableSpec `ebpf:"nodeport_node_ip"`
@@ -173,6 +177,7 @@ type nodeportMaps struct {
 	WeirEvents       *ebpf.Map `ebpf:"weir_events"`
 	WeirFrags        *ebpf.Map `ebpf:"weir_frags"`
 	WeirIpcache      *ebpf.Map `ebpf:"weir_ipcache"`
+	WeirMaglev       *ebpf.Map `ebpf:"weir_maglev"`
 	WeirMetrics      *ebpf.Map `ebpf:"weir_metrics"`
 	WeirNat          *ebpf.Map `ebpf:"weir_nat"`
 	WeirNatStats     *ebpf.Map `ebpf:"weir_nat_stats"`
@@ -197,6 +202,7 @@ func (m *nodeportMaps) Close() error {
 		m.WeirEvents,
 		m.WeirFrags,
 		m.WeirIpcache,
+		m.WeirMaglev,
 		m.WeirMetrics,
 		m.WeirNat,
 		m.WeirNatStats,
@@ -219,6 +225,7 @@ type nodeportVariables struct {
 	NodeportAddrs      *ebpf.Variable `ebpf:"nodeport_addrs"`
 	NodeportDispatch   *ebpf.Variable `ebpf:"nodeport_dispatch"`
 	NodeportDsrProtos  *ebpf.Variable `ebpf:"nodeport_dsr_protos"`
+	NodeportMaglev     *ebpf.Variable `ebpf:"nodeport_maglev"`
 	NodeportMax        *ebpf.Variable `ebpf:"nodeport_max"`
 	NodeportMin        *ebpf.Variable `ebpf:"nodeport_min"`
 	NodeportNodeIp     *ebpf.Variable `ebpf:"nodeport_node_ip"`

@@ -12,11 +12,13 @@ import (
 // choosing the paths: the verifier explores each choice apart).
 func TestDispatchProgramsLoad(t *testing.T) {
 	for _, c := range []struct {
-		d    Dispatch
-		mode string
-	}{{SNAT, ModeSNAT}, {DSROption, ModeDSR}, {DSROption, ModeHybrid}, {DSRIPIP, ModeDSR}, {DSRIPIP, ModeHybrid}} {
+		d      Dispatch
+		mode   string
+		maglev bool
+	}{{SNAT, ModeSNAT, false}, {SNAT, ModeSNAT, true}, {DSROption, ModeDSR, false}, {DSROption, ModeHybrid, true},
+		{DSRIPIP, ModeDSR, true}, {DSRIPIP, ModeHybrid, false}} {
 		s := DefaultSettingsFor(c.d)
-		s.Mode = c.mode
+		s.Mode, s.Maglev = c.mode, c.maglev
 		if err := s.Validate(); err != nil {
 			t.Fatal(err)
 		}

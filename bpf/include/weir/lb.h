@@ -108,18 +108,27 @@ WEIR_INLINE void weir_lb_affinity_update(const struct weir_svc_val *svc, __be32 
 
 /*
  * The backend a new flow of client to the frontend in key (as left by
- * weir_lb_lookup) gets: the one session affinity keeps it on, else a
- * random one, remembered for affinity. Fills o's translation (the
- * backend as destination, the flow's backend and frontend) and returns 0,
- * or returns -1 when the frontend has no backend.
+ * weir_lb_lookup) gets: the one session affinity keeps it on, else
+ * preferred (a consistent choice such as Maglev's; 0 for none) while it
+ * is active, else a random one, remembered for affinity. Fills o's
+ * translation (the backend as destination, the flow's backend and
+ * frontend) and returns 0, or returns -1 when the frontend has no
+ * backend.
  */
-WEIR_INLINE int weir_lb_choose(struct weir_svc_key *key, const struct weir_svc_val *svc, __be32 client, __u32 now,
-			       struct weir_ct_entry *o)
+WEIR_INLINE int weir_lb_choose_pref(struct weir_svc_key *key, const struct weir_svc_val *svc, __be32 client, __u32 now,
+				    struct weir_ct_entry *o, __u32 preferred)
 {
 	struct weir_backend *be;
 	__u32 backend_id = 0;
 
 	be = weir_lb_affinity(svc, client, now, &backend_id);
+	if (!be && preferred) {
+		be = bpf_map_lookup_elem(&weir_backends, &preferred);
+		if (be && be->state == WEIR_BACKEND_ACTIVE)
+			backend_id = preferred;
+		else
+			be = NULL;
+	}
 	if (!be)
 		be = weir_lb_pick(key, svc, &backend_id);
 	if (!be)
@@ -130,4 +139,11 @@ WEIR_INLINE int weir_lb_choose(struct weir_svc_key *key, const struct weir_svc_v
 	o->backend_id = backend_id;
 	o->rev_nat = svc->rev_nat;
 	return 0;
+}
+
+/* weir_lb_choose_pref without a preferred backend. */
+WEIR_INLINE int weir_lb_choose(struct weir_svc_key *key, const struct weir_svc_val *svc, __be32 client, __u32 now,
+			       struct weir_ct_entry *o)
+{
+	return weir_lb_choose_pref(key, svc, client, now, o, 0);
 }

@@ -320,6 +320,30 @@ struct weir_src_range_key {
 	__be32 client;
 };
 
+/* weir_maglev (the objects that choose by Maglev define WEIR_MAGLEV):
+ * per frontend, by its reverse NAT id, a Maglev lookup table of
+ * WEIR_MAGLEV_M backend ids, computed by the agent from the frontend's
+ * backend addresses (so every node's table picks the same backend for a
+ * flow) and swapped in whole. */
+#define WEIR_MAGLEV_M 16381
+
+#ifdef WEIR_MAGLEV
+struct weir_maglev_table {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, WEIR_MAGLEV_M);
+	__type(key, __u32);
+	__type(value, __u32);
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH_OF_MAPS);
+	__uint(max_entries, 65536);
+	__type(key, __u32);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+	__array(values, struct weir_maglev_table);
+} weir_maglev SEC(".maps");
+#endif
+
 /* weir_endpoints: local pod address -> where and how to deliver. */
 struct weir_endpoint_key {
 	__be32 addr;

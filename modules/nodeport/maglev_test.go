@@ -1,0 +1,50 @@
+package nodeport
+
+import (
+	"fmt"
+	"testing"
+)
+
+// Maglev's table gives every backend about the same share, is the same
+// for the same backends in any order of computation, and when one of ten
+// backends goes, about a tenth of the entries (flows) move: its own, and
+// few others.
+func TestMaglevTable(t *testing.T) {
+	names := make([]string, 10)
+	for i := range names {
+		names[i] = fmt.Sprintf("10.244.%d.11:8080", i+1)
+	}
+	before := maglevTable(names, MaglevM)
+	share := map[int]int{}
+	for _, b := range before {
+		share[b]++
+	}
+	for b, n := range share {
+		if n < MaglevM/10*9/10 || n > MaglevM/10*11/10 {
+			t.Errorf("backend %s holds %d of %d entries; want about a tenth", names[b], n, MaglevM)
+		}
+	}
+	again := maglevTable(append([]string(nil), names...), MaglevM)
+	for i := range before {
+		if before[i] != again[i] {
+			t.Fatalf("the table differs at entry %d between two computations", i)
+		}
+	}
+	// Backend 3 goes: the others keep their names, so compare by name.
+	rest := append(append([]string(nil), names[:3]...), names[4:]...)
+	after := maglevTable(rest, MaglevM)
+	moved, others := 0, 0
+	for i := range before {
+		if names[before[i]] != rest[after[i]] {
+			moved++
+			if before[i] != 3 {
+				others++
+			}
+		}
+	}
+	frac := float64(moved) / MaglevM
+	t.Logf("one of 10 backends gone: %.2f%% of flows move (ideal 10%%), %.2f%% that were not on it", 100*frac, 100*float64(others)/MaglevM)
+	if frac < 0.09 || frac > 0.13 {
+		t.Errorf("%.3f of the entries moved; want about 0.10", frac)
+	}
+}
