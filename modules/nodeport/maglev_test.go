@@ -48,3 +48,33 @@ func TestMaglevTable(t *testing.T) {
 		t.Errorf("%.3f of the entries moved; want about 0.10", frac)
 	}
 }
+
+// BenchmarkMaglevDisruption: the share of flows (table entries) that move
+// when one of N backends goes, beside the ideal 1/N, for N = 10 and 100;
+// and the time to compute a table.
+func BenchmarkMaglevDisruption(b *testing.B) {
+	for _, n := range []int{10, 100} {
+		b.Run(fmt.Sprintf("backends=%d", n), func(b *testing.B) {
+			names := make([]string, n)
+			for i := range names {
+				names[i] = fmt.Sprintf("10.244.%d.%d:8080", i/200, i%200+10)
+			}
+			var before []int
+			for b.Loop() {
+				before = maglevTable(names, MaglevM)
+			}
+			gone := n / 2
+			rest := append(append([]string(nil), names[:gone]...), names[gone+1:]...)
+			after := maglevTable(rest, MaglevM)
+			moved := 0
+			for i := range before {
+				if names[before[i]] != rest[after[i]] {
+					moved++
+				}
+			}
+			b.ReportMetric(float64(moved)/MaglevM, "share-moved")
+			b.ReportMetric(1/float64(n), "share-ideal(baseline)")
+			b.ReportMetric(float64(moved)/MaglevM*float64(n), "ratio-moved-vs-ideal")
+		})
+	}
+}
