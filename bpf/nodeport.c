@@ -46,6 +46,11 @@ volatile const __u32 nodeport_dispatch = NODEPORT_SNAT;
 /* Protocols dispatched by DSR (bit 0 TCP, bit 1 UDP): the module's mode
  * (dsr: both; hybrid: TCP only). The rest use SNAT. */
 volatile const __u32 nodeport_dsr_protos = 0;
+/* DSR by IP-in-IP: outer sources from this network (host bits from the
+ * flow's hash), so the backend's node spreads flows over its receive
+ * queues; a zero mask: the node's own address. Network order. */
+volatile const __be32 nodeport_ipip_src_net = 0;
+volatile const __be32 nodeport_ipip_src_hostmask = 0;
 /* 1: backends are chosen by Maglev (weir_maglev), else at random. */
 volatile const __u32 nodeport_maglev = 0;
 #define NODEPORT_MAX_ADDRS 8
@@ -329,6 +334,7 @@ static __attribute__((noinline)) long ipip_search_slot(__u32 i, void *data)
 WEIR_INLINE int nodeport_ipip_send(struct __sk_buff *skb, struct weir_ctx *ctx, const struct weir_ct_entry *e)
 {
 	__u64 flags = BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 | BPF_F_ADJ_ROOM_FIXED_GSO;
+	__u32 hash = nodeport_flow_hash(ctx);
 	struct iphdr ip = {};
 	__u32 mtu = 0;
 	__u8 frag;
@@ -349,6 +355,8 @@ WEIR_INLINE int nodeport_ipip_send(struct __sk_buff *skb, struct weir_ctx *ctx, 
 	ip.ttl = 64;
 	ip.protocol = IPPROTO_IPIP;
 	ip.saddr = nodeport_node_ip;
+	if (nodeport_ipip_src_hostmask)
+		ip.saddr = nodeport_ipip_src_net | (bpf_htonl(hash) & nodeport_ipip_src_hostmask);
 	ip.daddr = e->nat_daddr;
 	ip.check = weir_csum_fold(bpf_csum_diff(NULL, 0, (__be32 *)&ip, sizeof(ip), 0));
 	if (bpf_skb_store_bytes(skb, ETH_HLEN, &ip, sizeof(ip), 0))

@@ -57,10 +57,12 @@ func TestNorthSouthConfigErrors(t *testing.T) {
 		"modules: [endpoints, masquerade]\n":                                                   `module "masquerade" (modules[1]) requires module "lb", which is not enabled`,
 		// DSR needs the client's address to reach the backend's node as
 		// it is: native routing.
-		"modules: [endpoints, lb, tunnel, dsr-ipoption]\n":                                                   `module "dsr-ipoption" (modules[3]) requires module "nativerouting", which is not enabled`,
-		"modules: [endpoints, lb, nativerouting, dsr-ipoption]\nsettings:\n  dsr-ipoption: {mode: direct}\n": `settings.dsr-ipoption.mode: "direct" is not one of snat, dsr, hybrid`,
-		"modules: [endpoints, lb, nodeport]\nsettings:\n  nodeport: {mode: dsr}\n":                           `settings.nodeport.mode: "dsr" needs a DSR module (dsr-ipoption or dsr-ipip); nodeport dispatches by snat only`,
-		"modules: [endpoints, lb, nativerouting, nodeport, dsr-ipoption]\n":                                  `modules "dsr-ipoption" (modules[4]) and "nodeport" (modules[3]) both claim slot netdev-ingress/nodeport (NodePort dispatch); enable only one`,
+		"modules: [endpoints, lb, tunnel, dsr-ipoption]\n":                                                                      `module "dsr-ipoption" (modules[3]) requires module "nativerouting", which is not enabled`,
+		"modules: [endpoints, lb, nativerouting, dsr-ipoption]\nsettings:\n  dsr-ipoption: {mode: direct}\n":                    `settings.dsr-ipoption.mode: "direct" is not one of snat, dsr, hybrid`,
+		"modules: [endpoints, lb, nativerouting, dsr-ipoption]\nsettings:\n  dsr-ipoption: {ipipSourcePrefix: 100.64.0.0/24}\n": `settings.dsr-ipoption.ipipSourcePrefix: only dsr-ipip sends IP-in-IP`,
+		"modules: [endpoints, lb, nativerouting, dsr-ipip]\nsettings:\n  dsr-ipip: {ipipSourcePrefix: 100.64.0.0/31}\n":         `settings.dsr-ipip.ipipSourcePrefix: "100.64.0.0/31" is not an IPv4 network of /8 to /30 such as 100.64.10.0/24`,
+		"modules: [endpoints, lb, nodeport]\nsettings:\n  nodeport: {mode: dsr}\n":                                              `settings.nodeport.mode: "dsr" needs a DSR module (dsr-ipoption or dsr-ipip); nodeport dispatches by snat only`,
+		"modules: [endpoints, lb, nativerouting, nodeport, dsr-ipoption]\n":                                                     `modules "dsr-ipoption" (modules[4]) and "nodeport" (modules[3]) both claim slot netdev-ingress/nodeport (NodePort dispatch); enable only one`,
 	}
 	for yaml, want := range cases {
 		path := filepath.Join(t.TempDir(), "weir.yaml")

@@ -37,12 +37,14 @@ const dsrServices = `services:
     backends: [{ip: 10.244.2.11, nodeName: n2}]
 `
 
-func upDSR(t *testing.T, mode string) *Lab { return upDSRWith(t, "dsr-ipoption", mode) }
+func upDSR(t *testing.T, mode string) *Lab { return upDSRWith(t, "dsr-ipoption", "mode: "+mode) }
 
-func upDSRWith(t *testing.T, module, mode string) *Lab {
+// upDSRWith brings up the DSR lab with a module and its settings (a YAML
+// flow mapping's inside).
+func upDSRWith(t *testing.T, module, settings string) *Lab {
 	t.Helper()
 	cfg := filepath.Join(t.TempDir(), "agent.yaml")
-	config := "modules: [endpoints, lb, nativerouting, " + module + "]\nsettings:\n  " + module + ": {mode: " + mode + "}\n"
+	config := "modules: [endpoints, lb, nativerouting, " + module + "]\nsettings:\n  " + module + ": {" + settings + "}\n"
 	if err := os.WriteFile(cfg, []byte(config), 0o600); err != nil {
 		t.Fatal(err)
 	}
@@ -244,7 +246,7 @@ func TestDSRUnderLoad(t *testing.T) {
 }
 
 func dsrUnderLoad(t *testing.T, module string) {
-	l := upDSRWith(t, module, "dsr")
+	l := upDSRWith(t, module, "mode: dsr")
 	ctx := context.Background()
 	ext := l.External("ext")
 	n1 := l.Node("n1")
@@ -430,7 +432,7 @@ func TestDSRPerServiceMode(t *testing.T) {
 // the client from the service address without passing n1. Pods get an MTU
 // 20 bytes smaller.
 func TestDSRIPIP(t *testing.T) {
-	l := upDSRWith(t, "dsr-ipip", "dsr")
+	l := upDSRWith(t, "dsr-ipip", "mode: dsr")
 	ctx := context.Background()
 	ext := l.External("ext")
 	n1 := l.Node("n1")
@@ -557,4 +559,50 @@ func TestDSRAndSNATShareAClientPort(t *testing.T) {
 			t.Fatalf("exchange %d on %s: %q %v", i, c.RemoteAddr(), line, err)
 		}
 	}
+}
+
+// With ipipSourcePrefix, the outer sources of IP-in-IP come from that
+// network and vary with the flow (the backend node's receive queues
+// spread them); and a datagram the outer header would push past the MTU
+// is answered with fragmentation needed announcing 1,480.
+func TestDSRIPIPSourcesAndMTU(t *testing.T) {
+	l := upDSRWith(t, "dsr-ipip", "mode: dsr, ipipSourcePrefix: 100.64.10.0/24")
+	ctx := context.Background()
+	ext := l.External("ext")
+	n1 := l.Node("n1")
+	prefix := netip.MustParsePrefix("100.64.10.0/24")
+	sources := map[netip.Addr]int{}
+	frames := capture(t, l, "u-n2", func() {
+		for i := range 10 {
+			if got, err := UDPAsk(ctx, ext.NetnsPath(), n1.IP+":30053", fmt.Sprintf("q%d", i), 3*time.Second); err != nil || got != fmt.Sprintf("web-2: q%d", i) {
+				t.Errorf("ext -> n1:30053/udp: %q %v", got, err)
+			}
+		}
+	})
+	for _, f := range frames {
+		pkt := gopacket.NewPacket(f, layers.LayerTypeEthernet, gopacket.Default)
+		ip, _ := pkt.Layer(layers.LayerTypeIPv4).(*layers.IPv4)
+		if ip == nil || ip.Protocol != layers.IPProtocolIPv4 {
+			continue
+		}
+		src, _ := netip.AddrFromSlice(ip.SrcIP)
+		if !prefix.Contains(src) {
+			t.Errorf("an IP-in-IP packet came from %s, outside %s", src, prefix)
+		}
+		sources[src]++
+	}
+	if len(sources) < 2 {
+		t.Errorf("10 flows came from %d outer sources %v; want them spread", len(sources), sources)
+	}
+	fd := dgramSocket(t, ext.NetnsPath())
+	if err := unix.Connect(fd, &unix.SockaddrInet4{Port: 30053, Addr: netip.MustParseAddr(n1.IP).As4()}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := unix.Write(fd, make([]byte, 1500-20-8)); err != nil {
+		t.Fatalf("first send: %v", err)
+	}
+	waitFor(t, 5*time.Second, "the client to learn a path MTU of 1480", func() bool {
+		mtu, err := unix.GetsockoptInt(fd, unix.IPPROTO_IP, unix.IP_MTU)
+		return err == nil && mtu == 1480
+	})
 }

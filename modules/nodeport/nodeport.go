@@ -65,7 +65,13 @@ type Settings struct {
 	// another node mid-way (an ECMP rehash, a drained node) keeps its
 	// backend; without, at random.
 	Maglev bool `yaml:"maglev"`
+	// IPIPSourcePrefix (dsr-ipip only): outer sources come from this
+	// network, their host bits from each flow's hash, so the backend's
+	// node spreads flows over its receive queues; the underlay must
+	// accept them. Empty: the node's address.
+	IPIPSourcePrefix string `yaml:"ipipSourcePrefix"`
 
+	ipipSource      netip.Prefix
 	dispatch        Dispatch
 	nodePorts, snat portrange.Range
 	addrs           []netip.Addr
@@ -135,8 +141,32 @@ func (s *Settings) Validate() error {
 	default:
 		return &module.FieldError{Path: "mode", Msg: fmt.Sprintf("%q is not one of snat, dsr, hybrid", s.Mode)}
 	}
-	s.nodePorts, s.snat, s.addrs = np, sn, addrs
+	var src netip.Prefix
+	if s.IPIPSourcePrefix != "" {
+		if s.dispatch != DSRIPIP {
+			return &module.FieldError{Path: "ipipSourcePrefix", Msg: "only dsr-ipip sends IP-in-IP"}
+		}
+		p, err := netip.ParsePrefix(s.IPIPSourcePrefix)
+		if err != nil || !p.Addr().Is4() || p.Bits() < 8 || p.Bits() > 30 {
+			return &module.FieldError{Path: "ipipSourcePrefix", Msg: fmt.Sprintf("%q is not an IPv4 network of /8 to /30 such as 100.64.10.0/24", s.IPIPSourcePrefix)}
+		}
+		src = p.Masked()
+	}
+	s.nodePorts, s.snat, s.addrs, s.ipipSource = np, sn, addrs, src
 	return nil
+}
+
+// ipipSourceConsts are the outer source network and host mask (network
+// order) of IP-in-IP; zero without a prefix.
+func (s *Settings) ipipSourceConsts() (net, hostmask uint32) {
+	if !s.ipipSource.IsValid() {
+		return 0, 0
+	}
+	bits := s.ipipSource.Bits()
+	m := ^uint32(0) >> bits // host bits, host order
+	var b [4]byte
+	b[0], b[1], b[2], b[3] = byte(m>>24), byte(m>>16), byte(m>>8), byte(m)
+	return datapath.AddrToBE(s.ipipSource.Addr()), datapath.AddrToBE(netip.AddrFrom4(b))
 }
 
 // dsrProtos are the protocols the mode dispatches by DSR (bit 0 TCP,
@@ -303,21 +333,24 @@ func ObjectSpec(s *Settings, nodeIP netip.Addr, addrs []netip.Addr) (*ebpf.Colle
 	if err != nil {
 		return nil, err
 	}
+	ipipNet, ipipMask := s.ipipSourceConsts()
 	var list [MaxAddresses]uint32
 	for i, a := range addrs {
 		list[i] = datapath.AddrToBE(a)
 	}
 	for name, v := range map[string]any{
-		"nodeport_node_ip":    datapath.AddrToBE(nodeIP),
-		"nodeport_addrs":      list,
-		"nodeport_addr_count": uint32(len(addrs)),
-		"nodeport_min":        uint32(s.nodePorts.Min),
-		"nodeport_max":        uint32(s.nodePorts.Max),
-		"nodeport_snat_min":   uint32(s.snat.Min),
-		"nodeport_snat_max":   uint32(s.snat.Max),
-		"nodeport_dispatch":   uint32(s.dispatch),
-		"nodeport_dsr_protos": s.dsrProtos(),
-		"nodeport_maglev":     boolU32(s.Maglev),
+		"nodeport_node_ip":           datapath.AddrToBE(nodeIP),
+		"nodeport_addrs":             list,
+		"nodeport_addr_count":        uint32(len(addrs)),
+		"nodeport_min":               uint32(s.nodePorts.Min),
+		"nodeport_max":               uint32(s.nodePorts.Max),
+		"nodeport_snat_min":          uint32(s.snat.Min),
+		"nodeport_snat_max":          uint32(s.snat.Max),
+		"nodeport_dispatch":          uint32(s.dispatch),
+		"nodeport_dsr_protos":        s.dsrProtos(),
+		"nodeport_maglev":            boolU32(s.Maglev),
+		"nodeport_ipip_src_net":      ipipNet,
+		"nodeport_ipip_src_hostmask": ipipMask,
 	} {
 		if err := spec.Variables[name].Set(v); err != nil {
 			return nil, fmt.Errorf("setting %s: %w", name, err)

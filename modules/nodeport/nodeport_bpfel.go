@@ -16,43 +16,45 @@ import (
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	nodeportMapWeirAffinity        = "weir_affinity"
-	nodeportMapWeirBackendAddrs    = "weir_backend_addrs"
-	nodeportMapWeirBackends        = "weir_backends"
-	nodeportMapWeirCalls           = "weir_calls"
-	nodeportMapWeirCt              = "weir_ct"
-	nodeportMapWeirEndpoints       = "weir_endpoints"
-	nodeportMapWeirEvents          = "weir_events"
-	nodeportMapWeirFrags           = "weir_frags"
-	nodeportMapWeirIpcache         = "weir_ipcache"
-	nodeportMapWeirMaglev          = "weir_maglev"
-	nodeportMapWeirMetrics         = "weir_metrics"
-	nodeportMapWeirNat             = "weir_nat"
-	nodeportMapWeirNatStats        = "weir_nat_stats"
-	nodeportMapWeirRevnat          = "weir_revnat"
-	nodeportMapWeirScratch         = "weir_scratch"
-	nodeportMapWeirServices        = "weir_services"
-	nodeportMapWeirSlotMask        = "weir_slot_mask"
-	nodeportMapWeirSockAffinity    = "weir_sock_affinity"
-	nodeportMapWeirSockRev         = "weir_sock_rev"
-	nodeportMapWeirSockTerm        = "weir_sock_term"
-	nodeportMapWeirSrcRanges       = "weir_src_ranges"
-	nodeportProgNodeportDsrDecap   = "nodeport_dsr_decap"
-	nodeportProgNodeportIngress    = "nodeport_ingress"
-	nodeportProgNodeportReplyLocal = "nodeport_reply_local"
-	nodeportVarNodeportAddrCount   = "nodeport_addr_count"
-	nodeportVarNodeportAddrs       = "nodeport_addrs"
-	nodeportVarNodeportDispatch    = "nodeport_dispatch"
-	nodeportVarNodeportDsrProtos   = "nodeport_dsr_protos"
-	nodeportVarNodeportMaglev      = "nodeport_maglev"
-	nodeportVarNodeportMax         = "nodeport_max"
-	nodeportVarNodeportMin         = "nodeport_min"
-	nodeportVarNodeportNodeIp      = "nodeport_node_ip"
-	nodeportVarNodeportSnatMax     = "nodeport_snat_max"
-	nodeportVarNodeportSnatMin     = "nodeport_snat_min"
-	nodeportVarWeirHookFirst       = "weir_hook_first"
-	nodeportVarWeirHookLast        = "weir_hook_last"
-	nodeportVarWeirSlotPodForward  = "weir_slot_pod_forward"
+	nodeportMapWeirAffinity            = "weir_affinity"
+	nodeportMapWeirBackendAddrs        = "weir_backend_addrs"
+	nodeportMapWeirBackends            = "weir_backends"
+	nodeportMapWeirCalls               = "weir_calls"
+	nodeportMapWeirCt                  = "weir_ct"
+	nodeportMapWeirEndpoints           = "weir_endpoints"
+	nodeportMapWeirEvents              = "weir_events"
+	nodeportMapWeirFrags               = "weir_frags"
+	nodeportMapWeirIpcache             = "weir_ipcache"
+	nodeportMapWeirMaglev              = "weir_maglev"
+	nodeportMapWeirMetrics             = "weir_metrics"
+	nodeportMapWeirNat                 = "weir_nat"
+	nodeportMapWeirNatStats            = "weir_nat_stats"
+	nodeportMapWeirRevnat              = "weir_revnat"
+	nodeportMapWeirScratch             = "weir_scratch"
+	nodeportMapWeirServices            = "weir_services"
+	nodeportMapWeirSlotMask            = "weir_slot_mask"
+	nodeportMapWeirSockAffinity        = "weir_sock_affinity"
+	nodeportMapWeirSockRev             = "weir_sock_rev"
+	nodeportMapWeirSockTerm            = "weir_sock_term"
+	nodeportMapWeirSrcRanges           = "weir_src_ranges"
+	nodeportProgNodeportDsrDecap       = "nodeport_dsr_decap"
+	nodeportProgNodeportIngress        = "nodeport_ingress"
+	nodeportProgNodeportReplyLocal     = "nodeport_reply_local"
+	nodeportVarNodeportAddrCount       = "nodeport_addr_count"
+	nodeportVarNodeportAddrs           = "nodeport_addrs"
+	nodeportVarNodeportDispatch        = "nodeport_dispatch"
+	nodeportVarNodeportDsrProtos       = "nodeport_dsr_protos"
+	nodeportVarNodeportIpipSrcHostmask = "nodeport_ipip_src_hostmask"
+	nodeportVarNodeportIpipSrcNet      = "nodeport_ipip_src_net"
+	nodeportVarNodeportMaglev          = "nodeport_maglev"
+	nodeportVarNodeportMax             = "nodeport_max"
+	nodeportVarNodeportMin             = "nodeport_min"
+	nodeportVarNodeportNodeIp          = "nodeport_node_ip"
+	nodeportVarNodeportSnatMax         = "nodeport_snat_max"
+	nodeportVarNodeportSnatMin         = "nodeport_snat_min"
+	nodeportVarWeirHookFirst           = "weir_hook_first"
+	nodeportVarWeirHookLast            = "weir_hook_last"
+	nodeportVarWeirSlotPodForward      = "weir_slot_pod_forward"
 )
 
 // loadNodeport returns the embedded CollectionSpec for nodeport.
@@ -133,19 +135,21 @@ type nodeportMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type nodeportVariableSpecs struct {
-	NodeportAddrCount  *ebpf.VariableSpec `ebpf:"nodeport_addr_count"`
-	NodeportAddrs      *ebpf.VariableSpec `ebpf:"nodeport_addrs"`
-	NodeportDispatch   *ebpf.VariableSpec `ebpf:"nodeport_dispatch"`
-	NodeportDsrProtos  *ebpf.VariableSpec `ebpf:"nodeport_dsr_protos"`
-	NodeportMaglev     *ebpf.VariableSpec `ebpf:"nodeport_maglev"`
-	NodeportMax        *ebpf.VariableSpec `ebpf:"nodeport_max"`
-	NodeportMin        *ebpf.VariableSpec `ebpf:"nodeport_min"`
-	NodeportNodeIp     *ebpf.VariableSpec `ebpf:"nodeport_node_ip"`
-	NodeportSnatMax    *ebpf.VariableSpec `ebpf:"nodeport_snat_max"`
-	NodeportSnatMin    *ebpf.VariableSpec `ebpf:"nodeport_snat_min"`
-	WeirHookFirst      *ebpf.VariableSpec `ebpf:"weir_hook_first"`
-	WeirHookLast       *ebpf.VariableSpec `ebpf:"weir_hook_last"`
-	WeirSlotPodForward *ebpf.VariableSpec `ebpf:"weir_slot_pod_forward"`
+	NodeportAddrCount       *ebpf.VariableSpec `ebpf:"nodeport_addr_count"`
+	NodeportAddrs           *ebpf.VariableSpec `ebpf:"nodeport_addrs"`
+	NodeportDispatch        *ebpf.VariableSpec `ebpf:"nodeport_dispatch"`
+	NodeportDsrProtos       *ebpf.VariableSpec `ebpf:"nodeport_dsr_protos"`
+	NodeportIpipSrcHostmask *ebpf.VariableSpec `ebpf:"nodeport_ipip_src_hostmask"`
+	NodeportIpipSrcNet      *ebpf.VariableSpec `ebpf:"nodeport_ipip_src_net"`
+	NodeportMaglev          *ebpf.VariableSpec `ebpf:"nodeport_maglev"`
+	NodeportMax             *ebpf.VariableSpec `ebpf:"nodeport_max"`
+	NodeportMin             *ebpf.VariableSpec `ebpf:"nodeport_min"`
+	NodeportNodeIp          *ebpf.VariableSpec `ebpf:"nodeport_node_ip"`
+	NodeportSnatMax         *ebpf.VariableSpec `ebpf:"nodeport_snat_max"`
+	NodeportSnatMin         *ebpf.VariableSpec `ebpf:"nodeport_snat_min"`
+	WeirHookFirst           *ebpf.VariableSpec `ebpf:"weir_hook_first"`
+	WeirHookLast            *ebpf.VariableSpec `ebpf:"weir_hook_last"`
+	WeirSlotPodForward      *ebpf.VariableSpec `ebpf:"weir_slot_pod_forward"`
 }
 
 // nodeportObjects contains all objects after they have been loaded into the kernel.
@@ -221,19 +225,21 @@ func (m *nodeportMaps) Close() error {
 //
 // It can be passed to loadNodeportObjects or ebpf.CollectionSpec.LoadAndAssign.
 type nodeportVariables struct {
-	NodeportAddrCount  *ebpf.Variable `ebpf:"nodeport_addr_count"`
-	NodeportAddrs      *ebpf.Variable `ebpf:"nodeport_addrs"`
-	NodeportDispatch   *ebpf.Variable `ebpf:"nodeport_dispatch"`
-	NodeportDsrProtos  *ebpf.Variable `ebpf:"nodeport_dsr_protos"`
-	NodeportMaglev     *ebpf.Variable `ebpf:"nodeport_maglev"`
-	NodeportMax        *ebpf.Variable `ebpf:"nodeport_max"`
-	NodeportMin        *ebpf.Variable `ebpf:"nodeport_min"`
-	NodeportNodeIp     *ebpf.Variable `ebpf:"nodeport_node_ip"`
-	NodeportSnatMax    *ebpf.Variable `ebpf:"nodeport_snat_max"`
-	NodeportSnatMin    *ebpf.Variable `ebpf:"nodeport_snat_min"`
-	WeirHookFirst      *ebpf.Variable `ebpf:"weir_hook_first"`
-	WeirHookLast       *ebpf.Variable `ebpf:"weir_hook_last"`
-	WeirSlotPodForward *ebpf.Variable `ebpf:"weir_slot_pod_forward"`
+	NodeportAddrCount       *ebpf.Variable `ebpf:"nodeport_addr_count"`
+	NodeportAddrs           *ebpf.Variable `ebpf:"nodeport_addrs"`
+	NodeportDispatch        *ebpf.Variable `ebpf:"nodeport_dispatch"`
+	NodeportDsrProtos       *ebpf.Variable `ebpf:"nodeport_dsr_protos"`
+	NodeportIpipSrcHostmask *ebpf.Variable `ebpf:"nodeport_ipip_src_hostmask"`
+	NodeportIpipSrcNet      *ebpf.Variable `ebpf:"nodeport_ipip_src_net"`
+	NodeportMaglev          *ebpf.Variable `ebpf:"nodeport_maglev"`
+	NodeportMax             *ebpf.Variable `ebpf:"nodeport_max"`
+	NodeportMin             *ebpf.Variable `ebpf:"nodeport_min"`
+	NodeportNodeIp          *ebpf.Variable `ebpf:"nodeport_node_ip"`
+	NodeportSnatMax         *ebpf.Variable `ebpf:"nodeport_snat_max"`
+	NodeportSnatMin         *ebpf.Variable `ebpf:"nodeport_snat_min"`
+	WeirHookFirst           *ebpf.Variable `ebpf:"weir_hook_first"`
+	WeirHookLast            *ebpf.Variable `ebpf:"weir_hook_last"`
+	WeirSlotPodForward      *ebpf.Variable `ebpf:"weir_slot_pod_forward"`
 }
 
 // nodeportPrograms contains all programs after they have been loaded into the kernel.
