@@ -72,6 +72,18 @@ func TestPassRemovesOnlyWhatNoLiveFlowHolds(t *testing.T) {
 		o, r := flow(t, m, now, uint16(1000+i), c.orig, c.reply)
 		keys[i] = [2]datapath.CTKey{o, r}
 	}
+	// A DSR flow on the node that received it has only its ORIG entry:
+	// kept while it lives, collected once it expired.
+	dsr := func(port uint16, lifetime int64) datapath.CTKey {
+		k := datapath.CTKey{Saddr: 0x0a000001, Daddr: 0x0a000003, Sport: port, Dport: 80, Proto: 6}
+		v := datapath.CTEntry{Dir: datapath.CTOrig, Lifetime: uint32(now + lifetime), Flags: datapath.CTFlagNodePort | datapath.CTFlagDSR,
+			NatSaddr: 0x0a000001, NatDaddr: 0x0a000009, NatSport: port, NatDport: 8080}
+		if err := m.Put(k, v); err != nil {
+			t.Fatal(err)
+		}
+		return k
+	}
+	dsrLive, dsrOver := dsr(3000, 300), dsr(3001, -3)
 	g := New(Options{Map: dp.CT, Interval: time.Minute})
 	st, err := g.Pass()
 	if err != nil {
@@ -82,8 +94,12 @@ func TestPassRemovesOnlyWhatNoLiveFlowHolds(t *testing.T) {
 			t.Errorf("%s: entries present %+v, want %+v", c.name, got, c.want)
 		}
 	}
-	if st.Deleted != 4 || st.Entries != 7 || st.MaxEntries != 4096 || st.Passes != 1 {
-		t.Errorf("stats %+v, want 4 deleted, 7 left of 4096", st)
+	if !present(t, m, dsrLive) || present(t, m, dsrOver) {
+		t.Errorf("DSR entries without a twin: live one present %v, expired one present %v; want true, false",
+			present(t, m, dsrLive), present(t, m, dsrOver))
+	}
+	if st.Deleted != 5 || st.Entries != 8 || st.MaxEntries != 4096 || st.Passes != 1 {
+		t.Errorf("stats %+v, want 5 deleted, 8 left of 4096", st)
 	}
 }
 
