@@ -27,8 +27,7 @@
 #endif
 /* The outer header of DSR by IP-in-IP. */
 #define IPIP_HLEN 20
-/* Backend slots searched for the backend a request names (bpf_loop). */
-#define IPIP_MAX_SLOTS 4096
+
 
 /* The DSR IPv4 option (Cilium's layout): copied, class 0, number 26. */
 #define DSR_OPT_TYPE 0x9a
@@ -246,6 +245,27 @@ WEIR_INLINE int nodeport_dsr_insert(struct __sk_buff *skb, struct weir_ctx *ctx,
  * client sent, whose REPLY half sends the pod's answers to the client
  * from the service address. Returns -1 to go on, else a verdict.
  */
+/* A TCP segment of a DSR flow after its SYN (no option) to a local pod:
+ * its flags (FIN, RST) reach the flow's entry, found through the pod's
+ * side, so a closed flow's entries expire on the closed flow's timers. */
+WEIR_INLINE void nodeport_dsr_follow(const struct weir_ctx *ctx, __u32 len, __u32 now)
+{
+	struct weir_endpoint_key ep = {.addr = ctx->daddr};
+	struct weir_ct_entry *r, *o;
+	struct weir_ct_key rk, ok;
+
+	if (!bpf_map_lookup_elem(&weir_endpoints, &ep))
+		return;
+	weir_ct_key_set(&rk, ctx->daddr, ctx->saddr, ctx->dport, ctx->sport, ctx->proto);
+	r = bpf_map_lookup_elem(&weir_ct, &rk);
+	if (!r || r->dir != WEIR_CT_REPLY || !(r->flags & WEIR_CT_F_DSR))
+		return;
+	weir_ct_twin_key(&ok, r, ctx->proto);
+	o = bpf_map_lookup_elem(&weir_ct, &ok);
+	if (o && o->dir == WEIR_CT_ORIG && (o->flags & WEIR_CT_F_DSR) && !weir_ct_expired(o, now))
+		weir_ct_touch(&ok, o, ctx->tcp_flags, len, now);
+}
+
 WEIR_INLINE int nodeport_dsr_receive(struct __sk_buff *skb, struct weir_ctx *ctx, __u32 now)
 {
 	struct weir_endpoint_key ep = {.addr = ctx->daddr};
@@ -254,6 +274,11 @@ WEIR_INLINE int nodeport_dsr_receive(struct __sk_buff *skb, struct weir_ctx *ctx
 	struct dsr_opt opt;
 	__u32 reason = WEIR_DROP_CT_CREATE;
 
+	if (ctx->l4_off == ETH_HLEN + sizeof(struct iphdr)) {
+		if (ctx->proto == IPPROTO_TCP && !(ctx->tcp_flags & WEIR_TCP_SYN))
+			nodeport_dsr_follow(ctx, skb->len, now);
+		return -1;
+	}
 	if (ctx->l4_off < ETH_HLEN + sizeof(struct iphdr) + DSR_OPT_LEN ||
 	    bpf_skb_load_bytes(skb, ETH_HLEN + sizeof(struct iphdr), &opt, sizeof(opt)) ||
 	    opt.type != DSR_OPT_TYPE || opt.len != DSR_OPT_LEN || !bpf_map_lookup_elem(&weir_endpoints, &ep))
@@ -278,53 +303,16 @@ WEIR_INLINE int nodeport_dsr_receive(struct __sk_buff *skb, struct weir_ctx *ctx
 }
 
 /* The frontend a DSR request was addressed to, as the backend's node
- * sees it: a load-balancer or external IP, or a NodePort on another
- * node's address. */
+ * sees it: a load-balancer or external IP, or a NodePort on one of the
+ * receiving node's addresses (whichever: the request came from a node). */
 WEIR_INLINE struct weir_svc_val *nodeport_dsr_frontend(struct weir_svc_key *k, __be32 addr, __be16 port, __u8 proto)
 {
 	struct weir_svc_val *svc = weir_lb_lookup(k, addr, port, proto, 0);
-	struct weir_ipcache_entry *node;
 
 	if (svc)
 		return svc->type == WEIR_SVC_CLUSTER_IP ? NULL : svc;
-	node = weir_ipcache_lookup(addr);
-	if (!node || !(node->flags & WEIR_IPCACHE_NODE))
-		return NULL;
 	svc = weir_lb_lookup(k, 0, port, proto, 0);
 	return svc && svc->type == WEIR_SVC_NODE_PORT ? svc : NULL;
-}
-
-/* The search of a frontend's slots for the backend at an address. */
-struct ipip_search {
-	struct weir_svc_key key;
-	__be32 addr;
-	__u32 count;
-	__u32 id;
-	__be16 port;
-	__u16 found;
-};
-
-static __attribute__((noinline)) long ipip_search_slot(__u32 i, void *data)
-{
-	struct ipip_search *s = data;
-	struct weir_svc_val *slot;
-	struct weir_backend *be;
-	__u32 id;
-
-	if (i >= s->count)
-		return 1;
-	s->key.slot = i + 1;
-	slot = bpf_map_lookup_elem(&weir_services, &s->key);
-	if (!slot)
-		return 0;
-	id = slot->backend_id;
-	be = bpf_map_lookup_elem(&weir_backends, &id);
-	if (!be || be->addr != s->addr)
-		return 0;
-	s->id = id;
-	s->port = be->port;
-	s->found = 1;
-	return 1;
 }
 
 /* Sends a request of a DSR flow to its backend inside an outer IPv4
@@ -351,6 +339,10 @@ WEIR_INLINE int nodeport_ipip_send(struct __sk_buff *skb, struct weir_ctx *ctx, 
 	ip.version = 4;
 	ip.ihl = 5;
 	ip.tot_len = bpf_htons(skb->len - ETH_HLEN);
+	/* The backend's port rides in the identification, free with DF
+	 * (RFC 6864); the backend's node needs it only on a flow's first
+	 * packet, never a GSO one whose segments would count it up. */
+	ip.id = e->nat_dport;
 	ip.frag_off = bpf_htons(0x4000); /* DF: the path MTU was checked */
 	ip.ttl = 64;
 	ip.protocol = IPPROTO_IPIP;
@@ -409,16 +401,25 @@ WEIR_INLINE int ipip_inner(struct __sk_buff *skb, struct weir_ctx *ctx)
  */
 WEIR_INLINE int nodeport_ipip_receive(struct __sk_buff *skb, struct weir_ctx *ctx, __u32 now)
 {
+	struct weir_backend_addr_key bk = {.addr = ctx->daddr, .port = ctx->ip_id};
 	struct weir_endpoint_key ep = {.addr = ctx->daddr};
-	struct ipip_search s = {.addr = ctx->daddr};
+	struct weir_ipcache_entry *from = weir_ipcache_lookup(ctx->saddr);
 	struct weir_ct_entry o = {}, *e;
 	struct weir_svc_val *svc;
+	struct weir_svc_key skey;
+	struct weir_backend *be;
 	struct weir_ct_key key;
-	__u32 reason = WEIR_DROP_CT_CREATE;
+	__be32 backend = ctx->daddr;
+	__u32 reason = WEIR_DROP_CT_CREATE, *id;
 
 	if (ctx->l4_off != ETH_HLEN + IPIP_HLEN || (ctx->flags & WEIR_CTX_FRAGMENT) ||
 	    !bpf_map_lookup_elem(&weir_endpoints, &ep))
 		return -1;
+	/* Only a node of the cluster (or the network its outer sources come
+	 * from) dispatches requests to local pods this way. */
+	if (!(from && (from->flags & WEIR_IPCACHE_NODE)) &&
+	    !(nodeport_ipip_src_hostmask && (ctx->saddr & ~nodeport_ipip_src_hostmask) == nodeport_ipip_src_net))
+		return weir_drop_ctx(skb, ctx, WEIR_DROP_DSR);
 	if (bpf_skb_adjust_room(skb, -IPIP_HLEN, BPF_ADJ_ROOM_MAC, BPF_F_ADJ_ROOM_FIXED_GSO))
 		return weir_drop_ctx(skb, ctx, WEIR_DROP_DECAP);
 	/* What this stage needs of the request inside (a plain IPv4 header,
@@ -429,27 +430,28 @@ WEIR_INLINE int nodeport_ipip_receive(struct __sk_buff *skb, struct weir_ctx *ct
 	weir_ct_key_set(&key, ctx->saddr, ctx->daddr, ctx->sport, ctx->dport, ctx->proto);
 	e = bpf_map_lookup_elem(&weir_ct, &key);
 	if (e && e->dir == WEIR_CT_ORIG && (e->flags & WEIR_CT_F_DSR) && !weir_ct_expired(e, now) &&
-	    !weir_ct_reopens(e, ctx->proto, ctx->tcp_flags) && e->nat_daddr == s.addr) {
+	    !weir_ct_reopens(e, ctx->proto, ctx->tcp_flags) && e->nat_daddr == backend) {
 		weir_ct_touch(&key, e, ctx->tcp_flags, skb->len, now);
 	} else {
 		if (e)
 			weir_ct_delete_flow(&key, e);
-		svc = nodeport_dsr_frontend(&s.key, ctx->daddr, ctx->dport, ctx->proto);
-		if (!svc)
-			return weir_drop_ctx(skb, ctx, WEIR_DROP_DSR);
-		s.count = svc->count < IPIP_MAX_SLOTS ? svc->count : IPIP_MAX_SLOTS;
-		bpf_loop(IPIP_MAX_SLOTS, ipip_search_slot, &s, 0);
-		if (!s.found)
+		svc = nodeport_dsr_frontend(&skey, ctx->daddr, ctx->dport, ctx->proto);
+		bk.proto = ctx->proto;
+		id = bpf_map_lookup_elem(&weir_backend_addrs, &bk);
+		be = id ? bpf_map_lookup_elem(&weir_backends, id) : NULL;
+		if (!svc || !be)
 			return weir_drop_ctx(skb, ctx, WEIR_DROP_DSR);
 		o.nat_saddr = ctx->saddr;
 		o.nat_sport = ctx->sport;
-		o.nat_daddr = s.addr;
-		o.nat_dport = s.port;
-		o.backend_id = s.id;
+		o.nat_daddr = be->addr;
+		o.nat_dport = be->port;
+		o.backend_id = *id;
 		o.rev_nat = svc->rev_nat;
 		o.flags = WEIR_CT_F_NODEPORT | WEIR_CT_F_DSR;
-		reason = WEIR_DROP_CT_CREATE;
-		e = weir_ct_create_dsr(&key, &o, 1, ctx->tcp_flags, skb->len, now, &reason);
+		/* This node sees every packet of the flow and sends its
+		 * replies: a client port the pod's tuple cannot have is
+		 * remapped on the way in and restored on the way out. */
+		e = weir_ct_create(&key, &o, ctx->tcp_flags, skb->len, now, &reason);
 		if (!e)
 			return weir_drop_ctx(skb, ctx, reason);
 	}
@@ -467,6 +469,17 @@ WEIR_INLINE int nodeport_leave(struct __sk_buff *skb, struct weir_ctx *ctx, cons
 	struct weir_nat_entry *nat;
 	__u32 reason = WEIR_DROP_CT_CREATE;
 
+	/* A DSR flow that reaches its backend's own node (an ECMP rehash, a
+	 * drained node): delivered here. */
+	if (e->flags & WEIR_CT_F_DSR) {
+		struct weir_endpoint_key lep = {.addr = e->nat_daddr};
+
+		if (bpf_map_lookup_elem(&weir_endpoints, &lep)) {
+			if (weir_ct_apply(skb, ctx, e))
+				return weir_drop_ctx(skb, ctx, WEIR_DROP_CSUM_REWRITE);
+			return weir_next(skb, ctx);
+		}
+	}
 	if ((e->flags & WEIR_CT_F_DSR) && nodeport_dispatch == NODEPORT_DSR_IPIP) {
 		if (ctx->proto == IPPROTO_TCP && !(ctx->tcp_flags & WEIR_TCP_SYN) && !(e->flags & WEIR_CT_F_ESTABLISHED))
 			weir_ct_change(e, WEIR_CT_F_SEEN_REPLY | WEIR_CT_F_ESTABLISHED, 0, key->proto, now);
@@ -557,7 +570,9 @@ int nodeport_ingress(struct __sk_buff *skb)
 	    (ctx->flags & WEIR_CTX_FRAGMENT))
 		return weir_next(skb, ctx);
 	now = weir_now_sec();
-	if (nodeport_dispatch == NODEPORT_DSR_OPTION) {
+	/* Every member of the dispatch group takes requests other nodes
+	 * send by DSR: the pools of a cluster may dispatch differently. */
+	{
 		int rc = nodeport_dsr_receive(skb, ctx, now);
 
 		if (rc >= 0)

@@ -75,7 +75,7 @@ var table = []Slot{
 	{Name: "pod-ingress/lb-revnat", Hook: PodIngress, Order: 4},
 	{Name: "pod-ingress/deliver", Hook: PodIngress, Order: 12},
 	{Name: "netdev-ingress/tunnel", Hook: NetdevIngress, Order: 4},
-	{Name: "netdev-ingress/dsr-receive", Hook: NetdevIngress, Order: 5},
+	{Name: "netdev-ingress/dsr-receive", Hook: NetdevIngress, Order: 5, Group: GroupNodePortDispatch},
 	{Name: "netdev-ingress/nodeport", Hook: NetdevIngress, Order: 6, Group: GroupNodePortDispatch},
 	{Name: "netdev-ingress/masquerade", Hook: NetdevIngress, Order: 7},
 	{Name: "netdev-ingress/local", Hook: NetdevIngress, Order: 8},

@@ -115,13 +115,21 @@ func (w *maglevWriter) apply(d model.Delta) error {
 	if err != nil {
 		return err
 	}
+	// What the map holds: tables written by this writer keep their
+	// inputs across full passes (a retry is one), so only tables whose
+	// input changed are built again; others (a restarted agent's) are
+	// written again once.
 	if w.applied == nil || d.Full {
-		w.applied = map[uint32]string{}
+		if w.applied == nil {
+			w.applied = map[uint32]string{}
+		}
 		var k uint32
 		var id uint32
 		it := w.outer.Iterate()
 		for it.Next(&k, &id) {
-			w.applied[k] = "" // unknown: written again
+			if _, ok := w.applied[k]; !ok {
+				w.applied[k] = ""
+			}
 		}
 		if err := it.Err(); err != nil {
 			return fmt.Errorf("reading weir_maglev: %w", err)
@@ -159,9 +167,10 @@ func (w *maglevWriter) apply(d model.Delta) error {
 		}
 	}
 	// Tables of frontends that went: their flows fall back to random
-	// choice, as any frontend without a table.
+	// choice, as any frontend without a table. (A frontend not resolved
+	// this pass keeps no table either: random choice until it is.)
 	for rev := range w.applied {
-		if desired[rev] || len(errs) > 0 {
+		if desired[rev] {
 			continue
 		}
 		if err := w.outer.Delete(rev); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {

@@ -2,13 +2,16 @@ package nodeport
 
 import (
 	"fmt"
+	"net/netip"
 	"testing"
+
+	"github.com/weirnet/weir/core/model"
 )
 
-// Maglev's table gives every backend about the same share, is the same
-// for the same backends in any order of computation, and when one of ten
-// backends goes, about a tenth of the entries (flows) move: its own, and
-// few others.
+// Maglev's table gives every backend about the same share, is computed
+// the same from the same names (every node sorts them the same way, see
+// maglevFronts), and when one of ten backends goes, about a tenth of the
+// entries (flows) move: its own, and few others.
 func TestMaglevTable(t *testing.T) {
 	names := make([]string, 10)
 	for i := range names {
@@ -76,5 +79,33 @@ func BenchmarkMaglevDisruption(b *testing.B) {
 			b.ReportMetric(1/float64(n), "share-ideal(baseline)")
 			b.ReportMetric(float64(moved)/MaglevM*float64(n), "ratio-moved-vs-ideal")
 		})
+	}
+}
+
+// Every node lists a frontend's backends the same way whatever order its
+// source gave them: sorted, without duplicates, active ones only while
+// there are any; externalTrafficPolicy Local frontends and ClusterIPs get
+// no table.
+func TestMaglevFronts(t *testing.T) {
+	b := func(s string, st model.BackendState) model.Backend {
+		return model.Backend{Addr: netip.MustParseAddrPort(s), State: st}
+	}
+	svc := &model.Service{Frontends: []model.Frontend{
+		{Addr: netip.MustParseAddrPort("10.96.0.10:80"), Proto: model.TCP, Type: model.ClusterIP},
+		{Addr: netip.MustParseAddrPort("0.0.0.0:30080"), Proto: model.TCP, Type: model.NodePort, Backends: []model.Backend{
+			b("10.244.3.11:8080", model.Active), b("10.244.1.11:8080", model.Active), b("10.244.2.11:8080", model.Terminating)}},
+		{Addr: netip.MustParseAddrPort("198.51.100.1:80"), Proto: model.TCP, Type: model.LoadBalancer, Backends: []model.Backend{
+			b("10.244.2.11:8080", model.Terminating), b("10.244.1.11:8080", model.Terminating)}},
+		{Addr: netip.MustParseAddrPort("198.51.100.2:80"), Proto: model.TCP, Type: model.LoadBalancer, ExternalLocal: true},
+	}}
+	got := maglevFronts(svc)
+	if len(got) != 2 {
+		t.Fatalf("%d frontends with tables, want 2: %+v", len(got), got)
+	}
+	if fmt.Sprint(got[0].backends) != "[10.244.1.11:8080 10.244.3.11:8080]" {
+		t.Errorf("NodePort backends %v: want the active ones, sorted", got[0].backends)
+	}
+	if fmt.Sprint(got[1].backends) != "[10.244.1.11:8080 10.244.2.11:8080]" {
+		t.Errorf("load-balancer backends %v: want the terminating ones (none active), sorted", got[1].backends)
 	}
 }

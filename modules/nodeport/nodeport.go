@@ -208,12 +208,12 @@ func DispatchFactory(name, summary string, d Dispatch) module.Factory {
 	if d != SNAT {
 		requires = append(requires, nativerouting.Name)
 	}
+	// Every member takes requests other nodes dispatch by DSR (the pools
+	// of a cluster may dispatch differently): the IP-in-IP stage too.
 	claims := []module.SlotClaim{
 		{Slot: "netdev-ingress/nodeport", Program: "nodeport_ingress"},
+		{Slot: "netdev-ingress/dsr-receive", Program: "nodeport_dsr_decap"},
 		{Slot: "pod-egress/nodeport", Program: "nodeport_reply_local"},
-	}
-	if d == DSRIPIP {
-		claims = append(claims, module.SlotClaim{Slot: "netdev-ingress/dsr-receive", Program: "nodeport_dsr_decap"})
 	}
 	return module.Factory{
 		Descriptor: module.Descriptor{

@@ -195,7 +195,7 @@ WEIR_INLINE void weir_ct_mirror(const struct weir_ct_key *key, const struct weir
 	t = bpf_map_lookup_elem(&weir_ct, &twin);
 	/* A DSR flow's entry on the node that received it has no twin: the
 	 * replies never come back there. */
-	if (!t && (e->flags & WEIR_CT_F_DSR) && e->dir == WEIR_CT_ORIG)
+	if (!t && (e->flags & WEIR_CT_F_ONE_SIDED))
 		return;
 	if (!t) {
 		struct weir_ct_entry r = {
@@ -378,10 +378,11 @@ WEIR_INLINE void weir_ct_init(struct weir_ct_entry *o, __u8 proto, __u8 tcp, __u
  * own, which no translation here may change (the replies do not come back
  * through this node to be changed back): no client port is remapped.
  * With reply set (the backend's node), the REPLY entry is written too,
- * over a flow that held its tuple (one the client's reuse of its port
- * ended: the pod has one socket for the tuple); without (the node that
- * received the request), only ORIG is. Returns the ORIG entry or NULL
- * with *reason set.
+ * over a DSR flow that held its tuple (one the client's reuse of its port
+ * ended: the pod has one socket for the tuple), never over a live flow of
+ * another kind; without (the node that received the request), only ORIG
+ * is, flagged WEIR_CT_F_ONE_SIDED. Returns the ORIG entry or NULL with
+ * *reason set.
  */
 WEIR_INLINE struct weir_ct_entry *weir_ct_create_dsr(struct weir_ct_key *okey, struct weir_ct_entry *o, int reply,
 						      __u8 tcp, __u32 len, __u32 now, __u32 *reason)
@@ -389,10 +390,18 @@ WEIR_INLINE struct weir_ct_entry *weir_ct_create_dsr(struct weir_ct_key *okey, s
 	struct weir_ct_entry r = {}, *cur;
 	struct weir_ct_key rkey;
 
+	if (!reply)
+		o->flags |= WEIR_CT_F_ONE_SIDED;
 	weir_ct_init(o, okey->proto, tcp, len, now);
 	if (reply) {
 		weir_ct_twin_key(&rkey, o, okey->proto);
 		cur = bpf_map_lookup_elem(&weir_ct, &rkey);
+		/* A live flow of another kind holds the pod's tuple: this one
+		 * cannot have it too. */
+		if (cur && !(cur->flags & WEIR_CT_F_DSR) && !weir_ct_expired(cur, now)) {
+			*reason = WEIR_DROP_NAT_NO_PORT;
+			return NULL;
+		}
 		if (cur)
 			weir_ct_delete_flow(&rkey, cur);
 		r.dir = WEIR_CT_REPLY;

@@ -219,8 +219,9 @@ struct weir_ct_key {
 #define WEIR_CT_F_SNAT 0x0100        /* ... whose source also leaves translated (weir_nat) */
 #define WEIR_CT_F_HAIRPIN 0x0200     /* a pod reaching itself through a service */
 #define WEIR_CT_F_DSR 0x0400         /* a NodePort flow whose backend answers the client directly */
+#define WEIR_CT_F_ONE_SIDED 0x0800   /* ... seen only one way here (the node that received it): no twin */
 /* The kinds of flow: set by whoever makes the flow, kept for its life. */
-#define WEIR_CT_F_KINDS (WEIR_CT_F_NODEPORT | WEIR_CT_F_SNAT | WEIR_CT_F_HAIRPIN | WEIR_CT_F_DSR)
+#define WEIR_CT_F_KINDS (WEIR_CT_F_NODEPORT | WEIR_CT_F_SNAT | WEIR_CT_F_HAIRPIN | WEIR_CT_F_DSR | WEIR_CT_F_ONE_SIDED)
 
 /* The source a pod sees on packets it sent itself through a service (a
  * hairpin): its own address as source would be dropped as a martian. A
