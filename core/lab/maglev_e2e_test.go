@@ -1,6 +1,9 @@
 package lab
 
 import (
+	"bufio"
+	"context"
+	"fmt"
 	"io"
 	"net"
 	"os"
@@ -11,6 +14,7 @@ import (
 	"time"
 
 	"github.com/cilium/ebpf"
+	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
 	"github.com/weirnet/weir/core/netns"
@@ -110,4 +114,104 @@ func TestMaglevSameBackendOnEveryNode(t *testing.T) {
 	if len(seen) < 2 {
 		t.Errorf("20 client ports all reached %v: the table spreads no flows", seen)
 	}
+}
+
+// A DSR flow that an ECMP rehash moves to another node mid-way keeps
+// working: with Maglev the new node picks the same backend, and delivers
+// it itself when the backend is its own.
+func TestMaglevDSRFlowMovesNode(t *testing.T) {
+	cfg := filepath.Join(t.TempDir(), "agent.yaml")
+	const config = "modules: [endpoints, lb, nativerouting, dsr-ipip]\nsettings:\n  dsr-ipip: {maglev: true}\n"
+	if err := os.WriteFile(cfg, []byte(config), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	spec := threeNodes(cfg)
+	spec.Externals = []ExternalSpec{{Name: "ext", Routes: map[string]string{lbIP + "/32": "n1"}}}
+	l := up(t, spec)
+	const svc = `services:
+  - name: echo
+    clusterIP: 10.96.0.10
+    type: LoadBalancer
+    loadBalancerIPs: [` + lbIP + `]
+    ports: [{port: 9000}]
+    backends: [{ip: 10.244.2.11, nodeName: n2}, {ip: 10.244.3.11, nodeName: n3}]
+`
+	for _, n := range l.Nodes {
+		if err := l.Apply(n.Name, []byte(svc)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	waitFor(t, 10*time.Second, "Maglev tables on every node", func() bool {
+		for _, n := range l.Nodes {
+			m, err := ebpf.LoadPinnedMap(filepath.Join(n.PinDir, "weir_maglev"), nil)
+			if err != nil {
+				return false
+			}
+			var k, v uint32
+			found := m.Iterate().Next(&k, &v)
+			m.Close()
+			if !found {
+				return false
+			}
+		}
+		return true
+	})
+	ext := l.External("ext")
+	route := func(node *Node) {
+		t.Helper()
+		h, err := netns.Handle(ext.NetnsPath())
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer h.Close()
+		_, dst, _ := net.ParseCIDR(lbIP + "/32")
+		if err := h.RouteReplace(&netlink.Route{Dst: dst, Gw: net.ParseIP(node.IP)}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// Several flows, so that some land on each backend.
+	type flow struct {
+		c   net.Conn
+		r   *bufio.Reader
+		who string
+	}
+	var flows []*flow
+	for range 6 {
+		c, err := Dial(context.Background(), ext.NetnsPath(), "tcp4", lbIP+":9000")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		flows = append(flows, &flow{c: c, r: bufio.NewReader(c)})
+	}
+	say := func(step string) {
+		t.Helper()
+		for i, f := range flows {
+			_ = f.c.SetDeadline(time.Now().Add(3 * time.Second))
+			if _, err := fmt.Fprintln(f.c, step); err != nil {
+				t.Fatalf("flow %d, %s: %v", i, step, err)
+			}
+			line, err := f.r.ReadString('\n')
+			if err != nil {
+				t.Fatalf("flow %d, %s: %v", i, step, err)
+			}
+			who, _, _ := strings.Cut(line, ":")
+			if f.who == "" {
+				f.who = who
+			}
+			if who != f.who {
+				t.Fatalf("flow %d, %s: answered by %s, began with %s", i, step, who, f.who)
+			}
+		}
+	}
+	say("through n1")
+	route(l.Node("n3"))
+	say("through n3")
+	route(l.Node("n2"))
+	say("through n2")
+	seen := map[string]bool{}
+	for _, f := range flows {
+		seen[f.who] = true
+	}
+	t.Logf("flows on %v", seen)
 }
