@@ -9,11 +9,8 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
-	"slices"
 	"strconv"
 	"strings"
-	"sync"
-	"syscall"
 	"testing"
 	"time"
 
@@ -22,7 +19,6 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/weirnet/weir/core/netns"
-	"github.com/weirnet/weir/core/proc"
 )
 
 const dsrServices = `services:
@@ -248,128 +244,19 @@ func TestDSRUnderLoad(t *testing.T) {
 func dsrUnderLoad(t *testing.T, module string) {
 	l := upDSRWith(t, module, "mode: dsr")
 	ctx := context.Background()
-	ext := l.External("ext")
-	n1 := l.Node("n1")
-	addr := n1.IP + ":30090"
-	const conns = 1000
-	var (
-		wg      sync.WaitGroup
-		open    sync.WaitGroup
-		mu      sync.Mutex
-		failed  []string
-		release = make(chan struct{})
-	)
-	open.Add(conns)
-	for i := range conns {
-		wg.Go(func() {
-			err := func() error {
-				dctx, cancel := context.WithTimeout(ctx, 20*time.Second)
-				defer cancel()
-				c, err := Dial(dctx, ext.NetnsPath(), "tcp4", addr)
-				open.Done()
-				if err != nil {
-					return err
-				}
-				defer c.Close()
-				<-release
-				_ = c.SetDeadline(time.Now().Add(20 * time.Second))
-				msg := fmt.Sprintf("conn-%d", i)
-				if _, err := fmt.Fprintln(c, msg); err != nil {
-					return err
-				}
-				line, err := bufio.NewReader(c).ReadString('\n')
-				if err != nil {
-					return err
-				}
-				if strings.TrimSpace(line) != "web-2: "+msg {
-					return fmt.Errorf("answer %q", line)
-				}
-				return nil
-			}()
-			if err != nil {
-				mu.Lock()
-				failed = append(failed, fmt.Sprintf("#%d: %v", i, err))
-				mu.Unlock()
-			}
-		})
+	target := echoTarget{ns: l.External("ext").NetnsPath(), addr: l.Node("n1").IP + ":30090", name: "web-2"}
+	if failed := holdConnections(ctx, 1000, []echoTarget{target}); len(failed) > 0 {
+		t.Fatalf("%d of 1000 DSR connections failed; first: %s", len(failed), failed[0])
 	}
-	open.Wait()
-	close(release)
-	wg.Wait()
-	if len(failed) > 0 {
-		t.Fatalf("%d of %d DSR connections failed; first: %s", len(failed), conns, failed[0])
-	}
-
 	// Long-lived flows through the agent's restart and kill on n2, the
 	// node that holds their DSR state.
-	stop := make(chan struct{})
-	counts := make([]int, 20)
-	var errs []string
-	var lw sync.WaitGroup
-	for i := range counts {
-		c, err := Dial(ctx, ext.NetnsPath(), "tcp4", addr)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer c.Close()
-		r := bufio.NewReader(c)
-		lw.Go(func() {
-			for n := 0; ; n++ {
-				select {
-				case <-stop:
-					return
-				case <-time.After(20 * time.Millisecond):
-				}
-				_ = c.SetDeadline(time.Now().Add(5 * time.Second))
-				msg := fmt.Sprintf("m%d", n)
-				_, err := fmt.Fprintln(c, msg)
-				var line string
-				if err == nil {
-					line, err = r.ReadString('\n')
-				}
-				if err == nil && strings.TrimSpace(line) != "web-2: "+msg {
-					err = fmt.Errorf("answer %q", line)
-				}
-				mu.Lock()
-				if err != nil {
-					errs = append(errs, fmt.Sprintf("flow %d: %v", i, err))
-					mu.Unlock()
-					return
-				}
-				counts[i]++
-				mu.Unlock()
-			}
-		})
+	targets := make([]echoTarget, 20)
+	for i := range targets {
+		targets[i] = target
 	}
-	atLeast := func(n int) func() bool {
-		return func() bool {
-			mu.Lock()
-			defer mu.Unlock()
-			return slices.Min(counts) >= n
-		}
-	}
-	waitFor(t, 10*time.Second, "traffic on every flow", atLeast(5))
-	if err := l.StopAgent("n2"); err != nil {
-		t.Fatal(err)
-	}
-	if err := l.StartAgent(ctx, "n2"); err != nil {
-		t.Fatal(err)
-	}
-	waitFor(t, 10*time.Second, "traffic after the restart", atLeast(30))
-	n2 := l.Node("n2")
-	pid := n2.AgentPID
-	if err := syscall.Kill(pid, syscall.SIGKILL); err != nil {
-		t.Fatal(err)
-	}
-	waitFor(t, 10*time.Second, "the agent to die", func() bool { return !proc.Alive(pid) })
-	waitFor(t, 10*time.Second, "traffic with no agent", atLeast(50))
-	if err := l.StartAgent(ctx, "n2"); err != nil {
-		t.Fatal(err)
-	}
-	waitFor(t, 10*time.Second, "traffic after the kill", atLeast(80))
-	close(stop)
-	lw.Wait()
-	if len(errs) > 0 {
+	tk := talk(t, ctx, targets)
+	restartAndKill(t, l, "n2", tk)
+	if errs := tk.end(); len(errs) > 0 {
 		t.Errorf("%d flows broke: %v", len(errs), errs)
 	}
 }
@@ -522,25 +409,7 @@ func TestDSRAndSNATShareAClientPort(t *testing.T) {
 	ext := l.External("ext")
 	dial := func(port int) net.Conn {
 		t.Helper()
-		var c net.Conn
-		err := netns.Do(ext.NetnsPath(), func() error {
-			d := net.Dialer{
-				Timeout:   3 * time.Second,
-				LocalAddr: &net.TCPAddr{IP: net.ParseIP(ext.IP), Port: 45000},
-				Control: func(_, _ string, rc syscall.RawConn) error {
-					var serr error
-					if err := rc.Control(func(fd uintptr) {
-						serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_REUSEADDR, 1)
-					}); err != nil {
-						return err
-					}
-					return serr
-				},
-			}
-			var err error
-			c, err = d.Dial("tcp4", net.JoinHostPort(n1.IP, strconv.Itoa(port)))
-			return err
-		})
+		c, err := dialFrom(context.Background(), ext.NetnsPath(), 45000, net.JoinHostPort(n1.IP, strconv.Itoa(port)))
 		if err != nil {
 			t.Fatalf("dial n1:%d from port 45000: %v", port, err)
 		}

@@ -4,18 +4,15 @@ import (
 	"bufio"
 	"context"
 	"fmt"
-	"io"
 	"net"
 	"os"
 	"path/filepath"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
 	"github.com/cilium/ebpf"
 	"github.com/vishvananda/netlink"
-	"golang.org/x/sys/unix"
 
 	"github.com/weirnet/weir/core/netns"
 )
@@ -46,36 +43,7 @@ func TestMaglevSameBackendOnEveryNode(t *testing.T) {
 	}
 	ext := l.External("ext")
 	get := func(port int, node *Node) (string, error) {
-		var c net.Conn
-		err := netns.Do(ext.NetnsPath(), func() error {
-			d := net.Dialer{Timeout: 3 * time.Second, LocalAddr: &net.TCPAddr{IP: net.ParseIP(ext.IP), Port: port},
-				Control: func(_, _ string, rc syscall.RawConn) error {
-					var serr error
-					if err := rc.Control(func(fd uintptr) {
-						serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_REUSEADDR, 1)
-					}); err != nil {
-						return err
-					}
-					return serr
-				}}
-			var err error
-			c, err = d.Dial("tcp4", node.IP+":30080")
-			return err
-		})
-		if err != nil {
-			return "", err
-		}
-		defer c.Close()
-		_ = c.SetDeadline(time.Now().Add(3 * time.Second))
-		if _, err := io.WriteString(c, "GET / HTTP/1.0\r\n\r\n"); err != nil {
-			return "", err
-		}
-		b, err := io.ReadAll(c)
-		if err != nil {
-			return "", err
-		}
-		_, body, _ := strings.Cut(string(b), "\r\n\r\n")
-		return strings.TrimSpace(body), nil
+		return httpOnce(context.Background(), ext.NetnsPath(), port, node.IP+":30080")
 	}
 	n1, n2 := l.Node("n1"), l.Node("n2")
 	// The tables are written once the services are.

@@ -1,7 +1,6 @@
 package lab
 
 import (
-	"bufio"
 	"context"
 	"fmt"
 	"net"
@@ -9,7 +8,6 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -142,56 +140,12 @@ func TestMasquerade(t *testing.T) {
 			})
 
 			t.Run("1000 concurrent connections from pods all complete", func(t *testing.T) {
-				const conns = 1000
-				pods := []*Pod{l.Pod("client"), l.Pod("peer-2"), l.Pod("web-3"), l.Pod("web-4")}
-				var (
-					wg     sync.WaitGroup
-					mu     sync.Mutex
-					failed []string
-					open   sync.WaitGroup
-				)
-				release := make(chan struct{})
-				open.Add(conns)
-				for i := range conns {
-					p := pods[i%len(pods)]
-					wg.Go(func() {
-						err := func() error {
-							dctx, cancel := context.WithTimeout(ctx, 20*time.Second)
-							defer cancel()
-							c, err := Dial(dctx, p.NetnsPath(), "tcp4", inetIP+":9000")
-							open.Done()
-							if err != nil {
-								return err
-							}
-							defer c.Close()
-							// Every connection stays open until all are.
-							<-release
-							_ = c.SetDeadline(time.Now().Add(20 * time.Second))
-							msg := fmt.Sprintf("conn-%d", i)
-							if _, err := fmt.Fprintln(c, msg); err != nil {
-								return err
-							}
-							line, err := bufio.NewReader(c).ReadString('\n')
-							if err != nil {
-								return err
-							}
-							if strings.TrimSpace(line) != "inet: "+msg {
-								return fmt.Errorf("answer %q", line)
-							}
-							return nil
-						}()
-						if err != nil {
-							mu.Lock()
-							failed = append(failed, fmt.Sprintf("%s #%d: %v", p.Name, i, err))
-							mu.Unlock()
-						}
-					})
+				var targets []echoTarget
+				for _, p := range []string{"client", "peer-2", "web-3", "web-4"} {
+					targets = append(targets, echoTarget{ns: l.Pod(p).NetnsPath(), addr: inetIP + ":9000", name: "inet"})
 				}
-				open.Wait()
-				close(release)
-				wg.Wait()
-				if len(failed) > 0 {
-					t.Errorf("%d of %d connections failed; first: %s", len(failed), conns, failed[0])
+				if failed := holdConnections(ctx, 1000, targets); len(failed) > 0 {
+					t.Errorf("%d of 1000 connections failed; first: %s", len(failed), failed[0])
 				}
 			})
 

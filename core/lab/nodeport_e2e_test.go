@@ -12,8 +12,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync"
-	"syscall"
 	"testing"
 	"time"
 
@@ -21,7 +19,6 @@ import (
 	"github.com/gopacket/gopacket/layers"
 
 	"github.com/weirnet/weir/core/datapath"
-	"github.com/weirnet/weir/core/proc"
 )
 
 // Addresses a load balancer would announce, routed by the external client
@@ -540,90 +537,17 @@ func TestNorthSouthSurvivesAgentRestarts(t *testing.T) {
 	n1 := l.Node("n1")
 	waitFor(t, 10*time.Second, "the services on n1", func() bool { return len(serviceRows(t, n1)) == 4 })
 	ctx := context.Background()
-	type flow struct {
-		name, ns, addr, want string
-	}
-	var flows []flow
-	for i := range 4 {
-		flows = append(flows,
-			flow{fmt.Sprintf("ext->n1:30090 #%d", i), l.External("ext").NetnsPath(), n1.IP + ":30090", "web-2"},
-			flow{fmt.Sprintf("ext->n1:30091 #%d", i), l.External("ext").NetnsPath(), n1.IP + ":30091", "web-1"},
-			flow{fmt.Sprintf("client->internet #%d", i), l.Pod("client").NetnsPath(), inetIP + ":9000", "inet"})
-	}
-	stop := make(chan struct{})
-	var wg sync.WaitGroup
-	var mu sync.Mutex
-	exchanges := map[string]int{}
-	var failures []string
-	for _, f := range flows {
-		c, err := Dial(ctx, f.ns, "tcp4", f.addr)
-		if err != nil {
-			t.Fatalf("%s: %v", f.name, err)
-		}
-		defer c.Close()
-		r := bufio.NewReader(c)
-		wg.Go(func() {
-			for n := 0; ; n++ {
-				select {
-				case <-stop:
-					return
-				case <-time.After(20 * time.Millisecond):
-				}
-				_ = c.SetDeadline(time.Now().Add(5 * time.Second))
-				msg := fmt.Sprintf("m%d", n)
-				_, err := fmt.Fprintln(c, msg)
-				var line string
-				if err == nil {
-					line, err = r.ReadString('\n')
-				}
-				if err == nil && strings.TrimSpace(line) != f.want+": "+msg {
-					err = fmt.Errorf("answer %q", line)
-				}
-				mu.Lock()
-				if err != nil {
-					failures = append(failures, fmt.Sprintf("%s: %v", f.name, err))
-					mu.Unlock()
-					return
-				}
-				exchanges[f.name]++
-				mu.Unlock()
-			}
-		})
+	var targets []echoTarget
+	for range 4 {
+		targets = append(targets,
+			echoTarget{ns: l.External("ext").NetnsPath(), addr: n1.IP + ":30090", name: "web-2"},
+			echoTarget{ns: l.External("ext").NetnsPath(), addr: n1.IP + ":30091", name: "web-1"},
+			echoTarget{ns: l.Pod("client").NetnsPath(), addr: inetIP + ":9000", name: "inet"})
 	}
 	// Traffic flows while the agent restarts gracefully, then dies.
-	atLeast := func(n int) func() bool {
-		return func() bool {
-			mu.Lock()
-			defer mu.Unlock()
-			for _, f := range flows {
-				if exchanges[f.name] < n {
-					return false
-				}
-			}
-			return true
-		}
-	}
-	waitFor(t, 10*time.Second, "traffic on every flow", atLeast(5))
-	if err := l.StopAgent("n1"); err != nil {
-		t.Fatal(err)
-	}
-	if err := l.StartAgent(ctx, "n1"); err != nil {
-		t.Fatal(err)
-	}
-	waitFor(t, 10*time.Second, "traffic after the restart", atLeast(30))
-	pid := n1.AgentPID
-	if err := syscall.Kill(pid, syscall.SIGKILL); err != nil {
-		t.Fatal(err)
-	}
-	waitFor(t, 10*time.Second, "the agent to die", func() bool { return !proc.Alive(pid) })
-	waitFor(t, 10*time.Second, "traffic with no agent", atLeast(50))
-	if err := l.StartAgent(ctx, "n1"); err != nil {
-		t.Fatal(err)
-	}
-	waitFor(t, 10*time.Second, "traffic after the kill", atLeast(80))
-	close(stop)
-	wg.Wait()
-	if len(failures) > 0 {
-		t.Errorf("%d flows broke: %v", len(failures), failures)
+	tk := talk(t, ctx, targets)
+	restartAndKill(t, l, "n1", tk)
+	if errs := tk.end(); len(errs) > 0 {
+		t.Errorf("%d flows broke: %v", len(errs), errs)
 	}
 }

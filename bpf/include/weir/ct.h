@@ -262,6 +262,36 @@ WEIR_INLINE __be16 weir_ct_random_port(void)
 	return bpf_htons(WEIR_CT_REMAP_MIN + bpf_get_prandom_u32() % (65536 - WEIR_CT_REMAP_MIN));
 }
 
+/* Fills o as the first packet of a new flow makes it (ORIG); what kind
+ * of flow it is (set by the caller) stays with it. */
+WEIR_INLINE void weir_ct_init(struct weir_ct_entry *o, __u8 proto, __u8 tcp, __u32 len, __u32 now)
+{
+	o->dir = WEIR_CT_ORIG;
+	o->created = now;
+	o->flags = (o->flags & WEIR_CT_F_KINDS) | weir_ct_next_flags(0, proto, WEIR_CT_ORIG, tcp, now, 0);
+	o->lifetime = now + weir_ct_timeout(proto, o->flags);
+	o->packets = 1;
+	o->bytes = len;
+}
+
+/* Fills r as the REPLY entry of the flow whose first packet had okey and
+ * whose ORIG entry is o: replies leave as the reverse of what the
+ * initiator sent. */
+WEIR_INLINE void weir_ct_reply_init(struct weir_ct_entry *r, const struct weir_ct_key *okey,
+				    const struct weir_ct_entry *o, __u32 now)
+{
+	r->dir = WEIR_CT_REPLY;
+	r->created = now;
+	r->flags = o->flags;
+	r->lifetime = o->lifetime;
+	r->backend_id = o->backend_id;
+	r->rev_nat = o->rev_nat;
+	r->nat_saddr = okey->daddr;
+	r->nat_daddr = okey->saddr;
+	r->nat_sport = okey->dport;
+	r->nat_dport = okey->sport;
+}
+
 /*
  * Creates the two entries of a new flow. okey is the tuple of its first
  * packet (ORIG); o holds how ORIG packets leave (nat_*: the initiator's
@@ -282,25 +312,8 @@ WEIR_INLINE struct weir_ct_entry *weir_ct_create(struct weir_ct_key *okey, struc
 	__u8 proto = okey->proto;
 	int claimed = 0;
 
-	o->dir = WEIR_CT_ORIG;
-	o->created = now;
-	/* What kind of flow it is (set by the caller) stays with it. */
-	o->flags = (o->flags & WEIR_CT_F_KINDS) | weir_ct_next_flags(0, proto, WEIR_CT_ORIG, tcp, now, 0);
-	o->lifetime = now + weir_ct_timeout(proto, o->flags);
-	o->packets = 1;
-	o->bytes = len;
-
-	r.dir = WEIR_CT_REPLY;
-	r.created = now;
-	r.flags = o->flags;
-	r.lifetime = o->lifetime;
-	r.backend_id = o->backend_id;
-	r.rev_nat = o->rev_nat;
-	/* Replies leave as the reverse of what the initiator sent. */
-	r.nat_saddr = okey->daddr;
-	r.nat_daddr = okey->saddr;
-	r.nat_sport = okey->dport;
-	r.nat_dport = okey->sport;
+	weir_ct_init(o, proto, tcp, len, now);
+	weir_ct_reply_init(&r, okey, o, now);
 
 	for (int i = 0; i < WEIR_CT_REMAP_TRIES; i++) {
 		long err;
@@ -362,17 +375,6 @@ WEIR_INLINE struct weir_ct_entry *weir_ct_create(struct weir_ct_key *okey, struc
 	return cur;
 }
 
-/* Fills o as the first packet of a new flow makes it (ORIG). */
-WEIR_INLINE void weir_ct_init(struct weir_ct_entry *o, __u8 proto, __u8 tcp, __u32 len, __u32 now)
-{
-	o->dir = WEIR_CT_ORIG;
-	o->created = now;
-	o->flags = (o->flags & WEIR_CT_F_KINDS) | weir_ct_next_flags(0, proto, WEIR_CT_ORIG, tcp, now, 0);
-	o->lifetime = now + weir_ct_timeout(proto, o->flags);
-	o->packets = 1;
-	o->bytes = len;
-}
-
 /*
  * The entries of a new DSR flow. Its tuple on the wire is the client's
  * own, which no translation here may change (the replies do not come back
@@ -404,16 +406,7 @@ WEIR_INLINE struct weir_ct_entry *weir_ct_create_dsr(struct weir_ct_key *okey, s
 		}
 		if (cur)
 			weir_ct_delete_flow(&rkey, cur);
-		r.dir = WEIR_CT_REPLY;
-		r.created = now;
-		r.flags = o->flags;
-		r.lifetime = o->lifetime;
-		r.backend_id = o->backend_id;
-		r.rev_nat = o->rev_nat;
-		r.nat_saddr = okey->daddr;
-		r.nat_daddr = okey->saddr;
-		r.nat_sport = okey->dport;
-		r.nat_dport = okey->sport;
+		weir_ct_reply_init(&r, okey, o, now);
 		if (bpf_map_update_elem(&weir_ct, &rkey, &r, BPF_ANY)) {
 			*reason = WEIR_DROP_CT_CREATE;
 			return NULL;
