@@ -2,7 +2,6 @@ package lab
 
 import (
 	"context"
-	"encoding/json"
 	"os"
 	"path/filepath"
 	"slices"
@@ -71,27 +70,8 @@ func BenchmarkDSR(b *testing.B) {
 				b.Fatal(err)
 			}
 			dsr, snat := n1.IP+":30181", n1.IP+":30180"
-			const rounds = 5
-			var p50d, p50s, p99d, p99s, r50, r99 []float64
-			for range rounds {
-				ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
-				out, err := Exec(ctx, ext.NetnsPath(), cg, bin.weir, "connect-latency", "-o", "json", "-n", "2000", dsr, snat)
-				cancel()
-				if err != nil {
-					b.Fatal(err)
-				}
-				var r []struct {
-					N     int     `json:"n"`
-					P50us float64 `json:"p50Micros"`
-					P99us float64 `json:"p99Micros"`
-				}
-				if err := json.Unmarshal([]byte(out), &r); err != nil || len(r) != 2 || r[0].N != 2000 || r[1].N != 2000 {
-					b.Fatalf("connect-latency answered %q (%v)", out, err)
-				}
-				p50d, p50s = append(p50d, r[0].P50us), append(p50s, r[1].P50us)
-				p99d, p99s = append(p99d, r[0].P99us), append(p99s, r[1].P99us)
-				r50, r99 = append(r50, r[0].P50us/r[1].P50us), append(r99, r[0].P99us/r[1].P99us)
-			}
+			lat := connLatencyRounds(b, ext.NetnsPath(), cg, dsr, snat, 5)
+			p50d, p50s, p99d, p99s, r50, r99 := lat.p50[0], lat.p50[1], lat.p99[0], lat.p99[1], lat.r50, lat.r99
 			med := func(v []float64) float64 { s := slices.Clone(v); slices.Sort(s); return s[len(s)/2] }
 			bestRR := func(addr string) float64 {
 				best := 0.0

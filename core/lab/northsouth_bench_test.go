@@ -128,27 +128,8 @@ func BenchmarkNorthSouth(b *testing.B) {
 		}
 	}
 
-	const rounds = 5
-	var p50w, p50i, p99w, p99i, r50, r99 []float64
-	for range rounds {
-		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
-		out, err := Exec(ctx, ext.NetnsPath(), cg, bin.weir, "connect-latency", "-o", "json", "-n", "2000", weirNP, iptNP)
-		cancel()
-		if err != nil {
-			b.Fatal(err)
-		}
-		var r []struct {
-			N     int     `json:"n"`
-			P50us float64 `json:"p50Micros"`
-			P99us float64 `json:"p99Micros"`
-		}
-		if err := json.Unmarshal([]byte(out), &r); err != nil || len(r) != 2 || r[0].N != 2000 || r[1].N != 2000 {
-			b.Fatalf("connect-latency answered %q (%v)", out, err)
-		}
-		p50w, p50i = append(p50w, r[0].P50us), append(p50i, r[1].P50us)
-		p99w, p99i = append(p99w, r[0].P99us), append(p99i, r[1].P99us)
-		r50, r99 = append(r50, r[0].P50us/r[1].P50us), append(r99, r[0].P99us/r[1].P99us)
-	}
+	lat := connLatencyRounds(b, ext.NetnsPath(), cg, weirNP, iptNP, 5)
+	p50w, p50i, p99w, p99i, r50, r99 := lat.p50[0], lat.p50[1], lat.p99[0], lat.p99[1], lat.r50, lat.r99
 	med := func(v []float64) float64 { s := slices.Clone(v); slices.Sort(s); return s[len(s)/2] }
 	b.ReportMetric(med(p50w), "us-conn-p50-nodeport")
 	b.ReportMetric(med(p50i), "us-conn-p50-iptables(baseline)")
@@ -196,4 +177,43 @@ func BenchmarkNorthSouth(b *testing.B) {
 	if !counted {
 		b.Fatalf("the iptables path counted no connection:\n%s", out)
 	}
+}
+
+// latencyRounds are connect-latency's figures over rounds, for two
+// addresses: p50 and p99 of each ([0] the first address), and the rounds'
+// ratios of the first to the second.
+type latencyRounds struct {
+	p50, p99 [2][]float64
+	r50, r99 []float64
+}
+
+// connLatencyRounds runs `weir connect-latency` (2,000 connections,
+// alternating between a and base) rounds times from the namespace and
+// cgroup.
+func connLatencyRounds(b *testing.B, nsPath, cgroup, a, base string, rounds int) latencyRounds {
+	b.Helper()
+	var out latencyRounds
+	for range rounds {
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+		res, err := Exec(ctx, nsPath, cgroup, bin.weir, "connect-latency", "-o", "json", "-n", "2000", a, base)
+		cancel()
+		if err != nil {
+			b.Fatal(err)
+		}
+		var r []struct {
+			N     int     `json:"n"`
+			P50us float64 `json:"p50Micros"`
+			P99us float64 `json:"p99Micros"`
+		}
+		if err := json.Unmarshal([]byte(res), &r); err != nil || len(r) != 2 || r[0].N != 2000 || r[1].N != 2000 {
+			b.Fatalf("connect-latency answered %q (%v)", res, err)
+		}
+		for i := range 2 {
+			out.p50[i] = append(out.p50[i], r[i].P50us)
+			out.p99[i] = append(out.p99[i], r[i].P99us)
+		}
+		out.r50 = append(out.r50, r[0].P50us/r[1].P50us)
+		out.r99 = append(out.r99, r[0].P99us/r[1].P99us)
+	}
+	return out
 }
