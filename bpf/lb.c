@@ -199,7 +199,8 @@ int lb_pod_egress(struct __sk_buff *skb)
 		o.nat_dport = ctx->dport;
 		if (svc) {
 			if (weir_lb_choose(&skey, svc, ctx->saddr, now, &o))
-				return weir_drop_ctx(skb, ctx, WEIR_DROP_NO_BACKEND);
+				return (svc->flags2 & WEIR_SVC_F2_REJECT) ? weir_reject(skb, ctx)
+									  : weir_drop_ctx(skb, ctx, WEIR_DROP_NO_BACKEND);
 			if (o.nat_daddr == ctx->saddr) {
 				o.nat_saddr = WEIR_HAIRPIN_ADDR;
 				o.flags |= WEIR_CT_F_HAIRPIN;

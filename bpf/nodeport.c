@@ -603,7 +603,8 @@ int nodeport_ingress(struct __sk_buff *skb)
 	if (nodeport_refuses(ctx, svc))
 		return weir_drop_ctx(skb, ctx, WEIR_DROP_SOURCE_RANGE);
 	if (weir_lb_choose_pref(&skey, svc, ctx->saddr, now, &o, nodeport_maglev_pick(ctx, svc)))
-		return weir_drop_ctx(skb, ctx, WEIR_DROP_NO_BACKEND);
+		return (svc->flags2 & WEIR_SVC_F2_REJECT) ? weir_reject(skb, ctx)
+							  : weir_drop_ctx(skb, ctx, WEIR_DROP_NO_BACKEND);
 	o.nat_saddr = ctx->saddr;
 	o.nat_sport = ctx->sport;
 	o.flags = WEIR_CT_F_NODEPORT;

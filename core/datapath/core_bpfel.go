@@ -257,6 +257,7 @@ const (
 	coreWeirReasonWEIR_DROP_NAT_ORPHAN          coreWeirReason = 25
 	coreWeirReasonWEIR_DROP_SOURCE_RANGE        coreWeirReason = 26
 	coreWeirReasonWEIR_DROP_DSR                 coreWeirReason = 27
+	coreWeirReasonWEIR_REJECT_NO_ENDPOINTS      coreWeirReason = 28
 	coreWeirReasonWEIR_REASON_MAX               coreWeirReason = 32
 )
 

@@ -35,6 +35,7 @@ const (
 	DropNATOrphan         = Reason(coreWeirReasonWEIR_DROP_NAT_ORPHAN)
 	DropSourceRange       = Reason(coreWeirReasonWEIR_DROP_SOURCE_RANGE)
 	DropDSR               = Reason(coreWeirReasonWEIR_DROP_DSR)
+	RejectNoEndpoints     = Reason(coreWeirReasonWEIR_REJECT_NO_ENDPOINTS)
 )
 
 var reasonNames = map[Reason]string{
@@ -58,6 +59,7 @@ var reasonNames = map[Reason]string{
 	DropNATOrphan:         "reply to a source NAT whose flow is gone",
 	DropSourceRange:       "client outside the service's loadBalancerSourceRanges",
 	DropDSR:               "the service address could not be added for DSR",
+	RejectNoEndpoints:     "rejected (TCP reset, ICMP port unreachable): the service has no endpoint",
 	DropChecksumRewrite:   "header rewrite failed",
 	DropTTLExceeded:       "TTL exceeded",
 	DropScratch:           "per-CPU scratch unavailable",

@@ -100,6 +100,9 @@ const (
 	// mode for this frontend, over the node pool's.
 	SvcFlagModeSNAT = 0x08
 	SvcFlagModeDSR  = 0x10
+	// SvcFlagReject: the frontend has no usable endpoint at all; new
+	// flows are rejected (kube-proxy's REJECT), not dropped.
+	SvcFlagReject = 0x20
 )
 
 // Backend states stored in Backend.State.

@@ -994,6 +994,11 @@ func scopeFrontend(node string, svc *model.Service, f *model.Frontend) []scopedF
 		if f.Type == model.LoadBalancer && len(svc.SourceRanges) > 0 {
 			sf.df.flags2 |= datapath.SvcFlagSourceRanges
 		}
+		// No usable endpoint at all (not merely none in this scope): new
+		// flows are rejected at once, as kube-proxy does.
+		if len(f.Backends) == 0 {
+			sf.df.flags2 |= datapath.SvcFlagReject
+		}
 		// The service's own forwarding mode, per frontend (hybrid is DSR
 		// for TCP, SNAT for the rest); without one the pool's applies.
 		switch svc.ForwardingMode {

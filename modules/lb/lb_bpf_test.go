@@ -359,12 +359,50 @@ func TestExistingFlowsAndBackendChanges(t *testing.T) {
 	}
 }
 
-func TestServiceWithoutBackendsDrops(t *testing.T) {
+// A service without any endpoint is rejected as kube-proxy rejects it:
+// TCP gets a reset and UDP an ICMP port unreachable, from the address the
+// client called, sent back toward the client; one whose endpoints exist but
+// none serves this traffic (internalTrafficPolicy Local, remote ones only)
+// drops.
+func TestServiceWithoutEndpointsIsRejected(t *testing.T) {
+	localVIP := netip.MustParseAddr("10.96.0.77")
 	f := newFixture(t, false)
-	f.services(service("empty", netip.AddrPortFrom(vip, 80), model.TCP, 8080))
-	res := dptest.Run(t, f.egress, dptest.Build(t, tcp(netip.AddrPortFrom(client, 40000), netip.AddrPortFrom(vip, 80))))
+	local := service("local", netip.AddrPortFrom(localVIP, 80), model.TCP, 8080, be1)
+	local.Frontends[0].InternalLocal = true
+	local.Frontends[0].Backends[0].NodeName = "elsewhere"
+	f.services(service("empty", netip.AddrPortFrom(vip, 80), model.TCP, 8080),
+		service("empty-udp", netip.AddrPortFrom(dnsVIP, 53), model.UDP, 5353), local)
+
+	syn := dptest.Build(t, tcp(netip.AddrPortFrom(client, 40000), netip.AddrPortFrom(vip, 80)))
+	res := dptest.Run(t, f.egress, syn)
+	if res.Verdict != dptest.ActRedirect {
+		t.Fatalf("TCP to a service without endpoints: verdict %d, want a reset sent back", res.Verdict)
+	}
+	rst := dptest.Decode(t, res.Packet)
+	if rst.TCP == nil || !rst.TCP.RST || !rst.TCP.ACK || rst.Src != netip.AddrPortFrom(vip, 80) || rst.Dst != netip.AddrPortFrom(client, 40000) {
+		t.Fatalf("reset %+v from %v to %v; want RST|ACK from the service to the client", rst.TCP, rst.Src, rst.Dst)
+	}
+	in := dptest.Decode(t, syn)
+	// The SYN and its 5 bytes of payload are acknowledged.
+	if want := in.TCP.Seq + 1 + uint32(len(in.Payload)); rst.TCP.Ack != want {
+		t.Errorf("reset acknowledges %d, want %d", rst.TCP.Ack, want)
+	}
+
+	res = dptest.Run(t, f.egress, dptest.Build(t, udp(netip.AddrPortFrom(client, 40001), netip.AddrPortFrom(dnsVIP, 53))))
+	if res.Verdict != dptest.ActRedirect {
+		t.Fatalf("UDP to a service without endpoints: verdict %d, want an ICMP error sent back", res.Verdict)
+	}
+	icmp := dptest.DecodeICMP(t, res.Packet)
+	if icmp.Type != 3 || icmp.Code != 3 || icmp.Src != dnsVIP || icmp.Dst != client || icmp.Inner.Dst != netip.AddrPortFrom(dnsVIP, 53) {
+		t.Errorf("ICMP %d/%d from %v to %v quoting %v; want port unreachable from the service quoting the datagram", icmp.Type, icmp.Code, icmp.Src, icmp.Dst, icmp.Inner.Dst)
+	}
+	if n := f.metric(slots.PodEgress, datapath.RejectNoEndpoints); n != 2 {
+		t.Errorf("rejections counted: %d, want 2", n)
+	}
+
+	res = dptest.Run(t, f.egress, dptest.Build(t, tcp(netip.AddrPortFrom(client, 40002), netip.AddrPortFrom(localVIP, 80))))
 	if res.Verdict != dptest.ActShot {
-		t.Fatalf("verdict %d, want drop", res.Verdict)
+		t.Fatalf("TCP to a service whose endpoints all are elsewhere (internalTrafficPolicy Local): verdict %d, want drop", res.Verdict)
 	}
 	if n := f.metric(slots.PodEgress, datapath.DropNoBackend); n != 1 {
 		t.Fatalf("no-backend drops counted: %d, want 1", n)

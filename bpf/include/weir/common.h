@@ -34,3 +34,9 @@ WEIR_INLINE __u32 weir_now_sec(void)
 {
 	return (__u32)(bpf_ktime_get_boot_ns() / NSEC_PER_SEC);
 }
+
+/* TCP header flags. */
+#define WEIR_TCP_FIN 0x01
+#define WEIR_TCP_SYN 0x02
+#define WEIR_TCP_RST 0x04
+#define WEIR_TCP_ACK 0x10

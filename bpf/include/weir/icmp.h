@@ -36,7 +36,8 @@ WEIR_INLINE __sum16 weir_csum_fold(__u32 csum)
  * packets silently. The packet itself becomes the error (its IP header
  * and first 8 bytes of payload are quoted).
  */
-WEIR_INLINE int weir_icmp_frag_needed(struct __sk_buff *skb, struct weir_ctx *ctx, __be32 src, __u16 mtu)
+WEIR_INLINE int weir_icmp_unreach(struct __sk_buff *skb, struct weir_ctx *ctx, __be32 src, __u8 code, __u16 mtu,
+				  __u32 count_as)
 {
 	struct {
 		struct iphdr ip;
@@ -72,7 +73,7 @@ WEIR_INLINE int weir_icmp_frag_needed(struct __sk_buff *skb, struct weir_ctx *ct
 	hdr.ip.daddr = ctx->saddr;
 	hdr.ip.check = weir_csum_fold(bpf_csum_diff(NULL, 0, (__be32 *)&hdr.ip, sizeof(hdr.ip), 0));
 	hdr.icmp.type = WEIR_ICMP_DEST_UNREACH;
-	hdr.icmp.code = WEIR_ICMP_FRAG_NEEDED;
+	hdr.icmp.code = code;
 	hdr.icmp.mtu = bpf_htons(mtu);
 	csum = bpf_csum_diff(NULL, 0, (__be32 *)&hdr.icmp, sizeof(hdr.icmp), 0);
 	csum = bpf_csum_diff(NULL, 0, (__be32 *)quote, qlen & 0x7c, csum);
@@ -81,8 +82,112 @@ WEIR_INLINE int weir_icmp_frag_needed(struct __sk_buff *skb, struct weir_ctx *ct
 	if (bpf_skb_store_bytes(skb, 0, &eth, sizeof(eth), 0) ||
 	    bpf_skb_store_bytes(skb, ETH_HLEN, &hdr, sizeof(hdr), 0))
 		return weir_drop_ctx(skb, ctx, WEIR_DROP_FRAG_NEEDED);
-	weir_count(ctx->hook, WEIR_DROP_FRAG_NEEDED, skb->len);
+	weir_count(ctx->hook, count_as, skb->len);
 	return bpf_redirect(ctx->ifindex, 0);
+}
+
+/* "Fragmentation needed" (code 4) announcing mtu. */
+WEIR_INLINE int weir_icmp_frag_needed(struct __sk_buff *skb, struct weir_ctx *ctx, __be32 src, __u16 mtu)
+{
+	return weir_icmp_unreach(skb, ctx, src, WEIR_ICMP_FRAG_NEEDED, mtu, WEIR_DROP_FRAG_NEEDED);
+}
+
+#define WEIR_ICMP_PORT_UNREACH 3
+
+/* TCP header flags (linux/tcp.h would pull in libc headers). */
+struct weir_tcp_min {
+	__be16 source;
+	__be16 dest;
+	__be32 seq;
+	__be32 ack_seq;
+	__u8 doff_res; /* data offset << 4 */
+	__u8 flags;
+	__be16 window;
+	__sum16 check;
+	__be16 urg_ptr;
+};
+
+/*
+ * Answers a TCP segment with a reset from src:sport (the address and port
+ * it was sent to), as a closed port does (RFC 9293 3.10.7.1): the packet
+ * itself becomes the reset, sent back out of the device it came in on.
+ * count_as is the reason it is counted under.
+ */
+WEIR_INLINE int weir_tcp_reset(struct __sk_buff *skb, struct weir_ctx *ctx, __be32 src, __be16 sport, __u32 count_as)
+{
+	struct {
+		struct iphdr ip;
+		struct weir_tcp_min tcp;
+	} hdr = {};
+	struct {
+		__be32 saddr;
+		__be32 daddr;
+		__u8 zero;
+		__u8 proto;
+		__be16 len;
+	} pseudo = {};
+	struct weir_tcp_min in;
+	struct ethhdr eth;
+	__u8 mac[ETH_ALEN];
+	__be16 tot;
+	__u32 seglen, csum;
+
+	if (bpf_skb_load_bytes(skb, 0, &eth, sizeof(eth)) || bpf_skb_load_bytes(skb, ETH_HLEN + 2, &tot, sizeof(tot)) ||
+	    bpf_skb_load_bytes(skb, ctx->l4_off & 0x7f, &in, sizeof(in)))
+		return weir_drop_ctx(skb, ctx, count_as);
+	if (in.flags & WEIR_TCP_RST)
+		return weir_drop_ctx(skb, ctx, count_as); /* never answer a reset */
+	seglen = bpf_ntohs(tot) - (ctx->l4_off - ETH_HLEN) - (in.doff_res >> 4) * 4;
+	if (in.flags & WEIR_TCP_SYN)
+		seglen++;
+	if (in.flags & WEIR_TCP_FIN)
+		seglen++;
+	hdr.ip.version = 4;
+	hdr.ip.ihl = 5;
+	hdr.ip.tot_len = bpf_htons(sizeof(hdr));
+	hdr.ip.ttl = 64;
+	hdr.ip.protocol = IPPROTO_TCP;
+	hdr.ip.saddr = src;
+	hdr.ip.daddr = ctx->saddr;
+	hdr.ip.check = weir_csum_fold(bpf_csum_diff(NULL, 0, (__be32 *)&hdr.ip, sizeof(hdr.ip), 0));
+	hdr.tcp.source = sport;
+	hdr.tcp.dest = ctx->sport;
+	hdr.tcp.doff_res = 5 << 4;
+	if (in.flags & WEIR_TCP_ACK) {
+		hdr.tcp.seq = in.ack_seq;
+		hdr.tcp.flags = WEIR_TCP_RST;
+	} else {
+		hdr.tcp.ack_seq = bpf_htonl(bpf_ntohl(in.seq) + seglen);
+		hdr.tcp.flags = WEIR_TCP_RST | WEIR_TCP_ACK;
+	}
+	pseudo.saddr = hdr.ip.saddr;
+	pseudo.daddr = hdr.ip.daddr;
+	pseudo.proto = IPPROTO_TCP;
+	pseudo.len = bpf_htons(sizeof(hdr.tcp));
+	csum = bpf_csum_diff(NULL, 0, (__be32 *)&pseudo, sizeof(pseudo), 0);
+	csum = bpf_csum_diff(NULL, 0, (__be32 *)&hdr.tcp, sizeof(hdr.tcp), csum);
+	hdr.tcp.check = weir_csum_fold(csum);
+
+	if (bpf_skb_change_tail(skb, ETH_HLEN + sizeof(hdr), 0))
+		return weir_drop_ctx(skb, ctx, count_as);
+	__builtin_memcpy(mac, eth.h_dest, ETH_ALEN);
+	__builtin_memcpy(eth.h_dest, eth.h_source, ETH_ALEN);
+	__builtin_memcpy(eth.h_source, mac, ETH_ALEN);
+	if (bpf_skb_store_bytes(skb, 0, &eth, sizeof(eth), 0) ||
+	    bpf_skb_store_bytes(skb, ETH_HLEN, &hdr, sizeof(hdr), 0))
+		return weir_drop_ctx(skb, ctx, count_as);
+	weir_count(ctx->hook, count_as, skb->len);
+	return bpf_redirect(ctx->ifindex, 0);
+}
+
+/* Rejects a packet to a frontend without any usable endpoint, as
+ * kube-proxy does: TCP gets a reset, UDP an ICMP port unreachable, both
+ * from the address the client called. */
+WEIR_INLINE int weir_reject(struct __sk_buff *skb, struct weir_ctx *ctx)
+{
+	if (ctx->proto == IPPROTO_TCP)
+		return weir_tcp_reset(skb, ctx, ctx->daddr, ctx->dport, WEIR_REJECT_NO_ENDPOINTS);
+	return weir_icmp_unreach(skb, ctx, ctx->daddr, WEIR_ICMP_PORT_UNREACH, 0, WEIR_REJECT_NO_ENDPOINTS);
 }
 
 #define WEIR_ICMP_TIME_EXCEEDED 11

@@ -58,6 +58,7 @@ enum weir_reason {
 	WEIR_DROP_NAT_ORPHAN = 25,      /* a reply to a source NAT whose flow is gone */
 	WEIR_DROP_SOURCE_RANGE = 26,    /* client outside a frontend's loadBalancerSourceRanges */
 	WEIR_DROP_DSR = 27,             /* the service address could not be added for DSR */
+	WEIR_REJECT_NO_ENDPOINTS = 28,  /* answered with a reset or port unreachable: no endpoint at all */
 	WEIR_REASON_MAX = 32,
 };
 
@@ -141,6 +142,7 @@ enum weir_svc_type {
 #define WEIR_SVC_F2_SOURCE_RANGES 0x04 /* clients from outside only from weir_src_ranges */
 #define WEIR_SVC_F2_MODE_SNAT 0x08     /* flows to other nodes' backends by SNAT, whatever the pool says */
 #define WEIR_SVC_F2_MODE_DSR 0x10      /* ... by DSR, where the pool's dispatch module can */
+#define WEIR_SVC_F2_REJECT 0x20        /* no usable endpoint at all: reject, not drop */
 
 struct weir_svc_val {
 	__u32 backend_id;       /* slots 1..count */
