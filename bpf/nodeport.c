@@ -245,9 +245,11 @@ WEIR_INLINE int nodeport_dsr_insert(struct __sk_buff *skb, struct weir_ctx *ctx,
  * client sent, whose REPLY half sends the pod's answers to the client
  * from the service address. Returns -1 to go on, else a verdict.
  */
-/* A TCP segment of a DSR flow after its SYN (no option) to a local pod:
- * its flags (FIN, RST) reach the flow's entry, found through the pod's
- * side, so a closed flow's entries expire on the closed flow's timers. */
+/* A client's FIN or RST of a DSR flow (no option) to a local pod: it
+ * reaches the flow's entry, found through the pod's side, so a closed
+ * flow's entries expire on the closed flow's timers. Other segments need
+ * nothing here (the pod's replies keep the entries alive), and pod traffic
+ * arriving from other nodes pays no lookup for them. */
 WEIR_INLINE void nodeport_dsr_follow(const struct weir_ctx *ctx, __u32 len, __u32 now)
 {
 	struct weir_endpoint_key ep = {.addr = ctx->daddr};
@@ -275,7 +277,7 @@ WEIR_INLINE int nodeport_dsr_receive(struct __sk_buff *skb, struct weir_ctx *ctx
 	__u32 reason = WEIR_DROP_CT_CREATE;
 
 	if (ctx->l4_off == ETH_HLEN + sizeof(struct iphdr)) {
-		if (ctx->proto == IPPROTO_TCP && !(ctx->tcp_flags & WEIR_TCP_SYN))
+		if (ctx->proto == IPPROTO_TCP && (ctx->tcp_flags & (WEIR_TCP_FIN | WEIR_TCP_RST)))
 			nodeport_dsr_follow(ctx, skb->len, now);
 		return -1;
 	}

@@ -18,6 +18,7 @@ import (
 	"github.com/gopacket/gopacket/layers"
 	"golang.org/x/sys/unix"
 
+	"github.com/weirnet/weir/core/datapath"
 	"github.com/weirnet/weir/core/netns"
 )
 
@@ -153,6 +154,26 @@ func TestDSRIPOption(t *testing.T) {
 	}
 	if opts[n1.IP+":30080"] != 5 || opts[n1.IP+":30053"] != 5 || len(opts) != 2 {
 		t.Errorf("DSR options reaching n2: %v; want 5 naming %s:30080 (SYNs) and 5 naming %s:30053 (datagrams)", opts, n1.IP, n1.IP)
+	}
+	// The client's FINs, which carry no option, still reached the flows'
+	// entries on n2: the closed connections are closing there.
+	p, err := datapath.OpenPinned(l.Node("n2").PinDir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	rows, err := p.CT()
+	if err != nil {
+		t.Fatal(err)
+	}
+	closing := 0
+	for _, r := range rows {
+		if r.Dir == "orig" && r.Dst.String() == n1.IP+":30080" && strings.Contains(r.Flags, "DSR") && strings.Contains(r.Flags, "FIN_ORIG") {
+			closing++
+		}
+	}
+	if closing == 0 {
+		t.Errorf("no DSR flow on n2 saw the client's FIN; entries: %+v", rows)
 	}
 }
 
