@@ -43,27 +43,9 @@ const dsrBenchServices = `services:
 func BenchmarkDSR(b *testing.B) {
 	for _, module := range []string{"dsr-ipoption", "dsr-ipip"} {
 		b.Run(module, func(b *testing.B) {
-			cfg := filepath.Join(b.TempDir(), "agent.yaml")
 			config := "modules: [endpoints, lb, nativerouting, " + module + "]\n"
-			if err := os.WriteFile(cfg, []byte(config), 0o600); err != nil {
-				b.Fatal(err)
-			}
-			spec := threeNodes(cfg)
-			spec.Externals = []ExternalSpec{{Name: "ext"}}
-			l := up(b, spec)
-			for _, n := range l.Nodes {
-				if err := l.Apply(n.Name, []byte(dsrBenchServices)); err != nil {
-					b.Fatal(err)
-				}
-			}
+			l := upThreeNodes(b, config, []ExternalSpec{{Name: "ext"}}, dsrBenchServices, 12)
 			n1 := l.Node("n1")
-			deadline := time.Now().Add(time.Minute)
-			for len(serviceRows(b, n1)) != 12 {
-				if time.Now().After(deadline) {
-					b.Fatal("n1 never held the services")
-				}
-				time.Sleep(100 * time.Millisecond)
-			}
 			ext := l.External("ext")
 			cg := filepath.Join(l.Cgroup, "externals")
 			if err := os.MkdirAll(cg, 0o755); err != nil {

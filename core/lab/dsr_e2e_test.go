@@ -7,8 +7,6 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
-	"os"
-	"path/filepath"
 	"strconv"
 	"strings"
 	"testing"
@@ -40,28 +38,8 @@ func upDSR(t *testing.T, mode string) *Lab { return upDSRWith(t, "dsr-ipoption",
 // flow mapping's inside).
 func upDSRWith(t *testing.T, module, settings string) *Lab {
 	t.Helper()
-	cfg := filepath.Join(t.TempDir(), "agent.yaml")
 	config := "modules: [endpoints, lb, nativerouting, " + module + "]\nsettings:\n  " + module + ": {" + settings + "}\n"
-	if err := os.WriteFile(cfg, []byte(config), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	spec := threeNodes(cfg)
-	spec.Externals = []ExternalSpec{{Name: "ext", Routes: map[string]string{lbIP + "/32": "n1"}}}
-	l := up(t, spec)
-	for _, n := range l.Nodes {
-		if err := l.Apply(n.Name, []byte(dsrServices)); err != nil {
-			t.Fatal(err)
-		}
-	}
-	waitFor(t, 10*time.Second, "services on every node", func() bool {
-		for _, n := range l.Nodes {
-			if len(serviceRows(t, n)) != 9 {
-				return false
-			}
-		}
-		return true
-	})
-	return l
+	return upThreeNodes(t, config, []ExternalSpec{{Name: "ext", Routes: map[string]string{lbIP + "/32": "n1"}}}, dsrServices, 9)
 }
 
 // wireStats are what crossed one underlay port, as gopacket decodes it.

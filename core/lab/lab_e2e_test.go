@@ -197,7 +197,7 @@ func serviceRows(t testing.TB, n *Node) []datapath.ServiceRow {
 	return rows
 }
 
-func waitFor(t *testing.T, d time.Duration, what string, cond func() bool) {
+func waitFor(t testing.TB, d time.Duration, what string, cond func() bool) {
 	t.Helper()
 	deadline := time.Now().Add(d)
 	for !cond() {

@@ -5,7 +5,6 @@ import (
 	"context"
 	"fmt"
 	"net"
-	"os"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -21,14 +20,7 @@ import (
 // client address and port reach the same backend through n1's NodePort
 // and n2's (as a flow does that an ECMP rehash moves to another node).
 func TestMaglevSameBackendOnEveryNode(t *testing.T) {
-	cfg := filepath.Join(t.TempDir(), "agent.yaml")
 	const config = "modules: [endpoints, lb, nativerouting, nodeport]\nsettings:\n  nodeport: {maglev: true}\n"
-	if err := os.WriteFile(cfg, []byte(config), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	spec := threeNodes(cfg)
-	spec.Externals = []ExternalSpec{{Name: "ext"}}
-	l := up(t, spec)
 	const svc = `services:
   - name: web
     clusterIP: 10.96.0.10
@@ -36,11 +28,7 @@ func TestMaglevSameBackendOnEveryNode(t *testing.T) {
     ports: [{port: 80, targetPort: 8080, nodePort: 30080}]
     backends: [{ip: 10.244.1.11, nodeName: n1}, {ip: 10.244.2.11, nodeName: n2}, {ip: 10.244.3.11, nodeName: n3}, {ip: 10.244.3.12, nodeName: n3}]
 `
-	for _, n := range l.Nodes {
-		if err := l.Apply(n.Name, []byte(svc)); err != nil {
-			t.Fatal(err)
-		}
-	}
+	l := upThreeNodes(t, config, []ExternalSpec{{Name: "ext"}}, svc, 2)
 	ext := l.External("ext")
 	get := func(port int, node *Node) (string, error) {
 		return httpOnce(context.Background(), ext.NetnsPath(), port, node.IP+":30080")
@@ -88,14 +76,7 @@ func TestMaglevSameBackendOnEveryNode(t *testing.T) {
 // working: with Maglev the new node picks the same backend, and delivers
 // it itself when the backend is its own.
 func TestMaglevDSRFlowMovesNode(t *testing.T) {
-	cfg := filepath.Join(t.TempDir(), "agent.yaml")
 	const config = "modules: [endpoints, lb, nativerouting, dsr-ipip]\nsettings:\n  dsr-ipip: {maglev: true}\n"
-	if err := os.WriteFile(cfg, []byte(config), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	spec := threeNodes(cfg)
-	spec.Externals = []ExternalSpec{{Name: "ext", Routes: map[string]string{lbIP + "/32": "n1"}}}
-	l := up(t, spec)
 	const svc = `services:
   - name: echo
     clusterIP: 10.96.0.10
@@ -104,11 +85,7 @@ func TestMaglevDSRFlowMovesNode(t *testing.T) {
     ports: [{port: 9000}]
     backends: [{ip: 10.244.2.11, nodeName: n2}, {ip: 10.244.3.11, nodeName: n3}]
 `
-	for _, n := range l.Nodes {
-		if err := l.Apply(n.Name, []byte(svc)); err != nil {
-			t.Fatal(err)
-		}
-	}
+	l := upThreeNodes(t, config, []ExternalSpec{{Name: "ext", Routes: map[string]string{lbIP + "/32": "n1"}}}, svc, 2)
 	waitFor(t, 10*time.Second, "Maglev tables on every node", func() bool {
 		for _, n := range l.Nodes {
 			m, err := ebpf.LoadPinnedMap(filepath.Join(n.PinDir, "weir_maglev"), nil)

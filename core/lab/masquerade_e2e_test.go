@@ -26,33 +26,13 @@ const inetIP = "203.0.113.10"
 // an internet host beyond the router and a client on the underlay.
 func upMasquerade(t *testing.T, m mode) *Lab {
 	t.Helper()
-	cfg := filepath.Join(t.TempDir(), "agent.yaml")
 	config := strings.Replace(m.config, "modules: [endpoints, lb,", "modules: [endpoints, lb, masquerade,", 1)
-	if err := os.WriteFile(cfg, []byte(config), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	spec := threeNodes(cfg)
-	spec.Externals = []ExternalSpec{
+	return upThreeNodes(t, config, []ExternalSpec{
 		{Name: "inet", Subnet: "203.0.113.0/24", Serve: Workload{HTTP: 8080, UDP: 5353, Echo: 9000}},
 		// ext also reaches n1's pods directly, as routable pod
 		// addresses are reached.
 		{Name: "ext", Serve: Workload{HTTP: 8080}, Routes: map[string]string{"10.244.1.0/24": "n1"}},
-	}
-	l := up(t, spec)
-	for _, n := range l.Nodes {
-		if err := l.Apply(n.Name, []byte(crossServices)); err != nil {
-			t.Fatal(err)
-		}
-	}
-	waitFor(t, 10*time.Second, "services on every node", func() bool {
-		for _, n := range l.Nodes {
-			if len(serviceRows(t, n)) != 4 {
-				return false
-			}
-		}
-		return true
-	})
-	return l
+	}, crossServices, 4)
 }
 
 func TestMasquerade(t *testing.T) {

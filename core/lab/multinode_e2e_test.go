@@ -94,19 +94,30 @@ var modes = []mode{
 
 func upMulti(t *testing.T, m mode) *Lab {
 	t.Helper()
-	cfg := filepath.Join(t.TempDir(), "agent.yaml")
-	if err := os.WriteFile(cfg, []byte(m.config), 0o600); err != nil {
-		t.Fatal(err)
+	return upThreeNodes(t, m.config, nil, crossServices, 4)
+}
+
+// upThreeNodes brings up threeNodes with the agent configuration config
+// and the external hosts, applies services on every node, and waits until
+// each holds frontends rows of the services map (every frontend and
+// scope).
+func upThreeNodes(tb testing.TB, config string, externals []ExternalSpec, services string, frontends int) *Lab {
+	tb.Helper()
+	cfg := filepath.Join(tb.TempDir(), "agent.yaml")
+	if err := os.WriteFile(cfg, []byte(config), 0o600); err != nil {
+		tb.Fatal(err)
 	}
-	l := up(t, threeNodes(cfg))
+	spec := threeNodes(cfg)
+	spec.Externals = externals
+	l := up(tb, spec)
 	for _, n := range l.Nodes {
-		if err := l.Apply(n.Name, []byte(crossServices)); err != nil {
-			t.Fatal(err)
+		if err := l.Apply(n.Name, []byte(services)); err != nil {
+			tb.Fatal(err)
 		}
 	}
-	waitFor(t, 10*time.Second, "services on every node", func() bool {
+	waitFor(tb, time.Minute, "services on every node", func() bool {
 		for _, n := range l.Nodes {
-			if len(serviceRows(t, n)) != 4 {
+			if len(serviceRows(tb, n)) != frontends {
 				return false
 			}
 		}

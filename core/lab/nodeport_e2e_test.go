@@ -8,9 +8,7 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
-	"os"
 	"os/exec"
-	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -72,28 +70,9 @@ var podNode = map[string]string{"web-1": "n1", "web-2": "n2", "web-3": "n3", "we
 // an external client on the underlay and the north-south services.
 func upNorthSouth(t *testing.T, m mode) *Lab {
 	t.Helper()
-	cfg := filepath.Join(t.TempDir(), "agent.yaml")
 	config := strings.Replace(m.config, "modules: [endpoints, lb,", "modules: [endpoints, lb, nodeport,", 1)
-	if err := os.WriteFile(cfg, []byte(config), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	spec := threeNodes(cfg)
-	spec.Externals = []ExternalSpec{{Name: "ext", Routes: map[string]string{lbIP + "/32": "n1", externalIP + "/32": "n2", closedIP + "/32": "n1"}}}
-	l := up(t, spec)
-	for _, n := range l.Nodes {
-		if err := l.Apply(n.Name, []byte(northSouthServices)); err != nil {
-			t.Fatal(err)
-		}
-	}
-	waitFor(t, 10*time.Second, "services on every node", func() bool {
-		for _, n := range l.Nodes {
-			if len(serviceRows(t, n)) != 13 { // every frontend and scope
-				return false
-			}
-		}
-		return true
-	})
-	return l
+	ext := []ExternalSpec{{Name: "ext", Routes: map[string]string{lbIP + "/32": "n1", externalIP + "/32": "n2", closedIP + "/32": "n1"}}}
+	return upThreeNodes(t, config, ext, northSouthServices, 13) // every frontend and scope
 }
 
 func TestNodePort(t *testing.T) {
@@ -363,14 +342,7 @@ func TestNodePort(t *testing.T) {
 // counted drop and an event naming the tuple, established flows keep
 // working, and new flows succeed again once the old ones are over.
 func TestNodePortSNATExhaustion(t *testing.T) {
-	cfg := filepath.Join(t.TempDir(), "agent.yaml")
 	const config = "modules: [endpoints, lb, nodeport, nativerouting]\nsettings:\n  nodeport: {snatPortRange: 40000-40003}\n"
-	if err := os.WriteFile(cfg, []byte(config), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	spec := threeNodes(cfg)
-	spec.Externals = []ExternalSpec{{Name: "ext"}}
-	l := up(t, spec)
 	// One remote backend: every flow through n1 needs a port of the four
 	// for the same backend tuple.
 	const svc = `services:
@@ -380,13 +352,8 @@ func TestNodePortSNATExhaustion(t *testing.T) {
     ports: [{port: 9000, nodePort: 30090}]
     backends: [{ip: 10.244.2.11, nodeName: n2}]
 `
-	for _, n := range l.Nodes {
-		if err := l.Apply(n.Name, []byte(svc)); err != nil {
-			t.Fatal(err)
-		}
-	}
+	l := upThreeNodes(t, config, []ExternalSpec{{Name: "ext"}}, svc, 2)
 	n1 := l.Node("n1")
-	waitFor(t, 10*time.Second, "the service on n1", func() bool { return len(serviceRows(t, n1)) == 2 })
 	ext := l.External("ext")
 	events, err := datapath.OpenEvents(n1.PinDir)
 	if err != nil {
@@ -509,14 +476,7 @@ func TestNodePortSNATExhaustion(t *testing.T) {
 // datapath, its conntrack and NAT entries stay while no agent runs, and
 // the next agent takes them over.
 func TestNorthSouthSurvivesAgentRestarts(t *testing.T) {
-	cfg := filepath.Join(t.TempDir(), "agent.yaml")
 	const config = "modules: [endpoints, lb, nodeport, masquerade, tunnel]\n"
-	if err := os.WriteFile(cfg, []byte(config), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	spec := threeNodes(cfg)
-	spec.Externals = []ExternalSpec{{Name: "ext"}, {Name: "inet", Subnet: "203.0.113.0/24", Serve: Workload{Echo: 9000}}}
-	l := up(t, spec)
 	const svc = `services:
   - name: echo-remote
     clusterIP: 10.96.0.50
@@ -529,13 +489,8 @@ func TestNorthSouthSurvivesAgentRestarts(t *testing.T) {
     ports: [{port: 9000, nodePort: 30091}]
     backends: [{ip: 10.244.1.11, nodeName: n1}]
 `
-	for _, n := range l.Nodes {
-		if err := l.Apply(n.Name, []byte(svc)); err != nil {
-			t.Fatal(err)
-		}
-	}
+	l := upThreeNodes(t, config, []ExternalSpec{{Name: "ext"}, {Name: "inet", Subnet: "203.0.113.0/24", Serve: Workload{Echo: 9000}}}, svc, 4)
 	n1 := l.Node("n1")
-	waitFor(t, 10*time.Second, "the services on n1", func() bool { return len(serviceRows(t, n1)) == 4 })
 	ctx := context.Background()
 	var targets []echoTarget
 	for range 4 {

@@ -74,13 +74,6 @@ func iptables(b *testing.B, n *Node, rules [][]string) {
 // Not measured: what n3's own Weir entry programs add to its iptables
 // path (they parse every packet and pass it on).
 func BenchmarkNorthSouth(b *testing.B) {
-	cfg := filepath.Join(b.TempDir(), "agent.yaml")
-	if err := os.WriteFile(cfg, []byte(northSouthBenchConfig), 0o600); err != nil {
-		b.Fatal(err)
-	}
-	spec := threeNodes(cfg)
-	spec.Externals = []ExternalSpec{{Name: "ext"}, {Name: "inet", Subnet: "203.0.113.0/24", Serve: Workload{Sink: 7000}}}
-	l := up(b, spec)
 	const svc = `services:
   - name: web
     clusterIP: 10.96.0.10
@@ -88,19 +81,9 @@ func BenchmarkNorthSouth(b *testing.B) {
     ports: [{name: http, port: 80, targetPort: 8080, nodePort: 30180}, {name: echo, port: 9000, nodePort: 30190}]
     backends: [{ip: 10.244.2.11, nodeName: n2}]
 `
-	for _, n := range l.Nodes {
-		if err := l.Apply(n.Name, []byte(svc)); err != nil {
-			b.Fatal(err)
-		}
-	}
+	l := upThreeNodes(b, northSouthBenchConfig, []ExternalSpec{{Name: "ext"}, {Name: "inet", Subnet: "203.0.113.0/24", Serve: Workload{Sink: 7000}}}, svc, 4)
 	n1, n3 := l.Node("n1"), l.Node("n3")
-	deadline := time.Now().Add(time.Minute)
-	for len(serviceRows(b, n1)) != 4 {
-		if time.Now().After(deadline) {
-			b.Fatal("n1 never held the service")
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
+
 	iptables(b, n3, kubeProxyNodePort("30180", "10.244.2.11:8080"))
 	// The echo port's chains, as kube-proxy writes them per service port.
 	iptables(b, n3, [][]string{

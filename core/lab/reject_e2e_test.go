@@ -3,7 +3,6 @@ package lab
 import (
 	"context"
 	"errors"
-	"os"
 	"path/filepath"
 	"strings"
 	"syscall"
@@ -17,21 +16,13 @@ import (
 // curl fails with "connection refused" at once, a UDP client gets
 // ECONNREFUSED; both counted as rejections.
 func TestServiceWithoutEndpointsRefusesAtOnce(t *testing.T) {
-	cfg := filepath.Join(t.TempDir(), "agent.yaml")
-	if err := os.WriteFile(cfg, []byte("modules: [endpoints, lb, nativerouting]\n"), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	l := up(t, threeNodes(cfg))
 	const svc = `services:
   - name: empty
     clusterIP: 10.96.0.90
     ports: [{name: http, port: 80, targetPort: 8080}, {name: dns, port: 53, targetPort: 5353, protocol: UDP}]
 `
+	l := upThreeNodes(t, "modules: [endpoints, lb, nativerouting]\n", nil, svc, 2)
 	n1 := l.Node("n1")
-	if err := l.Apply("n1", []byte(svc)); err != nil {
-		t.Fatal(err)
-	}
-	waitFor(t, 10*time.Second, "the service on n1", func() bool { return len(serviceRows(t, n1)) == 2 })
 	client := l.Pod("client")
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
