@@ -73,6 +73,7 @@ const enum weir_hook *weir_btf_hook __attribute__((unused));
 const enum weir_reason *weir_btf_reason __attribute__((unused));
 const enum weir_scope *weir_btf_scope __attribute__((unused));
 const enum weir_svc_type *weir_btf_svc_type __attribute__((unused));
+const enum weir_svc_selection *weir_btf_svc_selection __attribute__((unused));
 const enum weir_backend_state *weir_btf_backend_state __attribute__((unused));
 const enum weir_ct_dir *weir_btf_ct_dir __attribute__((unused));
 const struct weir_backend_addr_key *weir_btf_backend_addr_key __attribute__((unused));

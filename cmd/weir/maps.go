@@ -34,7 +34,7 @@ func runMaps(what string, args []string, out io.Writer) error {
 	switch what {
 	case "service":
 		rows, err := p.Services()
-		return render(out, *o, rows, err, "ID\tFRONTEND\tTYPE\tSERVED\tBACKENDS", func(r datapath.ServiceRow) []string {
+		return render(out, *o, rows, err, "ID\tFRONTEND\tTYPE\tSERVED\tTRAFFIC\tWHY\tBACKENDS", func(r datapath.ServiceRow) []string {
 			var bes []string
 			for _, b := range r.Backends {
 				s := b.Addr.String()
@@ -46,7 +46,7 @@ func runMaps(what string, args []string, out io.Writer) error {
 			if len(bes) == 0 {
 				bes = []string{"(none)"}
 			}
-			return []string{strconv.Itoa(int(r.ID)), r.Frontend.String() + "/" + r.Proto, r.Type, r.Served, strings.Join(bes, ", ")}
+			return []string{strconv.Itoa(int(r.ID)), r.Frontend.String() + "/" + r.Proto, r.Type, r.Served, r.Traffic, r.Selected, strings.Join(bes, ", ")}
 		})
 	case "lb":
 		rows, err := p.LB()

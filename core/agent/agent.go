@@ -167,6 +167,8 @@ func New(opts Options, cat module.Catalog) (*Agent, error) {
 		// API (so no request reaches a module before it started), then
 		// the sources of services.
 		fx.Invoke(compose),
+		// Topology hints choose backends by the node's zone.
+		fx.Invoke(func(store *model.Store, info *node.Info) { store.SetZone(info.Labels[model.ZoneLabel]) }),
 		fx.Invoke(serveAPI),
 		fx.Invoke(startSources),
 		kube,

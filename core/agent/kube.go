@@ -181,6 +181,7 @@ type kubeParams struct {
 	Node    *nodeState
 	Watch   *watcher
 	Reports *reports
+	Store   *model.Store
 }
 
 // newKubeSource builds the Kubernetes source; it also tells modules which
@@ -199,6 +200,8 @@ func startKube(p kubeParams) {
 	src.OnNode(func(n *corev1.Node) {
 		f := factsOf(n)
 		p.Node.set(f)
+		// A new zone is served like any change: every service again.
+		p.Store.SetZone(f.Labels[model.ZoneLabel])
 		if err := saveFacts(p.Opts.StateDir, f); err != nil {
 			p.Log.Warn("saving node facts", "err", err)
 		}

@@ -327,6 +327,15 @@ type coreWeirSvcKey struct {
 	Pad   [2]uint8
 }
 
+type coreWeirSvcSelection uint32
+
+const (
+	coreWeirSvcSelectionWEIR_SVC_SELECT_ALL   coreWeirSvcSelection = 0
+	coreWeirSvcSelectionWEIR_SVC_SELECT_LOCAL coreWeirSvcSelection = 1
+	coreWeirSvcSelectionWEIR_SVC_SELECT_ZONE  coreWeirSvcSelection = 2
+	coreWeirSvcSelectionWEIR_SVC_SELECT_NODE  coreWeirSvcSelection = 3
+)
+
 type coreWeirSvcType uint32
 
 const (
@@ -403,6 +412,7 @@ const (
 	coreVarWeirBtfScope          = "weir_btf_scope"
 	coreVarWeirBtfSrcRangeKey    = "weir_btf_src_range_key"
 	coreVarWeirBtfSvcKey         = "weir_btf_svc_key"
+	coreVarWeirBtfSvcSelection   = "weir_btf_svc_selection"
 	coreVarWeirBtfSvcType        = "weir_btf_svc_type"
 	coreVarWeirBtfSvcVal         = "weir_btf_svc_val"
 	coreVarWeirHookFirst         = "weir_hook_first"
@@ -517,6 +527,7 @@ type coreVariableSpecs struct {
 	WeirBtfScope          *ebpf.VariableSpec `ebpf:"weir_btf_scope"`
 	WeirBtfSrcRangeKey    *ebpf.VariableSpec `ebpf:"weir_btf_src_range_key"`
 	WeirBtfSvcKey         *ebpf.VariableSpec `ebpf:"weir_btf_svc_key"`
+	WeirBtfSvcSelection   *ebpf.VariableSpec `ebpf:"weir_btf_svc_selection"`
 	WeirBtfSvcType        *ebpf.VariableSpec `ebpf:"weir_btf_svc_type"`
 	WeirBtfSvcVal         *ebpf.VariableSpec `ebpf:"weir_btf_svc_val"`
 	WeirHookFirst         *ebpf.VariableSpec `ebpf:"weir_hook_first"`
@@ -624,6 +635,7 @@ type coreVariables struct {
 	WeirBtfScope          *ebpf.Variable `ebpf:"weir_btf_scope"`
 	WeirBtfSrcRangeKey    *ebpf.Variable `ebpf:"weir_btf_src_range_key"`
 	WeirBtfSvcKey         *ebpf.Variable `ebpf:"weir_btf_svc_key"`
+	WeirBtfSvcSelection   *ebpf.Variable `ebpf:"weir_btf_svc_selection"`
 	WeirBtfSvcType        *ebpf.Variable `ebpf:"weir_btf_svc_type"`
 	WeirBtfSvcVal         *ebpf.Variable `ebpf:"weir_btf_svc_val"`
 	WeirHookFirst         *ebpf.Variable `ebpf:"weir_hook_first"`

@@ -13,6 +13,7 @@ import (
 	"github.com/cilium/ebpf"
 	"golang.org/x/sys/unix"
 
+	"github.com/weirnet/weir/core/model"
 	"github.com/weirnet/weir/core/slots"
 )
 
@@ -60,6 +61,10 @@ type LBEntry struct {
 	Count  uint16 `json:"count,omitempty"`
 	RevNAT uint32 `json:"revNAT"`
 	Type   string `json:"type,omitempty"`
+	// Flags2 are the master's WEIR_SVC_F2_* bits; Selected why its slots
+	// hold their backends (see ServiceRow.Selected).
+	Flags2   uint8  `json:"flags2,omitempty"`
+	Selected string `json:"selected,omitempty"`
 	// Backend slots.
 	BackendID uint32          `json:"backendID,omitempty"`
 	Backend   *netip.AddrPort `json:"backend,omitempty"`
@@ -85,9 +90,25 @@ type ServiceRow struct {
 	// module serves traffic from outside), "from pods only" (NodePort,
 	// LoadBalancer and external IPs without one: in-cluster traffic is
 	// translated, traffic from outside is not).
-	Served   string       `json:"served"`
+	Served string `json:"served"`
+	// Traffic is which traffic the entry serves: "any", or with an
+	// externalTrafficPolicy Local frontend split in two, "from outside"
+	// (the external scope) and "in-cluster" (the internal scope).
+	Traffic string `json:"traffic"`
+	// Selected says why Backends are these: "all" (every ready endpoint,
+	// or every serving-terminating one when none is ready), "local" (the
+	// node's own: a traffic policy Local), "zone" or "node" (topology
+	// hints for the node's zone, or for the node).
+	Selected string       `json:"selected"`
 	Backends []BackendRow `json:"backends"`
 }
+
+// Traffic an entry serves.
+const (
+	TrafficAny       = "any"
+	TrafficOutside   = "from outside"
+	TrafficInCluster = "in-cluster"
+)
 
 // Reach of frontends the north-south modules would serve.
 const (
@@ -138,6 +159,15 @@ func typeName(t uint8) string {
 		return "ExternalIP"
 	}
 	return fmt.Sprintf("type-%d", t)
+}
+
+// SelectionName names a master entry's selection (enum
+// weir_svc_selection, numbered as model.Selection).
+func SelectionName(s uint32) string {
+	if s > 0xff {
+		return fmt.Sprintf("selection-%d", s)
+	}
+	return model.Selection(s).String()
 }
 
 func scopeName(s uint8) string {
@@ -203,7 +233,7 @@ func (p *Pinned) LB() ([]LBEntry, error) {
 			Proto:    ProtoName(k.Proto), Scope: scopeName(k.Scope), Slot: k.Slot, RevNAT: v.RevNat,
 		}
 		if k.Slot == 0 {
-			e.Count, e.Type = v.Count, typeName(v.Type)
+			e.Count, e.Type, e.Flags2, e.Selected = v.Count, typeName(v.Type), v.Flags2, SelectionName(v.BackendId)
 		} else {
 			e.BackendID = v.BackendId
 			if be, ok := bes[v.BackendId]; ok {
@@ -239,7 +269,15 @@ func (p *Pinned) Services() ([]ServiceRow, error) {
 	count := 0
 	for _, e := range entries {
 		if e.Slot == 0 {
-			out = append(out, ServiceRow{ID: e.RevNAT, Frontend: e.Frontend, Proto: e.Proto, Type: e.Type, Scope: e.Scope, Served: served(e.Type, dispatch), Backends: []BackendRow{}})
+			traffic := TrafficAny
+			switch {
+			case e.Scope == scopeName(ScopeInternal):
+				traffic = TrafficInCluster
+			case e.Flags2&SvcFlagTwoScopes != 0:
+				traffic = TrafficOutside
+			}
+			out = append(out, ServiceRow{ID: e.RevNAT, Frontend: e.Frontend, Proto: e.Proto, Type: e.Type, Scope: e.Scope, Served: served(e.Type, dispatch),
+				Traffic: traffic, Selected: e.Selected, Backends: []BackendRow{}})
 			count = int(e.Count)
 			continue
 		}

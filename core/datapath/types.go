@@ -105,6 +105,16 @@ const (
 	SvcFlagReject = 0x20
 )
 
+// Why a master entry's slots hold their backends, stored in the master's
+// ServiceValue.BackendId (enum weir_svc_selection; model.Selection has the
+// same numbers).
+const (
+	SelectAll   = uint32(coreWeirSvcSelectionWEIR_SVC_SELECT_ALL)
+	SelectLocal = uint32(coreWeirSvcSelectionWEIR_SVC_SELECT_LOCAL)
+	SelectZone  = uint32(coreWeirSvcSelectionWEIR_SVC_SELECT_ZONE)
+	SelectNode  = uint32(coreWeirSvcSelectionWEIR_SVC_SELECT_NODE)
+)
+
 // Backend states stored in Backend.State.
 const (
 	BackendActive      = uint8(coreWeirBackendStateWEIR_BACKEND_ACTIVE)

@@ -15,6 +15,7 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"sync"
 	"time"
 
@@ -98,6 +99,12 @@ type Backend struct {
 	// no other backend can take them.
 	Terminating bool   `yaml:"terminating"`
 	NodeName    string `yaml:"nodeName"`
+	// ForZones and ForNodes are topology hints, as an EndpointSlice
+	// carries them: cluster-wide traffic on a node prefers the backends
+	// hinted for it, or for its zone (when every ready backend has such
+	// hints, as kube-proxy decides).
+	ForZones []string `yaml:"forZones"`
+	ForNodes []string `yaml:"forNodes"`
 }
 
 var dnsLabel = regexp.MustCompile(`^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$`)
@@ -171,6 +178,7 @@ func ParseContents(file string, data []byte) (*Contents, error) {
 		}
 		var backends []netip.Addr
 		var states []model.BackendState
+		var hints []*model.Hints
 		seenBE := map[netip.Addr]int{}
 		for j, b := range s.Backends {
 			bp := strictyaml.Index(strictyaml.Key(sp, "backends"), j)
@@ -191,6 +199,24 @@ func ParseContents(file string, data []byte) (*Contents, error) {
 				st = model.Terminating
 			}
 			states = append(states, st)
+			for _, hs := range []struct {
+				key  string
+				vals []string
+			}{{"forZones", b.ForZones}, {"forNodes", b.ForNodes}} {
+				for k, v := range hs.vals {
+					if v == "" {
+						return nil, fail(strictyaml.Index(strictyaml.Key(bp, hs.key), k), "the name is empty: give a zone (forZones) or node (forNodes) name")
+					}
+					if first := slices.Index(hs.vals, v); first != k {
+						return nil, fail(strictyaml.Index(strictyaml.Key(bp, hs.key), k), "%s is already listed as %s[%d]", v, hs.key, first)
+					}
+				}
+			}
+			var h *model.Hints
+			if len(b.ForZones) > 0 || len(b.ForNodes) > 0 {
+				h = &model.Hints{Zones: b.ForZones, Nodes: b.ForNodes}
+			}
+			hints = append(hints, h)
 		}
 		mode, err := model.ParseForwardingMode(s.ForwardingMode)
 		if err != nil {
@@ -239,7 +265,7 @@ func ParseContents(file string, data []byte) (*Contents, error) {
 			}
 			frontends[fe.Key()] = fmt.Sprintf("%s (%s)", pp, name)
 			for k, a := range backends {
-				fe.Backends = append(fe.Backends, model.Backend{Addr: netip.AddrPortFrom(a, uint16(p.TargetPort)), State: states[k], NodeName: s.Backends[k].NodeName})
+				fe.Backends = append(fe.Backends, model.Backend{Addr: netip.AddrPortFrom(a, uint16(p.TargetPort)), State: states[k], NodeName: s.Backends[k].NodeName, Hints: hints[k]})
 			}
 			svc.Frontends = append(svc.Frontends, fe)
 			if p.NodePort != 0 && !ext.nodePorts {

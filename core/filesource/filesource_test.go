@@ -185,6 +185,42 @@ func TestParseDefaultsAndTerminating(t *testing.T) {
 	checkServices(t, got, want)
 }
 
+// Topology hints ride with each backend, as an EndpointSlice's do.
+func TestParseTopologyHints(t *testing.T) {
+	doc := lines(
+		"services:",
+		"  - name: web",
+		"    clusterIP: 10.96.0.10",
+		"    ports:",
+		"      - port: 80",
+		"    backends:",
+		"      - ip: 10.244.1.11",
+		"        forZones: [zone-a]",
+		"      - ip: 10.244.2.11",
+		"        forZones: [zone-b, zone-c]",
+		"        forNodes: [node-b]",
+		"      - ip: 10.244.2.12",
+	)
+	got, err := filesource.Parse("svc.yaml", []byte(doc))
+	if err != nil {
+		t.Fatalf("Parse: %v", err)
+	}
+	want := []*model.Backend{
+		{Addr: ap("10.244.1.11:80"), Hints: &model.Hints{Zones: []string{"zone-a"}}},
+		{Addr: ap("10.244.2.11:80"), Hints: &model.Hints{Zones: []string{"zone-b", "zone-c"}, Nodes: []string{"node-b"}}},
+		{Addr: ap("10.244.2.12:80")},
+	}
+	bes := got[0].Frontends[0].Backends
+	if len(bes) != len(want) {
+		t.Fatalf("%d backends, want %d", len(bes), len(want))
+	}
+	for i, w := range want {
+		if !bes[i].Equal(*w) {
+			t.Errorf("backend %d: %+v (hints %+v), want %+v (hints %+v)", i, bes[i], bes[i].Hints, *w, w.Hints)
+		}
+	}
+}
+
 // NodePort and LoadBalancer services are served on their node ports,
 // load-balancer IPs and external IPs too, with the ClusterIP's backends
 // and the external traffic policy on every external-facing frontend.
@@ -264,6 +300,16 @@ func TestParseErrors(t *testing.T) {
 			want: "svc.yaml:2: not valid YAML: did not find expected '-' indicator",
 		},
 		{
+			name: "empty zone hint",
+			doc:  with(map[int]string{12: "      - {ip: 10.244.1.12, forZones: [zone-a, \"\"]}"}),
+			want: `svc.yaml:12:46: services[0].backends[1].forZones[1]: the name is empty: give a zone (forZones) or node (forNodes) name`,
+		},
+		{
+			name: "node hint listed twice",
+			doc:  with(map[int]string{12: "      - {ip: 10.244.1.12, forNodes: [n1, n1]}"}),
+			want: `svc.yaml:12:42: services[0].backends[1].forNodes[1]: n1 is already listed as forNodes[0]`,
+		},
+		{
 			name: "unknown top-level field",
 			doc:  lines("service:", "  - name: web"),
 			want: `svc.yaml:1:1: unknown field "service"; allowed fields: nodes, services`,
@@ -281,7 +327,7 @@ func TestParseErrors(t *testing.T) {
 		{
 			name: "unknown backend field",
 			doc:  with(map[int]string{12: "      - address: 10.244.1.12"}),
-			want: `svc.yaml:12:9: services[0].backends[1]: unknown field "address"; allowed fields: ip, nodeName, terminating`,
+			want: `svc.yaml:12:9: services[0].backends[1]: unknown field "address"; allowed fields: forNodes, forZones, ip, nodeName, terminating`,
 		},
 		{
 			name: "duplicate key",

@@ -151,7 +151,7 @@ func backendsFor(port corev1.ServicePort, eps []*endpointSlice) []model.Backend 
 			continue
 		}
 		for _, ep := range s.endpoints {
-			b := model.Backend{Addr: netip.AddrPortFrom(netip.AddrFrom4(ep.addr), uint16(num)), State: ep.state}
+			b := model.Backend{Addr: netip.AddrPortFrom(netip.AddrFrom4(ep.addr), uint16(num)), State: ep.state, Hints: ep.hints}
 			if ep.node != nil {
 				b.NodeName = *ep.node
 			}

@@ -2,6 +2,7 @@ package k8ssource
 
 import (
 	"net/netip"
+	"strings"
 	"sync"
 
 	corev1 "k8s.io/api/core/v1"
@@ -116,7 +117,7 @@ type endpoint struct {
 	state model.BackendState
 	node  *string
 	zone  *string
-	hints *discoveryv1.EndpointHints
+	hints *model.Hints // shared between endpoints with equal hints
 }
 
 func compactSlice(es *discoveryv1.EndpointSlice) *endpointSlice {
@@ -147,7 +148,7 @@ func compactSlice(es *discoveryv1.EndpointSlice) *endpointSlice {
 			continue
 		}
 		out.endpoints = append(out.endpoints, endpoint{addr: a.As4(), state: st,
-			node: sharedStrings.of(e.NodeName), zone: sharedStrings.of(e.Zone), hints: e.Hints})
+			node: sharedStrings.of(e.NodeName), zone: sharedStrings.of(e.Zone), hints: sharedHints.of(e.Hints)})
 	}
 	return out
 }
@@ -179,6 +180,50 @@ func (s *shared[T]) of(p *T) *T {
 // Node names and zones are few in any cluster; the set grows with them
 // and is never pruned.
 var sharedStrings shared[string]
+
+// hintsTable hands out one *model.Hints per distinct set of hints: a
+// cluster has few (a zone or a node each), endpoints many.
+type hintsTable struct {
+	mu sync.Mutex
+	m  map[string]*model.Hints
+}
+
+func (h *hintsTable) of(in *discoveryv1.EndpointHints) *model.Hints {
+	if in == nil || len(in.ForZones) == 0 && len(in.ForNodes) == 0 {
+		return nil
+	}
+	var key strings.Builder
+	for _, z := range in.ForZones {
+		key.WriteString(z.Name)
+		key.WriteByte(0)
+	}
+	key.WriteByte(1)
+	for _, n := range in.ForNodes {
+		key.WriteString(n.Name)
+		key.WriteByte(0)
+	}
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if got, ok := h.m[key.String()]; ok {
+		return got
+	}
+	out := &model.Hints{}
+	for _, z := range in.ForZones {
+		out.Zones = append(out.Zones, z.Name)
+	}
+	for _, n := range in.ForNodes {
+		out.Nodes = append(out.Nodes, n.Name)
+	}
+	if h.m == nil {
+		h.m = map[string]*model.Hints{}
+	}
+	h.m[key.String()] = out
+	return out
+}
+
+// Like node names, the sets of hints a cluster uses are few; the table
+// grows with them and is never pruned.
+var sharedHints hintsTable
 
 func trimService(o any) (any, error) {
 	if svc, ok := o.(*corev1.Service); ok {

@@ -80,8 +80,15 @@ func (a *Admission) cost(svc *model.Service) (entries, revnat int, backends []ba
 	fronts := map[model.FrontendKey]bool{}
 	for i := range svc.Frontends {
 		f := &svc.Frontends[i]
-		sfs := scopeFrontend(a.node, svc, f)
+		// Counted without hints, so a change of zone never needs more
+		// room than admitted: hints only narrow a scope's choice, but
+		// may split an externalTrafficPolicy Local frontend whose
+		// backends are all local into two scopes.
+		sfs := scopeFrontend(model.Topology{Node: a.node, IgnoreHints: true}, svc, f)
 		entries += serviceEntries(sfs)
+		if len(sfs) == 1 && f.ExternalLocal && f.Type != model.ClusterIP && f.HasHints() {
+			entries += serviceEntries(sfs)
+		}
 		if !fronts[f.Key()] {
 			fronts[f.Key()] = true
 			revnat++ // both scopes share one id

@@ -167,6 +167,8 @@ type Reconciler struct {
 	nextBE         uint32
 	nextRevNAT     uint32
 	node           string
+	// zone is the node's zone, from the last full delta.
+	zone string
 	// dirty forces a read of the maps and a full pass before the next
 	// apply: at first, to restore what a previous agent wrote, and after
 	// a write failed part-way.
@@ -323,10 +325,11 @@ func (r *Reconciler) allocRevNAT() (uint32, error) {
 }
 
 type desiredFrontend struct {
-	typ      model.FrontendType
-	affinity uint32
-	flags2   uint8
-	slots    []backendKey
+	typ       model.FrontendType
+	affinity  uint32
+	flags2    uint8
+	selection model.Selection
+	slots     []backendKey
 }
 
 // errNeedFull asks for a full pass: the maps must be read again, and only
@@ -339,6 +342,11 @@ var errNeedFull = errors.New("the service maps must be read again: a full state 
 // every step is make-before-break), and the next Apply must be full: it
 // reads the maps again and finishes the job.
 func (r *Reconciler) Apply(d model.Delta) error {
+	// The store sends a full delta whenever the zone changes: every
+	// service is served in one zone at any time.
+	if d.Full {
+		r.zone = d.Zone
+	}
 	if r.dirty {
 		if !d.Full {
 			return errNeedFull
@@ -884,7 +892,7 @@ func (r *Reconciler) writeFrontend(fk frontendKey, sf *scopedFrontend, q *queue)
 		}
 	}
 
-	master := datapath.ServiceValue{Count: uint16(len(df.slots)), RevNat: rid, Type: uint8(df.typ), Flags2: df.flags2}
+	master := datapath.ServiceValue{Count: uint16(len(df.slots)), RevNat: rid, Type: uint8(df.typ), Flags2: df.flags2, BackendId: uint32(df.selection)}
 	if df.affinity > 0 {
 		master.AffinityTimeout = df.affinity
 	}
@@ -954,36 +962,44 @@ func (r *Reconciler) scopedAll(svc *model.Service) []scopedFrontend {
 }
 
 // scoped turns a model frontend into the map frontends this node needs.
-// A ClusterIP serves in-cluster traffic only: one entry, with the node's
-// own backends under internalTrafficPolicy Local. An external-facing
-// frontend with externalTrafficPolicy Local gets two: the external scope
-// with the node's own backends (flagged, so in-cluster lookups move on)
-// and the internal scope with every backend.
 func (r *Reconciler) scoped(svc *model.Service, f *model.Frontend) []scopedFrontend {
-	return scopeFrontend(r.node, svc, f)
+	return scopeFrontend(model.Topology{Node: r.node, Zone: r.zone}, svc, f)
 }
 
-func scopeFrontend(node string, svc *model.Service, f *model.Frontend) []scopedFrontend {
+// scopeFrontend chooses the backends of each scope as kube-proxy does
+// (model.Frontend.ClusterBackends, LocalBackends). A ClusterIP serves
+// in-cluster traffic only: one entry, with the node's own backends under
+// internalTrafficPolicy Local, else the cluster's (narrowed by topology
+// hints). An external-facing frontend uses the cluster's backends; with
+// externalTrafficPolicy Local it gets two entries when the two choices
+// differ: the external scope with the node's own backends (flagged, so
+// in-cluster lookups move on) and the internal scope with the cluster's,
+// as kube-proxy short-circuits in-cluster clients.
+//
+// Every scope keeps all the backends it may have sent flows to in the
+// backend map (terminating ones, and those hints or a traffic policy
+// leave out of its choice now), so their flows go on.
+func scopeFrontend(t model.Topology, svc *model.Service, f *model.Frontend) []scopedFrontend {
 	all := f.Backends
 	nlocal := 0
 	for _, b := range all {
-		if b.NodeName == node {
+		if b.NodeName == t.Node {
 			nlocal++
 		}
 	}
 	local := func() []model.Backend {
 		out := make([]model.Backend, 0, nlocal)
 		for _, b := range all {
-			if b.NodeName == node {
+			if b.NodeName == t.Node {
 				out = append(out, b)
 			}
 		}
 		return out
 	}
-	mk := func(scope uint8, bes []model.Backend, flags2 uint8) scopedFrontend {
+	mk := func(scope uint8, bes, chosen []model.Backend, why model.Selection, flags2 uint8) scopedFrontend {
 		sf := scopedFrontend{
 			key: mkFrontendKey(f.Addr, f.Proto, scope),
-			df:  &desiredFrontend{typ: f.Type, affinity: svc.AffinityTimeout, flags2: flags2},
+			df:  &desiredFrontend{typ: f.Type, affinity: svc.AffinityTimeout, flags2: flags2, selection: why},
 			all: make([]scopedBackend, 0, len(bes)),
 		}
 		if sf.df.affinity > 0 {
@@ -1013,44 +1029,59 @@ func scopeFrontend(node string, svc *model.Service, f *model.Frontend) []scopedF
 				sf.df.flags2 |= datapath.SvcFlagModeSNAT
 			}
 		}
-		var active, terminating []backendKey
 		for _, b := range bes {
 			bk := mkBackendKey(b.Addr, f.Proto)
 			if slices.ContainsFunc(sf.all, func(s scopedBackend) bool { return s.key == bk }) {
 				continue
 			}
 			sf.all = append(sf.all, scopedBackend{bk, b.State})
-			if b.State == model.Active {
-				active = append(active, bk)
-			} else {
-				terminating = append(terminating, bk)
-			}
 		}
-		// Serving-but-terminating backends take new flows only when
-		// nothing else can.
-		sf.df.slots = active
-		if len(active) == 0 {
-			sf.df.slots = terminating
+		sf.df.slots = make([]backendKey, 0, len(chosen))
+		for _, b := range chosen {
+			sf.df.slots = append(sf.df.slots, mkBackendKey(b.Addr, f.Proto))
 		}
 		slices.SortFunc(sf.df.slots, compareBackendKeys)
+		sf.df.slots = slices.Compact(sf.df.slots)
 		return sf
 	}
 	if f.Type == model.ClusterIP {
 		if f.InternalLocal {
-			return []scopedFrontend{mk(datapath.ScopeExternal, local(), 0)}
+			return []scopedFrontend{mk(datapath.ScopeExternal, local(), f.LocalBackends(t), model.SelectLocal, 0)}
 		}
-		return []scopedFrontend{mk(datapath.ScopeExternal, all, 0)}
+		cluster, why := f.ClusterBackends(t)
+		return []scopedFrontend{mk(datapath.ScopeExternal, all, cluster, why, 0)}
 	}
-	if f.ExternalLocal && nlocal != len(all) {
-		return []scopedFrontend{
-			mk(datapath.ScopeExternal, local(), datapath.SvcFlagTwoScopes),
-			mk(datapath.ScopeInternal, all, 0),
+	cluster, why := f.ClusterBackends(t)
+	if !f.ExternalLocal {
+		return []scopedFrontend{mk(datapath.ScopeExternal, all, cluster, why, 0)}
+	}
+	mine := f.LocalBackends(t)
+	// Every backend on this node, and the cluster's choice the same as
+	// the node's: one entry serves both.
+	if nlocal == len(all) && sameBackends(mine, cluster) {
+		return []scopedFrontend{mk(datapath.ScopeExternal, local(), mine, model.SelectLocal, 0)}
+	}
+	return []scopedFrontend{
+		mk(datapath.ScopeExternal, local(), mine, model.SelectLocal, datapath.SvcFlagTwoScopes),
+		mk(datapath.ScopeInternal, all, cluster, why, 0),
+	}
+}
+
+// sameBackends reports whether two choices hold the same addresses.
+func sameBackends(a, b []model.Backend) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	seen := make(map[netip.AddrPort]bool, len(a))
+	for _, x := range a {
+		seen[x.Addr] = true
+	}
+	for _, x := range b {
+		if !seen[x.Addr] {
+			return false
 		}
 	}
-	if f.ExternalLocal {
-		return []scopedFrontend{mk(datapath.ScopeExternal, local(), 0)}
-	}
-	return []scopedFrontend{mk(datapath.ScopeExternal, all, 0)}
+	return true
 }
 
 // pruneAffinity deletes the affinity entries of deleted frontends and of

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net/netip"
 	"reflect"
+	"strings"
 	"testing"
 
 	"github.com/cilium/ebpf"
@@ -563,5 +564,99 @@ func TestScopeChangesAreMakeBeforeBreak(t *testing.T) {
 		if internal() || m.frontendMaster("192.0.2.10:80", model.TCP).Flags2&datapath.SvcFlagTwoScopes != 0 {
 			t.Fatalf("round %d: back to one scope expected", round)
 		}
+	}
+}
+
+// The master entry tells operators why its slots are what they are;
+// model.Selection and the datapath's enum must agree on the numbers.
+func TestSelectionNumbersMatchTheDatapath(t *testing.T) {
+	for sel, dp := range map[model.Selection]uint32{
+		model.SelectAll: datapath.SelectAll, model.SelectLocal: datapath.SelectLocal,
+		model.SelectZone: datapath.SelectZone, model.SelectNode: datapath.SelectNode,
+	} {
+		if uint32(sel) != dp || sel.String() != datapath.SelectionName(dp) {
+			t.Errorf("model %d (%s) vs datapath %d (%s)", sel, sel, dp, datapath.SelectionName(dp))
+		}
+	}
+}
+
+// Topology hints follow the node's zone: a full delta in a new zone
+// rewrites the slots to that zone's backends, while every backend stays
+// in the backend map for its flows. An externalTrafficPolicy Local
+// frontend whose backends are all on the node still splits in two when
+// hints send in-cluster clients elsewhere, and admission counted room for
+// that in any zone.
+func TestZoneHintsFollowTheZone(t *testing.T) {
+	m := newMaps(t)
+	r := m.reconciler()
+	r.SetNode("n1")
+	hinted := func(a, node, zone string) model.Backend {
+		return model.Backend{Addr: ap(a), NodeName: node, Hints: &model.Hints{Zones: []string{zone}}}
+	}
+	web := &model.Service{Name: model.ServiceName{Namespace: "default", Name: "web"}, Frontends: []model.Frontend{
+		{Addr: ap("10.96.0.10:80"), Proto: model.TCP, Type: model.ClusterIP, Backends: []model.Backend{
+			hinted("10.244.1.11:8080", "n1", "zone-a"), hinted("10.244.2.11:8080", "n2", "zone-b"), hinted("10.244.2.12:8080", "n2", "zone-b")}},
+		{Addr: ap("192.0.2.10:80"), Proto: model.TCP, Type: model.LoadBalancer, ExternalLocal: true, Backends: []model.Backend{
+			hinted("10.244.1.21:8080", "n1", "zone-a"), hinted("10.244.1.22:8080", "n1", "zone-b")}},
+	}}
+	full := func(zone string) {
+		t.Helper()
+		if err := r.Apply(model.Delta{Full: true, Zone: zone, Services: map[model.ServiceName]*model.Service{web.Name: web}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	slots := func(front string, scope uint8) (string, uint32) {
+		t.Helper()
+		a := ap(front)
+		k := datapath.ServiceKey{Addr: datapath.AddrToBE(a.Addr()), Port: datapath.PortToBE(a.Port()), Proto: 6, Scope: scope}
+		var master datapath.ServiceValue
+		if err := m.services.Lookup(k, &master); err != nil {
+			return "absent", 0
+		}
+		var out []string
+		for s := uint16(1); s <= master.Count; s++ {
+			k.Slot = s
+			var v datapath.ServiceValue
+			var be datapath.Backend
+			if err := m.services.Lookup(k, &v); err != nil {
+				t.Fatal(err)
+			}
+			if err := m.backends.Lookup(v.BackendId, &be); err != nil {
+				t.Fatal(err)
+			}
+			out = append(out, netip.AddrPortFrom(datapath.AddrFromBE(be.Addr), datapath.PortFromBE(be.Port)).String())
+		}
+		return fmt.Sprint(out), master.BackendId
+	}
+	check := func(front string, scope uint8, want string, why uint32) {
+		t.Helper()
+		if got, sel := slots(front, scope); got != want || sel != why {
+			t.Errorf("%s scope %d: %s (%s), want %s (%s)", front, scope, got, datapath.SelectionName(sel), want, datapath.SelectionName(why))
+		}
+	}
+	full("zone-a")
+	check("10.96.0.10:80", datapath.ScopeExternal, "[10.244.1.11:8080]", datapath.SelectZone)
+	check("192.0.2.10:80", datapath.ScopeExternal, "[10.244.1.21:8080 10.244.1.22:8080]", datapath.SelectLocal)
+	check("192.0.2.10:80", datapath.ScopeInternal, "[10.244.1.21:8080]", datapath.SelectZone)
+	if n := m.count(m.backends); n != 5 {
+		t.Errorf("%d backends in the map, want all 5 (flows to any of them go on)", n)
+	}
+
+	full("zone-b")
+	check("10.96.0.10:80", datapath.ScopeExternal, "[10.244.2.11:8080 10.244.2.12:8080]", datapath.SelectZone)
+	check("192.0.2.10:80", datapath.ScopeInternal, "[10.244.1.22:8080]", datapath.SelectZone)
+
+	// A zone without hinted backends: every ready backend, one entry for
+	// the Local frontend again.
+	full("zone-c")
+	check("10.96.0.10:80", datapath.ScopeExternal, "[10.244.1.11:8080 10.244.2.11:8080 10.244.2.12:8080]", datapath.SelectAll)
+	check("192.0.2.10:80", datapath.ScopeExternal, "[10.244.1.21:8080 10.244.1.22:8080]", datapath.SelectLocal)
+	check("192.0.2.10:80", datapath.ScopeInternal, "absent", 0)
+
+	// Admission counts the split whatever the zone: the ClusterIP's
+	// master and 3 slots, the Local frontend's two entries of 1+2.
+	a := NewAdmission("n1", Limits{Services: 9, Backends: 10, RevNAT: 10})
+	if _, err := a.Admit([]model.Change{{New: web}}); err == nil || !strings.Contains(err.Error(), "would need 10 entries") {
+		t.Fatalf("admission of 10 entries into 9: %v", err)
 	}
 }

@@ -158,6 +158,32 @@ type Backend struct {
 	Addr     netip.AddrPort
 	State    BackendState
 	NodeName string
+	// Hints, when set, are the zones and nodes the endpoint is meant for
+	// (EndpointSlice hints, written for a Service's trafficDistribution):
+	// see Frontend.ClusterBackends for when they apply. Equal hints may
+	// share one value; it is never changed once set.
+	Hints *Hints
+}
+
+// Hints say for which zones and which nodes an endpoint should take
+// cluster-wide traffic.
+type Hints struct {
+	Zones []string
+	Nodes []string
+}
+
+// Equal reports whether two backends are the same, hints by value.
+func (b Backend) Equal(o Backend) bool {
+	if b.Addr != o.Addr || b.State != o.State || b.NodeName != o.NodeName {
+		return false
+	}
+	if b.Hints == o.Hints {
+		return true
+	}
+	if b.Hints == nil || o.Hints == nil {
+		return false
+	}
+	return slices.Equal(b.Hints.Zones, o.Hints.Zones) && slices.Equal(b.Hints.Nodes, o.Hints.Nodes)
 }
 
 // Frontend is an address clients use, with the backends behind it.

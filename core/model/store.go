@@ -39,6 +39,8 @@ type Store struct {
 	nodeSubs    []chan struct{}
 	watchers    []*Watcher
 	admitter    Admitter
+	// zone is this node's zone (ZoneLabel), for topology hints.
+	zone string
 }
 
 // Change is one service as the store holds it and as an update would
@@ -415,6 +417,10 @@ type Delta struct {
 	// Version is the store's ServicesVersion the delta brings the
 	// reader to.
 	Version uint64
+	// Zone is the node's zone the services are to be served in. A change
+	// of zone makes the next Delta of every watcher Full, so a reader
+	// that takes it from Full deltas serves every service in one zone.
+	Zone string
 }
 
 // Watch returns a watcher whose first Delta is Full.
@@ -439,7 +445,7 @@ func (w *Watcher) Next() (Delta, bool) {
 	if !s.authoritative() {
 		return Delta{}, false
 	}
-	d := Delta{Full: w.full, Version: s.svcVersion}
+	d := Delta{Full: w.full, Version: s.svcVersion, Zone: s.zone}
 	if w.full {
 		d.Services = make(map[ServiceName]*Service, len(s.services))
 		for name, svc := range s.services {
@@ -454,6 +460,32 @@ func (w *Watcher) Next() (Delta, bool) {
 	w.full = false
 	clear(w.dirty)
 	return d, true
+}
+
+// SetZone sets the zone of the node the store's services are served on
+// (its ZoneLabel): topology hints choose backends by it, so every
+// watcher's next Delta is Full.
+func (s *Store) SetZone(zone string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.zone == zone {
+		return
+	}
+	s.zone = zone
+	for _, w := range s.watchers {
+		w.full = true
+		select {
+		case w.c <- struct{}{}:
+		default:
+		}
+	}
+}
+
+// Zone is the zone SetZone set.
+func (s *Store) Zone() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.zone
 }
 
 // Resync makes the next Delta Full: for a reader that lost track of what
@@ -482,6 +514,6 @@ func (s *Service) Equal(o *Service) bool {
 		slices.Equal(s.SourceRanges, o.SourceRanges) &&
 		slices.Equal(s.Unserved, o.Unserved) && slices.EqualFunc(s.Frontends, o.Frontends, func(a, b Frontend) bool {
 		return a.Addr == b.Addr && a.Proto == b.Proto && a.Type == b.Type && a.PortName == b.PortName &&
-			a.InternalLocal == b.InternalLocal && a.ExternalLocal == b.ExternalLocal && slices.Equal(a.Backends, b.Backends)
+			a.InternalLocal == b.InternalLocal && a.ExternalLocal == b.ExternalLocal && slices.EqualFunc(a.Backends, b.Backends, Backend.Equal)
 	})
 }

@@ -181,3 +181,39 @@ func TestStoreAdmission(t *testing.T) {
 }
 
 func addr(s string) netip.Addr { return netip.MustParseAddr(s) }
+
+// The node's zone decides which backends topology hints choose: a new
+// zone wakes every watcher with a full delta in that zone; the same zone
+// again is no change.
+func TestZoneChangeMakesEveryDeltaFull(t *testing.T) {
+	s := model.NewStore()
+	s.Expect("file")
+	s.SetZone("zone-a")
+	w1, w2 := s.Watch(), s.Watch()
+	if err := s.Replace("file", []*model.Service{svc("web", fe("10.96.0.10:80", model.TCP, "10.244.1.1:80")), svc("db", fe("10.96.0.11:5432", model.TCP))}); err != nil {
+		t.Fatal(err)
+	}
+	for _, w := range []*model.Watcher{w1, w2} {
+		if d := next(t, w); !d.Full || d.Zone != "zone-a" {
+			t.Fatalf("first delta: full %v zone %q", d.Full, d.Zone)
+		}
+	}
+	pending(w1.C())
+	pending(w2.C())
+	s.SetZone("zone-a")
+	if pending(w1.C()) != 0 {
+		t.Fatal("setting the same zone woke the watcher")
+	}
+	s.SetZone("zone-b")
+	for _, w := range []*model.Watcher{w1, w2} {
+		if pending(w.C()) != 1 {
+			t.Fatal("a new zone did not wake the watcher")
+		}
+		if d := next(t, w); !d.Full || d.Zone != "zone-b" || changed(d) != "default/db default/web" {
+			t.Fatalf("after the zone changed: full %v zone %q services %q; want every service in zone-b", d.Full, d.Zone, changed(d))
+		}
+	}
+	if s.Zone() != "zone-b" {
+		t.Fatalf("Zone() = %q", s.Zone())
+	}
+}

@@ -64,26 +64,21 @@ type maglevFront struct {
 }
 
 // maglevFronts are the frontends of svc served from outside, with the
-// backends that take new flows (active ones; the terminating ones when
-// none is). externalTrafficPolicy Local frontends keep their own node's
-// backends and need no agreement between nodes.
-func maglevFronts(svc *model.Service) []maglevFront {
+// backends that take new flows on a node at t, as core's reconciler
+// chooses them for the slots (topology hints included: the nodes of a
+// zone agree on a zone's table). externalTrafficPolicy Local frontends
+// keep their own node's backends and need no agreement between nodes.
+func maglevFronts(svc *model.Service, t model.Topology) []maglevFront {
 	var out []maglevFront
-	for _, f := range svc.Frontends {
+	for i := range svc.Frontends {
+		f := &svc.Frontends[i]
 		if f.Type == model.ClusterIP || f.ExternalLocal {
 			continue
 		}
-		var active, terminating []netip.AddrPort
-		for _, b := range f.Backends {
-			if b.State == model.Active {
-				active = append(active, b.Addr)
-			} else {
-				terminating = append(terminating, b.Addr)
-			}
-		}
-		bes := active
-		if len(bes) == 0 {
-			bes = terminating
+		chosen, _ := f.ClusterBackends(t)
+		bes := make([]netip.AddrPort, len(chosen))
+		for i, b := range chosen {
+			bes[i] = b.Addr
 		}
 		slices.SortFunc(bes, func(a, b netip.AddrPort) int { return a.Compare(b) })
 		bes = slices.Compact(bes)
@@ -100,7 +95,10 @@ type maglevWriter struct {
 	inner    *ebpf.MapSpec
 	services func() (svcs, addrs *ebpf.Map, err error)
 
-	byService map[model.ServiceName][]maglevFront
+	// node and zone are where the tables serve: the zone from the last
+	// full delta (a change of zone makes one).
+	node, zone string
+	byService  map[model.ServiceName][]maglevFront
 	// applied is each table's input (backend ids, in order) by reverse
 	// NAT id; nil until the map was read.
 	applied map[uint32]string
@@ -137,13 +135,14 @@ func (w *maglevWriter) apply(d model.Delta) error {
 	}
 	if d.Full {
 		clear(w.byService)
+		w.zone = d.Zone
 	}
 	for name, svc := range d.Services {
 		if svc == nil {
 			delete(w.byService, name)
 			continue
 		}
-		w.byService[name] = maglevFronts(svc)
+		w.byService[name] = maglevFronts(svc, model.Topology{Node: w.node, Zone: w.zone})
 	}
 	var errs []error
 	desired := map[uint32]bool{}

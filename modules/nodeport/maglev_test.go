@@ -98,7 +98,7 @@ func TestMaglevFronts(t *testing.T) {
 			b("10.244.2.11:8080", model.Terminating), b("10.244.1.11:8080", model.Terminating)}},
 		{Addr: netip.MustParseAddrPort("198.51.100.2:80"), Proto: model.TCP, Type: model.LoadBalancer, ExternalLocal: true},
 	}}
-	got := maglevFronts(svc)
+	got := maglevFronts(svc, model.Topology{Node: "n1", Zone: "zone-a"})
 	if len(got) != 2 {
 		t.Fatalf("%d frontends with tables, want 2: %+v", len(got), got)
 	}
@@ -107,5 +107,27 @@ func TestMaglevFronts(t *testing.T) {
 	}
 	if fmt.Sprint(got[1].backends) != "[10.244.1.11:8080 10.244.2.11:8080]" {
 		t.Errorf("load-balancer backends %v: want the terminating ones (none active), sorted", got[1].backends)
+	}
+}
+
+// A zone's nodes build their tables over the backends hinted for their
+// zone, as the slots hold them; in a zone without any, over all.
+func TestMaglevFrontsFollowZoneHints(t *testing.T) {
+	b := func(s, zone string) model.Backend {
+		return model.Backend{Addr: netip.MustParseAddrPort(s), Hints: &model.Hints{Zones: []string{zone}}}
+	}
+	svc := &model.Service{Frontends: []model.Frontend{
+		{Addr: netip.MustParseAddrPort("0.0.0.0:30080"), Proto: model.TCP, Type: model.NodePort, Backends: []model.Backend{
+			b("10.244.1.11:8080", "zone-a"), b("10.244.2.11:8080", "zone-b"), b("10.244.1.12:8080", "zone-a")}},
+	}}
+	for zone, want := range map[string]string{
+		"zone-a": "[10.244.1.11:8080 10.244.1.12:8080]",
+		"zone-b": "[10.244.2.11:8080]",
+		"zone-c": "[10.244.1.11:8080 10.244.1.12:8080 10.244.2.11:8080]",
+	} {
+		got := maglevFronts(svc, model.Topology{Node: "n1", Zone: zone})
+		if len(got) != 1 || fmt.Sprint(got[0].backends) != want {
+			t.Errorf("in %s: %+v, want one table over %s", zone, got, want)
+		}
 	}
 }

@@ -271,7 +271,7 @@ func New(p Params) *Module {
 	log := p.Log.With("module", Name)
 	return &Module{name: Name, s: p.Settings, up: p.Info.Uplink, store: p.Store, log: log, health: newHealthChecks(p.Info.Name, log),
 		ranges: newSourceRanges(p.Datapath),
-		maglev: &maglevWriter{byService: map[model.ServiceName][]maglevFront{}, services: func() (*ebpf.Map, *ebpf.Map, error) {
+		maglev: &maglevWriter{node: p.Info.Name, byService: map[model.ServiceName][]maglevFront{}, services: func() (*ebpf.Map, *ebpf.Map, error) {
 			s, err := p.Datapath.Map(datapath.MapServices)
 			if err != nil {
 				return nil, nil, err

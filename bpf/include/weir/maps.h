@@ -144,8 +144,18 @@ enum weir_svc_type {
 #define WEIR_SVC_F2_MODE_DSR 0x10      /* ... by DSR, where the pool's dispatch module can */
 #define WEIR_SVC_F2_REJECT 0x20        /* no usable endpoint at all: reject, not drop */
 
+/* weir_svc_val.backend_id of a master entry: why its slots hold the
+ * backends they hold (kube-proxy's endpoint categorisation). Packets never
+ * read it; operators do. */
+enum weir_svc_selection {
+	WEIR_SVC_SELECT_ALL = 0,   /* every ready endpoint (or serving-terminating) */
+	WEIR_SVC_SELECT_LOCAL = 1, /* the node's own: a traffic policy Local */
+	WEIR_SVC_SELECT_ZONE = 2,  /* hinted for the node's zone */
+	WEIR_SVC_SELECT_NODE = 3,  /* hinted for the node (PreferSameNode) */
+};
+
 struct weir_svc_val {
-	__u32 backend_id;       /* slots 1..count */
+	__u32 backend_id;       /* slots 1..count; master: enum weir_svc_selection */
 	__u32 rev_nat;          /* reverse NAT id of this frontend */
 	__u16 count;            /* master entry: number of backend slots */
 	__u8 type;              /* enum weir_svc_type */
