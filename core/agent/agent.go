@@ -33,6 +33,7 @@ import (
 	"github.com/weirnet/weir/core/module"
 	"github.com/weirnet/weir/core/mounts"
 	"github.com/weirnet/weir/core/node"
+	"github.com/weirnet/weir/core/pluginhost"
 	"github.com/weirnet/weir/core/slots"
 )
 
@@ -109,6 +110,33 @@ func New(opts Options, cat module.Catalog) (*Agent, error) {
 	if opts.Logger == nil {
 		opts.Logger = slog.Default()
 	}
+	// Plugins first: the modules they bring are part of the catalog the
+	// configuration is checked against.
+	decls, err := config.ReadPlugins(opts.ConfigPath)
+	if err != nil {
+		return nil, err
+	}
+	plugins, err := pluginhost.StartAll(decls, opts.Logger)
+	if err != nil {
+		return nil, err
+	}
+	composed := false
+	defer func() {
+		if !composed {
+			for _, p := range plugins {
+				p.Kill()
+			}
+		}
+	}()
+	if len(plugins) > 0 {
+		var extra []module.Factory
+		for _, p := range plugins {
+			extra = append(extra, p.Factory())
+		}
+		if cat, err = module.Extend(cat, extra...); err != nil {
+			return nil, err
+		}
+	}
 	cfg, err := config.Load(opts.ConfigPath, cat)
 	if err != nil {
 		return nil, err
@@ -127,6 +155,13 @@ func New(opts Options, cat module.Catalog) (*Agent, error) {
 	eff, err := cfg.Resolve(facts.Labels)
 	if err != nil {
 		return nil, err
+	}
+	// Plugins this node does not run have described themselves; their
+	// processes end here.
+	for _, p := range plugins {
+		if !slices.ContainsFunc(eff.Modules, func(f module.Factory) bool { return f.Name == p.Decl.Name }) {
+			p.Kill()
+		}
 	}
 	info := &node.Info{
 		Name: opts.NodeName, Labels: facts.Labels, Pool: eff.Pool,
@@ -161,6 +196,13 @@ func New(opts Options, cat module.Catalog) (*Agent, error) {
 		fx.StartTimeout(2*time.Minute),
 		fx.StopTimeout(30*time.Second),
 		fx.Supply(info, log, eff, &opts, &installed{}, ns, w, &reports{}),
+		fx.Invoke(func(lc fx.Lifecycle) {
+			lc.Append(fx.StopHook(func() {
+				for _, p := range plugins {
+					p.Kill()
+				}
+			}))
+		}),
 		fx.Provide(newDatapath, model.NewStore, newAPI, newReconciler, newIPCache, newCTGC),
 		fx.Options(mods...),
 		// Invoke order is start order: datapath and modules, then the
@@ -178,6 +220,7 @@ func New(opts Options, cat module.Catalog) (*Agent, error) {
 	if err := app.Err(); err != nil {
 		return nil, fmt.Errorf("composing the agent: %w", err)
 	}
+	composed = true
 	return &Agent{App: app, Effective: eff, Restart: rs.ch}, nil
 }
 
@@ -390,7 +433,7 @@ func compose(p composeParams) error {
 				for _, c := range p.Eff.Modules[i].Cgroup {
 					hooks[c.Hook] = c.Program
 				}
-				objs = append(objs, datapath.Object{Module: m.Name(), Spec: spec, Slots: claims, Cgroup: hooks})
+				objs = append(objs, datapath.Object{Module: m.Name(), Spec: spec, Slots: claims, Cgroup: hooks, Plugin: p.Eff.Modules[i].Plugin})
 			}
 			var err error
 			if inst, err = p.DP.Install(objs); err != nil {

@@ -345,7 +345,11 @@ func (b *builder) settle(f module.Factory, section *yaml.Node, at fieldPath) (mo
 	if s == nil {
 		return nil, b.fail(at, "module %q has no settings value to decode into (its NewSettings returned nil)", f.Name)
 	}
-	if err := strictyaml.DecodeNode(b.file, section, at.String(), s); err != nil {
+	if rs, ok := s.(module.RawSettings); ok {
+		if err := rs.SetYAML(section); err != nil {
+			return nil, b.validationError(section, at, err)
+		}
+	} else if err := strictyaml.DecodeNode(b.file, section, at.String(), s); err != nil {
 		return nil, err
 	}
 	if err := s.Validate(); err != nil {

@@ -12,7 +12,9 @@ import (
 	"fmt"
 	"maps"
 	"os"
+	"path/filepath"
 	"slices"
+	"strings"
 	"time"
 
 	"gopkg.in/yaml.v3"
@@ -54,6 +56,107 @@ type File struct {
 	Settings  map[string]yaml.Node `yaml:"settings"`
 	Datapath  Datapath             `yaml:"datapath"`
 	NodePools []NodePool           `yaml:"nodePools"`
+	// Plugins declares out-of-tree modules; once declared, a plugin is
+	// enabled in modules or a pool by its name like any module, and takes
+	// its settings section under that name.
+	Plugins []Plugin `yaml:"plugins"`
+}
+
+// Plugin declares a go-plugin binary that brings a datapath module.
+type Plugin struct {
+	// Name is the module name the plugin describes itself with.
+	Name string `yaml:"name"`
+	// Path is the plugin binary (absolute).
+	Path string `yaml:"path"`
+	// SHA256 is the binary's checksum (hex); a binary that does not
+	// match is not started.
+	SHA256 string `yaml:"sha256"`
+	// FailurePolicy says what packets meet while the plugin's process is
+	// down (it crashed and the agent restarts it): "open" (default), its
+	// BPF keeps running as last configured; "closed", its stages drop
+	// every packet that reaches them until the process is back.
+	FailurePolicy string `yaml:"failurePolicy"`
+	// CallTimeout bounds each call to the plugin (a Go duration, default
+	// 10s): a plugin that hangs is an error naming the call.
+	CallTimeout string `yaml:"callTimeout"`
+}
+
+// Plugin failure policies.
+const (
+	FailOpen   = "open"
+	FailClosed = "closed"
+)
+
+// DefaultPluginCallTimeout bounds a call to a plugin.
+const DefaultPluginCallTimeout = 10 * time.Second
+
+// Timeout is the plugin's call timeout.
+func (p Plugin) Timeout() time.Duration {
+	d, err := time.ParseDuration(p.CallTimeout)
+	if err != nil || p.CallTimeout == "" {
+		return DefaultPluginCallTimeout
+	}
+	return d
+}
+
+// ReadPlugins reads only the plugins section of the configuration file at
+// path, checked: the agent starts them to learn the modules they bring
+// before it loads the rest against its catalog.
+func ReadPlugins(path string) ([]Plugin, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("reading config: %w", err)
+	}
+	root, err := strictyaml.Parse(path, data)
+	if err != nil {
+		return nil, err
+	}
+	var f struct {
+		Plugins []Plugin `yaml:"plugins"`
+	}
+	doc := root
+	if doc.Kind == yaml.DocumentNode && len(doc.Content) > 0 {
+		doc = doc.Content[0]
+	}
+	if doc.Kind != yaml.MappingNode {
+		return nil, nil
+	}
+	for i := 0; i+1 < len(doc.Content); i += 2 {
+		if doc.Content[i].Value != "plugins" {
+			continue
+		}
+		if err := strictyaml.DecodeNode(path, doc.Content[i+1], "plugins", &f.Plugins); err != nil {
+			return nil, err
+		}
+		for j, p := range f.Plugins {
+			if err := p.check(); err != nil {
+				return nil, strictyaml.At(path, doc.Content[i+1].Content[j], fmt.Sprintf("plugins[%d]", j), err.Error())
+			}
+			if k := slices.IndexFunc(f.Plugins[:j], func(o Plugin) bool { return o.Name == p.Name }); k >= 0 {
+				return nil, strictyaml.At(path, doc.Content[i+1].Content[j], fmt.Sprintf("plugins[%d].name", j), fmt.Sprintf("plugin %q is already declared as plugins[%d]", p.Name, k))
+			}
+		}
+	}
+	return f.Plugins, nil
+}
+
+func (p Plugin) check() error {
+	switch {
+	case p.Name == "" || strings.ContainsAny(p.Name, " \t/"):
+		return fmt.Errorf("name %q is not a plain word (the module name the plugin describes itself with)", p.Name)
+	case !filepath.IsAbs(p.Path):
+		return fmt.Errorf("path %q is not an absolute path to the plugin binary", p.Path)
+	case len(p.SHA256) != 64 || strings.Trim(strings.ToLower(p.SHA256), "0123456789abcdef") != "":
+		return fmt.Errorf("sha256 %q is not a SHA-256 checksum (64 hex digits; sha256sum prints it)", p.SHA256)
+	case p.FailurePolicy != "" && p.FailurePolicy != FailOpen && p.FailurePolicy != FailClosed:
+		return fmt.Errorf("failurePolicy %q is not one of open, closed", p.FailurePolicy)
+	}
+	if p.CallTimeout != "" {
+		if d, err := time.ParseDuration(p.CallTimeout); err != nil || d <= 0 {
+			return fmt.Errorf("callTimeout %q is not a positive duration (such as 10s)", p.CallTimeout)
+		}
+	}
+	return nil
 }
 
 // Datapath sizes the shared BPF maps and paces their upkeep. A size

@@ -258,6 +258,7 @@ const (
 	coreWeirReasonWEIR_DROP_SOURCE_RANGE        coreWeirReason = 26
 	coreWeirReasonWEIR_DROP_DSR                 coreWeirReason = 27
 	coreWeirReasonWEIR_REJECT_NO_ENDPOINTS      coreWeirReason = 28
+	coreWeirReasonWEIR_DROP_PLUGIN              coreWeirReason = 29
 	coreWeirReasonWEIR_REASON_MAX               coreWeirReason = 32
 )
 

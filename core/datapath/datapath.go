@@ -233,6 +233,61 @@ func (d *Datapath) LoadObject(name string, spec *ebpf.CollectionSpec) (*ebpf.Col
 	return coll, nil
 }
 
+// StageRuntimeMaps are the core maps every stage program uses to run
+// (context, slots, drop accounting): plugins may use them undeclared.
+var StageRuntimeMaps = []string{MapScratch, MapCalls, MapSlotMask, MapMetrics, MapEvents}
+
+// PluginPinDir is where a plugin's own maps are pinned: they outlive the
+// agent and the plugin's process, as core's maps do.
+func (d *Datapath) PluginPinDir(name string) string {
+	return filepath.Join(d.opts.PinDir, "plugins", name)
+}
+
+// LoadPluginObject loads a plugin's object: every core map (weir_*) it
+// uses is the node's own map (the plugin cannot create or resize one),
+// and its own maps are pinned in PluginPinDir. Maps its programs do not
+// use are left out.
+func (d *Datapath) LoadPluginObject(name string, spec *ebpf.CollectionSpec) (*ebpf.Collection, error) {
+	spec = spec.Copy()
+	if err := d.prepare(spec); err != nil {
+		return nil, fmt.Errorf("plugin %s: %w", name, err)
+	}
+	used := map[string]bool{}
+	for _, p := range spec.Programs {
+		for _, ins := range p.Instructions {
+			if ref := ins.Reference(); ref != "" && ins.IsLoadFromMap() {
+				used[ref] = true
+			}
+		}
+	}
+	repl := map[string]*ebpf.Map{}
+	for n, m := range spec.Maps {
+		switch {
+		case strings.HasPrefix(n, "."):
+			// .rodata and friends: the object's constants and globals.
+		case !used[n]:
+			delete(spec.Maps, n)
+		case strings.HasPrefix(n, "weir_"):
+			core, err := d.Map(n)
+			if err != nil {
+				return nil, fmt.Errorf("plugin %s uses %s, which is not a shared map of the node", name, n)
+			}
+			repl[n] = core
+		default:
+			m.Pinning = ebpf.PinByName
+		}
+	}
+	dir := d.PluginPinDir(name)
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, fmt.Errorf("plugin %s: %w", name, err)
+	}
+	coll, err := ebpf.NewCollectionWithOptions(spec, ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: dir}, MapReplacements: repl})
+	if err != nil {
+		return nil, fmt.Errorf("loading the BPF object of plugin %s: %w", name, verifierDetail(err))
+	}
+	return coll, nil
+}
+
 // verifierDetail keeps the tail of a verifier log in the error, which is
 // where the reason for a rejection is.
 func verifierDetail(err error) error {

@@ -19,6 +19,10 @@ type Object struct {
 	Slots map[string]string
 	// Cgroup maps socket hook name to program name in Spec.
 	Cgroup map[string]string
+	// Plugin objects come from out-of-tree plugins: their core maps are
+	// the node's (replaced, never created), their own maps live under
+	// the plugin's pin directory (PluginPinDir).
+	Plugin bool
 }
 
 // Installation holds the loaded objects of one install; closing it releases
@@ -62,7 +66,11 @@ func (d *Datapath) Install(objs []Object) (*Installation, error) {
 	var fills []fill
 	claimed := map[string]string{}
 	for _, o := range objs {
-		coll, err := d.LoadObject(o.Module, o.Spec)
+		load := d.LoadObject
+		if o.Plugin {
+			load = d.LoadPluginObject
+		}
+		coll, err := load(o.Module, o.Spec)
 		if err != nil {
 			in.Close()
 			return nil, fmt.Errorf("module %s: %w", o.Module, err)

@@ -36,6 +36,7 @@ const (
 	DropSourceRange       = Reason(coreWeirReasonWEIR_DROP_SOURCE_RANGE)
 	DropDSR               = Reason(coreWeirReasonWEIR_DROP_DSR)
 	RejectNoEndpoints     = Reason(coreWeirReasonWEIR_REJECT_NO_ENDPOINTS)
+	DropPlugin            = Reason(coreWeirReasonWEIR_DROP_PLUGIN)
 )
 
 var reasonNames = map[Reason]string{
@@ -60,6 +61,7 @@ var reasonNames = map[Reason]string{
 	DropSourceRange:       "client outside the service's loadBalancerSourceRanges",
 	DropDSR:               "the service address could not be added for DSR",
 	RejectNoEndpoints:     "rejected (TCP reset, ICMP port unreachable): the service has no endpoint",
+	DropPlugin:            "dropped by a datapath plugin (weir plugin counters says why)",
 	DropChecksumRewrite:   "header rewrite failed",
 	DropTTLExceeded:       "TTL exceeded",
 	DropScratch:           "per-CPU scratch unavailable",

@@ -30,6 +30,8 @@ import (
 // Binaries built once for the package's tests.
 var bin struct {
 	agent, weir string
+	// ratelimit is the example plugin (plugins/ratelimit).
+	ratelimit string
 }
 
 func TestMain(m *testing.M) {
@@ -40,7 +42,9 @@ func TestMain(m *testing.M) {
 	}
 	bin.agent = filepath.Join(dir, "weir-agent")
 	bin.weir = filepath.Join(dir, "weir")
-	for out, pkg := range map[string]string{bin.agent: "../../cmd/agent", bin.weir: "../../cmd/weir", filepath.Join(dir, "weir-cni"): "../../cmd/weir-cni"} {
+	bin.ratelimit = filepath.Join(dir, "ratelimit")
+	for out, pkg := range map[string]string{bin.agent: "../../cmd/agent", bin.weir: "../../cmd/weir", filepath.Join(dir, "weir-cni"): "../../cmd/weir-cni",
+		bin.ratelimit: "../../plugins/ratelimit"} {
 		cmd := exec.Command("go", "build", "-o", out, pkg)
 		cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
 		if err := cmd.Run(); err != nil {

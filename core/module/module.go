@@ -12,6 +12,7 @@ import (
 
 	"github.com/cilium/ebpf"
 	"go.uber.org/fx"
+	"gopkg.in/yaml.v3"
 
 	"github.com/weirnet/weir/core/slots"
 )
@@ -27,6 +28,14 @@ type SlotClaim struct {
 type CgroupClaim struct {
 	Hook    string
 	Program string
+}
+
+// RawSettings is implemented by settings that take their section as the
+// YAML written (a plugin's, which the plugin validates itself) instead of
+// being decoded field by field.
+type RawSettings interface {
+	Settings
+	SetYAML(section *yaml.Node) error
 }
 
 // Settings is a module's typed configuration section. Implementations are
@@ -91,6 +100,10 @@ type Descriptor struct {
 	// NewSettings returns the module's settings with defaults filled in,
 	// or is nil when the module has no settings section.
 	NewSettings func() Settings
+	// Plugin is set for out-of-tree modules: they claim only the slots
+	// reserved for plugins (slots.GroupPlugin), in-tree modules none of
+	// those.
+	Plugin bool
 }
 
 // Validate checks a descriptor's own consistency (slots exist, no
@@ -101,8 +114,15 @@ func (d Descriptor) Validate() error {
 	}
 	seen := map[string]bool{}
 	for _, c := range d.Slots {
-		if _, ok := slots.Lookup(c.Slot); !ok {
+		s, ok := slots.Lookup(c.Slot)
+		if !ok {
 			return fmt.Errorf("module %s claims unknown slot %q; slots: %s", d.Name, c.Slot, strings.Join(slots.Names(), ", "))
+		}
+		if forPlugins := s.Group == slots.GroupPlugin; forPlugins != d.Plugin {
+			if d.Plugin {
+				return fmt.Errorf("plugin %s claims slot %s, which belongs to in-tree modules; plugin slots: %s", d.Name, c.Slot, strings.Join(slots.PluginSlots(), ", "))
+			}
+			return fmt.Errorf("module %s claims slot %s, which is reserved for plugins", d.Name, c.Slot)
 		}
 		if seen[c.Slot] {
 			return fmt.Errorf("module %s claims slot %s twice", d.Name, c.Slot)
@@ -227,3 +247,20 @@ func (r *Registry) Lookup(name string) (Factory, bool) {
 
 // Names implements Catalog: every module name, sorted.
 func (r *Registry) Names() []string { return slices.Clone(r.names) }
+
+// Extend returns a catalog of cat's modules and extra ones (plugins): a
+// name both have is an error, as is a requirement no module of the result
+// has.
+func Extend(cat Catalog, extra ...Factory) (Catalog, error) {
+	var all []Factory
+	for _, n := range cat.Names() {
+		f, _ := cat.Lookup(n)
+		all = append(all, f)
+	}
+	for _, f := range extra {
+		if _, clash := cat.Lookup(f.Name); clash {
+			return nil, fmt.Errorf("plugin %s has the name of an in-tree module; rename the plugin", f.Name)
+		}
+	}
+	return NewRegistry(append(all, extra...)...)
+}

@@ -65,10 +65,28 @@ func (s Slot) Index() uint32 { return uint32(s.Hook)*PerHook + s.Order }
 // load-balancer and external IPs from outside: SNAT (nodeport) or DSR.
 const GroupNodePortDispatch = "NodePort dispatch"
 
+// GroupPlugin marks the slots reserved for out-of-tree plugins: in-tree
+// modules never claim them, plugins claim nothing else.
+const GroupPlugin = "plugin"
+
 // table is the one place slot numbers are written.
+//
+// Plugin slots sit where a stage sees packets in a state worth acting on,
+// between in-tree stages, so that a plugin never displaces one:
+// pod-egress/plugin-early sees a pod's packets before any translation
+// (service addresses as the client wrote them: rate limits, policy by
+// service); pod-egress/plugin-late sees them translated, before they are
+// forwarded; pod-ingress/plugin sees what is about to be delivered to a
+// local pod, translated back; netdev-ingress/plugin-early sees the uplink's
+// packets before decapsulation and NodePort dispatch (clients from
+// outside as they arrive).
 var table = []Slot{
 	{Name: "pod-egress/arp", Hook: PodEgress, Order: 0},
+	{Name: "pod-egress/plugin-early", Hook: PodEgress, Order: 2, Group: GroupPlugin},
 	{Name: "pod-egress/lb", Hook: PodEgress, Order: 4},
+	{Name: "pod-egress/plugin-late", Hook: PodEgress, Order: 10, Group: GroupPlugin},
+	{Name: "pod-ingress/plugin", Hook: PodIngress, Order: 8, Group: GroupPlugin},
+	{Name: "netdev-ingress/plugin-early", Hook: NetdevIngress, Order: 2, Group: GroupPlugin},
 	{Name: "pod-egress/nodeport", Hook: PodEgress, Order: 6},
 	{Name: "pod-egress/local", Hook: PodEgress, Order: 8},
 	{Name: "pod-egress/forward", Hook: PodEgress, Order: 12, Group: "forwarding mode"},
@@ -156,6 +174,18 @@ func Lookup(name string) (Slot, bool) {
 		}
 	}
 	return Slot{}, false
+}
+
+// PluginSlots lists the slots reserved for plugins, sorted.
+func PluginSlots() []string {
+	var out []string
+	for _, s := range table {
+		if s.Group == GroupPlugin {
+			out = append(out, s.Name)
+		}
+	}
+	sort.Strings(out)
+	return out
 }
 
 // Names lists every slot name, sorted, for error messages.

@@ -59,6 +59,7 @@ enum weir_reason {
 	WEIR_DROP_SOURCE_RANGE = 26,    /* client outside a frontend's loadBalancerSourceRanges */
 	WEIR_DROP_DSR = 27,             /* the service address could not be added for DSR */
 	WEIR_REJECT_NO_ENDPOINTS = 28,  /* answered with a reset or port unreachable: no endpoint at all */
+	WEIR_DROP_PLUGIN = 29,          /* dropped by a datapath plugin's stage (its own counters say why) */
 	WEIR_REASON_MAX = 32,
 };
 
