@@ -109,4 +109,13 @@ int weir_netdev_egress(struct __sk_buff *skb)
 	return weir_entry(skb, WEIR_HOOK_NETDEV_EGRESS, 0);
 }
 
+/* Fills the slots of a plugin whose process is down while its
+ * failurePolicy is closed: what would have reached its stage is dropped. */
+SEC("tc")
+int weir_plugin_down(struct __sk_buff *skb)
+{
+	WEIR_STAGE_CTX(skb, ctx);
+	return weir_drop_ctx(skb, ctx, WEIR_DROP_PLUGIN_DOWN);
+}
+
 char __license[] SEC("license") = "Dual BSD/GPL";

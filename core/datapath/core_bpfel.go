@@ -259,6 +259,7 @@ const (
 	coreWeirReasonWEIR_DROP_DSR                 coreWeirReason = 27
 	coreWeirReasonWEIR_REJECT_NO_ENDPOINTS      coreWeirReason = 28
 	coreWeirReasonWEIR_DROP_PLUGIN              coreWeirReason = 29
+	coreWeirReasonWEIR_DROP_PLUGIN_DOWN         coreWeirReason = 30
 	coreWeirReasonWEIR_REASON_MAX               coreWeirReason = 32
 )
 
@@ -382,6 +383,7 @@ const (
 	coreMapWeirSrcRanges         = "weir_src_ranges"
 	coreProgWeirNetdevEgress     = "weir_netdev_egress"
 	coreProgWeirNetdevIngress    = "weir_netdev_ingress"
+	coreProgWeirPluginDown       = "weir_plugin_down"
 	coreProgWeirPodEgress        = "weir_pod_egress"
 	coreProgWeirPodIngress       = "weir_pod_ingress"
 	coreVarWeirBtfAffinityEntry  = "weir_btf_affinity_entry"
@@ -465,6 +467,7 @@ type coreSpecs struct {
 type coreProgramSpecs struct {
 	WeirNetdevEgress  *ebpf.ProgramSpec `ebpf:"weir_netdev_egress"`
 	WeirNetdevIngress *ebpf.ProgramSpec `ebpf:"weir_netdev_ingress"`
+	WeirPluginDown    *ebpf.ProgramSpec `ebpf:"weir_plugin_down"`
 	WeirPodEgress     *ebpf.ProgramSpec `ebpf:"weir_pod_egress"`
 	WeirPodIngress    *ebpf.ProgramSpec `ebpf:"weir_pod_ingress"`
 }
@@ -650,6 +653,7 @@ type coreVariables struct {
 type corePrograms struct {
 	WeirNetdevEgress  *ebpf.Program `ebpf:"weir_netdev_egress"`
 	WeirNetdevIngress *ebpf.Program `ebpf:"weir_netdev_ingress"`
+	WeirPluginDown    *ebpf.Program `ebpf:"weir_plugin_down"`
 	WeirPodEgress     *ebpf.Program `ebpf:"weir_pod_egress"`
 	WeirPodIngress    *ebpf.Program `ebpf:"weir_pod_ingress"`
 }
@@ -658,6 +662,7 @@ func (p *corePrograms) Close() error {
 	return _CoreClose(
 		p.WeirNetdevEgress,
 		p.WeirNetdevIngress,
+		p.WeirPluginDown,
 		p.WeirPodEgress,
 		p.WeirPodIngress,
 	)

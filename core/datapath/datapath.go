@@ -233,6 +233,10 @@ func (d *Datapath) LoadObject(name string, spec *ebpf.CollectionSpec) (*ebpf.Col
 	return coll, nil
 }
 
+// PluginDownProgram is the stage that stands in for a plugin's programs
+// while its process is down under failurePolicy closed: it drops.
+func (d *Datapath) PluginDownProgram() *ebpf.Program { return d.core.WeirPluginDown }
+
 // StageRuntimeMaps are the core maps every stage program uses to run
 // (context, slots, drop accounting): plugins may use them undeclared.
 var StageRuntimeMaps = []string{MapScratch, MapCalls, MapSlotMask, MapMetrics, MapEvents}

@@ -37,6 +37,7 @@ const (
 	DropDSR               = Reason(coreWeirReasonWEIR_DROP_DSR)
 	RejectNoEndpoints     = Reason(coreWeirReasonWEIR_REJECT_NO_ENDPOINTS)
 	DropPlugin            = Reason(coreWeirReasonWEIR_DROP_PLUGIN)
+	DropPluginDown        = Reason(coreWeirReasonWEIR_DROP_PLUGIN_DOWN)
 )
 
 var reasonNames = map[Reason]string{
@@ -61,7 +62,8 @@ var reasonNames = map[Reason]string{
 	DropSourceRange:       "client outside the service's loadBalancerSourceRanges",
 	DropDSR:               "the service address could not be added for DSR",
 	RejectNoEndpoints:     "rejected (TCP reset, ICMP port unreachable): the service has no endpoint",
-	DropPlugin:            "dropped by a datapath plugin (weir plugin counters says why)",
+	DropPlugin:            "dropped by a datapath plugin (its own counters say why)",
+	DropPluginDown:        "a plugin's process is down and its failurePolicy is closed",
 	DropChecksumRewrite:   "header rewrite failed",
 	DropTTLExceeded:       "TTL exceeded",
 	DropScratch:           "per-CPU scratch unavailable",

@@ -22,6 +22,8 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
+	"time"
 
 	"github.com/cilium/ebpf"
 	"github.com/hashicorp/go-hclog"
@@ -29,6 +31,7 @@ import (
 	"go.uber.org/fx"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
 	"gopkg.in/yaml.v3"
 
 	"github.com/weirnet/weir/core/config"
@@ -101,6 +104,9 @@ func (p *Plugin) launch() error {
 	rpc, err := client.Client()
 	if err != nil {
 		client.Kill()
+		if client.Exited() && strings.Contains(err.Error(), "Unrecognized remote plugin message") {
+			return fmt.Errorf("plugin %s: starting %s: the process exited before the go-plugin handshake (its output is in the agent's log; a Weir plugin calls sdk.Serve)", d.Name, d.Path)
+		}
 		return fmt.Errorf("plugin %s: starting %s: %w (a Weir plugin speaks protocol version %d over gRPC; see plugins/README.md)", d.Name, d.Path, err, sdk.ProtocolVersion)
 	}
 	raw, err := rpc.Dispense(sdk.PluginKey)
@@ -169,6 +175,36 @@ func (p *Plugin) callError(call string, err error) error {
 		return fmt.Errorf("plugin %s: %s did not answer within %s (callTimeout)", p.Decl.Name, call, p.Decl.Timeout())
 	}
 	return fmt.Errorf("plugin %s: %s: %s", p.Decl.Name, call, status.Convert(err).Message())
+}
+
+// exited is closed when the current process has exited.
+func (p *Plugin) exited() <-chan struct{} {
+	p.mu.Lock()
+	c := p.client
+	p.mu.Unlock()
+	ch := make(chan struct{})
+	go func() {
+		// go-plugin has no callback for a dying plugin (its issue #92):
+		// poll, cheaply.
+		for !c.Exited() {
+			time.Sleep(50 * time.Millisecond)
+		}
+		close(ch)
+	}()
+	return ch
+}
+
+// Pid is the current process's id (0 when none runs).
+func (p *Plugin) Pid() int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.client == nil || p.client.Exited() {
+		return 0
+	}
+	if rc := p.client.ReattachConfig(); rc != nil {
+		return rc.Pid
+	}
+	return 0
 }
 
 // Kill ends the plugin process.
@@ -276,7 +312,12 @@ type Module struct {
 	settings *Settings
 	dp       *datapath.Datapath
 	coll     *ebpf.Collection
-	hostSrv  *grpc.Server
+
+	// stop ends the supervisor; done is closed when it returned.
+	stop chan struct{}
+	done chan struct{}
+	// restarts counts the plugin processes started after a crash.
+	restarts atomic.Int64
 }
 
 var (
@@ -325,9 +366,17 @@ func Spec(d *pluginv1.Description, obj *pluginv1.ConfigureResponse) (*ebpf.Colle
 			return nil, fmt.Errorf("plugin %s: declares map %s, which its object does not have", d.Name, om.Name)
 		}
 	}
+	claimed := map[string]bool{}
 	for _, c := range d.Slots {
 		if _, ok := spec.Programs[c.Program]; !ok {
 			return nil, fmt.Errorf("plugin %s: slot %s names program %q, which its object does not have", d.Name, c.Slot, c.Program)
+		}
+		claimed[c.Program] = true
+	}
+	// Programs no slot runs are not loaded: nothing could reach them.
+	for name := range spec.Programs {
+		if !claimed[name] {
+			delete(spec.Programs, name)
 		}
 	}
 	for name, prog := range spec.Programs {
@@ -360,15 +409,27 @@ func (m *Module) Loaded(coll *ebpf.Collection) error {
 	return nil
 }
 
-// Start implements module.Module: serves the plugin's map calls and
-// starts it.
+// Start implements module.Module: serves the plugin's map calls, starts
+// it, and from then on restarts its process whenever it dies.
 func (m *Module) Start(context.Context) error {
+	if err := m.startPlugin(); err != nil {
+		return err
+	}
+	m.stop, m.done = make(chan struct{}), make(chan struct{})
+	go m.supervise()
+	return nil
+}
+
+// startPlugin hands the current process its host service and settings.
+func (m *Module) startPlugin() error {
 	c := m.p.current()
 	id := c.Broker.NextId()
 	own := map[string]*ebpf.Map{}
-	for _, om := range m.p.Desc.Maps {
-		if mp := m.coll.Maps[om.Name]; mp != nil {
-			own[om.Name] = mp
+	if m.coll != nil {
+		for _, om := range m.p.Desc.Maps {
+			if mp := m.coll.Maps[om.Name]; mp != nil {
+				own[om.Name] = mp
+			}
 		}
 	}
 	go c.Broker.AcceptAndServe(id, func(opts []grpc.ServerOption) *grpc.Server {
@@ -384,9 +445,115 @@ func (m *Module) Start(context.Context) error {
 	return nil
 }
 
+// Restarts is how many times the plugin's process was started again after
+// it died.
+func (m *Module) Restarts() int64 { return m.restarts.Load() }
+
+// restartBackoff is the wait before the next restart: 100 ms doubling to
+// 30 s, as the agent retries other work.
+func restartBackoff(prev time.Duration) time.Duration {
+	return min(max(2*prev, 100*time.Millisecond), 30*time.Second)
+}
+
+// supervise restarts the plugin's process when it dies (go-plugin does not)
+// and applies its failure policy meanwhile. Its BPF does not depend on the
+// process: under "open" it keeps running; under "closed" its slots drop
+// until a new process was started and has its state again.
+func (m *Module) supervise() {
+	defer close(m.done)
+	for {
+		exited := m.p.exited()
+		select {
+		case <-m.stop:
+			return
+		case <-exited:
+		}
+		m.p.log.Error("plugin process died; restarting it", "failure_policy", m.policy())
+		if m.policy() == config.FailClosed {
+			m.fill(m.dp.PluginDownProgram)
+		}
+		var wait time.Duration
+		for {
+			wait = restartBackoff(wait)
+			select {
+			case <-m.stop:
+				return
+			case <-time.After(wait):
+			}
+			if err := m.relaunch(); err != nil {
+				m.p.log.Error("restarting the plugin failed", "err", err, "retry_in", restartBackoff(wait))
+				continue
+			}
+			break
+		}
+		m.restarts.Add(1)
+		if m.policy() == config.FailClosed {
+			m.fill(nil)
+		}
+		m.p.log.Info("plugin process restarted and synced", "restarts", m.restarts.Load())
+	}
+}
+
+func (m *Module) policy() string {
+	if m.p.Decl.FailurePolicy == "" {
+		return config.FailOpen
+	}
+	return m.p.Decl.FailurePolicy
+}
+
+// fill puts stand-in (nil: the plugin's own programs) into its slots.
+func (m *Module) fill(standIn func() *ebpf.Program) {
+	if m.dp == nil || m.coll == nil {
+		return
+	}
+	for _, c := range m.p.Desc.Slots {
+		prog := m.coll.Programs[c.Program]
+		if standIn != nil {
+			prog = standIn()
+		}
+		if err := m.dp.SetSlot(c.Slot, prog); err != nil {
+			m.p.log.Error("filling a plugin slot", "slot", c.Slot, "err", err)
+		}
+	}
+}
+
+// relaunch starts a new process of the same binary, checks that it
+// describes itself as before and accepts the settings, and starts it.
+func (m *Module) relaunch() error {
+	p := m.p
+	p.Kill()
+	if err := p.launch(); err != nil {
+		return err
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), p.Decl.Timeout())
+	defer cancel()
+	desc, err := p.current().Describe(ctx, &pluginv1.DescribeRequest{})
+	if err != nil {
+		p.Kill()
+		return p.callError("Describe", err)
+	}
+	if !proto.Equal(desc, p.Desc) {
+		p.Kill()
+		return fmt.Errorf("plugin %s describes itself differently than when the agent started; restart the agent to take the new description", p.Decl.Name)
+	}
+	if _, err := p.configure(m.settings.json); err != nil {
+		p.Kill()
+		return err
+	}
+	if err := m.startPlugin(); err != nil {
+		p.Kill()
+		return err
+	}
+	return nil
+}
+
 // Stop implements module.Module: the plugin hears it, then its process
 // ends; its programs and maps stay until the next agent replaces them.
 func (m *Module) Stop(context.Context) error {
+	if m.stop != nil {
+		close(m.stop)
+		<-m.done
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), m.p.Decl.Timeout())
 	defer cancel()
 	_, err := m.p.current().Stop(ctx, &pluginv1.StopRequest{})

@@ -60,6 +60,7 @@ enum weir_reason {
 	WEIR_DROP_DSR = 27,             /* the service address could not be added for DSR */
 	WEIR_REJECT_NO_ENDPOINTS = 28,  /* answered with a reset or port unreachable: no endpoint at all */
 	WEIR_DROP_PLUGIN = 29,          /* dropped by a datapath plugin's stage (its own counters say why) */
+	WEIR_DROP_PLUGIN_DOWN = 30,     /* a plugin's process is down and its failurePolicy is closed */
 	WEIR_REASON_MAX = 32,
 };
 
