@@ -345,7 +345,7 @@ func TestParseErrors(t *testing.T) {
 			doc: lines(
 				"modulez: [endpoints]",
 			),
-			want: `weir.yaml:1:1: unknown field "modulez"; allowed fields: datapath, modules, nodePools, settings`,
+			want: `weir.yaml:1:1: unknown field "modulez"; allowed fields: datapath, modules, nodePools, plugins, settings`,
 		},
 		{
 			name: "malformed YAML",
@@ -674,5 +674,41 @@ func TestConntrackGCIntervals(t *testing.T) {
 	iv, lo, hi, _, err := cfg.File.Datapath.GCIntervals()
 	if err != nil || iv != time.Second || lo != time.Second || hi != 12*time.Hour {
 		t.Fatalf("intervals %v %v %v (%v), want 1s 1s 12h", iv, lo, hi, err)
+	}
+}
+
+// The plugins section is read on its own, before the catalog exists, and
+// every mistake in it names the entry and what is allowed.
+func TestReadPlugins(t *testing.T) {
+	const sum = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"
+	write := func(doc string) string {
+		p := filepath.Join(t.TempDir(), "weir.yaml")
+		if err := os.WriteFile(p, []byte(doc), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	got, err := ReadPlugins(write("modules: [lb]\nplugins:\n  - {name: ratelimit, path: /opt/weir/ratelimit, sha256: " + sum + ", failurePolicy: closed, callTimeout: 3s}\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(got) != 1 || got[0].Name != "ratelimit" || got[0].FailurePolicy != FailClosed || got[0].Timeout() != 3*time.Second {
+		t.Fatalf("%+v", got)
+	}
+	if got, err := ReadPlugins(write("modules: [lb]\n")); err != nil || len(got) != 0 {
+		t.Fatalf("no plugins: %v %v", got, err)
+	}
+	for doc, want := range map[string]string{
+		"plugins:\n  - {name: rl, path: ratelimit, sha256: " + sum + "}\n":                                         `plugins[0]: path "ratelimit" is not an absolute path to the plugin binary`,
+		"plugins:\n  - {name: rl, path: /x, sha256: abc}\n":                                                        `plugins[0]: sha256 "abc" is not a SHA-256 checksum (64 hex digits; sha256sum prints it)`,
+		"plugins:\n  - {name: rl, path: /x, sha256: " + sum + ", failurePolicy: fail}\n":                           `plugins[0]: failurePolicy "fail" is not one of open, closed`,
+		"plugins:\n  - {name: rl, path: /x, sha256: " + sum + ", callTimeout: soon}\n":                             `plugins[0]: callTimeout "soon" is not a positive duration (such as 10s)`,
+		"plugins:\n  - {name: rl, path: /x, sha256: " + sum + ", checksum: x}\n":                                   `unknown field "checksum"`,
+		"plugins:\n  - {name: rl, path: /x, sha256: " + sum + "}\n  - {name: rl, path: /y, sha256: " + sum + "}\n": `plugins[1].name: plugin "rl" is already declared as plugins[0]`,
+	} {
+		_, err := ReadPlugins(write(doc))
+		if err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("%q: %v, want %s", doc, err, want)
+		}
 	}
 }
