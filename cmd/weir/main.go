@@ -44,6 +44,7 @@ Datapath of a node (--lab NAME --node N, or --pin-dir DIR):
   bpf endpoint list [-o json]            local endpoints
   bpf ipcache list [-o json]             where addresses live, and how they are reached
   bpf metrics list [-o json]             packet counters by hook and reason
+  bpf plugin list [-o json]              the maps of plugins, with their counters
 `
 
 func main() {
@@ -79,7 +80,7 @@ func run(args []string, out io.Writer) error {
 	case "bpf":
 		if len(args) >= 3 && args[2] == "list" {
 			switch args[1] {
-			case "lb", "ct", "nat", "endpoint", "metrics", "ipcache":
+			case "lb", "ct", "nat", "endpoint", "metrics", "ipcache", "plugin":
 				return runMaps(args[1], args[3:], out)
 			}
 		}

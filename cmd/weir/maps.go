@@ -48,6 +48,15 @@ func runMaps(what string, args []string, out io.Writer) error {
 			}
 			return []string{strconv.Itoa(int(r.ID)), r.Frontend.String() + "/" + r.Proto, r.Type, r.Served, r.Traffic, r.Selected, strings.Join(bes, ", ")}
 		})
+	case "plugin":
+		rows, err := p.PluginMaps()
+		return render(out, *o, rows, err, "PLUGIN\tMAP\tTYPE\tENTRIES\tCOUNTERS", func(r datapath.PluginMapRow) []string {
+			var cs []string
+			for i, c := range r.Counters {
+				cs = append(cs, fmt.Sprintf("[%d]=%d", i, c))
+			}
+			return []string{r.Plugin, r.Map, r.Type, strconv.Itoa(r.Entries), strings.Join(cs, " ")}
+		})
 	case "lb":
 		rows, err := p.LB()
 		return render(out, *o, rows, err, "FRONTEND\tSLOT\tENTRY\tREVNAT", func(r datapath.LBEntry) []string {

@@ -601,3 +601,57 @@ func CountEntries(m *ebpf.Map) (int, error) {
 	}
 	return n, it.Err()
 }
+
+// PluginMapRow is one map a plugin owns, as pinned for it.
+type PluginMapRow struct {
+	Plugin  string `json:"plugin"`
+	Map     string `json:"map"`
+	Type    string `json:"type"`
+	Entries int    `json:"entries"`
+	// Counters, for per-CPU arrays of 64-bit values (a plugin's
+	// counters), are each index's sum over CPUs.
+	Counters []uint64 `json:"counters,omitempty"`
+}
+
+// PluginMaps lists the maps of every plugin that ran on the node.
+func (p *Pinned) PluginMaps() ([]PluginMapRow, error) {
+	dirs, err := filepath.Glob(filepath.Join(p.dir, "plugins", "*"))
+	if err != nil {
+		return nil, err
+	}
+	var out []PluginMapRow
+	for _, dir := range dirs {
+		files, err := filepath.Glob(filepath.Join(dir, "*"))
+		if err != nil {
+			return nil, err
+		}
+		for _, f := range files {
+			m, err := ebpf.LoadPinnedMap(f, &ebpf.LoadPinOptions{ReadOnly: true})
+			if err != nil {
+				return nil, fmt.Errorf("opening pinned map %s: %w", f, err)
+			}
+			row := PluginMapRow{Plugin: filepath.Base(dir), Map: filepath.Base(f), Type: m.Type().String()}
+			if m.Type() == ebpf.PerCPUArray && m.ValueSize() == 8 {
+				for i := range m.MaxEntries() {
+					var per []uint64
+					if err := m.Lookup(i, &per); err != nil {
+						m.Close()
+						return nil, fmt.Errorf("reading %s: %w", f, err)
+					}
+					var sum uint64
+					for _, v := range per {
+						sum += v
+					}
+					row.Counters = append(row.Counters, sum)
+				}
+				row.Entries = int(m.MaxEntries())
+			} else if row.Entries, err = CountEntries(m); err != nil {
+				m.Close()
+				return nil, fmt.Errorf("reading %s: %w", f, err)
+			}
+			m.Close()
+			out = append(out, row)
+		}
+	}
+	return out, nil
+}

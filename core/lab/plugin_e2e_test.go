@@ -3,13 +3,13 @@ package lab
 import (
 	"context"
 	"crypto/sha256"
+	"encoding/json"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"testing"
 	"time"
-
-	"github.com/cilium/ebpf"
 
 	"github.com/weirnet/weir/core/datapath"
 )
@@ -107,24 +107,25 @@ func TestRateLimitPluginLimitsItsPool(t *testing.T) {
 	}
 }
 
-// pluginCounters sums ratelimit_counters over CPUs, from its pin.
+// pluginCounters reads ratelimit_counters as an operator does: weir bpf
+// plugin list.
 func pluginCounters(t *testing.T, pinDir string) (allowed, limited uint64) {
 	t.Helper()
-	m, err := ebpf.LoadPinnedMap(filepath.Join(pinDir, "plugins", "ratelimit", "ratelimit_counters"), &ebpf.LoadPinOptions{ReadOnly: true})
+	out, err := exec.Command(bin.weir, "bpf", "plugin", "list", "--pin-dir", pinDir, "-o", "json").CombinedOutput()
 	if err != nil {
-		t.Fatal(err)
+		t.Fatalf("weir bpf plugin list: %v\n%s", err, out)
 	}
-	defer m.Close()
-	for i, sum := range []*uint64{&allowed, &limited} {
-		var per []uint64
-		if err := m.Lookup(uint32(i), &per); err != nil {
-			t.Fatal(err)
-		}
-		for _, v := range per {
-			*sum += v
+	var rows []datapath.PluginMapRow
+	if err := json.Unmarshal(out, &rows); err != nil {
+		t.Fatalf("%v: %s", err, out)
+	}
+	for _, r := range rows {
+		if r.Plugin == "ratelimit" && r.Map == "ratelimit_counters" && len(r.Counters) == 2 {
+			return r.Counters[0], r.Counters[1]
 		}
 	}
-	return allowed, limited
+	t.Fatalf("no ratelimit counters in %s", out)
+	return 0, 0
 }
 
 // dropCount is core's count of drops for reason on every hook.
