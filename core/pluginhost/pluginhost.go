@@ -306,6 +306,10 @@ func (s *Settings) Validate() error {
 	return nil
 }
 
+// Object is the object the plugin built for these settings (after
+// Validate).
+func (s *Settings) Object() *pluginv1.ConfigureResponse { return s.obj }
+
 // Module is a running plugin as the agent composes it.
 type Module struct {
 	p        *Plugin
