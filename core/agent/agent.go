@@ -156,13 +156,6 @@ func New(opts Options, cat module.Catalog) (*Agent, error) {
 	if err != nil {
 		return nil, err
 	}
-	// Plugins this node does not run have described themselves; their
-	// processes end here.
-	for _, p := range plugins {
-		if !slices.ContainsFunc(eff.Modules, func(f module.Factory) bool { return f.Name == p.Decl.Name }) {
-			p.Kill()
-		}
-	}
 	info := &node.Info{
 		Name: opts.NodeName, Labels: facts.Labels, Pool: eff.Pool,
 		PinDir: opts.PinDir, StateDir: opts.StateDir, Cgroup: opts.Cgroup,
@@ -176,11 +169,8 @@ func New(opts Options, cat module.Catalog) (*Agent, error) {
 	ns := &nodeState{}
 	ns.set(facts)
 	rs := newRestarter()
-	w := &watcher{cfg: cfg, running: eff, node: ns, restart: rs, log: opts.Logger, catalog: cat, path: opts.ConfigPath}
-	var mods []fx.Option
-	for _, f := range eff.Modules {
-		mods = append(mods, f.Provide(eff.Settings[f.Name]))
-	}
+	ls := &layers{}
+	w := &watcher{cfg: cfg, running: eff, node: ns, restart: rs, log: opts.Logger, catalog: cat, path: opts.ConfigPath, plugins: decls, live: ls}
 	log := opts.Logger
 	var kube fx.Option = fx.Options()
 	if client != nil {
@@ -203,12 +193,11 @@ func New(opts Options, cat module.Catalog) (*Agent, error) {
 				}
 			}))
 		}),
-		fx.Provide(newDatapath, model.NewStore, newAPI, newReconciler, newIPCache, newCTGC),
-		fx.Options(mods...),
-		// Invoke order is start order: datapath and modules, then the
-		// API (so no request reaches a module before it started), then
-		// the sources of services.
-		fx.Invoke(compose),
+		fx.Provide(newDatapath, model.NewStore, newAPI, newCTGC),
+		// Invoke order is start order: datapath and the module set's
+		// layer, then the API (so no request reaches a module before it
+		// started), then the sources of services.
+		fx.Invoke(func(p layerParams) { startLayers(ls, p) }),
 		// Topology hints choose backends by the node's zone.
 		fx.Invoke(func(store *model.Store, info *node.Info) { store.SetZone(info.Labels[model.ZoneLabel]) }),
 		fx.Invoke(serveAPI),
@@ -261,13 +250,30 @@ func newAPI(opts *Options, log *slog.Logger) *api.Server {
 // nodes that translate no services leave the service maps alone.
 func newReconciler(lc fx.Lifecycle, dp *datapath.Datapath, store *model.Store, info *node.Info, eff *config.Effective, rep *reports, log *slog.Logger) *lbmap.Reconciler {
 	r := lbmap.NewFromDatapath(dp, log.With("component", "lbmap"))
-	rep.set(func(rp *reports) { rp.lb = r })
 	r.SetNode(info.Name)
-	// Updates that would not fit the maps are refused by the store, before
-	// anything is written: the previous state keeps serving.
+	// Set when the layer starts, cleared when it stops: a module set
+	// applied live builds its reconciler while the previous one runs.
 	d := eff.Datapath
-	store.SetAdmitter(lbmap.NewAdmission(info.Name, lbmap.Limits{
-		Services: int(d.ServicesMaxEntries), Backends: int(d.BackendsMaxEntries), RevNAT: int(d.RevNATMaxEntries)}))
+	lc.Append(fx.Hook{
+		OnStart: func(context.Context) error {
+			rep.set(func(rp *reports) { rp.lb = r })
+			// Updates that would not fit the maps are refused by the
+			// store, before anything is written: the previous state
+			// keeps serving.
+			store.SetAdmitter(lbmap.NewAdmission(info.Name, lbmap.Limits{
+				Services: int(d.ServicesMaxEntries), Backends: int(d.BackendsMaxEntries), RevNAT: int(d.RevNATMaxEntries)}))
+			return nil
+		},
+		OnStop: func(context.Context) error {
+			store.SetAdmitter(nil)
+			rep.set(func(rp *reports) {
+				if rp.lb == r {
+					rp.lb = nil
+				}
+			})
+			return nil
+		},
+	})
 	background(lc, func(ctx context.Context) { r.Run(ctx, store) })
 	return r
 }
@@ -342,7 +348,7 @@ func newIPCache(p ipcacheParams) *ipcache.Reconciler {
 		TunnelMTU: tunnelMTU,
 		Log:       log.With("component", "ipcache"),
 	})
-	w.OnConfig(r.Refresh)
+	lc.Append(fx.StopHook(w.OnConfig(r.Refresh)))
 	background(lc, func(ctx context.Context) { r.Run(ctx, store) })
 	return r
 }
@@ -394,7 +400,24 @@ type composeParams struct {
 	DP      *datapath.Datapath
 	Eff     *config.Effective
 	Log     *slog.Logger
+	Comp    *composition
 	Modules []module.Module `group:"modules"`
+}
+
+// composition is a layer's BPF: loaded and verified by prepare (before
+// the running layer stops, when a module set is applied live), put into
+// the slots when the layer starts.
+type composition struct {
+	prepare  func() error
+	prepared *datapath.Prepared
+}
+
+// release drops prepared objects that were not installed.
+func (c *composition) release() {
+	if c.prepared != nil {
+		c.prepared.Close()
+		c.prepared = nil
+	}
 }
 
 func compose(p composeParams) error {
@@ -414,29 +437,44 @@ func compose(p composeParams) error {
 	done := p.Done
 	var inst *datapath.Installation
 	var started []module.Module
+	p.Comp.prepare = func() error {
+		var objs []datapath.Object
+		for i, m := range ordered {
+			spec, err := m.Object()
+			if err != nil {
+				return fmt.Errorf("module %s: reading its BPF object: %w", m.Name(), err)
+			}
+			if spec == nil {
+				continue
+			}
+			claims := map[string]string{}
+			for _, c := range p.Eff.Modules[i].Slots {
+				claims[c.Slot] = c.Program
+			}
+			hooks := map[string]string{}
+			for _, c := range p.Eff.Modules[i].Cgroup {
+				hooks[c.Hook] = c.Program
+			}
+			objs = append(objs, datapath.Object{Module: m.Name(), Spec: spec, Slots: claims, Cgroup: hooks, Plugin: p.Eff.Modules[i].Plugin})
+		}
+		pr, err := p.DP.Prepare(objs)
+		if err != nil {
+			return err
+		}
+		p.Comp.prepared = pr
+		return nil
+	}
 	p.LC.Append(fx.Hook{
 		OnStart: func(ctx context.Context) error {
-			var objs []datapath.Object
-			for i, m := range ordered {
-				spec, err := m.Object()
-				if err != nil {
-					return fmt.Errorf("module %s: reading its BPF object: %w", m.Name(), err)
+			if p.Comp.prepared == nil {
+				if err := p.Comp.prepare(); err != nil {
+					return err
 				}
-				if spec == nil {
-					continue
-				}
-				claims := map[string]string{}
-				for _, c := range p.Eff.Modules[i].Slots {
-					claims[c.Slot] = c.Program
-				}
-				hooks := map[string]string{}
-				for _, c := range p.Eff.Modules[i].Cgroup {
-					hooks[c.Hook] = c.Program
-				}
-				objs = append(objs, datapath.Object{Module: m.Name(), Spec: spec, Slots: claims, Cgroup: hooks, Plugin: p.Eff.Modules[i].Plugin})
 			}
 			var err error
-			if inst, err = p.DP.Install(objs); err != nil {
+			inst, err = p.DP.Fill(p.Comp.prepared)
+			p.Comp.prepared = nil
+			if err != nil {
 				return err
 			}
 			// The new stages run (for hooks that moved); what old ones
@@ -530,19 +568,17 @@ type serveParams struct {
 	GC        *ctgc.GC
 	DP        *datapath.Datapath
 	Reports   *reports
+	W         *watcher
 }
 
 func serveAPI(p serveParams) {
-	names := make([]string, len(p.Eff.Modules))
-	for i, f := range p.Eff.Modules {
-		names[i] = f.Name
-	}
 	p.API.Handle("GET /v1/status", func(w http.ResponseWriter, _ *http.Request) {
 		_, cidrs := p.Node.get()
 		var ms runtime.MemStats
 		runtime.ReadMemStats(&ms)
+		eff := p.W.effective()
 		st := api.Status{
-			Node: p.Info.Name, Pool: p.Eff.Pool, Modules: names, PinDir: p.Info.PinDir,
+			Node: p.Info.Name, Pool: eff.Pool, Modules: moduleNames(eff), PinDir: p.Info.PinDir,
 			Ready: p.Installed.ok.Load() && p.Store.Ready(), PodCIDRs: cidrs, HeapBytes: ms.HeapInuse,
 		}
 		if gc := p.GC.Stats(); gc.Passes > 0 {

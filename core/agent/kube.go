@@ -3,6 +3,7 @@ package agent
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"log/slog"
 	"maps"
@@ -213,7 +214,9 @@ func startKube(p kubeParams) {
 // watcher re-resolves the configuration for the node's current labels and
 // requests a restart when the result differs from what runs.
 type watcher struct {
-	mu      sync.Mutex
+	mu sync.Mutex
+	// applyMu serialises checks: one module set is applied at a time.
+	applyMu sync.Mutex
 	cfg     *config.Config
 	running *config.Effective
 	node    *nodeState
@@ -221,8 +224,13 @@ type watcher struct {
 	log     *slog.Logger
 	catalog module.Catalog
 	path    string
+	// plugins are the plugins the running agent declared (and started).
+	plugins []config.Plugin
+	// live replaces the module set in the running agent.
+	live *layers
 	// onConfig run after each accepted configuration change.
-	onConfig []func()
+	onConfig map[int]func()
+	nextID   int
 }
 
 // encapsulationOf is the encapsulation key of a node with these labels
@@ -238,26 +246,64 @@ func (w *watcher) encapsulationOf(labels map[string]string) string {
 	return module.EncapsulationKey(eff.Settings)
 }
 
+// check re-resolves the configuration for the node's labels and applies
+// what changed: live when only the module set or settings did, through
+// the restart path otherwise (or when the live change failed part-way).
 func (w *watcher) check(why string) {
+	w.applyMu.Lock()
+	defer w.applyMu.Unlock()
 	w.mu.Lock()
-	defer w.mu.Unlock()
 	labels, _ := w.node.get()
 	eff, err := w.cfg.Resolve(labels)
+	running := w.running
+	w.mu.Unlock()
 	if err != nil {
 		w.log.Error("resolving the configuration", "err", err)
 		return
 	}
-	if sameEffective(w.running, eff) {
+	if sameEffective(running, eff) {
 		return
 	}
-	w.log.Info(why+"; restarting with the new module set",
-		"pool", eff.Pool, "modules", moduleNames(eff), "was_pool", w.running.Pool, "was_modules", moduleNames(w.running))
-	w.restart.request(why)
+	args := []any{"pool", eff.Pool, "modules", moduleNames(eff), "was_pool", running.Pool, "was_modules", moduleNames(running)}
+	ok, reason := liveApplicable(running, eff)
+	if !ok || w.live == nil {
+		w.log.Info(why+"; restarting with the new module set: "+reason, args...)
+		w.restart.request(why)
+		return
+	}
+	w.log.Info(why+"; applying the new module set live", args...)
+	err = w.live.replace(eff)
+	var kept *errKeptRunning
+	switch {
+	case err == nil:
+		w.mu.Lock()
+		w.running = eff
+		w.mu.Unlock()
+	case errors.As(err, &kept):
+		w.log.Error("the new module set was refused; the running one goes on", "err", err)
+	default:
+		w.log.Error("applying the module set live failed; restarting", "err", err)
+		w.restart.request(why)
+	}
+}
+
+// effective is the module set that runs.
+func (w *watcher) effective() *config.Effective {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.running
 }
 
 // reload reads the configuration file again after it changed; a file with
 // errors is reported and the running agent stays as it is.
 func (w *watcher) reload() {
+	// Plugins are started before the configuration is checked against
+	// what they bring: another set of them takes the restart path.
+	if decls, err := config.ReadPlugins(w.path); err == nil && !reflect.DeepEqual(decls, w.plugins) && (len(decls) > 0 || len(w.plugins) > 0) {
+		w.log.Info("the plugins declared in " + w.path + " changed; restarting to start them")
+		w.restart.request("the plugins declared changed")
+		return
+	}
 	cfg, err := config.Load(w.path, w.catalog)
 	if err != nil {
 		w.log.Error("configuration file rejected; the agent keeps running as it is", "err", err)
@@ -265,7 +311,7 @@ func (w *watcher) reload() {
 	}
 	w.mu.Lock()
 	w.cfg = cfg
-	refresh := slices.Clone(w.onConfig)
+	refresh := slices.Collect(maps.Values(w.onConfig))
 	w.mu.Unlock()
 	w.check("the configuration file " + w.path + " changed")
 	// This node may run on as it is while another pool changed how it
@@ -275,11 +321,22 @@ func (w *watcher) reload() {
 	}
 }
 
-// OnConfig registers f to run after every accepted configuration change.
-func (w *watcher) OnConfig(f func()) {
+// OnConfig registers f to run after every accepted configuration change,
+// until the returned func is called.
+func (w *watcher) OnConfig(f func()) (remove func()) {
 	w.mu.Lock()
 	defer w.mu.Unlock()
-	w.onConfig = append(w.onConfig, f)
+	if w.onConfig == nil {
+		w.onConfig = map[int]func(){}
+	}
+	id := w.nextID
+	w.nextID++
+	w.onConfig[id] = f
+	return func() {
+		w.mu.Lock()
+		defer w.mu.Unlock()
+		delete(w.onConfig, id)
+	}
 }
 
 // watchConfig follows the configuration file (its directory, so that

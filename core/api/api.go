@@ -16,6 +16,7 @@ import (
 	"net/http/pprof"
 	"os"
 	"path/filepath"
+	"sync"
 	"time"
 
 	"github.com/weirnet/weir/core/ctgc"
@@ -113,6 +114,11 @@ type Server struct {
 	mux    *http.ServeMux
 	srv    *http.Server
 	log    *slog.Logger
+
+	mu sync.RWMutex
+	// handlers are the current handler of each pattern: a module set
+	// applied live hands its module's patterns to the new instances.
+	handlers map[string]http.HandlerFunc
 }
 
 // NewServer returns a server for socket; handlers are added with Handle
@@ -131,12 +137,39 @@ func NewServer(socket string, log *slog.Logger) *Server {
 	mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
 	mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
 	mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
-	return &Server{socket: socket, mux: mux, log: log,
+	return &Server{socket: socket, mux: mux, log: log, handlers: map[string]http.HandlerFunc{},
 		srv: &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}}
 }
 
-// Handle registers a handler (Go ServeMux pattern, e.g. "POST /v1/endpoints").
-func (s *Server) Handle(pattern string, h http.HandlerFunc) { s.mux.HandleFunc(pattern, h) }
+// Handle registers a handler (Go ServeMux pattern, e.g. "POST /v1/endpoints"),
+// or replaces the pattern's handler, at any time.
+func (s *Server) Handle(pattern string, h http.HandlerFunc) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if _, ok := s.handlers[pattern]; !ok {
+		s.mux.HandleFunc(pattern, func(w http.ResponseWriter, r *http.Request) {
+			s.mu.RLock()
+			cur := s.handlers[pattern]
+			s.mu.RUnlock()
+			if cur == nil {
+				WriteJSON(w, http.StatusNotFound, Error{Error: "no module of the node's current set serves " + pattern})
+				return
+			}
+			cur(w, r)
+		})
+	}
+	s.handlers[pattern] = h
+}
+
+// Unhandle removes a pattern's handler: requests get 404 until a handler
+// is registered again.
+func (s *Server) Unhandle(pattern string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if _, ok := s.handlers[pattern]; ok {
+		s.handlers[pattern] = nil
+	}
+}
 
 // Start listens on the socket, replacing a stale socket file.
 func (s *Server) Start() error {

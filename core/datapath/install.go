@@ -38,6 +38,28 @@ func (in *Installation) Close() {
 	}
 }
 
+// Prepared are objects loaded and verified, not yet in any slot or hook.
+type Prepared struct {
+	in       *Installation
+	cgroupID uint64
+	fills    []fill
+	hooks    []hookFill
+	claimed  map[string]string
+}
+
+type fill struct {
+	slot string
+	prog *ebpf.Program
+}
+
+type hookFill struct {
+	hook slots.CgroupHook
+	prog *ebpf.Program
+}
+
+// Close releases prepared objects that will not be installed.
+func (p *Prepared) Close() { p.in.Close() }
+
 // Install loads every object, and only when all of them passed the verifier
 // fills their slots and socket hooks and then empties every slot and hook
 // nobody claims. A failure while loading (or a cgroup that cannot take
@@ -45,26 +67,26 @@ func (in *Installation) Close() {
 // hooks are replaced one by one, each atomically, so packets and sockets
 // always see either the old or the new program.
 func (d *Datapath) Install(objs []Object) (*Installation, error) {
+	p, err := d.Prepare(objs)
+	if err != nil {
+		return nil, err
+	}
+	return d.Fill(p)
+}
+
+// Prepare loads and verifies every object and checks their claims; the
+// running datapath does not change.
+func (d *Datapath) Prepare(objs []Object) (*Prepared, error) {
 	in := &Installation{Collections: map[string]*ebpf.Collection{}}
-	var cgroupID uint64
+	p := &Prepared{in: in, claimed: map[string]string{}}
 	if slices.ContainsFunc(objs, func(o Object) bool { return len(o.Cgroup) > 0 }) {
 		id, err := CheckCgroup(d.opts.Cgroup)
 		if err != nil {
 			return nil, err
 		}
-		cgroupID = id
+		p.cgroupID = id
 	}
-	type hookFill struct {
-		hook slots.CgroupHook
-		prog *ebpf.Program
-	}
-	var hookFills []hookFill
-	type fill struct {
-		slot string
-		prog *ebpf.Program
-	}
-	var fills []fill
-	claimed := map[string]string{}
+	claimed := p.claimed
 	for _, o := range objs {
 		load := d.LoadObject
 		if o.Plugin {
@@ -91,7 +113,7 @@ func (d *Datapath) Install(objs []Object) (*Installation, error) {
 				in.Close()
 				return nil, fmt.Errorf("module %s: program %s is %s; tc slots take %s programs", o.Module, progName, prog.Type(), ebpf.SchedCLS)
 			}
-			fills = append(fills, fill{slot, prog})
+			p.fills = append(p.fills, fill{slot, prog})
 		}
 		for name, progName := range o.Cgroup {
 			h, ok := slots.LookupCgroupHook(name)
@@ -113,35 +135,42 @@ func (d *Datapath) Install(objs []Object) (*Installation, error) {
 				in.Close()
 				return nil, fmt.Errorf("module %s: program %s is %s; %s takes %s programs", o.Module, progName, prog.Type(), name, h.Program)
 			}
-			hookFills = append(hookFills, hookFill{h, prog})
+			p.hooks = append(p.hooks, hookFill{h, prog})
 		}
 	}
-	slices.SortFunc(fills, func(a, b fill) int {
+	slices.SortFunc(p.fills, func(a, b fill) int {
 		sa, _ := slots.Lookup(a.slot)
 		sb, _ := slots.Lookup(b.slot)
 		return int(sa.Index()) - int(sb.Index())
 	})
+	return p, nil
+}
+
+// Fill puts prepared objects into their slots and hooks, then empties
+// every slot and hook they do not claim.
+func (d *Datapath) Fill(p *Prepared) (*Installation, error) {
+	in := p.in
 	var errs []error
-	for _, f := range fills {
+	for _, f := range p.fills {
 		if err := d.SetSlot(f.slot, f.prog); err != nil {
 			errs = append(errs, err)
 		}
 	}
 	for _, s := range slots.All() {
-		if _, ok := claimed[s.Name]; !ok {
+		if _, ok := p.claimed[s.Name]; !ok {
 			if err := d.ClearSlot(s.Name); err != nil {
 				errs = append(errs, err)
 			}
 		}
 	}
 	d.mu.Lock()
-	for _, f := range hookFills {
-		if err := d.attachCgroup(f.hook, f.prog, cgroupID); err != nil {
+	for _, f := range p.hooks {
+		if err := d.attachCgroup(f.hook, f.prog, p.cgroupID); err != nil {
 			errs = append(errs, err)
 		}
 	}
 	for _, h := range slots.CgroupHooks() {
-		if _, ok := claimed[h.Name]; !ok {
+		if _, ok := p.claimed[h.Name]; !ok {
 			if err := d.detachCgroup(h); err != nil {
 				errs = append(errs, err)
 			}

@@ -416,7 +416,12 @@ func (m *Module) Loaded(coll *ebpf.Collection) error {
 // Start implements module.Module: serves the plugin's map calls, starts
 // it, and from then on restarts its process whenever it dies.
 func (m *Module) Start(context.Context) error {
-	if err := m.startPlugin(); err != nil {
+	if m.p.Pid() == 0 {
+		// Its process died while no module set ran it.
+		if err := m.relaunch(); err != nil {
+			return err
+		}
+	} else if err := m.startPlugin(); err != nil {
 		return err
 	}
 	m.stop, m.done = make(chan struct{}), make(chan struct{})
@@ -551,18 +556,21 @@ func (m *Module) relaunch() error {
 	return nil
 }
 
-// Stop implements module.Module: the plugin hears it, then its process
-// ends; its programs and maps stay until the next agent replaces them.
+// Stop implements module.Module: the plugin hears it; its programs and
+// maps stay until the next module set replaces them, and its process
+// runs on (the agent ends it when the agent stops), ready for a module
+// set that enables it again.
 func (m *Module) Stop(context.Context) error {
 	if m.stop != nil {
 		close(m.stop)
 		<-m.done
 	}
+	if m.p.Pid() == 0 {
+		return nil
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), m.p.Decl.Timeout())
 	defer cancel()
-	_, err := m.p.current().Stop(ctx, &pluginv1.StopRequest{})
-	m.p.Kill()
-	if err != nil {
+	if _, err := m.p.current().Stop(ctx, &pluginv1.StopRequest{}); err != nil {
 		return m.p.callError("Stop", err)
 	}
 	return nil

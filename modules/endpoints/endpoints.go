@@ -123,9 +123,10 @@ type Module struct {
 	mu   sync.Mutex
 	eps  map[string]*api.Endpoint
 	addr map[netip.Addr]string
+	api  *api.Server
 }
 
-// New builds the module and registers its API.
+// New builds the module; Start serves its API.
 func New(p Params) (*Module, error) {
 	m := &Module{
 		s:    p.Settings,
@@ -137,10 +138,7 @@ func New(p Params) (*Module, error) {
 		eps:  map[string]*api.Endpoint{},
 		addr: map[netip.Addr]string{},
 	}
-	p.API.Handle("POST /v1/endpoints", m.handleCreate)
-	p.API.Handle("GET /v1/endpoints", m.handleList)
-	p.API.Handle("GET /v1/endpoints/{id}", m.handleGet)
-	p.API.Handle("DELETE /v1/endpoints/{id}", m.handleDelete)
+	m.api = p.API
 	return m, nil
 }
 
@@ -213,6 +211,12 @@ func (m *Module) Start(context.Context) error {
 	}
 	m.pruneMap()
 	m.log.Info("endpoints restored", "count", len(m.eps))
+	// Registered once the state is restored: a module set applied live
+	// hands the patterns from the previous instance to this one here.
+	m.api.Handle("POST /v1/endpoints", m.handleCreate)
+	m.api.Handle("GET /v1/endpoints", m.handleList)
+	m.api.Handle("GET /v1/endpoints/{id}", m.handleGet)
+	m.api.Handle("DELETE /v1/endpoints/{id}", m.handleDelete)
 	if m.pods != nil && m.s.staleAfter > 0 {
 		ctx, cancel := context.WithCancel(context.Background())
 		m.stop, m.done = cancel, make(chan struct{})
