@@ -491,9 +491,15 @@ func compose(p composeParams) error {
 				}
 			}
 			for _, m := range ordered {
-				if err := m.Start(ctx); err != nil {
+				st, ok := m.(module.Starter)
+				if !ok {
+					continue
+				}
+				if err := st.Start(ctx); err != nil {
 					for _, s := range slices.Backward(started) {
-						_ = s.Stop(ctx)
+						if sp, ok := s.(module.Stopper); ok {
+							_ = sp.Stop(ctx)
+						}
 					}
 					return fmt.Errorf("starting module %s: %w", m.Name(), err)
 				}
@@ -515,7 +521,11 @@ func compose(p composeParams) error {
 		OnStop: func(ctx context.Context) error {
 			var errs []error
 			for _, m := range slices.Backward(started) {
-				if err := m.Stop(ctx); err != nil {
+				sp, ok := m.(module.Stopper)
+				if !ok {
+					continue
+				}
+				if err := sp.Stop(ctx); err != nil {
 					errs = append(errs, fmt.Errorf("stopping module %s: %w", m.Name(), err))
 				}
 			}

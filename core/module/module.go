@@ -156,7 +156,9 @@ func (d Descriptor) Validate() error {
 	return nil
 }
 
-// Module is a composed, running module.
+// Module is a composed module. What it does beyond owning BPF comes from
+// the optional interfaces it implements (as Caddy's modules do): Loaded,
+// Starter, Stopper. A module implements only those it has work for.
 type Module interface {
 	// Name is the Descriptor's name.
 	Name() string
@@ -164,10 +166,24 @@ type Module interface {
 	// set, or nil when the module owns no BPF. Programs named by the
 	// descriptor's slot claims must be in it.
 	Object() (*ebpf.CollectionSpec, error)
-	// Start runs after the module's programs fill their slots; Stop runs in
-	// reverse order on shutdown. Neither may remove pinned state: the
-	// datapath keeps forwarding while the agent is down.
+}
+
+// Starter is implemented by modules with control-plane work: Start runs
+// after the module's programs fill their slots (at agent start, and when
+// a module set that includes it is applied live).
+type Starter interface {
 	Start(ctx context.Context) error
+}
+
+// Stopper is implemented by modules whose Start leaves something running:
+// Stop runs in reverse start order when the agent stops or the module set
+// changes. It may not remove pinned state: the datapath keeps forwarding
+// with the module's programs until the next set replaces them.
+//
+// Settings changes need no Reconfigure: a module set with new settings is
+// a new layer, built and verified beside the running one (see
+// core/agent).
+type Stopper interface {
 	Stop(ctx context.Context) error
 }
 

@@ -325,6 +325,11 @@ type Module struct {
 }
 
 var (
+	_ module.Starter = (*Module)(nil)
+	_ module.Stopper = (*Module)(nil)
+)
+
+var (
 	_ module.Module = (*Module)(nil)
 	_ module.Loaded = (*Module)(nil)
 )
@@ -413,7 +418,7 @@ func (m *Module) Loaded(coll *ebpf.Collection) error {
 	return nil
 }
 
-// Start implements module.Module: serves the plugin's map calls, starts
+// Start implements module.Starter: serves the plugin's map calls, starts
 // it, and from then on restarts its process whenever it dies.
 func (m *Module) Start(context.Context) error {
 	if m.p.Pid() == 0 {
@@ -556,7 +561,7 @@ func (m *Module) relaunch() error {
 	return nil
 }
 
-// Stop implements module.Module: the plugin hears it; its programs and
+// Stop implements module.Stopper: the plugin hears it; its programs and
 // maps stay until the next module set replaces them, and its process
 // runs on (the agent ends it when the agent stops), ready for a module
 // set that enables it again.

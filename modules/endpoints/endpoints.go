@@ -126,6 +126,11 @@ type Module struct {
 	api  *api.Server
 }
 
+var (
+	_ module.Starter = (*Module)(nil)
+	_ module.Stopper = (*Module)(nil)
+)
+
 // New builds the module; Start serves its API.
 func New(p Params) (*Module, error) {
 	m := &Module{
@@ -225,7 +230,7 @@ func (m *Module) Start(context.Context) error {
 	return nil
 }
 
-// Stop implements module.Module: endpoints stay wired while the agent is
+// Stop implements module.Stopper: endpoints stay wired while the agent is
 // down.
 func (m *Module) Stop(context.Context) error {
 	if m.stop != nil {

@@ -7,8 +7,6 @@
 package lb
 
 import (
-	"context"
-
 	"github.com/cilium/ebpf"
 	"go.uber.org/fx"
 
@@ -49,9 +47,3 @@ func (*Module) Name() string { return Name }
 
 // Object implements module.Module.
 func (*Module) Object() (*ebpf.CollectionSpec, error) { return loadLb() }
-
-// Start implements module.Module.
-func (*Module) Start(context.Context) error { return nil }
-
-// Stop implements module.Module.
-func (*Module) Stop(context.Context) error { return nil }

@@ -5,7 +5,6 @@
 package masquerade
 
 import (
-	"context"
 	"errors"
 	"fmt"
 	"net/netip"
@@ -152,9 +151,3 @@ func ObjectSpec(s *Settings, nodeIP netip.Addr) (*ebpf.CollectionSpec, error) {
 	}
 	return spec, nil
 }
-
-// Start implements module.Module.
-func (*Module) Start(context.Context) error { return nil }
-
-// Stop implements module.Module.
-func (*Module) Stop(context.Context) error { return nil }

@@ -6,8 +6,6 @@
 package nativerouting
 
 import (
-	"context"
-
 	"github.com/cilium/ebpf"
 	"go.uber.org/fx"
 
@@ -45,9 +43,3 @@ func (*Module) Name() string { return Name }
 
 // Object implements module.Module.
 func (*Module) Object() (*ebpf.CollectionSpec, error) { return loadNativerouting() }
-
-// Start implements module.Module.
-func (*Module) Start(context.Context) error { return nil }
-
-// Stop implements module.Module.
-func (*Module) Stop(context.Context) error { return nil }

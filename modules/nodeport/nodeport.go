@@ -266,6 +266,11 @@ type Module struct {
 	done   chan struct{}
 }
 
+var (
+	_ module.Starter = (*Module)(nil)
+	_ module.Stopper = (*Module)(nil)
+)
+
 // New builds the module.
 func New(p Params) *Module {
 	log := p.Log.With("module", Name)
@@ -382,7 +387,7 @@ func (m *Module) Loaded(coll *ebpf.Collection) error {
 	return nil
 }
 
-// Start implements module.Module: health checks and source ranges
+// Start implements module.Starter: health checks and source ranges
 // follow the services.
 func (m *Module) Start(context.Context) error {
 	ctx, cancel := context.WithCancel(context.Background())
@@ -439,7 +444,7 @@ func (c *rangeCheck) apply(d model.Delta) error {
 	return nil
 }
 
-// Stop implements module.Module.
+// Stop implements module.Stopper.
 func (m *Module) Stop(context.Context) error {
 	if m.cancel != nil {
 		m.cancel()

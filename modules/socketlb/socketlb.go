@@ -88,6 +88,11 @@ type Module struct {
 	done   chan struct{}
 }
 
+var (
+	_ module.Starter = (*Module)(nil)
+	_ module.Stopper = (*Module)(nil)
+)
+
 var _ module.Loaded = (*Module)(nil)
 
 // New builds the module. Taking the reconciler makes fx construct it; the
@@ -154,7 +159,7 @@ func NetnsCookie() (uint64, error) {
 // sockets come from the loaded object.
 func (m *Module) Loaded(coll *ebpf.Collection) error { return m.term.load(coll) }
 
-// Start implements module.Module: socket termination runs until Stop.
+// Start implements module.Starter: socket termination runs until Stop.
 func (m *Module) Start(context.Context) error {
 	ctx, cancel := context.WithCancel(context.Background())
 	m.cancel, m.done = cancel, make(chan struct{})
@@ -165,7 +170,7 @@ func (m *Module) Start(context.Context) error {
 	return nil
 }
 
-// Stop implements module.Module.
+// Stop implements module.Stopper.
 func (m *Module) Stop(context.Context) error {
 	if m.cancel != nil {
 		m.cancel()

@@ -6,7 +6,6 @@
 package tunnel
 
 import (
-	"context"
 	"errors"
 	"fmt"
 	"strings"
@@ -145,9 +144,3 @@ func ObjectSpec(s *Settings, up node.Uplink) (*ebpf.CollectionSpec, error) {
 	}
 	return spec, nil
 }
-
-// Start implements module.Module.
-func (*Module) Start(context.Context) error { return nil }
-
-// Stop implements module.Module.
-func (*Module) Stop(context.Context) error { return nil }
