@@ -264,7 +264,7 @@ func TestKubernetesEndToEnd(t *testing.T) {
 		if mtu := linkMTU(t, p.NetnsPath(), "eth0"); mtu != 9000 {
 			t.Fatalf("pod created in pool jumbo has MTU %d, want 9000", mtu)
 		}
-		if log := tailFile(l.Nodes[0].Log, 400); !strings.Contains(log, "restarting with the new module set") || !strings.Contains(log, "pool=jumbo") {
+		if log := tailFile(l.Nodes[0].Log, 400); !strings.Contains(log, "changed; applying the new module set live") || !strings.Contains(log, "module set applied live") || !strings.Contains(log, "pool=jumbo") {
 			t.Fatalf("the agent did not log the new set:\n%s", log)
 		}
 	})

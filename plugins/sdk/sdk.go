@@ -16,6 +16,8 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"os"
+	"time"
 
 	"github.com/hashicorp/go-plugin"
 	"google.golang.org/grpc"
@@ -100,8 +102,11 @@ type Plugin interface {
 	Stop(ctx context.Context) error
 }
 
-// Serve runs the plugin until the agent ends it.
+// Serve runs the plugin until the agent ends it, or dies: a plugin whose
+// agent was killed exits rather than outlive it (go-plugin does not
+// notice), and its programs run on in the kernel as the agent left them.
 func Serve(p Plugin) {
+	go exitWithParent(os.Getppid(), time.Second)
 	plugin.Serve(&plugin.ServeConfig{
 		HandshakeConfig: Handshake,
 		VersionedPlugins: map[int]plugin.PluginSet{
@@ -231,4 +236,14 @@ func callErr(what string, err error) error {
 		return nil
 	}
 	return fmt.Errorf("%s: %s", what, status.Convert(err).Message())
+}
+
+// exitWithParent ends the process once its parent is gone (it is then
+// reparented).
+func exitWithParent(ppid int, every time.Duration) {
+	for range time.Tick(every) {
+		if os.Getppid() != ppid {
+			os.Exit(0)
+		}
+	}
 }
