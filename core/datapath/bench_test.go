@@ -6,17 +6,14 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
-	"runtime"
 	"slices"
 	"strings"
 	"testing"
 	"time"
-	"unsafe"
 
 	"github.com/cilium/ebpf"
 	"github.com/gopacket/gopacket"
 	"github.com/gopacket/gopacket/layers"
-	"golang.org/x/sys/unix"
 
 	"github.com/weirnet/weir/core/datapath"
 	"github.com/weirnet/weir/core/datapath/dptest"
@@ -66,7 +63,7 @@ func measure(b *testing.B, p perPacket, n int) time.Duration {
 	out := make([]byte, 2048)
 	for i := range n {
 		in := p.input(i)
-		ret, d, err := testRun(p.prog, in, out)
+		ret, d, err := dptest.RunTimed(p.prog, in, out)
 		if err != nil {
 			b.Fatalf("%s, repeat %d: %v", p.name, i, err)
 		}
@@ -77,33 +74,6 @@ func measure(b *testing.B, p perPacket, n int) time.Duration {
 	}
 	slices.Sort(times)
 	return times[n/2]
-}
-
-// testRun is BPF_PROG_TEST_RUN with one repeat, returning the verdict,
-// the kernel's measure of the run and the packet (cilium/ebpf gives
-// either the time or the packet, and a benchmark must check what it
-// times).
-func testRun(prog *ebpf.Program, in, out []byte) (uint32, time.Duration, error) {
-	attr := struct {
-		progFD, retval, sizeIn, sizeOut uint32
-		dataIn, dataOut                 uint64
-		repeat, duration                uint32
-		ctxSizeIn, ctxSizeOut           uint32
-		ctxIn, ctxOut                   uint64
-		flags, cpu, batchSize           uint32
-		_                               uint32
-	}{
-		progFD: uint32(prog.FD()), sizeIn: uint32(len(in)), sizeOut: uint32(len(out)),
-		dataIn: uint64(uintptr(unsafe.Pointer(&in[0]))), dataOut: uint64(uintptr(unsafe.Pointer(&out[0]))), repeat: 1,
-	}
-	const bpfProgTestRun = 10
-	_, _, errno := unix.Syscall(unix.SYS_BPF, bpfProgTestRun, uintptr(unsafe.Pointer(&attr)), unsafe.Sizeof(attr))
-	runtime.KeepAlive(in)
-	runtime.KeepAlive(out)
-	if errno != 0 {
-		return 0, 0, errno
-	}
-	return attr.retval, time.Duration(attr.duration), nil
 }
 
 func claimsOf(cs []module.SlotClaim) map[string]string {
