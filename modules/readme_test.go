@@ -1,12 +1,16 @@
 package modules
 
 import (
+	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"reflect"
 	"regexp"
 	"strings"
 	"testing"
+
+	"github.com/cilium/ebpf"
 )
 
 // Every module's README says what the code does, in the fixed sections,
@@ -47,10 +51,25 @@ func TestREADMEsFollowTheCode(t *testing.T) {
 					t.Errorf("README does not say the module requires `%s`", r)
 				}
 			}
+			// The maps the module's object owns (not core's weir_*, not
+			// its constants): dispatch modules share nodeport's object.
+			if spec, err := ebpf.LoadCollectionSpec(filepath.Join(f.Name, strings.ReplaceAll(f.Name, "-", "")+"_bpfel.o")); err == nil {
+				for name := range spec.Maps {
+					if strings.HasPrefix(name, "weir_") || strings.HasPrefix(name, ".") {
+						continue
+					}
+					if !strings.Contains(sections["Maps"], "`"+name+"`") {
+						t.Errorf("section Maps does not name `%s`, which its object owns", name)
+					}
+				}
+			} else if !os.IsNotExist(errors.Unwrap(err)) && !errors.Is(err, os.ErrNotExist) {
+				t.Errorf("reading the module's object: %v", err)
+			}
 			if f.NewSettings == nil {
 				return
 			}
-			typ := reflect.TypeOf(f.NewSettings()).Elem()
+			defaults := reflect.ValueOf(f.NewSettings()).Elem()
+			typ := defaults.Type()
 			for i := range typ.NumField() {
 				name, _, _ := strings.Cut(typ.Field(i).Tag.Get("yaml"), ",")
 				if name == "" || name == "-" {
@@ -58,6 +77,18 @@ func TestREADMEsFollowTheCode(t *testing.T) {
 				}
 				if !strings.Contains(sections["Settings"], "`"+name+"`") {
 					t.Errorf("section Settings does not document `%s`", name)
+					continue
+				}
+				// The default, where it is a value: on the setting's
+				// line (a table row or a list item).
+				v := defaults.Field(i)
+				if v.IsZero() || (v.Kind() != reflect.String && v.Kind() != reflect.Bool && !v.CanInt() && !v.CanUint()) {
+					continue
+				}
+				want := fmt.Sprint(v.Interface())
+				def := regexp.MustCompile("(?m)^\\s*(\\| |- )`" + regexp.QuoteMeta(name) + "`.*$").FindString(sections["Settings"])
+				if def != "" && !strings.Contains(def, want) {
+					t.Errorf("section Settings gives `%s` without its default %s: %s", name, want, def)
 				}
 			}
 		})

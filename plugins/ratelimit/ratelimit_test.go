@@ -4,6 +4,8 @@ import (
 	"bytes"
 	"encoding/binary"
 	"net/netip"
+	"os"
+	"strings"
 	"testing"
 	"time"
 
@@ -364,6 +366,34 @@ func TestSettingsEncodeAsTheCStructs(t *testing.T) {
 	} {
 		if _, err := parse([]byte(doc)); err == nil || err.Error() != msg {
 			t.Errorf("%s: %v, want %s", doc, err, msg)
+		}
+	}
+}
+
+// The README names every slot the plugin claims, every map it declares
+// (its own and core's) and every setting, as in-tree modules' READMEs
+// must (modules/readme_test.go).
+func TestREADMEFollowsTheDescription(t *testing.T) {
+	b, err := os.ReadFile("README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	doc := string(b)
+	d := (&rateLimit{}).Describe()
+	var names []string
+	for _, c := range d.Slots {
+		names = append(names, c.Slot, c.Program)
+	}
+	for _, m := range d.Maps {
+		names = append(names, m.Name)
+	}
+	names = append(names, d.CoreMaps...)
+	for _, f := range []string{"limits", "frontend", "protocol", "rate", "burst"} {
+		names = append(names, f)
+	}
+	for _, n := range names {
+		if !strings.Contains(doc, "`"+n+"`") {
+			t.Errorf("README.md does not name `%s`", n)
 		}
 	}
 }
