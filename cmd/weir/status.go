@@ -49,6 +49,16 @@ func runStatus(args []string, out io.Writer) error {
 		pool = "-"
 	}
 	fmt.Fprintf(out, "node %s (pool %s): %s; modules %s\n", st.Node, pool, ready, strings.Join(st.Modules, ", "))
+	for _, p := range st.Plugins {
+		state := "declared, not in this node's module set"
+		if p.Enabled {
+			state = fmt.Sprintf("running as pid %d", p.PID)
+			if p.PID == 0 {
+				state = "process down (being restarted)"
+			}
+		}
+		fmt.Fprintf(out, "plugin %s %s (%s): %s; restarted %d times; failurePolicy %s\n", p.Name, p.Version, p.Path, state, p.Restarts, p.FailurePolicy)
+	}
 	if len(st.CgroupHooks) > 0 {
 		hooks := make([]string, 0, len(st.CgroupHooks))
 		for h, prog := range st.CgroupHooks {

@@ -185,7 +185,7 @@ func New(opts Options, cat module.Catalog) (*Agent, error) {
 		// Loading BPF objects runs the verifier inside OnStart.
 		fx.StartTimeout(2*time.Minute),
 		fx.StopTimeout(30*time.Second),
-		fx.Supply(info, log, eff, &opts, &installed{}, ns, w, &reports{}),
+		fx.Supply(info, log, eff, &opts, &installed{}, ns, w, &reports{plugins: plugins}),
 		fx.Invoke(func(lc fx.Lifecycle) {
 			lc.Append(fx.StopHook(func() {
 				for _, p := range plugins {
@@ -357,10 +357,11 @@ func newIPCache(p ipcacheParams) *ipcache.Reconciler {
 // status; each registers itself once built (a node without lb has no
 // reconciler).
 type reports struct {
-	mu   sync.Mutex
-	lb   *lbmap.Reconciler
-	file *filesource.Source
-	kube *k8ssource.Source
+	mu      sync.Mutex
+	lb      *lbmap.Reconciler
+	file    *filesource.Source
+	kube    *k8ssource.Source
+	plugins []*pluginhost.Plugin
 }
 
 func (r *reports) set(f func(*reports)) {
@@ -595,6 +596,9 @@ func serveAPI(p serveParams) {
 			st.Conntrack = &gc
 		}
 		p.Reports.fill(&st)
+		for _, pl := range p.Reports.plugins {
+			st.Plugins = append(st.Plugins, pl.Status(slices.Contains(st.Modules, pl.Decl.Name)))
+		}
 		if p.Installed.ok.Load() {
 			st.Maps = append(st.Maps, countedMaps(p.DP, st.Conntrack)...)
 			for _, h := range slots.CgroupHooks() {

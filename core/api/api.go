@@ -87,6 +87,20 @@ type Status struct {
 	File *filesource.Status `json:"file,omitempty"`
 	// Kubernetes is what the Kubernetes source did.
 	Kubernetes *KubeStatus `json:"kubernetes,omitempty"`
+	// Plugins are the plugins the configuration declares.
+	Plugins []PluginStatus `json:"plugins,omitempty"`
+}
+
+// PluginStatus is one declared plugin: whether the node's module set runs
+// it, its process and how often the agent restarted it.
+type PluginStatus struct {
+	Name          string `json:"name"`
+	Version       string `json:"version"`
+	Path          string `json:"path"`
+	Enabled       bool   `json:"enabled"`
+	PID           int    `json:"pid"`
+	Restarts      int64  `json:"restarts"`
+	FailurePolicy string `json:"failurePolicy"`
 }
 
 // KubeStatus is what the Kubernetes source did: whether and how fast its

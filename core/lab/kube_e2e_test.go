@@ -396,6 +396,11 @@ nodePools:
 		st, err := l.Node("n2").Client().Status(ctx)
 		return err == nil && st.Pool == "native" && st.Ready && via() == "native via "+l.Node("n2").IP
 	})
+	// The relabel moved n2 between tunnel and native routing in its
+	// running agent.
+	if log := tailFile(l.Node("n2").Log, 400); !strings.Contains(log, "module set applied live") || !strings.Contains(log, "pool=native") {
+		t.Fatalf("n2 did not apply the native pool live:\n%s", log)
+	}
 	conn.say("natively now")
 	if got := get(t, client, "http://"+vip+"/", 20); len(got) != 2 {
 		t.Fatalf("after the move: %v", got)

@@ -102,6 +102,17 @@ func TestRateLimitPluginLimitsItsPool(t *testing.T) {
 	if got := dropCount(t, l.Node("n1").PinDir, datapath.DropPlugin); got < uint64(limited) {
 		t.Fatalf("core counts %d plugin drops on n1, the plugin %d", got, limited)
 	}
+	// weir status says where the plugin runs.
+	for node, enabled := range map[string]bool{"n1": true, "n2": false} {
+		st, err := l.Node(node).Client().Status(context.Background())
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(st.Plugins) != 1 || st.Plugins[0].Name != "ratelimit" || st.Plugins[0].Version != "0.1.0" || st.Plugins[0].Enabled != enabled ||
+			st.Plugins[0].PID == 0 || st.Plugins[0].FailurePolicy != "open" || st.Plugins[0].Restarts != 0 {
+			t.Fatalf("status of %s: plugins %+v", node, st.Plugins)
+		}
+	}
 	if _, err := os.Stat(filepath.Join(l.Node("n2").PinDir, "plugins", "ratelimit")); !os.IsNotExist(err) {
 		t.Fatalf("n2 (not in the pool) has the plugin's pins: %v", err)
 	}

@@ -34,6 +34,7 @@ import (
 	"google.golang.org/protobuf/proto"
 	"gopkg.in/yaml.v3"
 
+	"github.com/weirnet/weir/core/api"
 	"github.com/weirnet/weir/core/config"
 	"github.com/weirnet/weir/core/datapath"
 	"github.com/weirnet/weir/core/module"
@@ -51,7 +52,13 @@ type Plugin struct {
 	mu     sync.Mutex
 	client *plugin.Client
 	rpc    *sdk.Client
+	// restarts counts processes started after one died.
+	restarts atomic.Int64
 }
+
+// Restarts is how many times the plugin's process was started again after
+// it died.
+func (p *Plugin) Restarts() int64 { return p.restarts.Load() }
 
 // Start starts the plugin binary and asks it to describe itself. Every
 // error names the plugin and what was wrong; nothing is left running on
@@ -207,6 +214,16 @@ func (p *Plugin) Pid() int {
 	return 0
 }
 
+// Status is what weir status says of the plugin.
+func (p *Plugin) Status(enabled bool) api.PluginStatus {
+	policy := p.Decl.FailurePolicy
+	if policy == "" {
+		policy = config.FailOpen
+	}
+	return api.PluginStatus{Name: p.Decl.Name, Version: p.Desc.GetVersion(), Path: p.Decl.Path, Enabled: enabled,
+		PID: p.Pid(), Restarts: p.Restarts(), FailurePolicy: policy}
+}
+
 // Kill ends the plugin process.
 func (p *Plugin) Kill() {
 	p.mu.Lock()
@@ -320,8 +337,6 @@ type Module struct {
 	// stop ends the supervisor; done is closed when it returned.
 	stop chan struct{}
 	done chan struct{}
-	// restarts counts the plugin processes started after a crash.
-	restarts atomic.Int64
 }
 
 var (
@@ -461,7 +476,7 @@ func (m *Module) startPlugin() error {
 
 // Restarts is how many times the plugin's process was started again after
 // it died.
-func (m *Module) Restarts() int64 { return m.restarts.Load() }
+func (m *Module) Restarts() int64 { return m.p.Restarts() }
 
 // restartBackoff is the wait before the next restart: 100 ms doubling to
 // 30 s, as the agent retries other work.
@@ -500,11 +515,11 @@ func (m *Module) supervise() {
 			}
 			break
 		}
-		m.restarts.Add(1)
+		m.p.restarts.Add(1)
 		if m.policy() == config.FailClosed {
 			m.fill(nil)
 		}
-		m.p.log.Info("plugin process restarted and synced", "restarts", m.restarts.Load())
+		m.p.log.Info("plugin process restarted and synced", "restarts", m.p.restarts.Load())
 	}
 }
 
