@@ -49,6 +49,7 @@ func run(args []string) error {
 	fs.BoolVar(&opts.Standalone, "standalone", false, "never use Kubernetes, even with an in-cluster configuration in the environment (services and nodes from --services-file)")
 	fs.StringVar(&opts.NodeIP, "node-ip", "", "the node's IPv4 address toward other nodes (default: the Node's InternalIP, else the uplink's)")
 	fs.StringVar(&opts.Uplink, "uplink", "", "the device toward other nodes (default: the one holding the node address, else the default route's)")
+	fs.StringVar(&opts.MetricsAddr, "metrics-addr", ":9876", "where Prometheus metrics, /healthz and /readyz are served (empty: not served)")
 	var podCIDRs string
 	fs.StringVar(&podCIDRs, "pod-cidr", "", "standalone mode: the node's pod ranges, comma-separated (with Kubernetes they come from the Node)")
 	fs.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")

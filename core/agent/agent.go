@@ -29,6 +29,7 @@ import (
 	"github.com/weirnet/weir/core/ipcache"
 	"github.com/weirnet/weir/core/k8ssource"
 	"github.com/weirnet/weir/core/lbmap"
+	"github.com/weirnet/weir/core/metrics"
 	"github.com/weirnet/weir/core/model"
 	"github.com/weirnet/weir/core/module"
 	"github.com/weirnet/weir/core/mounts"
@@ -63,7 +64,10 @@ type Options struct {
 	// route's).
 	NodeIP string
 	Uplink string
-	Logger *slog.Logger
+	// MetricsAddr is where Prometheus metrics, /healthz and /readyz are
+	// served (empty: not served).
+	MetricsAddr string
+	Logger      *slog.Logger
 	// OnSettled, when set, is called once every source synced and the
 	// service maps hold their first full state (the end of the start).
 	OnSettled func()
@@ -251,6 +255,7 @@ func newAPI(opts *Options, log *slog.Logger) *api.Server {
 func newReconciler(lc fx.Lifecycle, dp *datapath.Datapath, store *model.Store, info *node.Info, eff *config.Effective, rep *reports, log *slog.Logger) *lbmap.Reconciler {
 	r := lbmap.NewFromDatapath(dp, log.With("component", "lbmap"))
 	r.SetNode(info.Name)
+	r.OnPass(rep.observePass)
 	// Set when the layer starts, cleared when it stops: a module set
 	// applied live builds its reconciler while the previous one runs.
 	d := eff.Datapath
@@ -362,6 +367,18 @@ type reports struct {
 	file    *filesource.Source
 	kube    *k8ssource.Source
 	plugins []*pluginhost.Plugin
+	// observe hears of every reconciler pass (the metrics' histogram).
+	observe func(took time.Duration, full bool)
+}
+
+// observePass forwards a reconciler pass to the metrics, when served.
+func (r *reports) observePass(took time.Duration, full bool) {
+	r.mu.Lock()
+	f := r.observe
+	r.mu.Unlock()
+	if f != nil {
+		f(took, full)
+	}
 }
 
 func (r *reports) set(f func(*reports)) {
@@ -580,39 +597,73 @@ type serveParams struct {
 	DP        *datapath.Datapath
 	Reports   *reports
 	W         *watcher
+	Opts      *Options
+	Log       *slog.Logger
 }
 
-func serveAPI(p serveParams) {
+func serveAPI(p serveParams) error {
 	p.API.Handle("GET /v1/status", func(w http.ResponseWriter, _ *http.Request) {
-		_, cidrs := p.Node.get()
-		var ms runtime.MemStats
-		runtime.ReadMemStats(&ms)
-		eff := p.W.effective()
-		st := api.Status{
-			Node: p.Info.Name, Pool: eff.Pool, Modules: moduleNames(eff), PinDir: p.Info.PinDir,
-			Ready: p.Installed.ok.Load() && p.Store.Ready(), PodCIDRs: cidrs, HeapBytes: ms.HeapInuse,
-		}
-		if gc := p.GC.Stats(); gc.Passes > 0 {
-			st.Conntrack = &gc
-		}
-		p.Reports.fill(&st)
-		for _, pl := range p.Reports.plugins {
-			st.Plugins = append(st.Plugins, pl.Status(slices.Contains(st.Modules, pl.Decl.Name)))
-		}
-		if p.Installed.ok.Load() {
-			st.Maps = append(st.Maps, countedMaps(p.DP, st.Conntrack)...)
-			for _, h := range slots.CgroupHooks() {
-				if prog, err := p.DP.CgroupAttached(h.Name); err == nil && prog != "" {
-					if st.CgroupHooks == nil {
-						st.CgroupHooks, st.Cgroup = map[string]string{}, p.DP.Cgroup()
-					}
-					st.CgroupHooks[h.Name] = prog
-				}
-			}
-		}
-		api.WriteJSON(w, http.StatusOK, st)
+		api.WriteJSON(w, http.StatusOK, statusOf(p))
 	})
 	p.LC.Append(fx.Hook{OnStart: func(context.Context) error { return p.API.Start() }, OnStop: p.API.Stop})
+	if p.Opts.MetricsAddr == "" {
+		return nil
+	}
+	var started atomic.Bool
+	ms := metrics.New(p.Opts.MetricsAddr, metrics.Sources{
+		Status: func() api.Status { return statusOf(p) },
+		Packets: func() ([]datapath.MetricRow, error) {
+			m, err := p.DP.Map(datapath.MapMetrics)
+			if err != nil || m == nil {
+				return nil, fmt.Errorf("the datapath is not loaded")
+			}
+			return datapath.ReadMetrics(m)
+		},
+		Healthy: started.Load,
+	}, p.Log.With("component", "metrics"))
+	p.Reports.set(func(r *reports) { r.observe = ms.ObservePass })
+	p.LC.Append(fx.Hook{
+		OnStart: func(context.Context) error {
+			if err := ms.Start(); err != nil {
+				return err
+			}
+			started.Store(true)
+			return nil
+		},
+		OnStop: ms.Stop,
+	})
+	return nil
+}
+
+// statusOf is the agent's status, for weir status and the metrics.
+func statusOf(p serveParams) api.Status {
+	_, cidrs := p.Node.get()
+	var ms runtime.MemStats
+	runtime.ReadMemStats(&ms)
+	eff := p.W.effective()
+	st := api.Status{
+		Node: p.Info.Name, Pool: eff.Pool, Modules: moduleNames(eff), PinDir: p.Info.PinDir,
+		Ready: p.Installed.ok.Load() && p.Store.Ready(), PodCIDRs: cidrs, HeapBytes: ms.HeapInuse,
+	}
+	if gc := p.GC.Stats(); gc.Passes > 0 {
+		st.Conntrack = &gc
+	}
+	p.Reports.fill(&st)
+	for _, pl := range p.Reports.plugins {
+		st.Plugins = append(st.Plugins, pl.Status(slices.Contains(st.Modules, pl.Decl.Name)))
+	}
+	if p.Installed.ok.Load() {
+		st.Maps = append(st.Maps, countedMaps(p.DP, st.Conntrack)...)
+		for _, h := range slots.CgroupHooks() {
+			if prog, err := p.DP.CgroupAttached(h.Name); err == nil && prog != "" {
+				if st.CgroupHooks == nil {
+					st.CgroupHooks, st.Cgroup = map[string]string{}, p.DP.Cgroup()
+				}
+				st.CgroupHooks[h.Name] = prog
+			}
+		}
+	}
+	return st
 }
 
 // countedMaps says how full the maps the reconcilers do not count are:

@@ -484,10 +484,12 @@ func (p *Pinned) Metrics() ([]MetricRow, error) {
 	if err != nil {
 		return nil, err
 	}
-	return readMetrics(m)
+	return ReadMetrics(m)
 }
 
-func readMetrics(m *ebpf.Map) ([]MetricRow, error) {
+// ReadMetrics sums the per-CPU packet counters of a metrics map (the
+// node's weir_metrics) by hook and reason; zero rows are left out.
+func ReadMetrics(m *ebpf.Map) ([]MetricRow, error) {
 	var out []MetricRow
 	for _, h := range slots.Hooks {
 		for r := range NumReasons {

@@ -283,7 +283,14 @@ func (r *Reconciler) record(p *plan, took, work time.Duration) {
 	r.status.WorkMicros += uint64(work.Microseconds())
 	r.status.LastTook = took
 	r.status.Maps = maps
+	if r.observe != nil {
+		r.observe(took, p.full)
+	}
 }
+
+// OnPass has observe hear every finished pass: its wall time, and whether
+// it was full (for a latency histogram). Call it before Run.
+func (r *Reconciler) OnPass(observe func(took time.Duration, full bool)) { r.observe = observe }
 
 // Status returns what the reconciler did last and how full its maps are.
 func (r *Reconciler) Status() Status {

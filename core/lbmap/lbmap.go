@@ -176,6 +176,8 @@ type Reconciler struct {
 
 	// departed hears of the backends that left a frontend.
 	departed func([]Departure)
+	// observe hears of every finished pass.
+	observe func(took time.Duration, full bool)
 
 	mu     sync.Mutex // guards status
 	status Status
