@@ -43,8 +43,21 @@ func (l *Lab) startControlPlane(ctx context.Context) error {
 		return err
 	}
 	l.ControlPlane = cp
-	l.Kubeconfig = filepath.Join(l.Dir, "kubeconfig")
-	if err := cp.WriteKubeconfig(l.Kubeconfig, cp.URL); err != nil {
+	l.AdminKubeconfig = filepath.Join(l.Dir, "kubeconfig")
+	if err := cp.WriteKubeconfig(l.AdminKubeconfig, cp.URL); err != nil {
+		return err
+	}
+	c, err := l.Kube()
+	if err != nil {
+		return err
+	}
+	token, err := agentCredentials(ctx, c)
+	if err != nil {
+		return err
+	}
+	// Agents use the install's service account, not the admin.
+	l.Kubeconfig = filepath.Join(l.Dir, "agent.kubeconfig")
+	if err := cp.WriteKubeconfigAs(l.Kubeconfig, cp.URL, "weir-agent", token); err != nil {
 		return err
 	}
 	return l.save()

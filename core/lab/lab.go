@@ -86,6 +86,10 @@ type Lab struct {
 	// ControlPlane and Kubeconfig exist in Kubernetes mode.
 	ControlPlane *controlplane.ControlPlane `json:"controlPlane,omitempty"`
 	Kubeconfig   string                     `json:"kubeconfig,omitempty"`
+	// AdminKubeconfig is the control plane's admin credential (the lab's
+	// kubelets and tools); Kubeconfig is the agents' (the install's
+	// service account).
+	AdminKubeconfig string `json:"adminKubeconfig,omitempty"`
 	// Externals are the hosts outside the cluster; Router the namespace
 	// routing between the underlay and their subnets ("" when no host
 	// needs it).

@@ -229,14 +229,20 @@ func (cp *ControlPlane) RestConfig() *rest.Config {
 // WriteKubeconfig writes a kubeconfig for clients that reach server (the
 // API server's URL as they see it) directly, such as agents on the underlay.
 func (cp *ControlPlane) WriteKubeconfig(path, server string) error {
+	return cp.WriteKubeconfigAs(path, server, "admin", cp.Token)
+}
+
+// WriteKubeconfigAs writes a kubeconfig for clients that reach server with
+// another bearer token (a service account's).
+func (cp *ControlPlane) WriteKubeconfigAs(path, server, user, token string) error {
 	ca, err := os.ReadFile(cp.CAFile)
 	if err != nil {
 		return err
 	}
 	cfg := clientcmdapi.NewConfig()
 	cfg.Clusters["lab"] = &clientcmdapi.Cluster{Server: server, CertificateAuthorityData: ca}
-	cfg.AuthInfos["admin"] = &clientcmdapi.AuthInfo{Token: cp.Token}
-	cfg.Contexts["lab"] = &clientcmdapi.Context{Cluster: "lab", AuthInfo: "admin"}
+	cfg.AuthInfos[user] = &clientcmdapi.AuthInfo{Token: token}
+	cfg.Contexts["lab"] = &clientcmdapi.Context{Cluster: "lab", AuthInfo: user}
 	cfg.CurrentContext = "lab"
 	return clientcmd.WriteToFile(*cfg, path)
 }
