@@ -12,40 +12,9 @@ import (
 	"os"
 	"strings"
 	"text/tabwriter"
+
+	"github.com/spf13/cobra"
 )
-
-const usage = `usage: weir <command> [flags]
-
-Lab (namespaces on this machine):
-  lab up [-f SPEC]                       build a lab (default examples/lab/demo.yaml)
-  lab down NAME                          remove everything a lab made
-  lab status NAME [-o json]              nodes, agents, pods
-  lab apply NAME -f FILE [--node N]      replace the services file of nodes
-  lab curl NAME --pod P [-n N] URL       HTTP GETs from a pod, one connection each
-  lab udp NAME --pod P [-n N] ADDR       UDP requests from a pod
-  lab restart-agent NAME --node N        stop and start a node's agent
-  lab kube apply|delete NAME -f FILE     create or delete Namespaces, Pods, Services
-                                         in a lab with kubernetes: true
-
-Measuring, from wherever it runs (a pod: through lab exec):
-  connect-latency ADDR... [-n N] [-o json]
-                                         connect + HTTP request + close, N times to each
-                                         ADDR in turn: p50, p99
-
-Agent of a node (--lab NAME --node N, or --api-socket PATH):
-  status [-o json]                       readiness, sources, work done, how full each map is
-
-Datapath of a node (--lab NAME --node N, or --pin-dir DIR):
-  service list [-o json]                 frontends and their backends
-  bpf lb list [-o json]                  raw services map entries
-  bpf ct list [-o json]                  live conntrack entries
-  bpf nat list [-o json]                 source NAT entries (both directions of every flow)
-  monitor [-o json] [--count N]          drops as they happen, with reason and tuple
-  bpf endpoint list [-o json]            local endpoints
-  bpf ipcache list [-o json]             where addresses live, and how they are reached
-  bpf metrics list [-o json]             packet counters by hook and reason
-  bpf plugin list [-o json]              the maps of plugins, with their counters
-`
 
 func main() {
 	if err := run(os.Args[1:], os.Stdout); err != nil {
@@ -56,36 +25,82 @@ func main() {
 
 var errUsage = errors.New("see 'weir help'")
 
+// run builds the command tree and runs args through it. Each command's
+// own flags are parsed by the command (flag.FlagSet, -o table|json
+// throughout); cobra gives the tree its help and shell completion
+// (weir completion bash|zsh|fish|powershell).
 func run(args []string, out io.Writer) error {
-	if len(args) == 0 {
-		fmt.Fprint(out, usage)
-		return errUsage
+	root := &cobra.Command{
+		Use:   "weir",
+		Short: "Weir's command-line tool: the built-in lab, and a node's agent and datapath",
+		Long: `weir runs the built-in lab (namespaces on this machine), asks a node's agent
+how it is doing (--lab NAME --node N, or --api-socket PATH), and reads a
+node's pinned datapath (--lab NAME --node N, or --pin-dir DIR), agent
+running or not. Every listing takes -o table (default) or -o json.`,
+		SilenceUsage:  true,
+		SilenceErrors: true,
 	}
-	switch args[0] {
-	case "help", "-h", "--help":
-		fmt.Fprint(out, usage)
-		return nil
-	case "lab":
-		return runLab(args[1:], out)
-	case "status":
-		return runStatus(args[1:], out)
-	case "connect-latency":
-		return runConnLatency(args[1:], out)
-	case "monitor":
-		return runMonitor(args[1:], out)
-	case "service":
-		if len(args) >= 2 && args[1] == "list" {
-			return runMaps("service", args[2:], out)
-		}
-	case "bpf":
-		if len(args) >= 3 && args[2] == "list" {
-			switch args[1] {
-			case "lb", "ct", "nat", "endpoint", "metrics", "ipcache", "plugin":
-				return runMaps(args[1], args[3:], out)
-			}
-		}
+	root.SetOut(out)
+	root.SetArgs(args)
+	// leaf is a command whose flags its run function parses itself.
+	leaf := func(use, short string, fn func(args []string) error) *cobra.Command {
+		return &cobra.Command{Use: use, Short: short, DisableFlagParsing: true,
+			RunE: func(_ *cobra.Command, args []string) error {
+				// -h lists the command's flags, which is not an error.
+				if err := fn(args); !errors.Is(err, flag.ErrHelp) {
+					return err
+				}
+				return nil
+			}}
 	}
-	return fmt.Errorf("unknown command %q; %w", strings.Join(args, " "), errUsage)
+	group := func(use, short string, subs ...*cobra.Command) *cobra.Command {
+		c := &cobra.Command{Use: use, Short: short, Args: cobra.NoArgs,
+			RunE: func(c *cobra.Command, _ []string) error { return c.Help() }}
+		c.AddCommand(subs...)
+		return c
+	}
+	labCmd := func(name, use, short string) *cobra.Command {
+		return leaf(use, short, func(a []string) error { return runLab(append([]string{name}, a...), out) })
+	}
+	hiddenLab := func(name string) *cobra.Command {
+		c := labCmd(name, name, "used by the lab itself")
+		c.Hidden = true
+		return c
+	}
+	lab := group("lab", "build and use a lab: nodes, pods and agents in namespaces on this machine",
+		labCmd("up", "up [-f SPEC]", "build a lab (default examples/lab/demo.yaml)"),
+		labCmd("down", "down NAME", "remove everything a lab made"),
+		labCmd("status", "status NAME [-o json]", "nodes, agents, pods"),
+		labCmd("apply", "apply NAME -f FILE [--node N]", "replace the services file of nodes"),
+		labCmd("curl", "curl NAME --pod P [-n N] URL", "HTTP GETs from a pod, one connection each"),
+		labCmd("udp", "udp NAME --pod P [-n N] ADDR", "UDP requests from a pod"),
+		labCmd("restart-agent", "restart-agent NAME --node N", "stop and start a node's agent"),
+		labCmd("kube", "kube apply|delete NAME -f FILE", "create or delete Namespaces, Pods, Services in a lab with kubernetes: true"),
+		hiddenLab("serve"), hiddenLab("kubelet"),
+	)
+	maps := func(what, short string) *cobra.Command {
+		return group(what, short, leaf("list [-o json]", short, func(a []string) error { return runMaps(what, a, out) }))
+	}
+	root.AddCommand(
+		lab,
+		leaf("status [-o json]", "the agent of a node: readiness, modules, plugins, sources, work done, how full each map is",
+			func(a []string) error { return runStatus(a, out) }),
+		leaf("connect-latency ADDR... [-n N] [-o json]", "connect + HTTP request + close, N times to each ADDR in turn: p50, p99",
+			func(a []string) error { return runConnLatency(a, out) }),
+		leaf("monitor [-o json] [--count N]", "drops as they happen, with reason and tuple",
+			func(a []string) error { return runMonitor(a, out) }),
+		maps("service", "frontends, the traffic each entry serves, and which backends it uses and why"),
+		group("bpf", "a node's pinned maps, raw",
+			maps("lb", "the services map's entries"),
+			maps("ct", "live conntrack entries"),
+			maps("nat", "source NAT entries (both directions of every flow)"),
+			maps("endpoint", "local endpoints"),
+			maps("ipcache", "where addresses live, and how they are reached"),
+			maps("metrics", "packet counters by hook and reason"),
+			maps("plugin", "the maps of plugins, with their counters"),
+		),
+	)
+	return root.Execute()
 }
 
 // output is the -o flag: table or json.
