@@ -49,6 +49,11 @@ func runStatus(args []string, out io.Writer) error {
 		pool = "-"
 	}
 	fmt.Fprintf(out, "node %s (pool %s): %s; modules %s\n", st.Node, pool, ready, strings.Join(st.Modules, ", "))
+	for _, m := range st.Modules {
+		if s := st.Slots[m]; len(s) > 0 {
+			fmt.Fprintf(out, "  %s fills %s\n", m, strings.Join(s, ", "))
+		}
+	}
 	for _, p := range st.Plugins {
 		state := "declared, not in this node's module set"
 		if p.Enabled {

@@ -641,8 +641,17 @@ func statusOf(p serveParams) api.Status {
 	var ms runtime.MemStats
 	runtime.ReadMemStats(&ms)
 	eff := p.W.effective()
+	slotsOf := map[string][]string{}
+	for _, f := range eff.Modules {
+		for _, c := range f.Slots {
+			slotsOf[f.Name] = append(slotsOf[f.Name], c.Slot)
+		}
+		for _, c := range f.Cgroup {
+			slotsOf[f.Name] = append(slotsOf[f.Name], c.Hook)
+		}
+	}
 	st := api.Status{
-		Node: p.Info.Name, Pool: eff.Pool, Modules: moduleNames(eff), PinDir: p.Info.PinDir,
+		Node: p.Info.Name, Pool: eff.Pool, Modules: moduleNames(eff), Slots: slotsOf, PinDir: p.Info.PinDir,
 		Ready: p.Installed.ok.Load() && p.Store.Ready(), PodCIDRs: cidrs, HeapBytes: ms.HeapInuse,
 	}
 	if gc := p.GC.Stats(); gc.Passes > 0 {

@@ -60,7 +60,9 @@ type Status struct {
 	Node    string   `json:"node"`
 	Pool    string   `json:"pool"`
 	Modules []string `json:"modules"`
-	PinDir  string   `json:"pinDir"`
+	// Slots are the tail-call slots each module's programs fill.
+	Slots  map[string][]string `json:"slots,omitempty"`
+	PinDir string              `json:"pinDir"`
 	// Ready is true once the datapath is installed and every source of
 	// services has synced.
 	Ready bool `json:"ready"`

@@ -112,6 +112,9 @@ func TestRateLimitPluginLimitsItsPool(t *testing.T) {
 			st.Plugins[0].PID == 0 || st.Plugins[0].FailurePolicy != "open" || st.Plugins[0].Restarts != 0 {
 			t.Fatalf("status of %s: plugins %+v", node, st.Plugins)
 		}
+		if got := fmt.Sprint(st.Slots["ratelimit"]); enabled && got != "[pod-egress/plugin-early]" {
+			t.Fatalf("status of %s: ratelimit fills %s", node, got)
+		}
 	}
 	if _, err := os.Stat(filepath.Join(l.Node("n2").PinDir, "plugins", "ratelimit")); !os.IsNotExist(err) {
 		t.Fatalf("n2 (not in the pool) has the plugin's pins: %v", err)
