@@ -18,6 +18,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/cilium/ebpf"
 	"go.uber.org/fx"
 	"go.uber.org/fx/fxevent"
 
@@ -428,6 +429,27 @@ type composeParams struct {
 type composition struct {
 	prepare  func() error
 	prepared *datapath.Prepared
+	// specs are the objects the modules gave, by module, and inst what
+	// was installed from them: a module set applied live reuses the
+	// loaded objects of modules whose spec did not change (no second
+	// verification).
+	specs map[string]*ebpf.CollectionSpec
+	inst  *datapath.Installation
+	// prev is the running set's composition while this one prepares.
+	prev *composition
+}
+
+// reusable is the running set's loaded object for a module whose spec is
+// the same as spec, or nil.
+func (c *composition) reusable(module string, spec *ebpf.CollectionSpec) *ebpf.Collection {
+	if c.prev == nil || c.prev.inst == nil {
+		return nil
+	}
+	old, coll := c.prev.specs[module], c.prev.inst.Collections[module]
+	if old == nil || coll == nil || !datapath.SameSpec(old, spec) {
+		return nil
+	}
+	return coll
 }
 
 // release drops prepared objects that were not installed.
@@ -457,6 +479,7 @@ func compose(p composeParams) error {
 	var started []module.Module
 	p.Comp.prepare = func() error {
 		var objs []datapath.Object
+		specs := map[string]*ebpf.CollectionSpec{}
 		for i, m := range ordered {
 			spec, err := m.Object()
 			if err != nil {
@@ -465,6 +488,7 @@ func compose(p composeParams) error {
 			if spec == nil {
 				continue
 			}
+			specs[m.Name()] = spec
 			claims := map[string]string{}
 			for _, c := range p.Eff.Modules[i].Slots {
 				claims[c.Slot] = c.Program
@@ -473,13 +497,26 @@ func compose(p composeParams) error {
 			for _, c := range p.Eff.Modules[i].Cgroup {
 				hooks[c.Hook] = c.Program
 			}
-			objs = append(objs, datapath.Object{Module: m.Name(), Spec: spec, Slots: claims, Cgroup: hooks, Plugin: p.Eff.Modules[i].Plugin})
+			objs = append(objs, datapath.Object{Module: m.Name(), Spec: spec, Slots: claims, Cgroup: hooks, Plugin: p.Eff.Modules[i].Plugin,
+				Reuse: p.Comp.reusable(m.Name(), spec)})
 		}
 		pr, err := p.DP.Prepare(objs)
 		if err != nil {
 			return err
 		}
-		p.Comp.prepared = pr
+		// Reused objects now belong to this set: the running one must
+		// not release them when it stops.
+		var reused []string
+		for _, o := range objs {
+			if o.Reuse != nil {
+				delete(p.Comp.prev.inst.Collections, o.Module)
+				reused = append(reused, o.Module)
+			}
+		}
+		if len(reused) > 0 {
+			p.Log.Info("loaded objects kept from the running module set (their specs did not change)", "modules", reused)
+		}
+		p.Comp.prepared, p.Comp.specs, p.Comp.prev = pr, specs, nil
 		return nil
 	}
 	p.LC.Append(fx.Hook{
@@ -495,6 +532,7 @@ func compose(p composeParams) error {
 			if err != nil {
 				return err
 			}
+			p.Comp.inst = inst
 			// The new stages run (for hooks that moved); what old ones
 			// wrote meanwhile follows before the hooks move.
 			p.DP.CatchUp()

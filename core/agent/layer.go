@@ -162,6 +162,9 @@ func (l *layers) replace(eff *config.Effective) error {
 	if err != nil {
 		return &errKeptRunning{err}
 	}
+	if l.cur != nil {
+		nl.comp.prev = l.cur.comp
+	}
 	if err := nl.comp.prepare(); err != nil {
 		return &errKeptRunning{fmt.Errorf("loading the new module set's BPF: %w", err)}
 	}

@@ -1,6 +1,7 @@
 package datapath
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
 	"slices"
@@ -23,6 +24,10 @@ type Object struct {
 	// the node's (replaced, never created), their own maps live under
 	// the plugin's pin directory (PluginPinDir).
 	Plugin bool
+	// Reuse, when set, is this object already loaded and verified (by the
+	// running module set, from an identical spec): it is installed as it
+	// is, and belongs to the new installation from then on.
+	Reuse *ebpf.Collection
 }
 
 // Installation holds the loaded objects of one install; closing it releases
@@ -87,30 +92,45 @@ func (d *Datapath) Prepare(objs []Object) (*Prepared, error) {
 		p.cgroupID = id
 	}
 	claimed := p.claimed
+	// On failure, what this call loaded is released; reused collections
+	// stay with the module set that runs them.
+	reused := map[*ebpf.Collection]bool{}
+	fail := func() {
+		for _, c := range in.Collections {
+			if !reused[c] {
+				c.Close()
+			}
+		}
+	}
 	for _, o := range objs {
 		load := d.LoadObject
 		if o.Plugin {
 			load = d.LoadPluginObject
 		}
-		coll, err := load(o.Module, o.Spec)
-		if err != nil {
-			in.Close()
-			return nil, fmt.Errorf("module %s: %w", o.Module, err)
+		coll := o.Reuse
+		if coll != nil {
+			reused[coll] = true
+		} else {
+			var err error
+			if coll, err = load(o.Module, o.Spec); err != nil {
+				fail()
+				return nil, fmt.Errorf("module %s: %w", o.Module, err)
+			}
 		}
 		in.Collections[o.Module] = coll
 		for slot, progName := range o.Slots {
 			if owner, dup := claimed[slot]; dup {
-				in.Close()
+				fail()
 				return nil, fmt.Errorf("modules %s and %s both claim slot %s", owner, o.Module, slot)
 			}
 			claimed[slot] = o.Module
 			prog := coll.Programs[progName]
 			if prog == nil {
-				in.Close()
+				fail()
 				return nil, fmt.Errorf("module %s: slot %s names program %q, which its object does not have", o.Module, slot, progName)
 			}
 			if prog.Type() != ebpf.SchedCLS {
-				in.Close()
+				fail()
 				return nil, fmt.Errorf("module %s: program %s is %s; tc slots take %s programs", o.Module, progName, prog.Type(), ebpf.SchedCLS)
 			}
 			p.fills = append(p.fills, fill{slot, prog})
@@ -118,21 +138,21 @@ func (d *Datapath) Prepare(objs []Object) (*Prepared, error) {
 		for name, progName := range o.Cgroup {
 			h, ok := slots.LookupCgroupHook(name)
 			if !ok {
-				in.Close()
+				fail()
 				return nil, fmt.Errorf("module %s claims unknown cgroup hook %q", o.Module, name)
 			}
 			if owner, dup := claimed[name]; dup {
-				in.Close()
+				fail()
 				return nil, fmt.Errorf("modules %s and %s both claim cgroup hook %s", owner, o.Module, name)
 			}
 			claimed[name] = o.Module
 			prog := coll.Programs[progName]
 			if prog == nil {
-				in.Close()
+				fail()
 				return nil, fmt.Errorf("module %s: cgroup hook %s names program %q, which its object does not have", o.Module, name, progName)
 			}
 			if prog.Type() != h.Program {
-				in.Close()
+				fail()
 				return nil, fmt.Errorf("module %s: program %s is %s; %s takes %s programs", o.Module, progName, prog.Type(), name, h.Program)
 			}
 			p.hooks = append(p.hooks, hookFill{h, prog})
@@ -182,4 +202,35 @@ func (d *Datapath) Fill(p *Prepared) (*Installation, error) {
 		return nil, err
 	}
 	return in, nil
+}
+
+// SameSpec reports whether two specs would load the same object: the same
+// programs (instructions, types), the same maps (layout, size, pinning,
+// contents) and the same variables (the load-time constants). reflect.DeepEqual
+// cannot tell: two loads of one ELF differ in their BTF's internals.
+func SameSpec(a, b *ebpf.CollectionSpec) bool {
+	if a == nil || b == nil || len(a.Programs) != len(b.Programs) || len(a.Maps) != len(b.Maps) || len(a.Variables) != len(b.Variables) {
+		return false
+	}
+	for name, va := range a.Variables {
+		vb, ok := b.Variables[name]
+		if !ok || va.SectionName != vb.SectionName || va.Offset != vb.Offset || !bytes.Equal(va.Value, vb.Value) {
+			return false
+		}
+	}
+	for name, pa := range a.Programs {
+		pb, ok := b.Programs[name]
+		if !ok || pa.Type != pb.Type || pa.AttachType != pb.AttachType || pa.SectionName != pb.SectionName ||
+			fmt.Sprint(pa.Instructions) != fmt.Sprint(pb.Instructions) {
+			return false
+		}
+	}
+	for name, ma := range a.Maps {
+		mb, ok := b.Maps[name]
+		if !ok || ma.Type != mb.Type || ma.KeySize != mb.KeySize || ma.ValueSize != mb.ValueSize || ma.MaxEntries != mb.MaxEntries ||
+			ma.Flags != mb.Flags || ma.Pinning != mb.Pinning || fmt.Sprint(ma.Contents) != fmt.Sprint(mb.Contents) {
+			return false
+		}
+	}
+	return true
 }
