@@ -182,14 +182,7 @@ func New(opts Options, cat module.Catalog) (*Agent, error) {
 		kube = fx.Options(fx.Supply(client), fx.Provide(newKubeSource), fx.Invoke(startKube))
 	}
 	app := fx.New(
-		fx.WithLogger(func() fxevent.Logger {
-			l := &fxevent.SlogLogger{Logger: log.With("component", "fx")}
-			l.UseLogLevel(slog.LevelDebug)
-			return l
-		}),
-		// Loading BPF objects runs the verifier inside OnStart.
-		fx.StartTimeout(2*time.Minute),
-		fx.StopTimeout(30*time.Second),
+		appOptions(log),
 		fx.Supply(info, log, eff, &opts, &installed{}, ns, w, &reports{plugins: plugins}),
 		fx.Invoke(func(lc fx.Lifecycle) {
 			lc.Append(fx.StopHook(func() {
@@ -216,6 +209,21 @@ func New(opts Options, cat module.Catalog) (*Agent, error) {
 	}
 	composed = true
 	return &Agent{App: app, Effective: eff, Restart: rs.ch}, nil
+}
+
+// appOptions are what the base's and every layer's fx app share: fx's
+// log at debug level, and start and stop bounds.
+func appOptions(log *slog.Logger) fx.Option {
+	return fx.Options(
+		fx.WithLogger(func() fxevent.Logger {
+			l := &fxevent.SlogLogger{Logger: log.With("component", "fx")}
+			l.UseLogLevel(slog.LevelDebug)
+			return l
+		}),
+		// Loading BPF objects runs the verifier inside OnStart.
+		fx.StartTimeout(2*time.Minute),
+		fx.StopTimeout(30*time.Second),
+	)
 }
 
 // newDatapath loads nothing until the agent starts: composing an agent
@@ -658,6 +666,7 @@ func serveAPI(p serveParams) error {
 			return datapath.ReadMetrics(m)
 		},
 		Healthy: started.Load,
+		Ready:   p.ready,
 	}, p.Log.With("component", "metrics"))
 	p.Reports.set(func(r *reports) { r.observe = ms.ObservePass })
 	p.LC.Append(fx.Hook{
@@ -672,6 +681,9 @@ func serveAPI(p serveParams) error {
 	})
 	return nil
 }
+
+// ready says whether the datapath is programmed from synced sources.
+func (p serveParams) ready() bool { return p.Installed.ok.Load() && p.Store.Ready() }
 
 // statusOf is the agent's status, for weir status and the metrics.
 func statusOf(p serveParams) api.Status {
@@ -690,7 +702,7 @@ func statusOf(p serveParams) api.Status {
 	}
 	st := api.Status{
 		Node: p.Info.Name, Pool: eff.Pool, Modules: moduleNames(eff), Slots: slotsOf, PinDir: p.Info.PinDir,
-		Ready: p.Installed.ok.Load() && p.Store.Ready(), PodCIDRs: cidrs, HeapBytes: ms.HeapInuse,
+		Ready: p.ready(), PodCIDRs: cidrs, HeapBytes: ms.HeapInuse,
 	}
 	if gc := p.GC.Stats(); gc.Passes > 0 {
 		st.Conntrack = &gc

@@ -10,7 +10,6 @@ import (
 	"time"
 
 	"go.uber.org/fx"
-	"go.uber.org/fx/fxevent"
 
 	"github.com/weirnet/weir/core/api"
 	"github.com/weirnet/weir/core/config"
@@ -86,14 +85,7 @@ func (l *layers) build(eff *config.Effective) (*layer, error) {
 	comp := &composition{}
 	log := b.log
 	app := fx.New(
-		fx.WithLogger(func() fxevent.Logger {
-			fl := &fxevent.SlogLogger{Logger: log.With("component", "fx")}
-			fl.UseLogLevel(slog.LevelDebug)
-			return fl
-		}),
-		// Loading BPF objects runs the verifier inside OnStart.
-		fx.StartTimeout(2*time.Minute),
-		fx.StopTimeout(30*time.Second),
+		appOptions(log),
 		fx.Supply(b.dp, b.store, b.api, &info, log, eff, b.opts, b.inst, b.ns, b.w, b.rep, comp),
 		pods,
 		fx.Provide(newReconciler, newIPCache),

@@ -99,7 +99,7 @@ func TestRateLimitPluginLimitsItsPool(t *testing.T) {
 	if allowed < 3 || limited < 5 {
 		t.Fatalf("ratelimit counters on n1: %d allowed, %d limited", allowed, limited)
 	}
-	if got := dropCount(t, l.Node("n1").PinDir, datapath.DropPlugin); got < uint64(limited) {
+	if got := metric(t, l.Node("n1"), "pod-egress", datapath.DropPlugin); got < limited {
 		t.Fatalf("core counts %d plugin drops on n1, the plugin %d", got, limited)
 	}
 	// weir status says where the plugin runs.
@@ -140,25 +140,4 @@ func pluginCounters(t *testing.T, pinDir string) (allowed, limited uint64) {
 	}
 	t.Fatalf("no ratelimit counters in %s", out)
 	return 0, 0
-}
-
-// dropCount is core's count of drops for reason on every hook.
-func dropCount(t *testing.T, pinDir string, reason datapath.Reason) uint64 {
-	t.Helper()
-	p, err := datapath.OpenPinned(pinDir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer p.Close()
-	rows, err := p.Metrics()
-	if err != nil {
-		t.Fatal(err)
-	}
-	var n uint64
-	for _, r := range rows {
-		if r.Code == uint8(reason) {
-			n += r.Packets
-		}
-	}
-	return n
 }

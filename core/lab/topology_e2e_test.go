@@ -11,7 +11,6 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
 
-	"github.com/weirnet/weir/core/datapath"
 	"github.com/weirnet/weir/core/model"
 )
 
@@ -118,16 +117,7 @@ func hintedEndpoints(ctx context.Context, c kubernetes.Interface) int {
 // on a node: why and how many backends.
 func serviceWhy(t *testing.T, l *Lab, node, clusterIP string) string {
 	t.Helper()
-	p, err := datapath.OpenPinned(l.Node(node).PinDir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer p.Close()
-	rows, err := p.Services()
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, r := range rows {
+	for _, r := range serviceRows(t, l.Node(node)) {
 		if r.Frontend.String() == clusterIP+":80" {
 			return fmt.Sprintf("%s [%d backends]", r.Selected, len(r.Backends))
 		}

@@ -29,8 +29,10 @@ type Sources struct {
 	Status func() api.Status
 	// Packets reads the datapath's counters.
 	Packets func() ([]datapath.MetricRow, error)
-	// Healthy says whether the agent runs (its base started).
-	Healthy func() bool
+	// Healthy says whether the agent runs (its base started), and Ready
+	// whether its datapath is programmed from synced sources: probes ask
+	// often, so neither builds the whole status.
+	Healthy, Ready func() bool
 }
 
 // Server serves the metrics and probes on one address.
@@ -64,8 +66,7 @@ func New(addr string, src Sources, log *slog.Logger) *Server {
 		fmt.Fprintln(w, "ok")
 	})
 	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, _ *http.Request) {
-		st := src.Status()
-		if !st.Ready {
+		if !src.Ready() {
 			http.Error(w, "not ready: the datapath is not yet programmed from synced sources", http.StatusServiceUnavailable)
 			return
 		}

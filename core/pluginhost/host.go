@@ -119,25 +119,23 @@ func (h *hostServer) MapEntries(_ context.Context, r *pluginv1.MapEntriesRequest
 		return nil, err
 	}
 	out := &pluginv1.MapEntriesResponse{}
-	key := make([]byte, m.KeySize())
-	var next []byte
 	var prev any // nil: the first key
 	for len(out.Entries) < maxEntries {
-		next = make([]byte, m.KeySize())
-		if err := m.NextKey(prev, next); errors.Is(err, ebpf.ErrKeyNotExist) {
+		// A fresh slice per key: each one is kept in the answer.
+		key := make([]byte, m.KeySize())
+		if err := m.NextKey(prev, key); errors.Is(err, ebpf.ErrKeyNotExist) {
 			break
 		} else if err != nil {
 			return nil, status.Errorf(codes.Internal, "listing %s: %v", r.Map, err)
 		}
-		copy(key, next)
-		prev = next
+		prev = key
 		val := make([]byte, n)
 		if err := lookupRaw(m, key, val); errors.Is(err, ebpf.ErrKeyNotExist) {
 			continue // gone meanwhile
 		} else if err != nil {
 			return nil, status.Errorf(codes.Internal, "reading %s: %v", r.Map, err)
 		}
-		out.Entries = append(out.Entries, &pluginv1.MapEntry{Key: append([]byte(nil), key...), Value: val})
+		out.Entries = append(out.Entries, &pluginv1.MapEntry{Key: key, Value: val})
 	}
 	return out, nil
 }

@@ -228,15 +228,7 @@ func TestCrashedPluginRestartsUnderItsFailurePolicy(t *testing.T) {
 			}
 			d := decl(t, "good")
 			d.Path, d.SHA256, d.FailurePolicy = bin, sum(t, bin), policy
-			p, err := Start(d, nil)
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer p.Kill()
-			s := &Settings{p: p}
-			if err := s.Validate(); err != nil {
-				t.Fatal(err)
-			}
+			p, s := configured(t, d)
 			spec, err := Spec(p.Desc, s.obj)
 			if err != nil {
 				t.Fatal(err)
@@ -319,18 +311,26 @@ func waitUntil(t *testing.T, d time.Duration, what string, cond func() bool) {
 
 // A plugin that hangs in Start is an error naming the call and the bound.
 func TestPluginHangingInStart(t *testing.T) {
-	p, err := Start(decl(t, "hang-start"), nil)
+	p, s := configured(t, decl(t, "hang-start"))
+	m := &Module{p: p, settings: s}
+	err := m.Start(context.Background())
+	if err == nil || err.Error() != "plugin testplugin: Start did not answer within 2s (callTimeout)" {
+		t.Fatalf("Start: %v", err)
+	}
+}
+
+// configured starts a plugin and validates empty settings, as the agent
+// does before composing it; the process ends with the test.
+func configured(t *testing.T, d config.Plugin) (*Plugin, *Settings) {
+	t.Helper()
+	p, err := Start(d, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer p.Kill()
+	t.Cleanup(p.Kill)
 	s := &Settings{p: p}
 	if err := s.Validate(); err != nil {
 		t.Fatal(err)
 	}
-	m := &Module{p: p, settings: s}
-	err = m.Start(context.Background())
-	if err == nil || err.Error() != "plugin testplugin: Start did not answer within 2s (callTimeout)" {
-		t.Fatalf("Start: %v", err)
-	}
+	return p, s
 }
